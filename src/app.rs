@@ -1,0 +1,497 @@
+//! One function per CLI verb, each returning the process exit code of DESIGN.md
+//! (0 ok, 1 runtime failure, 2 usage or config error, 3 refused by the peer).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::bridge::{self, Counters, StopSignal};
+use crate::cli::{ConnectArgs, CredentialArgs, ForwardArgs, LsArgs};
+use crate::client::{self, ClientError, CredentialPaths, Dialer, Forward};
+use crate::config::secret::Secret;
+use crate::config::{self, units, Config, Direction, ForwardConfig, Mode};
+use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local};
+use crate::server::{self, Gateway};
+use crate::tunnel::protocol::Control;
+use crate::tunnel::tls;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: runtime failure.
+pub const EXIT_RUNTIME: i32 = 1;
+/// Exit code: usage or config error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: refused by the peer.
+pub const EXIT_REFUSED: i32 = 3;
+
+fn creds(a: &CredentialArgs) -> CredentialPaths {
+    CredentialPaths {
+        ca: a.ca.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+        token_file: a.token_file.clone(),
+        token: a.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+    }
+    .discover()
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config, i32> {
+    let path = path.map(Path::to_path_buf).unwrap_or_else(config::default_path);
+    Config::load(&path).map_err(|errs| {
+        for e in &errs.0 {
+            eprintln!("pipebridge: config error: {e}");
+        }
+        EXIT_USAGE
+    })
+}
+
+/// `check-config`.
+pub fn check_config(path: Option<&Path>) -> i32 {
+    match load_config(path) {
+        Ok(c) => {
+            println!(
+                "{}: OK ({} identities, {} pipes, {} forwards)",
+                c.source.display(),
+                c.identities.len(),
+                c.pipes.len(),
+                c.forwards.len()
+            );
+            EXIT_OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit.
+pub fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
+
+/// Builds the server TLS config of `cfg` (generating the dev PKI first if configured).
+pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+    let t = cfg.tls.as_ref().ok_or("a [server] needs [tls]")?;
+    if let Some(dir) = &t.dev_pki {
+        match crate::pki::ensure_dev_pki(dir) {
+            Ok(true) => info!(dir = %dir.display(), "generated a development PKI"),
+            Ok(false) => {}
+            Err(e) => return Err(format!("dev PKI: {e}")),
+        }
+    }
+    let tokens = cfg.identities.iter().any(|i| i.token_sha256.is_some());
+    tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens).map_err(|e| e.to_string())
+}
+
+/// `serve`.
+pub async fn serve(config_path: Option<&Path>) -> i32 {
+    let cfg = match load_config(config_path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    raise_nofile();
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut gateway = None;
+    if let Some(srv) = &cfg.server {
+        let tls = match server_tls(&cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("pipebridge: {e}");
+                return EXIT_RUNTIME;
+            }
+        };
+        let listener = match TcpListener::bind(&srv.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pipebridge: cannot listen on {}: {e}", srv.listen);
+                return EXIT_RUNTIME;
+            }
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let gw = Gateway::new(cfg.clone(), tls);
+        info!(listen = %addr, pipes = cfg.pipes.len(), "gateway listening");
+        if let Some(p) = cfg.pipes.first() {
+            let host = addr.replace("0.0.0.0", "127.0.0.1");
+            let mut hint = format!("pipebridge connect wss://{host}/pipes/{}", p.name);
+            if !cfg.tls.as_ref().is_some_and(|t| t.dev_pki.is_some()) {
+                hint.push_str(" --ca CA.pem --cert CLIENT.pem --key CLIENT.key");
+            }
+            eprintln!("pipebridge: serving {} pipe(s) on {addr}; try: {hint}", cfg.pipes.len());
+        }
+        tracker.spawn(server::run(listener, gw.clone(), shutdown.clone()));
+        gateway = Some(gw);
+    }
+    let mut forwards = Vec::new();
+    for f in &cfg.forwards {
+        match Forward::bind(f.clone()).await {
+            Ok(fw) => forwards.push(fw),
+            Err(e) => {
+                eprintln!("pipebridge: {e}");
+                return EXIT_RUNTIME;
+            }
+        }
+    }
+    for fw in forwards {
+        tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
+    }
+    if cfg.server.is_none() && cfg.forwards.is_empty() {
+        eprintln!("pipebridge: the config has neither a [server] nor a [[forward]]: nothing to do");
+        return EXIT_USAGE;
+    }
+    let code = wait_for_signals(gateway.as_deref(), &cfg, config_path).await;
+    shutdown.cancel();
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    code
+}
+
+async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Option<&Path>) -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
+        return EXIT_RUNTIME;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                if let Some(gw) = gw {
+                    reload(gw, config_path);
+                }
+            }
+        }
+    }
+    info!(grace = ?cfg.shutdown.grace_period, "draining: new sessions are refused");
+    if let Some(gw) = gw {
+        tokio::select! {
+            _ = gw.drain(cfg.shutdown.grace_period) => {}
+            _ = term.recv() => { warn!("second signal: exiting now"); }
+            _ = int.recv() => { warn!("second signal: exiting now"); }
+        }
+    }
+    info!("stopped");
+    EXIT_OK
+}
+
+fn reload(gw: &Gateway, config_path: Option<&Path>) {
+    let path = config_path.map(Path::to_path_buf).unwrap_or_else(config::default_path);
+    match Config::load(&path) {
+        Ok(new) => match server_tls(&new) {
+            Ok(tls) => {
+                gw.replace(Arc::new(new), tls);
+                info!("reloaded the config");
+            }
+            Err(e) => warn!(error = %e, "reload rejected; keeping the old config"),
+        },
+        Err(errs) => warn!(error = %errs, "reload rejected; keeping the old config"),
+    }
+}
+
+fn print_client_error(e: &ClientError) {
+    match e {
+        ClientError::Refused { .. } => eprintln!("pipebridge: {e}"),
+        _ => eprintln!("pipebridge: {e}"),
+    }
+}
+
+fn build_url_path(url: &hyper::Uri, mode: Option<Mode>, direction: Option<Direction>) -> String {
+    let mut q: Vec<String> = url
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| !(mode.is_some() && p.starts_with("mode=")))
+        .filter(|p| !(direction.is_some() && p.starts_with("direction=")))
+        .map(str::to_string)
+        .collect();
+    if let Some(m) = mode {
+        q.push(format!("mode={m}"));
+    }
+    if let Some(d) = direction {
+        q.push(format!("direction={d}"));
+    }
+    if q.is_empty() {
+        url.path().to_string()
+    } else {
+        format!("{}?{}", url.path(), q.join("&"))
+    }
+}
+
+/// Opens a session with `--wait` (busy) and `--retry` (unreachable) handling.
+async fn open_with_retries(
+    dialer: &Dialer,
+    path: &str,
+    wait: Option<Duration>,
+    retry: u32,
+) -> Result<client::Session, ClientError> {
+    let started = Instant::now();
+    let mut retries_left = retry;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match dialer.open(path, client::client_message_limit()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.is_busy() && wait.is_some_and(|w| started.elapsed() < w) => {
+                let left = wait.unwrap_or_default().saturating_sub(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+            }
+            Err(e) if e.is_unreachable() && retries_left > 0 => {
+                retries_left -= 1;
+                warn!(error = %e, "gateway unreachable; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `connect`.
+pub async fn connect(a: ConnectArgs) -> i32 {
+    let url = match client::parse_pipe_url(&a.url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let mode = match a.mode.as_deref().map(|m| Mode::parse(m).ok_or(m)) {
+        None => None,
+        Some(Ok(m)) => Some(m),
+        Some(Err(m)) => {
+            eprintln!("pipebridge: --mode must be byte or message, not {m:?}");
+            return EXIT_USAGE;
+        }
+    };
+    if mode == Some(Mode::Message) {
+        eprintln!("pipebridge: --mode message is not supported yet");
+        return EXIT_USAGE;
+    }
+    let direction = match a.direction.as_deref().map(|d| Direction::parse(d).ok_or(d)) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(d)) => {
+            eprintln!("pipebridge: --direction must be duplex, in or out, not {d:?}");
+            return EXIT_USAGE;
+        }
+    };
+    let wait = match a.wait.as_deref().map(units::parse_duration) {
+        None => None,
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            eprintln!("pipebridge: --wait: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let dialer = match Dialer::new(&url, &creds(&a.creds)) {
+        Ok(d) => d,
+        Err(e) => {
+            print_client_error(&e);
+            return e.exit_code();
+        }
+    };
+    let path = build_url_path(&url, mode, direction);
+    let session = match open_with_retries(&dialer, &path, wait, a.retry).await {
+        Ok(s) => s,
+        Err(e) => {
+            print_client_error(&e);
+            return e.exit_code();
+        }
+    };
+    let dir = session.direction.or(direction).unwrap_or(Direction::Duplex);
+    let local = Local {
+        reader: dir.client_writes().then(|| Box::new(tokio::io::stdin()) as BoxRead),
+        writer: dir.client_reads().then(|| Box::new(tokio::io::stdout()) as BoxWrite),
+        child: None,
+    };
+    let counters = Counters::default();
+    let out = bridge::run(session.ws, local, &counters, StopSignal::never()).await;
+    match out.exit {
+        Some(Control::ExitCode(c)) => return c,
+        Some(Control::ExitSignal(s)) => return 128 + s,
+        _ => {}
+    }
+    if out.clean {
+        return EXIT_OK;
+    }
+    match &out.peer_error {
+        Some((kind, message)) => eprintln!("pipebridge: remote error: {kind}: {message}"),
+        None => eprintln!("pipebridge: session ended: {}", out.reason),
+    }
+    EXIT_RUNTIME
+}
+
+/// `forward`.
+pub async fn forward(a: ForwardArgs) -> i32 {
+    let listen = match EndpointSpec::parse_hosted(&a.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("pipebridge: --listen: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let to = match client::parse_pipe_url(&a.to) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("pipebridge: --to: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let socket_mode = match units::parse_mode(&a.socket_mode) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("pipebridge: --socket-mode: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let fwd = ForwardConfig {
+        listen,
+        to,
+        credentials: creds(&a.creds),
+        socket_owner: None,
+        socket_group: None,
+        socket_mode,
+        allow_local: Vec::new(),
+    };
+    // Check credentials once up front so typos fail now, not at the first connection.
+    if let Err(e) = Dialer::new(&fwd.to, &fwd.credentials) {
+        print_client_error(&e);
+        return e.exit_code();
+    }
+    let fw = match Forward::bind(fwd).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    eprintln!("pipebridge: forwarding {} to {}", fw.path().display(), a.to);
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let run = tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return EXIT_RUNTIME;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    shutdown.cancel();
+    let _ = run.await;
+    EXIT_OK
+}
+
+/// `ls`.
+pub async fn ls(a: LsArgs) -> i32 {
+    let url = match client::parse_base_url(&a.url) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let dialer = match Dialer::new(&url, &creds(&a.creds)) {
+        Ok(d) => d,
+        Err(e) => {
+            print_client_error(&e);
+            return e.exit_code();
+        }
+    };
+    let (status, body) = match dialer.get("/pipes").await {
+        Ok(v) => v,
+        Err(e) => {
+            print_client_error(&e);
+            return e.exit_code();
+        }
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    if !status.is_success() {
+        let e = ClientError::Refused {
+            status: status.as_u16(),
+            kind: v.get("error").and_then(|x| x.as_str()).unwrap_or("unknown").to_string(),
+            message: v.get("message").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+        };
+        print_client_error(&e);
+        return e.exit_code();
+    }
+    println!("{:<32} {:<10} {:<8} MODE", "NAME", "KIND", "DIRECTION");
+    for p in v.get("pipes").and_then(|p| p.as_array()).into_iter().flatten() {
+        let f = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+        println!("{:<32} {:<10} {:<8} {}", f("name"), f("kind"), f("direction"), f("mode"));
+    }
+    EXIT_OK
+}
+
+/// `certs init`.
+pub fn certs_init(dir: PathBuf, server_names: Vec<String>, clients: Vec<String>, force: bool) -> i32 {
+    let opts = crate::pki::CertsInit {
+        dir,
+        server_names,
+        clients,
+        force,
+    };
+    match crate::pki::init(&opts) {
+        Ok(paths) => {
+            for p in paths {
+                println!("wrote {}", p.display());
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            match e {
+                crate::pki::PkiError::Exists { .. }
+                | crate::pki::PkiError::InvalidClientName { .. }
+                | crate::pki::PkiError::InvalidServerName { .. } => EXIT_USAGE,
+                _ => EXIT_RUNTIME,
+            }
+        }
+    }
+}
+
+/// `token new`.
+pub fn token_new(name: &str) -> i32 {
+    if !config::valid_name(name) {
+        eprintln!("pipebridge: invalid identity name {name:?}");
+        return EXIT_USAGE;
+    }
+    match crate::pki::new_token() {
+        Ok(t) => {
+            println!("{t}");
+            eprintln!(
+                "# add to the gateway's config:\n[[identity]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"",
+                crate::pki::token_sha256_hex(&t)
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            EXIT_RUNTIME
+        }
+    }
+}
+
+/// `status`: not implemented until the admin endpoint exists.
+pub async fn status(admin: &str) -> i32 {
+    eprintln!("pipebridge: status: the admin endpoint ({admin}) is not implemented yet");
+    EXIT_RUNTIME
+}

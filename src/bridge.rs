@@ -1,0 +1,388 @@
+//! The one place that moves session data: a WebSocket on one side, a [`Local`] endpoint
+//! on the other. Both directions run at once with backpressure (no unbounded queues):
+//! local reads become binary messages, local EOF becomes the `eof` control message,
+//! a received `eof` half-closes the local writer, and the opposite direction keeps
+//! flowing. When both directions are done (or on error) a Close frame ends the session.
+//!
+//! Memory per session is bounded: one read buffer of [`READ_CHUNK_BYTES`], tungstenite's
+//! read and write buffers, and at most one incoming message (the session's message
+//! limit) while the local writer is slow.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{watch, Notify};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::endpoint::{BoxRead, BoxWrite, Local};
+use crate::tunnel::protocol::{self, Control, ErrorKind};
+
+/// Size of one local read (one binary message at most this big in byte mode).
+pub const READ_CHUNK_BYTES: usize = 128 * 1024;
+/// How long to wait for the peer's Close after sending ours.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Byte counters of a live session, readable while it runs (status, metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes received from the network and written to the local endpoint.
+    pub to_local: AtomicU64,
+    /// Bytes read from the local endpoint and sent to the network.
+    pub from_local: AtomicU64,
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The close code (sent or received; 1006 when the connection dropped).
+    pub code: u16,
+    /// A short reason for logs.
+    pub reason: String,
+    /// The `exit` control message received from the peer, if any.
+    pub exit: Option<Control>,
+    /// The `error` control message received from the peer, if any.
+    pub peer_error: Option<(String, String)>,
+    /// Both directions reached EOF and the close was orderly.
+    pub clean: bool,
+}
+
+/// A way to end a live session from outside (drain, withdrawn access).
+#[derive(Clone)]
+pub struct StopHandle(watch::Sender<Option<(ErrorKind, String)>>);
+
+/// The receiving end of a [`StopHandle`].
+pub struct StopSignal(watch::Receiver<Option<(ErrorKind, String)>>);
+
+/// A new stop handle and its signal.
+pub fn stop_pair() -> (StopHandle, StopSignal) {
+    let (tx, rx) = watch::channel(None);
+    (StopHandle(tx), StopSignal(rx))
+}
+
+impl StopHandle {
+    /// Ends the session with `kind` (its close code) and `message`.
+    pub fn stop(&self, kind: ErrorKind, message: impl Into<String>) {
+        let _ = self.0.send(Some((kind, message.into())));
+    }
+}
+
+impl StopSignal {
+    /// A signal that never fires.
+    pub fn never() -> StopSignal {
+        let (tx, rx) = watch::channel(None);
+        std::mem::forget(tx);
+        StopSignal(rx)
+    }
+
+    async fn wait(&mut self) -> (ErrorKind, String) {
+        let got = self.0.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+        match got {
+            Ok(v) => v.unwrap_or((ErrorKind::Draining, String::new())),
+            Err(_) => std::future::pending().await,
+        }
+    }
+}
+
+enum Failure {
+    Local(String),
+    Protocol(ErrorKind, String),
+    PeerGone(String),
+    PeerClosed(Option<CloseFrame>),
+    Stopped(ErrorKind, String),
+}
+
+/// Runs a session until both directions are done or it fails; returns how it ended.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    local: Local,
+    counters: &Counters,
+    mut stop: StopSignal,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut sink, mut stream) = ws.split();
+    let Local {
+        reader,
+        mut writer,
+        mut child,
+    } = local;
+    let eof_seen = AtomicBool::new(false);
+    let eof_notify = Notify::new();
+    let mut exit: Option<Control> = None;
+    let mut peer_error = None;
+
+    let failure = {
+        let up = upstream(reader, child.as_mut(), &mut sink, counters);
+        let down = downstream(
+            &mut stream,
+            &mut writer,
+            counters,
+            &eof_seen,
+            &eof_notify,
+            &mut exit,
+            &mut peer_error,
+        );
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        loop {
+            if up_done && eof_seen.load(Ordering::Acquire) {
+                break None;
+            }
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    Err(f) => break Some(f),
+                },
+                f = &mut down => {
+                    // Both directions done and then the peer's Close: orderly.
+                    if up_done && eof_seen.load(Ordering::Acquire) && matches!(f, Failure::PeerClosed(_)) {
+                        break None;
+                    }
+                    break Some(f);
+                }
+                _ = eof_notify.notified() => {}
+                s = stop.wait() => break Some(Failure::Stopped(s.0, s.1)),
+            }
+        }
+    };
+    // Whatever was written locally reaches its destination, even on failure.
+    if let Some(w) = writer.as_mut() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, w.flush()).await;
+    }
+    // The child, if any, is killed (and reaped by tokio) when dropped.
+    if let Some(c) = child.as_mut() {
+        let _ = c.start_kill();
+    }
+    finish(sink, stream, failure, exit, peer_error).await
+}
+
+async fn finish<S>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut stream: SplitStream<WebSocketStream<S>>,
+    failure: Option<Failure>,
+    exit: Option<Control>,
+    peer_error: Option<(String, String)>,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut out = Outcome {
+        code: protocol::CLOSE_NORMAL,
+        reason: "done".into(),
+        exit,
+        peer_error,
+        clean: false,
+    };
+    let (send_close, error_msg) = match failure {
+        None => {
+            out.clean = true;
+            (Some((protocol::CLOSE_NORMAL, String::new())), None)
+        }
+        Some(Failure::Local(m)) => {
+            out.code = protocol::CLOSE_ENDPOINT_FAILED;
+            out.reason = format!("local endpoint failed: {m}");
+            (
+                Some((protocol::CLOSE_ENDPOINT_FAILED, "local endpoint failed".to_string())),
+                Some(Control::error(ErrorKind::EndpointFailed, "the local endpoint failed")),
+            )
+        }
+        Some(Failure::Protocol(kind, m)) => {
+            out.code = kind.close_code();
+            out.reason = m.clone();
+            (Some((kind.close_code(), kind.as_str().to_string())), Some(Control::error(kind, m)))
+        }
+        Some(Failure::Stopped(kind, m)) => {
+            out.code = kind.close_code();
+            out.reason = format!("{}: {m}", kind.as_str());
+            (Some((kind.close_code(), kind.as_str().to_string())), Some(Control::error(kind, m)))
+        }
+        Some(Failure::PeerGone(m)) => {
+            out.code = 1006;
+            out.reason = format!("peer connection lost: {m}");
+            (None, None)
+        }
+        Some(Failure::PeerClosed(frame)) => {
+            match frame {
+                Some(f) => {
+                    out.code = u16::from(f.code);
+                    out.reason = format!("peer closed early: {} {}", out.code, f.reason);
+                }
+                None => {
+                    out.code = 1005;
+                    out.reason = "peer closed early".into();
+                }
+            }
+            // tungstenite queued the Close reply; flush it.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.flush()).await;
+            (None, None)
+        }
+    };
+    if let Some((code, reason)) = send_close {
+        let sent = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if let Some(e) = error_msg {
+                sink.send(Message::text(e.encode())).await?;
+            }
+            sink.send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            })))
+            .await
+        })
+        .await;
+        if matches!(sent, Ok(Ok(()))) {
+            // Wait (bounded) for the peer's Close so the last bytes are not cut off.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if let Message::Close(_) = m {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    out
+}
+
+/// Local → network: read chunks, send binary messages; then the child's `exit`, then `eof`.
+async fn upstream<S>(
+    reader: Option<BoxRead>,
+    child: Option<&mut tokio::process::Child>,
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    counters: &Counters,
+) -> Result<(), Failure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if let Some(mut r) = reader {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        loop {
+            buf.reserve(READ_CHUNK_BYTES);
+            let n = r
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| Failure::Local(format!("read: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            let data = buf.split().freeze();
+            sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
+            counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+    if let Some(child) = child {
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
+        let ctl = exit_control(status);
+        tracing::info!(status = %status, "exec child exited");
+        sink.send(Message::text(ctl.encode())).await.map_err(ws_failure)?;
+    }
+    sink.send(Message::text(Control::Eof.encode()))
+        .await
+        .map_err(ws_failure)?;
+    Ok(())
+}
+
+fn exit_control(status: std::process::ExitStatus) -> Control {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Control::ExitCode(c),
+        (None, Some(s)) => Control::ExitSignal(s),
+        (None, None) => Control::ExitCode(-1),
+    }
+}
+
+/// Network → local. Returns only on failure or the peer's Close; signals `eof` through
+/// `eof_seen`/`eof_notify` and keeps reading (so a Close or error after it is seen).
+#[allow(clippy::too_many_arguments)]
+async fn downstream<S>(
+    stream: &mut SplitStream<WebSocketStream<S>>,
+    writer: &mut Option<BoxWrite>,
+    counters: &Counters,
+    eof_seen: &AtomicBool,
+    eof_notify: &Notify,
+    exit: &mut Option<Control>,
+    peer_error: &mut Option<(String, String)>,
+) -> Failure
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let msg = match stream.next().await {
+            None => return Failure::PeerGone("connection closed without a Close frame".into()),
+            Some(Err(e)) => return ws_failure(e),
+            Some(Ok(m)) => m,
+        };
+        match msg {
+            Message::Binary(data) => {
+                if eof_seen.load(Ordering::Relaxed) {
+                    return Failure::Protocol(ErrorKind::ProtocolError, "data after eof".into());
+                }
+                let Some(w) = writer.as_mut() else {
+                    return Failure::Protocol(
+                        ErrorKind::ForbiddenDirection,
+                        "data sent in a direction this session does not allow".into(),
+                    );
+                };
+                if let Err(e) = w.write_all(&data).await {
+                    return Failure::Local(format!("write: {e}"));
+                }
+                counters.to_local.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+            Message::Text(t) => match Control::decode(t.as_str()) {
+                Ok(Control::Eof) => {
+                    if eof_seen.swap(true, Ordering::AcqRel) {
+                        return Failure::Protocol(ErrorKind::ProtocolError, "eof sent twice".into());
+                    }
+                    if let Some(mut w) = writer.take() {
+                        // Half-close: the local side sees EOF, the other direction goes on.
+                        if let Err(e) = w.shutdown().await {
+                            if e.kind() != std::io::ErrorKind::NotConnected {
+                                return Failure::Local(format!("shutdown: {e}"));
+                            }
+                        }
+                    }
+                    eof_notify.notify_one();
+                }
+                Ok(c @ (Control::ExitCode(_) | Control::ExitSignal(_))) => *exit = Some(c),
+                Ok(Control::Error { kind, message }) => {
+                    tracing::debug!(%kind, %message, "peer reported an error");
+                    *peer_error = Some((kind, message));
+                }
+                Ok(Control::Unknown(t)) => tracing::debug!(control = %t, "ignoring unknown control message"),
+                Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
+            },
+            Message::Close(frame) => return Failure::PeerClosed(frame),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+        }
+    }
+}
+
+fn ws_failure(e: tungstenite::Error) -> Failure {
+    use tungstenite::error::{CapacityError, Error as E};
+    match e {
+        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Failure::Protocol(
+            ErrorKind::MessageTooBig,
+            format!("a message of {size} bytes exceeds the limit of {max_size} bytes"),
+        ),
+        E::Capacity(c) => Failure::Protocol(ErrorKind::MessageTooBig, c.to_string()),
+        E::Protocol(p) => Failure::Protocol(ErrorKind::ProtocolError, p.to_string()),
+        E::Utf8(_) => Failure::Protocol(ErrorKind::ProtocolError, "text message is not UTF-8".into()),
+        E::ConnectionClosed | E::AlreadyClosed => Failure::PeerGone("connection closed".into()),
+        other => Failure::PeerGone(other.to_string()),
+    }
+}
+
+/// Shared counters for one session.
+pub type SharedCounters = Arc<Counters>;

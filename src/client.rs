@@ -1,0 +1,586 @@
+//! The dialling side: open a session on a remote gateway (TLS, HTTP/1.1 upgrade to
+//! WebSocket with the `pipebridge.v1` subprotocol), turn refusals into typed errors,
+//! and host forwards (a local socket whose every connection becomes a session).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::bridge::{self, Counters, StopSignal};
+use crate::config::secret::Secret;
+use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
+use crate::endpoint::unix::HostedSocket;
+use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local};
+use crate::tunnel::{self, protocol, tls};
+
+/// A WebSocket session to a remote gateway.
+pub type WsStream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Response header of a 101 naming the session's effective direction.
+pub const HEADER_DIRECTION: &str = "pipebridge-direction";
+/// Response header of a 101 naming the session's mode.
+pub const HEADER_MODE: &str = "pipebridge-mode";
+
+/// An open session and what the gateway said about it.
+pub struct Session {
+    /// The WebSocket.
+    pub ws: WsStream,
+    /// The session's direction (from the client's point of view), if the gateway said.
+    pub direction: Option<Direction>,
+    /// The session's mode, if the gateway said.
+    pub mode: Option<Mode>,
+}
+
+/// Where the dev PKI lives, relative to the working directory.
+pub const DEV_PKI_DIR: &str = ".pipebridge/pki";
+/// Bound on TCP connect + TLS + upgrade when dialling.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest refusal body read.
+const MAX_REFUSAL_BODY_BYTES: usize = 64 * 1024;
+
+/// Credential settings of a client (CLI flags or a `[[forward]]`); paths may hold
+/// `{user}`, replaced by the local caller's user name.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialPaths {
+    /// CA bundle to verify the server (absent: the system trust store).
+    pub ca: Option<String>,
+    /// Client certificate.
+    pub cert: Option<String>,
+    /// Client key.
+    pub key: Option<String>,
+    /// File holding a bearer token.
+    pub token_file: Option<String>,
+    /// A bearer token given directly (`PIPEBRIDGE_TOKEN`).
+    pub token: Option<Secret>,
+}
+
+impl CredentialPaths {
+    fn any_given(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.token_file.is_some() || self.token.is_some()
+    }
+
+    /// Applies DESIGN.md's discovery: nothing given and a dev PKI in the working
+    /// directory → its CA and client `dev`.
+    pub fn discover(mut self) -> CredentialPaths {
+        if !self.any_given() && Path::new(DEV_PKI_DIR).join("ca.pem").exists() {
+            let d = Path::new(DEV_PKI_DIR);
+            self.ca = Some(d.join("ca.pem").to_string_lossy().into_owned());
+            if d.join("dev.pem").exists() && d.join("dev.key").exists() {
+                self.cert = Some(d.join("dev.pem").to_string_lossy().into_owned());
+                self.key = Some(d.join("dev.key").to_string_lossy().into_owned());
+            }
+        }
+        self
+    }
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The gateway refused with a status and a JSON body.
+    #[error("refused: {status} {kind}: {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// `error` kind.
+        kind: String,
+        /// Its message.
+        message: String,
+    },
+    /// The server rejected our client certificate in the TLS handshake.
+    #[error("the server rejected our certificate")]
+    CertificateRejected,
+    /// Bad usage or unreadable credentials.
+    #[error("{0}")]
+    Setup(String),
+    /// Network, TLS or HTTP failure.
+    #[error("{0}")]
+    Network(String),
+}
+
+impl ClientError {
+    /// The process exit code for this error (DESIGN.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Refused { status: 401 | 403, .. } | ClientError::CertificateRejected => 3,
+            ClientError::Setup(_) => 2,
+            _ => 1,
+        }
+    }
+
+    /// Whether it is a 503 `busy`.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, ClientError::Refused { status: 503, kind, .. } if kind == "busy")
+    }
+
+    /// Whether the gateway could not be reached (retryable with `--retry`).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Network(_))
+    }
+}
+
+/// Parses and checks `wss://HOST:PORT/pipes/NAME[?query]`.
+pub fn parse_pipe_url(s: &str) -> Result<Uri, String> {
+    let u = parse_base_url(s)?;
+    let name = u
+        .path()
+        .strip_prefix("/pipes/")
+        .ok_or_else(|| format!("invalid pipe URL {s:?}: the path must be /pipes/NAME"))?;
+    if !crate::config::valid_name(name) {
+        return Err(format!("invalid pipe URL {s:?}: bad pipe name {name:?}"));
+    }
+    protocol::SessionQuery::parse(u.query()).map_err(|e| format!("invalid pipe URL {s:?}: {e}"))?;
+    Ok(u)
+}
+
+/// Parses a `wss://HOST[:PORT][/path]` URL.
+pub fn parse_base_url(s: &str) -> Result<Uri, String> {
+    let u: Uri = s.parse().map_err(|e| format!("invalid URL {s:?}: {e}"))?;
+    if u.scheme_str() != Some("wss") {
+        return Err(format!("invalid URL {s:?}: the scheme must be wss://"));
+    }
+    if u.host().is_none_or(|h| h.is_empty()) {
+        return Err(format!("invalid URL {s:?}: no host"));
+    }
+    Ok(u)
+}
+
+/// Dials sessions to one gateway with one set of credentials.
+#[derive(Clone)]
+pub struct Dialer {
+    connector: TlsConnector,
+    token: Option<Secret>,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl Dialer {
+    /// A dialer for the gateway in `url` with `creds` (already discovered/substituted).
+    pub fn new(url: &Uri, creds: &CredentialPaths) -> Result<Dialer, ClientError> {
+        let host = url
+            .host()
+            .ok_or_else(|| ClientError::Setup("the URL has no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = url.port_u16().unwrap_or(443);
+        let cert_key = match (&creds.cert, &creds.key) {
+            (Some(c), Some(k)) => Some((Path::new(c), Path::new(k))),
+            (None, None) => None,
+            _ => return Err(ClientError::Setup("--cert and --key go together".into())),
+        };
+        let cfg = tls::client_config(creds.ca.as_deref().map(Path::new), cert_key)
+            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let token = match (&creds.token, &creds.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(f)) => {
+                let t = std::fs::read_to_string(f)
+                    .map_err(|e| ClientError::Setup(format!("cannot read the token file {f}: {e}")))?;
+                let t = t.trim();
+                if t.is_empty() {
+                    return Err(ClientError::Setup(format!("the token file {f} is empty")));
+                }
+                Some(Secret::new(t))
+            }
+            (None, None) => None,
+        };
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|_| ClientError::Setup(format!("invalid server name {host:?}")))?;
+        Ok(Dialer {
+            connector: TlsConnector::from(cfg),
+            token,
+            host,
+            port,
+            server_name,
+        })
+    }
+
+    async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| ClientError::Network(format!("cannot reach {}:{}: {e}", self.host, self.port)))?;
+        let _ = tcp.set_nodelay(true);
+        self.connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| classify(&e, "TLS handshake failed"))
+    }
+
+    /// Sends `req_path` (path and query) as a plain GET and returns status and body.
+    pub async fn get(&self, req_path: &str) -> Result<(StatusCode, Bytes), ClientError> {
+        tokio::time::timeout(DIAL_TIMEOUT, async {
+            let io = TokioIo::new(self.tls().await?);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| classify(&e, "HTTP handshake failed"))?;
+            let conn_err = spawn_conn(async move { conn.await });
+            let req = self.request(req_path, false)?;
+            let resp = send(&mut sender, req, conn_err).await?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_REFUSAL_BODY_BYTES)
+                .collect()
+                .await
+                .map_err(|e| ClientError::Network(format!("reading the response: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        })
+        .await
+        .map_err(|_| ClientError::Network("timed out talking to the gateway".into()))?
+    }
+
+    fn request(&self, path: &str, upgrade: bool) -> Result<Request<Empty<Bytes>>, ClientError> {
+        let authority = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut b = Request::get(path).header(header::HOST, authority);
+        if upgrade {
+            b = b
+                .header(header::UPGRADE, "websocket")
+                .header(header::CONNECTION, "Upgrade")
+                .header(header::SEC_WEBSOCKET_VERSION, "13")
+                .header(
+                    header::SEC_WEBSOCKET_KEY,
+                    tokio_tungstenite::tungstenite::handshake::client::generate_key(),
+                )
+                .header(header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL);
+        }
+        let mut req = b
+            .body(Empty::new())
+            .map_err(|e| ClientError::Setup(format!("bad request: {e}")))?;
+        if let Some(t) = &self.token {
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose()))
+                .map_err(|_| ClientError::Setup("the token holds characters not allowed in a header".into()))?;
+            v.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+        Ok(req)
+    }
+
+    /// Opens a session at `path` (path and query); `max_message` bounds incoming messages.
+    pub async fn open(&self, path: &str, max_message: usize) -> Result<Session, ClientError> {
+        let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
+            let io = TokioIo::new(self.tls().await?);
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| classify(&e, "HTTP handshake failed"))?;
+            let conn_err = spawn_conn(async move { conn.with_upgrades().await });
+            let req = self.request(path, true)?;
+            let resp = send(&mut sender, req, conn_err).await?;
+            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let status = resp.status();
+                let body = Limited::new(resp.into_body(), MAX_REFUSAL_BODY_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(refusal(status, &body));
+            }
+            let proto_ok = resp
+                .headers()
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .is_some_and(|v| v.as_bytes() == protocol::SUBPROTOCOL.as_bytes());
+            if !proto_ok {
+                return Err(ClientError::Network("the server did not agree to pipebridge.v1".into()));
+            }
+            let hdr = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let direction = hdr(HEADER_DIRECTION).and_then(|d| Direction::parse(&d));
+            let mode = hdr(HEADER_MODE).and_then(|m| Mode::parse(&m));
+            let up = hyper::upgrade::on(resp)
+                .await
+                .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
+            Ok((up, direction, mode))
+        })
+        .await
+        .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
+        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(tunnel::ws_config(max_message))).await;
+        Ok(Session { ws, direction, mode })
+    }
+}
+
+/// Drives a client connection; its error (which may carry the TLS alert that says our
+/// certificate was rejected) is handed back through the returned channel.
+fn spawn_conn<F>(conn: F) -> tokio::sync::oneshot::Receiver<hyper::Error>
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "client connection ended");
+            let _ = tx.send(e);
+        }
+    });
+    rx
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    req: Request<Empty<Bytes>>,
+    conn_err: tokio::sync::oneshot::Receiver<hyper::Error>,
+) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+    match sender.send_request(req).await {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            // With TLS 1.3 a rejected client certificate shows up only now, as an
+            // alert on the connection: prefer the connection's error when there is one.
+            if let Ok(Ok(ce)) = tokio::time::timeout(Duration::from_secs(1), conn_err).await {
+                return Err(classify(&ce, "request failed"));
+            }
+            Err(classify(&e, "request failed"))
+        }
+    }
+}
+
+fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let kind = v.get("error").and_then(|k| k.as_str()).unwrap_or("unknown").to_string();
+    let message = v
+        .get("message")
+        .and_then(|k| k.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_string());
+    ClientError::Refused {
+        status: status.as_u16(),
+        kind,
+        message,
+    }
+}
+
+/// Maps an error whose chain may hold a TLS alert about our certificate.
+fn classify(e: &(dyn std::error::Error + 'static), what: &str) -> ClientError {
+    use rustls::AlertDescription as A;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let tls_err = err
+            .downcast_ref::<rustls::Error>()
+            .or_else(|| {
+                err.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            });
+        if let Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::AccessDenied
+            | A::DecryptError,
+        )) = tls_err
+        {
+            return ClientError::CertificateRejected;
+        }
+        cur = err.source();
+    }
+    ClientError::Network(format!("{what}: {}", chain(e)))
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The path and query of a pipe URL.
+pub fn path_and_query(u: &Uri) -> String {
+    u.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into())
+}
+
+/// The largest incoming message a client session accepts.
+pub fn client_message_limit() -> usize {
+    MAX_BYTE_MODE_MESSAGE_BYTES.max(64 << 20)
+}
+
+// === forwards ===
+
+/// A running forward.
+pub struct Forward {
+    hosted: HostedSocket,
+    fwd: ForwardConfig,
+}
+
+impl Forward {
+    /// Binds the forward's local endpoint (fails at start, not at first use).
+    pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
+        let path: PathBuf = fwd
+            .listen
+            .socket_path()
+            .ok_or_else(|| format!("cannot host {}", fwd.listen.kind()))?;
+        let hosted = HostedSocket::bind(&path, fwd.socket_mode)
+            .await
+            .map_err(|e| format!("forward {}: {e}", path.display()))?;
+        if fwd.socket_owner.is_some() || fwd.socket_group.is_some() {
+            let uid = match &fwd.socket_owner {
+                Some(o) => Some(lookup_user(o).map_err(|e| format!("forward {}: socket_owner: {e}", path.display()))?),
+                None => None,
+            };
+            let gid = match &fwd.socket_group {
+                Some(g) => Some(lookup_group(g).map_err(|e| format!("forward {}: socket_group: {e}", path.display()))?),
+                None => None,
+            };
+            std::os::unix::fs::chown(&path, uid.map(|u| u.as_raw()), gid.map(|g| g.as_raw())).map_err(|e| format!("forward {}: chown: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(fwd.socket_mode))
+                .map_err(|e| format!("forward {}: chmod: {e}", path.display()))?;
+        }
+        Ok(Forward { hosted, fwd })
+    }
+
+    /// The hosted socket's path.
+    pub fn path(&self) -> &Path {
+        self.hosted.path()
+    }
+
+    /// Accepts local connections until `shutdown`; each becomes a session to `to`.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let fwd = Arc::new(self.fwd);
+        info!(listen = %self.hosted.path().display(), to = %fwd.to, "forward ready");
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.hosted.listener.accept() => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        warn!(error = %e, "forward accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let cred = stream.peer_cred().ok();
+            let fwd = fwd.clone();
+            let span = tracing::info_span!("forward", to = %fwd.to, local_uid = cred.as_ref().map(|c| c.uid()));
+            tracker.spawn(async move { forward_one(stream, cred, &fwd).await }.instrument(span));
+        }
+        // Dropping `self.hosted` removes the socket file.
+    }
+}
+
+fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(nix::unistd::Uid::from_raw(n));
+    }
+    nix::unistd::User::from_name(name)
+        .map_err(|e| e.to_string())?
+        .map(|u| u.uid)
+        .ok_or_else(|| format!("no such user {name:?}"))
+}
+
+fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    nix::unistd::Group::from_name(name)
+        .map_err(|e| e.to_string())?
+        .map(|g| g.gid)
+        .ok_or_else(|| format!("no such group {name:?}"))
+}
+
+fn allow_local(rules: &[String], cred: Option<&tokio::net::unix::UCred>) -> bool {
+    if rules.is_empty() {
+        return true;
+    }
+    let Some(cred) = cred else { return false };
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid())).ok().flatten();
+    rules.iter().any(|r| {
+        if let Some(n) = r.strip_prefix("uid:") {
+            n.parse::<u32>().is_ok_and(|n| n == cred.uid())
+        } else if let Some(g) = r.strip_prefix('@') {
+            match nix::unistd::Group::from_name(g).ok().flatten() {
+                Some(grp) => {
+                    grp.gid.as_raw() == cred.gid()
+                        || user.as_ref().is_some_and(|u| grp.mem.iter().any(|m| *m == u.name) || u.gid == grp.gid)
+                }
+                None => false,
+            }
+        } else {
+            user.as_ref().is_some_and(|u| u.name == *r)
+        }
+    })
+}
+
+async fn forward_one(stream: tokio::net::UnixStream, cred: Option<tokio::net::unix::UCred>, fwd: &ForwardConfig) {
+    if !allow_local(&fwd.allow_local, cred.as_ref()) {
+        warn!("local caller not in allow_local; closing");
+        return;
+    }
+    let user = cred
+        .as_ref()
+        .and_then(|c| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid())).ok().flatten())
+        .map(|u| u.name);
+    let creds = substitute_user(&fwd.credentials, user.as_deref());
+    let ws = match Dialer::new(&fwd.to, &creds) {
+        Ok(d) => d.open(&path_and_query(&fwd.to), client_message_limit()).await,
+        Err(e) => Err(e),
+    };
+    let ws = match ws {
+        Ok(s) => s.ws,
+        Err(e) => {
+            warn!(error = %e, "forward could not open the remote session; closing the local connection");
+            return;
+        }
+    };
+    let (r, w) = stream.into_split();
+    let local = Local {
+        reader: Some(Box::new(r) as BoxRead),
+        writer: Some(Box::new(w) as BoxWrite),
+        child: None,
+    };
+    let counters = Counters::default();
+    let out = bridge::run(ws, local, &counters, StopSignal::never()).await;
+    info!(
+        bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),
+        close_code = out.code,
+        close_reason = %out.reason,
+        "forward session end"
+    );
+}
+
+fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
+    let sub = |s: &Option<String>| -> Option<String> {
+        s.as_ref().map(|p| match user {
+            Some(u) => p.replace("{user}", u),
+            None => p.clone(),
+        })
+    };
+    CredentialPaths {
+        ca: sub(&c.ca),
+        cert: sub(&c.cert),
+        key: sub(&c.key),
+        token_file: sub(&c.token_file),
+        token: c.token.clone(),
+    }
+}
+
+/// Whether `spec` can be hosted by a forward.
+pub fn can_host(spec: &EndpointSpec) -> bool {
+    matches!(spec, EndpointSpec::Unix(_) | EndpointSpec::Dotnet(_))
+}

@@ -1,0 +1,1346 @@
+//! The config file (TOML): raw serde structs with `deny_unknown_fields` and source spans,
+//! turned into a validated [`Config`] whose values cannot be invalid. Every semantic
+//! error names the file, the line and the key, and all of them are reported at once;
+//! a TOML syntax error stops at the first.
+
+pub mod secret;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::endpoint::EndpointSpec;
+
+/// Default `server.listen`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+/// Default `admin.listen`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9443";
+/// Default `limits.max_sessions`.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// Default `limits.max_sessions_per_identity`.
+pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 1_000;
+/// Default `limits.handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `limits.max_header_size`.
+pub const DEFAULT_MAX_HEADER_SIZE_BYTES: usize = 16 * 1024;
+/// Default `keepalive.interval`.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `keepalive.timeout`.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default `shutdown.grace_period`.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Default per-pipe `max_instances`.
+pub const DEFAULT_MAX_INSTANCES: u32 = 64;
+/// Default `socket_mode` of hosted socket files.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// The largest byte-mode chunk a peer may send in one WebSocket message.
+pub const MAX_BYTE_MODE_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Whether `run_as = "client"` (impersonation) is implemented in this build.
+pub const IMPERSONATION_SUPPORTED: bool = false;
+
+/// Where to look for the config when `--config` is not given.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("PIPEBRIDGE_CONFIG") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from("config/pipebridge.toml");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("/etc/pipebridge/pipebridge.toml")
+}
+
+// === errors ===
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted key, e.g. `pipe "docker".endpoint`.
+    pub key: String,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}: {}", self.file.display(), l, self.key, self.message),
+            None => write!(f, "{}: {}: {}", self.file.display(), self.key, self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file (at least one).
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// === validated config ===
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub source: PathBuf,
+    /// `[server]`: absent means forwards only.
+    pub server: Option<ServerSection>,
+    /// `[admin]`: absent means no admin listener.
+    pub admin: Option<AdminSection>,
+    /// `[tls]`: required with `[server]`.
+    pub tls: Option<TlsSection>,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[keepalive]`.
+    pub keepalive: Keepalive,
+    /// `[shutdown]`.
+    pub shutdown: ShutdownSection,
+    /// `[[identity]]`.
+    pub identities: Vec<IdentityConfig>,
+    /// `[[pipe]]`.
+    pub pipes: Vec<PipeConfig>,
+    /// `[[forward]]`.
+    pub forwards: Vec<ForwardConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerSection {
+    /// Address to listen on (host:port; a host name is resolved at bind time).
+    pub listen: String,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminSection {
+    /// Address of the plain-HTTP admin listener.
+    pub listen: String,
+}
+
+/// `[tls]`, with `dev_pki` defaults filled in.
+#[derive(Debug, Clone)]
+pub struct TlsSection {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to (enables mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// Revocation lists for client certificates.
+    pub crl: Vec<PathBuf>,
+    /// Generate a dev PKI here at start if missing.
+    pub dev_pki: Option<PathBuf>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Sessions at once, all pipes.
+    pub max_sessions: usize,
+    /// Sessions at once per identity.
+    pub max_sessions_per_identity: usize,
+    /// TCP accept to upgraded WebSocket.
+    pub handshake_timeout: Duration,
+    /// Largest request head.
+    pub max_header_size: usize,
+    /// Close sessions idle this long (`None` = off).
+    pub idle_timeout: Option<Duration>,
+    /// Default largest message of message-mode pipes.
+    pub max_message_size: MessageSize,
+}
+
+/// A message-size limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageSize {
+    /// The largest record the kernel accepts without extra privileges.
+    Auto,
+    /// An explicit byte count.
+    Bytes(usize),
+}
+
+/// `[keepalive]`.
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    /// Ping/probe interval.
+    pub interval: Duration,
+    /// A peer silent this long is dead.
+    pub timeout: Duration,
+}
+
+/// `[shutdown]`.
+#[derive(Debug, Clone)]
+pub struct ShutdownSection {
+    /// How long live sessions may run after a drain starts.
+    pub grace_period: Duration,
+}
+
+/// `[[identity]]`.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// The identity's name, used in allow lists and logs.
+    pub name: String,
+    /// Matches a client certificate's subject CN.
+    pub cert_cn: Option<String>,
+    /// Matches a client certificate's URI SAN.
+    pub cert_san_uri: Option<String>,
+    /// Matches a client certificate's DNS SAN.
+    pub cert_san_dns: Option<String>,
+    /// SHA-256 of the bearer token, from `token_sha256` or `token_sha256_file`.
+    pub token_sha256: Option<[u8; 32]>,
+    /// Group names for `@group` allow rules.
+    pub groups: Vec<String>,
+    /// The local principal, when given.
+    pub principal: Option<PrincipalSpec>,
+}
+
+/// How an identity names its local account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalSpec {
+    /// Resolved through the system user database.
+    User(String),
+    /// Numeric ids.
+    Ids {
+        /// User id.
+        uid: u32,
+        /// Primary group id.
+        gid: u32,
+        /// Supplementary group ids.
+        gids: Vec<u32>,
+    },
+}
+
+/// One entry of a pipe's `allow` list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowRule {
+    /// An identity name.
+    Identity(String),
+    /// `@group`.
+    Group(String),
+}
+
+/// A pipe's `run_as`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunAs {
+    /// The identity's principal (impersonation).
+    Client,
+    /// The gateway's own account.
+    Gateway,
+    /// A fixed account.
+    User(String),
+}
+
+/// Which way data may flow, from the remote client's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Both ways.
+    Duplex,
+    /// The client writes into the pipe.
+    In,
+    /// The client reads from the pipe.
+    Out,
+}
+
+impl Direction {
+    /// Parses `duplex|in|out`.
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "duplex" => Some(Direction::Duplex),
+            "in" => Some(Direction::In),
+            "out" => Some(Direction::Out),
+            _ => None,
+        }
+    }
+
+    /// The config/wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Duplex => "duplex",
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+
+    /// Whether a pipe offering `self` can serve a session asking for `want`.
+    pub fn permits(self, want: Direction) -> bool {
+        self == Direction::Duplex || self == want
+    }
+
+    /// The client may send data.
+    pub fn client_writes(self) -> bool {
+        self != Direction::Out
+    }
+
+    /// The client may receive data.
+    pub fn client_reads(self) -> bool {
+        self != Direction::In
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Byte stream or message mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Boundaries mean nothing.
+    Byte,
+    /// One binary WebSocket message is one pipe message.
+    Message,
+}
+
+impl Mode {
+    /// Parses `byte|message`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "byte" => Some(Mode::Byte),
+            "message" => Some(Mode::Message),
+            _ => None,
+        }
+    }
+
+    /// The config/wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Byte => "byte",
+            Mode::Message => "message",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[pipe]]`: a pipe this gateway exports.
+#[derive(Debug, Clone)]
+pub struct PipeConfig {
+    /// The name in `/pipes/{name}`.
+    pub name: String,
+    /// How the pipe is reached locally.
+    pub endpoint: EndpointSpec,
+    /// Who may use it.
+    pub allow: Vec<AllowRule>,
+    /// Whose rights open it.
+    pub run_as: RunAs,
+    /// Directions it offers.
+    pub direction: Direction,
+    /// Byte or message mode.
+    pub mode: Mode,
+    /// Sessions at once.
+    pub max_instances: u32,
+    /// Largest message (message mode).
+    pub max_message_size: MessageSize,
+    /// Extra environment for `exec:` children.
+    pub env: BTreeMap<String, String>,
+    /// Working directory for `exec:` children.
+    pub cwd: Option<PathBuf>,
+}
+
+/// `[[forward]]`: a local endpoint this gateway hosts, bridged to a remote pipe.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// The local endpoint to host.
+    pub listen: EndpointSpec,
+    /// The remote pipe URL (`wss://host:port/pipes/name[?query]`).
+    pub to: hyper::Uri,
+    /// Credentials for the remote gateway.
+    pub credentials: crate::client::CredentialPaths,
+    /// Owner of a hosted socket file.
+    pub socket_owner: Option<String>,
+    /// Group of a hosted socket file.
+    pub socket_group: Option<String>,
+    /// Mode of a hosted socket file.
+    pub socket_mode: u32,
+    /// Local callers allowed (empty = any).
+    pub allow_local: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line: None,
+                key: "(file)".into(),
+                message: format!("cannot read the config: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates config text; `path` is used in messages and to resolve nothing else.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                line,
+                key: "(syntax)".into(),
+                message: e.message().trim().to_string(),
+            }])
+        })?;
+        let mut v = Validator {
+            file: path.to_path_buf(),
+            text,
+            errors: Vec::new(),
+        };
+        let cfg = v.config(raw);
+        if v.errors.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(v.errors))
+        }
+    }
+
+    /// The pipe called `name`.
+    pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
+        self.pipes.iter().find(|p| p.name == name)
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+// === raw serde structs ===
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<S<RawServer>>,
+    admin: Option<S<RawAdmin>>,
+    tls: Option<S<RawTls>>,
+    limits: Option<RawLimits>,
+    keepalive: Option<RawKeepalive>,
+    shutdown: Option<RawShutdown>,
+    #[serde(default)]
+    identity: Vec<S<RawIdentity>>,
+    #[serde(default)]
+    pipe: Vec<S<RawPipe>>,
+    #[serde(default)]
+    forward: Vec<S<RawForward>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<S<String>>,
+    key: Option<S<String>>,
+    client_ca: Option<S<String>>,
+    #[serde(default)]
+    crl: Vec<S<String>>,
+    dev_pki: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_sessions: Option<S<i64>>,
+    max_sessions_per_identity: Option<S<i64>>,
+    handshake_timeout: Option<S<String>>,
+    max_header_size: Option<S<String>>,
+    idle_timeout: Option<S<String>>,
+    max_message_size: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    grace_period: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    name: Option<S<String>>,
+    cert_cn: Option<S<String>>,
+    cert_san_uri: Option<S<String>>,
+    cert_san_dns: Option<S<String>>,
+    token_sha256: Option<S<String>>,
+    token_sha256_file: Option<S<String>>,
+    #[serde(default)]
+    groups: Vec<S<String>>,
+    user: Option<S<String>>,
+    uid: Option<S<i64>>,
+    gid: Option<S<i64>>,
+    gids: Option<S<Vec<i64>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPipe {
+    name: Option<S<String>>,
+    endpoint: Option<S<String>>,
+    argv: Option<S<Vec<String>>>,
+    #[serde(default)]
+    allow: Vec<S<String>>,
+    run_as: Option<S<String>>,
+    direction: Option<S<String>>,
+    mode: Option<S<String>>,
+    max_instances: Option<S<i64>>,
+    max_message_size: Option<S<String>>,
+    env: Option<S<BTreeMap<String, String>>>,
+    cwd: Option<S<String>>,
+    security_descriptor: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    listen: Option<S<String>>,
+    to: Option<S<String>>,
+    ca: Option<S<String>>,
+    cert: Option<S<String>>,
+    key: Option<S<String>>,
+    token_file: Option<S<String>>,
+    socket_mode: Option<S<String>>,
+    socket_owner: Option<S<String>>,
+    socket_group: Option<S<String>>,
+    #[serde(default)]
+    allow_local: Vec<S<String>>,
+}
+
+// === validation ===
+
+struct Validator<'a> {
+    file: PathBuf,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn err(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            line: Some(line_of(self.text, span.start)),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let server = raw.server.map(|s| {
+            let s = s.into_inner();
+            let listen = s
+                .listen
+                .map(|l| {
+                    self.listen_addr(&l, "server.listen");
+                    l.into_inner()
+                })
+                .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+            ServerSection { listen }
+        });
+        let admin = raw.admin.map(|s| {
+            let s = s.into_inner();
+            let listen = s
+                .listen
+                .map(|l| {
+                    self.listen_addr(&l, "admin.listen");
+                    l.into_inner()
+                })
+                .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+            AdminSection { listen }
+        });
+        let tls = raw.tls.as_ref().and_then(|t| self.tls(t));
+        if server.is_some() && tls.is_none() && raw.tls.is_none() {
+            self.err(
+                0..0,
+                "tls",
+                "a [server] needs a [tls] section with cert and key (or dev_pki)",
+            );
+        }
+        let limits = self.limits(raw.limits);
+        let keepalive = self.keepalive(raw.keepalive);
+        let shutdown = ShutdownSection {
+            grace_period: raw
+                .shutdown
+                .and_then(|s| s.grace_period)
+                .and_then(|d| self.duration(&d, "shutdown.grace_period"))
+                .unwrap_or(DEFAULT_GRACE_PERIOD),
+        };
+        let identities = self.identities(raw.identity);
+        let pipes = self.pipes(raw.pipe, &identities, &limits);
+        let forwards = raw
+            .forward
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, f)| self.forward(i, f))
+            .collect::<Vec<_>>();
+        if server.is_none() && !pipes.is_empty() {
+            self.err(
+                0..0,
+                "pipe",
+                "[[pipe]] entries are exported only by a [server]; add a [server] section",
+            );
+        }
+        Config {
+            source: self.file.clone(),
+            server,
+            admin,
+            tls,
+            limits,
+            keepalive,
+            shutdown,
+            identities,
+            pipes,
+            forwards,
+        }
+    }
+
+    fn listen_addr(&mut self, l: &S<String>, key: &str) {
+        let s = l.get_ref();
+        let ok = s.parse::<SocketAddr>().is_ok()
+            || s.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !ok {
+            self.err(
+                l.span(),
+                key,
+                format!("invalid address {s:?}: expected host:port such as \"127.0.0.1:8443\""),
+            );
+        }
+    }
+
+    fn duration(&mut self, d: &S<String>, key: &str) -> Option<Duration> {
+        match units::parse_duration(d.get_ref()) {
+            Ok(v) => Some(v),
+            Err(m) => {
+                self.err(d.span(), key, m);
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, d: &S<String>, key: &str) -> Option<u64> {
+        match units::parse_size(d.get_ref()) {
+            Ok(v) => Some(v),
+            Err(m) => {
+                self.err(d.span(), key, m);
+                None
+            }
+        }
+    }
+
+    fn message_size(&mut self, d: &S<String>, key: &str) -> Option<MessageSize> {
+        if d.get_ref() == "auto" {
+            return Some(MessageSize::Auto);
+        }
+        let n = self.size(d, key)?;
+        if n == 0 || n > (256 << 20) {
+            self.err(
+                d.span(),
+                key,
+                "must be \"auto\" or a size between 1B and 256MiB",
+            );
+            return None;
+        }
+        Some(MessageSize::Bytes(n as usize))
+    }
+
+    fn count(&mut self, v: &S<i64>, key: &str, max: i64) -> Option<i64> {
+        let n = *v.get_ref();
+        if n < 1 || n > max {
+            self.err(v.span(), key, format!("must be between 1 and {max}"));
+            return None;
+        }
+        Some(n)
+    }
+
+    fn tls(&mut self, t: &S<RawTls>) -> Option<TlsSection> {
+        let span = t.span();
+        let t = t.get_ref();
+        let dev = t.dev_pki.as_ref().map(|d| PathBuf::from(d.get_ref()));
+        let cert = t
+            .cert
+            .as_ref()
+            .map(|c| PathBuf::from(c.get_ref()))
+            .or_else(|| dev.as_ref().map(|d| d.join("server.pem")));
+        let key = t
+            .key
+            .as_ref()
+            .map(|c| PathBuf::from(c.get_ref()))
+            .or_else(|| dev.as_ref().map(|d| d.join("server.key")));
+        let client_ca = t
+            .client_ca
+            .as_ref()
+            .map(|c| PathBuf::from(c.get_ref()))
+            .or_else(|| dev.as_ref().map(|d| d.join("ca.pem")));
+        match (cert, key) {
+            (Some(cert), Some(key)) => Some(TlsSection {
+                cert,
+                key,
+                client_ca,
+                crl: t.crl.iter().map(|c| PathBuf::from(c.get_ref())).collect(),
+                dev_pki: dev,
+            }),
+            _ => {
+                self.err(
+                    span,
+                    "tls",
+                    "needs both cert and key (or dev_pki to generate a development PKI)",
+                );
+                None
+            }
+        }
+    }
+
+    fn limits(&mut self, raw: Option<RawLimits>) -> Limits {
+        let mut l = Limits {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_sessions_per_identity: DEFAULT_MAX_SESSIONS_PER_IDENTITY,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE_BYTES,
+            idle_timeout: None,
+            max_message_size: MessageSize::Auto,
+        };
+        let Some(r) = raw else { return l };
+        if let Some(v) = r.max_sessions.and_then(|v| self.count(&v, "limits.max_sessions", 1 << 24)) {
+            l.max_sessions = v as usize;
+        }
+        if let Some(v) = r
+            .max_sessions_per_identity
+            .and_then(|v| self.count(&v, "limits.max_sessions_per_identity", 1 << 24))
+        {
+            l.max_sessions_per_identity = v as usize;
+        }
+        if let Some(d) = r.handshake_timeout {
+            if let Some(v) = self.duration(&d, "limits.handshake_timeout") {
+                if v.is_zero() {
+                    self.err(d.span(), "limits.handshake_timeout", "must be more than zero");
+                } else {
+                    l.handshake_timeout = v;
+                }
+            }
+        }
+        if let Some(d) = r.max_header_size {
+            if let Some(v) = self.size(&d, "limits.max_header_size") {
+                if !(1024..=(1 << 20)).contains(&v) {
+                    self.err(d.span(), "limits.max_header_size", "must be between 1KiB and 1MiB");
+                } else {
+                    l.max_header_size = v as usize;
+                }
+            }
+        }
+        if let Some(d) = r.idle_timeout {
+            match units::parse_optional_duration(d.get_ref()) {
+                Ok(v) => l.idle_timeout = v,
+                Err(m) => self.err(d.span(), "limits.idle_timeout", m),
+            }
+        }
+        if let Some(d) = r.max_message_size {
+            if let Some(v) = self.message_size(&d, "limits.max_message_size") {
+                l.max_message_size = v;
+            }
+        }
+        l
+    }
+
+    fn keepalive(&mut self, raw: Option<RawKeepalive>) -> Keepalive {
+        let mut k = Keepalive {
+            interval: DEFAULT_KEEPALIVE_INTERVAL,
+            timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+        };
+        let Some(r) = raw else { return k };
+        if let Some(v) = r.interval.and_then(|d| self.duration(&d, "keepalive.interval")) {
+            k.interval = v;
+        }
+        if let Some(d) = r.timeout {
+            if let Some(v) = self.duration(&d, "keepalive.timeout") {
+                if v < k.interval {
+                    self.err(d.span(), "keepalive.timeout", "must be at least keepalive.interval");
+                } else {
+                    k.timeout = v;
+                }
+            }
+        }
+        k
+    }
+
+    fn identities(&mut self, raw: Vec<S<RawIdentity>>) -> Vec<IdentityConfig> {
+        let mut out: Vec<IdentityConfig> = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let span = r.span();
+            let r = r.into_inner();
+            let Some(name) = r.name else {
+                self.err(span, format!("identity[{i}].name"), "every [[identity]] needs a name");
+                continue;
+            };
+            let key = format!("identity {:?}", name.get_ref());
+            if !valid_name(name.get_ref()) {
+                self.err(
+                    name.span(),
+                    format!("{key}.name"),
+                    "must be 1-128 characters of A-Z a-z 0-9 . _ - (no leading dot)",
+                );
+            }
+            if out.iter().any(|o| &o.name == name.get_ref()) {
+                self.err(name.span(), format!("{key}.name"), "duplicate identity name");
+            }
+            let mut token = None;
+            if let Some(t) = &r.token_sha256 {
+                token = self.token_hash(t.get_ref(), t.span(), &format!("{key}.token_sha256"));
+            }
+            if let Some(f) = &r.token_sha256_file {
+                if token.is_some() {
+                    self.err(
+                        f.span(),
+                        format!("{key}.token_sha256_file"),
+                        "give token_sha256 or token_sha256_file, not both",
+                    );
+                } else {
+                    match std::fs::read_to_string(f.get_ref()) {
+                        Ok(s) => {
+                            token = self.token_hash(
+                                s.trim(),
+                                f.span(),
+                                &format!("{key}.token_sha256_file ({})", f.get_ref()),
+                            )
+                        }
+                        Err(e) => self.err(
+                            f.span(),
+                            format!("{key}.token_sha256_file"),
+                            format!("cannot read {}: {e}", f.get_ref()),
+                        ),
+                    }
+                }
+            }
+            if token.is_none()
+                && r.cert_cn.is_none()
+                && r.cert_san_uri.is_none()
+                && r.cert_san_dns.is_none()
+                && r.token_sha256.is_none()
+                && r.token_sha256_file.is_none()
+            {
+                self.err(
+                    name.span(),
+                    key.clone(),
+                    "matches nothing: give cert_cn, cert_san_uri, cert_san_dns, token_sha256 or token_sha256_file",
+                );
+            }
+            let principal = match (&r.user, &r.uid) {
+                (Some(_), Some(u)) => {
+                    self.err(u.span(), format!("{key}.uid"), "give user or uid/gid, not both");
+                    None
+                }
+                (Some(u), None) => {
+                    if r.gid.is_some() || r.gids.is_some() {
+                        self.err(
+                            u.span(),
+                            format!("{key}.user"),
+                            "gid and gids come from the user database with user; remove them",
+                        );
+                    }
+                    Some(PrincipalSpec::User(u.get_ref().clone()))
+                }
+                (None, Some(u)) => {
+                    let uid = self.id(u, &format!("{key}.uid"));
+                    let gid = match &r.gid {
+                        Some(g) => self.id(g, &format!("{key}.gid")),
+                        None => {
+                            self.err(u.span(), format!("{key}.gid"), "uid needs a gid too");
+                            None
+                        }
+                    };
+                    let gids = r
+                        .gids
+                        .as_ref()
+                        .map(|g| {
+                            g.get_ref()
+                                .iter()
+                                .filter_map(|&n| {
+                                    if (0..u32::MAX as i64).contains(&n) {
+                                        Some(n as u32)
+                                    } else {
+                                        self.err(g.span(), format!("{key}.gids"), "ids must be between 0 and 4294967294");
+                                        None
+                                    }
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    match (uid, gid) {
+                        (Some(uid), Some(gid)) => Some(PrincipalSpec::Ids { uid, gid, gids }),
+                        _ => None,
+                    }
+                }
+                (None, None) => {
+                    if let Some(g) = r.gid.as_ref() {
+                        self.err(g.span(), format!("{key}.gid"), "gid needs a uid");
+                    }
+                    None
+                }
+            };
+            out.push(IdentityConfig {
+                name: name.into_inner(),
+                cert_cn: r.cert_cn.map(|s| s.into_inner()),
+                cert_san_uri: r.cert_san_uri.map(|s| s.into_inner()),
+                cert_san_dns: r.cert_san_dns.map(|s| s.into_inner()),
+                token_sha256: token,
+                groups: r.groups.into_iter().map(|g| g.into_inner()).collect(),
+                principal,
+            });
+        }
+        out
+    }
+
+    fn id(&mut self, v: &S<i64>, key: &str) -> Option<u32> {
+        let n = *v.get_ref();
+        if (0..u32::MAX as i64).contains(&n) {
+            Some(n as u32)
+        } else {
+            self.err(v.span(), key, "must be between 0 and 4294967294");
+            None
+        }
+    }
+
+    fn token_hash(&mut self, s: &str, span: Range<usize>, key: &str) -> Option<[u8; 32]> {
+        let h = s.strip_prefix("sha256:").unwrap_or(s);
+        match parse_hex32(h) {
+            Some(v) => Some(v),
+            None => {
+                self.err(
+                    span,
+                    key,
+                    "must be 64 lowercase hex digits of SHA-256 of the token (\"sha256:\" prefix allowed); `pipebridge token new` prints one",
+                );
+                None
+            }
+        }
+    }
+
+    fn pipes(
+        &mut self,
+        raw: Vec<S<RawPipe>>,
+        identities: &[IdentityConfig],
+        limits: &Limits,
+    ) -> Vec<PipeConfig> {
+        let mut out: Vec<PipeConfig> = Vec::new();
+        for (i, r) in raw.into_iter().enumerate() {
+            let span = r.span();
+            let r = r.into_inner();
+            let Some(name) = r.name else {
+                self.err(span, format!("pipe[{i}].name"), "every [[pipe]] needs a name");
+                continue;
+            };
+            let key = format!("pipe {:?}", name.get_ref());
+            if !valid_name(name.get_ref()) {
+                self.err(
+                    name.span(),
+                    format!("{key}.name"),
+                    "must match [A-Za-z0-9_-][A-Za-z0-9._-]{0,127}",
+                );
+            }
+            if out.iter().any(|o| &o.name == name.get_ref()) {
+                self.err(name.span(), format!("{key}.name"), "duplicate pipe name");
+            }
+            let endpoint = match (&r.endpoint, &r.argv) {
+                (None, _) => {
+                    self.err(
+                        name.span(),
+                        format!("{key}.endpoint"),
+                        "missing; expected unix:PATH, seqpacket:PATH, fifo:PATH, exec:COMMAND, dotnet:NAME or npipe:NAME",
+                    );
+                    None
+                }
+                (Some(e), argv) => match EndpointSpec::parse_export(e.get_ref(), argv.as_ref().map(|a| a.get_ref().as_slice())) {
+                    Ok(ep) => Some(ep),
+                    Err(m) => {
+                        self.err(e.span(), format!("{key}.endpoint"), m);
+                        None
+                    }
+                },
+            };
+            if r.argv.is_some() && r.endpoint.as_ref().is_some_and(|e| e.get_ref() != "exec") {
+                if let Some(a) = &r.argv {
+                    self.err(a.span(), format!("{key}.argv"), "argv goes with endpoint = \"exec\" only");
+                }
+            }
+            let mut allow = Vec::new();
+            for a in &r.allow {
+                let s = a.get_ref();
+                if let Some(g) = s.strip_prefix('@') {
+                    if !identities.iter().any(|id| id.groups.iter().any(|x| x == g)) {
+                        self.err(
+                            a.span(),
+                            format!("{key}.allow"),
+                            format!("no [[identity]] is in group {g:?}"),
+                        );
+                    }
+                    allow.push(AllowRule::Group(g.to_string()));
+                } else {
+                    if !identities.iter().any(|id| &id.name == s) {
+                        self.err(
+                            a.span(),
+                            format!("{key}.allow"),
+                            format!("unknown identity {s:?} (allow lists name identities or @groups)"),
+                        );
+                    }
+                    allow.push(AllowRule::Identity(s.clone()));
+                }
+            }
+            let run_as = match &r.run_as {
+                None => RunAs::Client,
+                Some(v) => match v.get_ref().as_str() {
+                    "client" => RunAs::Client,
+                    "gateway" => RunAs::Gateway,
+                    s => match s.strip_prefix("user:") {
+                        Some(u) if !u.is_empty() => RunAs::User(u.to_string()),
+                        _ => {
+                            self.err(
+                                v.span(),
+                                format!("{key}.run_as"),
+                                "must be \"client\", \"gateway\" or \"user:NAME\"",
+                            );
+                            RunAs::Gateway
+                        }
+                    },
+                },
+            };
+            if !IMPERSONATION_SUPPORTED && run_as != RunAs::Gateway {
+                let span = r.run_as.as_ref().map(|v| v.span()).unwrap_or(name.span());
+                self.err(
+                    span,
+                    format!("{key}.run_as"),
+                    format!(
+                        "run_as = {:?} (impersonation{}) is not supported yet; set run_as = \"gateway\" to serve this pipe with the gateway's own rights",
+                        r.run_as.as_ref().map(|v| v.get_ref().as_str()).unwrap_or("client"),
+                        if r.run_as.is_none() { ", the default" } else { "" }
+                    ),
+                );
+            }
+            let kind_mode = endpoint.as_ref().map(|e| e.natural_mode());
+            let mode = match &r.mode {
+                None => kind_mode.flatten().unwrap_or(Mode::Byte),
+                Some(m) => match Mode::parse(m.get_ref()) {
+                    Some(v) => {
+                        if let Some(Some(nat)) = kind_mode {
+                            if nat != v {
+                                self.err(
+                                    m.span(),
+                                    format!("{key}.mode"),
+                                    format!("this endpoint kind is {nat} mode only"),
+                                );
+                            }
+                        }
+                        v
+                    }
+                    None => {
+                        self.err(m.span(), format!("{key}.mode"), "must be \"byte\" or \"message\"");
+                        Mode::Byte
+                    }
+                },
+            };
+            let direction = match &r.direction {
+                None => {
+                    if matches!(endpoint, Some(EndpointSpec::Fifo(_))) {
+                        self.err(
+                            name.span(),
+                            format!("{key}.direction"),
+                            "a fifo: pipe is one-way: set direction = \"in\" or \"out\"",
+                        );
+                    }
+                    Direction::Duplex
+                }
+                Some(d) => match Direction::parse(d.get_ref()) {
+                    Some(v) => {
+                        if v == Direction::Duplex && matches!(endpoint, Some(EndpointSpec::Fifo(_))) {
+                            self.err(
+                                d.span(),
+                                format!("{key}.direction"),
+                                "a fifo: pipe is one-way: set direction = \"in\" or \"out\"",
+                            );
+                        }
+                        v
+                    }
+                    None => {
+                        self.err(d.span(), format!("{key}.direction"), "must be \"duplex\", \"in\" or \"out\"");
+                        Direction::Duplex
+                    }
+                },
+            };
+            let max_instances = r
+                .max_instances
+                .as_ref()
+                .and_then(|v| self.count(v, &format!("{key}.max_instances"), 1 << 24))
+                .map(|v| v as u32)
+                .unwrap_or(DEFAULT_MAX_INSTANCES);
+            let max_message_size = r
+                .max_message_size
+                .as_ref()
+                .and_then(|v| self.message_size(v, &format!("{key}.max_message_size")))
+                .unwrap_or(limits.max_message_size);
+            if let Some(sd) = &r.security_descriptor {
+                if !matches!(endpoint, Some(EndpointSpec::Npipe(_))) {
+                    self.err(sd.span(), format!("{key}.security_descriptor"), "applies to npipe: pipes only");
+                }
+            }
+            let is_exec = matches!(endpoint, Some(EndpointSpec::Exec { .. }));
+            if let Some(e) = &r.env {
+                if !is_exec {
+                    self.err(e.span(), format!("{key}.env"), "applies to exec pipes only");
+                }
+            }
+            if let Some(c) = &r.cwd {
+                if !is_exec {
+                    self.err(c.span(), format!("{key}.cwd"), "applies to exec pipes only");
+                }
+            }
+            let Some(endpoint) = endpoint else { continue };
+            out.push(PipeConfig {
+                name: name.into_inner(),
+                endpoint,
+                allow,
+                run_as,
+                direction,
+                mode,
+                max_instances,
+                max_message_size,
+                env: r.env.map(|e| e.into_inner()).unwrap_or_default(),
+                cwd: r.cwd.map(|c| PathBuf::from(c.into_inner())),
+            });
+        }
+        out
+    }
+
+    fn forward(&mut self, i: usize, r: S<RawForward>) -> Option<ForwardConfig> {
+        let span = r.span();
+        let r = r.into_inner();
+        let key = format!("forward[{i}]");
+        let listen = match &r.listen {
+            None => {
+                self.err(span.clone(), format!("{key}.listen"), "missing; expected unix:PATH or dotnet:NAME");
+                None
+            }
+            Some(l) => match EndpointSpec::parse_hosted(l.get_ref()) {
+                Ok(e) => Some(e),
+                Err(m) => {
+                    self.err(l.span(), format!("{key}.listen"), m);
+                    None
+                }
+            },
+        };
+        let to = match &r.to {
+            None => {
+                self.err(span, format!("{key}.to"), "missing; expected wss://HOST:PORT/pipes/NAME");
+                None
+            }
+            Some(t) => match crate::client::parse_pipe_url(t.get_ref()) {
+                Ok(u) => Some(u),
+                Err(m) => {
+                    self.err(t.span(), format!("{key}.to"), m);
+                    None
+                }
+            },
+        };
+        let socket_mode = match &r.socket_mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(m) => match units::parse_mode(m.get_ref()) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.err(m.span(), format!("{key}.socket_mode"), e);
+                    DEFAULT_SOCKET_MODE
+                }
+            },
+        };
+        if r.cert.is_some() != r.key.is_some() {
+            let s = r.cert.as_ref().or(r.key.as_ref()).map(|s| s.span()).unwrap_or_default();
+            self.err(s, format!("{key}.cert"), "cert and key go together");
+        }
+        let credentials = crate::client::CredentialPaths {
+            ca: r.ca.map(|s| s.into_inner()),
+            cert: r.cert.map(|s| s.into_inner()),
+            key: r.key.map(|s| s.into_inner()),
+            token_file: r.token_file.map(|s| s.into_inner()),
+            token: None,
+        };
+        Some(ForwardConfig {
+            listen: listen?,
+            to: to?,
+            credentials,
+            socket_owner: r.socket_owner.map(|s| s.into_inner()),
+            socket_group: r.socket_group.map(|s| s.into_inner()),
+            socket_mode,
+            allow_local: r.allow_local.into_iter().map(|s| s.into_inner()).collect(),
+        })
+    }
+}
+
+/// Whether `s` is a valid pipe or identity name: `[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}`.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && b[0] != b'.'
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks(2).enumerate() {
+        let hi = hex_digit(pair[0])?;
+        let lo = hex_digit(pair[1])?;
+        out[i] = hi << 4 | lo;
+    }
+    Some(out)
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+[tls]
+cert = "s.pem"
+key = "s.key"
+client_ca = "ca.pem"
+[[identity]]
+name = "alice"
+cert_cn = "alice"
+groups = ["ops"]
+"#;
+
+    #[test]
+    fn minimal_pipe_parses() {
+        let cfg = parse(&format!(
+            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"@ops\"]\nrun_as = \"gateway\"\n"
+        ))
+        .unwrap();
+        let p = cfg.pipe("echo").unwrap();
+        assert_eq!(p.direction, Direction::Duplex);
+        assert_eq!(p.mode, Mode::Byte);
+        assert_eq!(p.max_instances, DEFAULT_MAX_INSTANCES);
+        assert_eq!(p.allow, vec![AllowRule::Group("ops".into())]);
+        assert_eq!(cfg.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    }
+
+    #[test]
+    fn errors_name_line_and_key_and_are_all_reported() {
+        let text = format!(
+            "{BASE}\n[[pipe]]\nname = \"a/b\"\nendpoint = \"bogus:x\"\nallow = [\"bob\"]\nrun_as = \"gateway\"\n"
+        );
+        let errs = parse(&text).unwrap_err().0;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        let name_line = text.lines().position(|l| l.contains("a/b")).unwrap() + 1;
+        assert_eq!(errs[0].line, Some(name_line));
+        assert!(errs[0].to_string().starts_with("test.toml:"), "{}", errs[0]);
+        assert!(errs.iter().any(|e| e.key.ends_with(".endpoint")));
+        assert!(errs.iter().any(|e| e.message.contains("unknown identity \"bob\"")));
+    }
+
+    #[test]
+    fn run_as_client_is_not_supported_yet() {
+        let errs = parse(&format!(
+            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"alice\"]\n"
+        ))
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.contains("not supported yet"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn unknown_key_is_a_syntax_error_with_line() {
+        let errs = parse(&format!("{BASE}\nbogus_key = 1\n")).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.contains("bogus_key"), "{}", errs[0]);
+        assert!(errs[0].line.is_some());
+    }
+
+    #[test]
+    fn token_hashes() {
+        let ok = parse(&format!(
+            "{BASE}\n[[identity]]\nname = \"t\"\ntoken_sha256 = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.identities[1].token_sha256.unwrap()[0], 0x9f);
+        let bad = parse(&format!("{BASE}\n[[identity]]\nname = \"t\"\ntoken_sha256 = \"XYZ\"\n"));
+        assert!(bad.unwrap_err().to_string().contains("64 lowercase hex"));
+    }
+
+    #[test]
+    fn valid_names() {
+        assert!(valid_name("docker"));
+        assert!(valid_name("a.b-c_d"));
+        assert!(valid_name("-x"));
+        assert!(!valid_name(".x"));
+        assert!(!valid_name(".."));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name("a%2Fb"));
+        assert!(!valid_name(""));
+        assert!(!valid_name(&"a".repeat(129)));
+        assert!(valid_name(&"a".repeat(128)));
+    }
+}

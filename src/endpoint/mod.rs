@@ -1,0 +1,258 @@
+//! Local pipe endpoints: how a pipe is written in config (`kind:target`, [`EndpointSpec`]),
+//! how an exported one is opened for a session ([`open`]), and the [`Local`] halves the
+//! bridge drives. One file per kind.
+
+pub mod exec;
+pub mod unix;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::{Direction, Mode, PipeConfig};
+
+/// A boxed local reader (the pipe's output towards the network).
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A boxed local writer (the network's data into the pipe). `poll_shutdown` half-closes.
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// How a pipe is reached locally, parsed from `kind:target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSpec {
+    /// A Unix stream socket.
+    Unix(PathBuf),
+    /// A Unix SOCK_SEQPACKET socket (message mode).
+    Seqpacket(PathBuf),
+    /// A FIFO (one-way).
+    Fifo(PathBuf),
+    /// A child per session; its stdin/stdout are the pipe.
+    Exec {
+        /// Program and arguments.
+        argv: Vec<String>,
+    },
+    /// The socket of a .NET `NamedPipeServerStream(NAME)` on Unix.
+    Dotnet(String),
+    /// A Windows named pipe `\\.\pipe\NAME`.
+    Npipe(String),
+    /// The process's own stdin/stdout (`connect` only).
+    Stdio,
+}
+
+impl EndpointSpec {
+    /// Parses the `endpoint` of a `[[pipe]]` (an exported endpoint); `argv` is the
+    /// pipe's `argv` key, used with `endpoint = "exec"`.
+    pub fn parse_export(s: &str, argv: Option<&[String]>) -> Result<EndpointSpec, String> {
+        if s == "exec" {
+            return match argv {
+                Some(a) if !a.is_empty() && !a[0].is_empty() => Ok(EndpointSpec::Exec { argv: a.to_vec() }),
+                _ => Err("endpoint = \"exec\" needs a non-empty argv = [\"program\", \"arg\", ...]".into()),
+            };
+        }
+        let (kind, target) = s.split_once(':').ok_or_else(|| {
+            format!("invalid endpoint {s:?}: expected kind:target, e.g. unix:/run/app.sock")
+        })?;
+        match kind {
+            "unix" => Ok(EndpointSpec::Unix(abs_path(target)?)),
+            "seqpacket" => Err("seqpacket: endpoints are not supported yet".into()),
+            "fifo" => Err("fifo: endpoints are not supported yet".into()),
+            "exec" => {
+                if argv.is_some() {
+                    return Err("give either exec:COMMAND LINE or endpoint = \"exec\" with argv, not both".into());
+                }
+                let argv = shell_words::split(target)
+                    .map_err(|e| format!("invalid exec command line: {e}"))?;
+                if argv.is_empty() {
+                    return Err("exec: needs a command".into());
+                }
+                Ok(EndpointSpec::Exec { argv })
+            }
+            "dotnet" => Ok(EndpointSpec::Dotnet(dotnet_name(target)?)),
+            "npipe" => Err("npipe: endpoints exist on Windows builds only".into()),
+            "stdio" => Err("stdio is the endpoint of `pipebridge connect`, not of a pipe".into()),
+            _ => Err(format!(
+                "unknown endpoint kind {kind:?}: expected unix, seqpacket, fifo, exec, dotnet or npipe"
+            )),
+        }
+    }
+
+    /// Parses the `listen` of a forward (a hosted endpoint).
+    pub fn parse_hosted(s: &str) -> Result<EndpointSpec, String> {
+        let (kind, target) = s.split_once(':').ok_or_else(|| {
+            format!("invalid endpoint {s:?}: expected unix:PATH or dotnet:NAME")
+        })?;
+        match kind {
+            "unix" => Ok(EndpointSpec::Unix(abs_or_rel_path(target)?)),
+            "dotnet" => Ok(EndpointSpec::Dotnet(dotnet_name(target)?)),
+            "seqpacket" | "fifo" => Err(format!("hosting {kind}: endpoints is not supported yet")),
+            "npipe" => Err("npipe: endpoints exist on Windows builds only".into()),
+            _ => Err(format!(
+                "a forward cannot host {kind:?} endpoints: expected unix:PATH or dotnet:NAME"
+            )),
+        }
+    }
+
+    /// The mode this kind forces, if any.
+    pub fn natural_mode(&self) -> Option<Mode> {
+        match self {
+            EndpointSpec::Seqpacket(_) => Some(Mode::Message),
+            EndpointSpec::Npipe(_) => None,
+            _ => Some(Mode::Byte),
+        }
+    }
+
+    /// The kind's name (`unix`, `exec`, ...), for listings and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EndpointSpec::Unix(_) => "unix",
+            EndpointSpec::Seqpacket(_) => "seqpacket",
+            EndpointSpec::Fifo(_) => "fifo",
+            EndpointSpec::Exec { .. } => "exec",
+            EndpointSpec::Dotnet(_) => "dotnet",
+            EndpointSpec::Npipe(_) => "npipe",
+            EndpointSpec::Stdio => "stdio",
+        }
+    }
+
+    /// The socket path of a Unix-socket kind (`unix:`, `dotnet:`).
+    pub fn socket_path(&self) -> Option<PathBuf> {
+        match self {
+            EndpointSpec::Unix(p) | EndpointSpec::Seqpacket(p) => Some(p.clone()),
+            EndpointSpec::Dotnet(n) => Some(dotnet_path(n)),
+            _ => None,
+        }
+    }
+}
+
+fn abs_path(p: &str) -> Result<PathBuf, String> {
+    if p.is_empty() {
+        return Err("the endpoint needs a path".into());
+    }
+    if p.contains('\0') {
+        return Err("the path contains NUL".into());
+    }
+    Ok(PathBuf::from(p))
+}
+
+fn abs_or_rel_path(p: &str) -> Result<PathBuf, String> {
+    abs_path(p)
+}
+
+fn dotnet_name(n: &str) -> Result<String, String> {
+    if n.is_empty() || n.contains('\0') {
+        return Err("dotnet: needs a pipe name".into());
+    }
+    if !n.starts_with('/') && n.contains('/') {
+        return Err("a dotnet: pipe name is a plain name or an absolute path".into());
+    }
+    Ok(n.to_string())
+}
+
+/// Where .NET on Unix puts `NamedPipeServerStream(name)`: `$TMPDIR/CoreFxPipe_NAME`
+/// (`/tmp` when TMPDIR is unset), or the name itself when it is an absolute path.
+pub fn dotnet_path(name: &str) -> PathBuf {
+    if name.starts_with('/') {
+        return PathBuf::from(name);
+    }
+    let tmp = std::env::var_os("TMPDIR")
+        .filter(|t| !t.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    tmp.join(format!("CoreFxPipe_{name}"))
+}
+
+/// The local side of a session, as the bridge drives it.
+pub struct Local {
+    /// Data from the pipe towards the network (`None`: this session sends nothing).
+    pub reader: Option<BoxRead>,
+    /// Data from the network into the pipe (`None`: data from the peer is refused).
+    pub writer: Option<BoxWrite>,
+    /// An `exec:` child: awaited after `reader` ends, its status sent as `exit`.
+    /// Dropping it kills the child.
+    pub child: Option<tokio::process::Child>,
+}
+
+/// Who is opening a pipe, for `exec:` environments and logs.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    /// The authenticated identity's name.
+    pub identity: String,
+    /// The session's direction.
+    pub direction: Direction,
+    /// Bound on waits inside the open (connect, FIFO open).
+    pub timeout: Duration,
+}
+
+/// Why an endpoint could not be opened: a message for the peer and one for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{log}")]
+pub struct OpenError {
+    /// Text for the peer (no paths, no OS errors).
+    pub public: String,
+    /// Text for the log.
+    pub log: String,
+}
+
+impl OpenError {
+    /// An error with a public and a log message.
+    pub fn new(public: impl Into<String>, log: impl Into<String>) -> Self {
+        OpenError {
+            public: public.into(),
+            log: log.into(),
+        }
+    }
+}
+
+/// Opens the local endpoint of an exported pipe for one session.
+pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenError> {
+    match &pipe.endpoint {
+        EndpointSpec::Unix(p) => unix::connect(p, ctx).await,
+        EndpointSpec::Dotnet(n) => unix::connect(&dotnet_path(n), ctx).await,
+        EndpointSpec::Exec { argv } => exec::spawn(argv, pipe, ctx),
+        other => Err(OpenError::new(
+            "this endpoint kind is not available",
+            format!("endpoint kind {} cannot be opened on this platform", other.kind()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_kinds() {
+        assert_eq!(
+            EndpointSpec::parse_export("unix:/run/a.sock", None).unwrap(),
+            EndpointSpec::Unix("/run/a.sock".into())
+        );
+        assert_eq!(
+            EndpointSpec::parse_export("exec:sh -c 'echo \"a b\"'", None).unwrap(),
+            EndpointSpec::Exec {
+                argv: vec!["sh".into(), "-c".into(), "echo \"a b\"".into()]
+            }
+        );
+        assert_eq!(
+            EndpointSpec::parse_export("exec:echo $HOME a\\ b", None).unwrap(),
+            EndpointSpec::Exec {
+                argv: vec!["echo".into(), "$HOME".into(), "a b".into()]
+            }
+        );
+        let argv = vec!["wc".to_string(), "-c".to_string()];
+        assert_eq!(
+            EndpointSpec::parse_export("exec", Some(&argv)).unwrap(),
+            EndpointSpec::Exec { argv }
+        );
+        assert!(EndpointSpec::parse_export("exec", None).is_err());
+        assert!(EndpointSpec::parse_export("exec:'unterminated", None).is_err());
+        assert!(EndpointSpec::parse_export("tcp:1.2.3.4:5", None).is_err());
+        assert!(EndpointSpec::parse_export("nocolon", None).is_err());
+    }
+
+    #[test]
+    fn dotnet_paths() {
+        assert_eq!(dotnet_path("/abs/x"), PathBuf::from("/abs/x"));
+        let p = dotnet_path("svc");
+        assert!(p.to_string_lossy().ends_with("/CoreFxPipe_svc"), "{p:?}");
+    }
+}

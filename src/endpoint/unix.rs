@@ -1,0 +1,98 @@
+//! Unix stream sockets: connect to an exported socket (`unix:`, `dotnet:`), and host a
+//! socket file for a forward (parent directory created, stale file from a crash
+//! replaced, a live one never stolen, mode/owner applied, removed on drop).
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::net::{UnixListener, UnixStream};
+
+use super::{Local, OpenContext, OpenError};
+
+/// Connects to the socket at `path` within `ctx.timeout`.
+pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
+    let stream = match tokio::time::timeout(ctx.timeout, UnixStream::connect(path)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(connect_error(path, &e)),
+        Err(_) => {
+            return Err(OpenError::new(
+                "the local endpoint did not accept in time",
+                format!("connect {}: timed out", path.display()),
+            ))
+        }
+    };
+    let (r, w) = stream.into_split();
+    Ok(Local {
+        reader: ctx.direction.client_reads().then(|| Box::new(r) as super::BoxRead),
+        writer: ctx.direction.client_writes().then(|| Box::new(w) as super::BoxWrite),
+        child: None,
+    })
+}
+
+/// Maps a connect error to a peer message without internals.
+pub fn connect_error(path: &Path, e: &io::Error) -> OpenError {
+    let public = match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => "nothing is listening on the local endpoint",
+        io::ErrorKind::PermissionDenied => "permission denied on the local endpoint",
+        _ => "the local endpoint could not be opened",
+    };
+    OpenError::new(public, format!("connect {}: {e}", path.display()))
+}
+
+/// A socket file this gateway hosts; the file is removed when this is dropped.
+pub struct HostedSocket {
+    /// The listener.
+    pub listener: UnixListener,
+    path: PathBuf,
+}
+
+impl HostedSocket {
+    /// Binds `path`: creates the parent directory (0755) if missing, replaces a stale
+    /// socket file (nothing accepts on it), refuses a live one or a non-socket file,
+    /// then applies `mode`.
+    pub async fn bind(path: &Path, mode: u32) -> io::Result<HostedSocket> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.exists() {
+                std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            }
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_socket() => {
+                if UnixStream::connect(path).await.is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by a live server; refusing to take it over", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket; refusing to replace it", path.display()),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = UnixListener::bind(path)?;
+        let hosted = HostedSocket {
+            listener,
+            path: path.to_path_buf(),
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+        Ok(hosted)
+    }
+
+    /// The socket file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for HostedSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

@@ -1,0 +1,529 @@
+//! The exporting side: accept TCP, TLS (with the handshake timeout), HTTP/1.1; route
+//! `/pipes` and `/pipes/{name}`; refuse before the upgrade in DESIGN.md's order
+//! (400, 426, 401, 403, 409, 503, 502); open the local endpoint; upgrade to WebSocket and
+//! hand the session to the bridge. Sessions are tracked in a [`Registry`] for limits,
+//! status and drain.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth::{self, CertNames, Identity};
+use crate::bridge::{self, Counters, StopHandle};
+use crate::config::{Config, Direction, MessageSize, Mode, PipeConfig, MAX_BYTE_MODE_MESSAGE_BYTES};
+use crate::endpoint::{self, OpenContext};
+use crate::error::{Refusal, RefusalKind};
+use crate::tunnel::{self, protocol};
+
+/// Largest message accepted on a message-mode pipe when `max_message_size = "auto"`.
+pub const AUTO_MESSAGE_BYTES: usize = 212_992;
+
+/// The state one exporting gateway shares between connections.
+pub struct Gateway {
+    config: RwLock<Arc<Config>>,
+    tls: RwLock<TlsAcceptor>,
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    draining: AtomicBool,
+    tracker: TaskTracker,
+}
+
+impl Gateway {
+    /// A gateway serving `config` with TLS `tls`.
+    pub fn new(config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            config: RwLock::new(config),
+            tls: RwLock::new(TlsAcceptor::from(tls)),
+            registry: Arc::new(Registry::default()),
+            draining: AtomicBool::new(false),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Swaps in a new config and TLS setup; new connections and sessions see them,
+    /// live sessions go on.
+    pub fn replace(&self, config: Arc<Config>, tls: Arc<rustls::ServerConfig>) {
+        if let Ok(mut c) = self.config.write() {
+            *c = config;
+        }
+        if let Ok(mut t) = self.tls.write() {
+            *t = TlsAcceptor::from(tls);
+        }
+    }
+
+    /// Starts draining: new sessions get 503 `draining`.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no session is live or `grace` passes, then ends the rest with 1001
+    /// and waits (bounded) for their tasks.
+    pub async fn drain(&self, grace: Duration) {
+        self.start_drain();
+        let deadline = Instant::now() + grace;
+        while self.registry.len() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.registry.len();
+        if left > 0 {
+            info!(sessions = left, "grace period over; closing the remaining sessions");
+            self.registry.stop_all(protocol::ErrorKind::Draining, "the gateway is shutting down");
+        }
+        self.tracker.close();
+        let _ = tokio::time::timeout(bridge::CLOSE_TIMEOUT + Duration::from_secs(1), self.tracker.wait()).await;
+    }
+}
+
+// === registry ===
+
+/// A live session as status and limits see it.
+pub struct SessionEntry {
+    /// Registry id.
+    pub id: u64,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Identity name.
+    pub identity: String,
+    /// Pipe name.
+    pub pipe: String,
+    /// Session direction.
+    pub direction: Direction,
+    /// When it started.
+    pub started: Instant,
+    /// Bytes each way.
+    pub counters: Counters,
+    stop: StopHandle,
+}
+
+/// Live sessions, with per-pipe and per-identity counts for limits.
+#[derive(Default)]
+pub struct Registry {
+    inner: Mutex<RegistryInner>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    sessions: HashMap<u64, Arc<SessionEntry>>,
+    per_pipe: HashMap<String, usize>,
+    per_identity: HashMap<String, usize>,
+}
+
+/// A slot in the registry; dropping it ends the session's accounting.
+pub struct Admission {
+    registry: Arc<Registry>,
+    /// The session's entry.
+    pub entry: Arc<SessionEntry>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Live session count.
+    pub fn len(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A snapshot of the live sessions.
+    pub fn snapshot(&self) -> Vec<Arc<SessionEntry>> {
+        self.lock().sessions.values().cloned().collect()
+    }
+
+    /// Ends every live session with `kind`.
+    pub fn stop_all(&self, kind: protocol::ErrorKind, message: &str) {
+        for s in self.lock().sessions.values() {
+            s.stop.stop(kind, message);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admit(
+        self: &Arc<Self>,
+        cfg: &Config,
+        pipe: &PipeConfig,
+        identity: &str,
+        peer: SocketAddr,
+        direction: Direction,
+        stop: StopHandle,
+    ) -> Result<Admission, Refusal> {
+        let mut g = self.lock();
+        if g.sessions.len() >= cfg.limits.max_sessions {
+            return Err(Refusal::new(RefusalKind::Busy, "the gateway is at its session limit"));
+        }
+        if g.per_identity.get(identity).copied().unwrap_or(0) >= cfg.limits.max_sessions_per_identity {
+            return Err(Refusal::new(RefusalKind::Busy, "this identity is at its session limit"));
+        }
+        if g.per_pipe.get(&pipe.name).copied().unwrap_or(0) >= pipe.max_instances as usize {
+            return Err(Refusal::new(RefusalKind::Busy, "all pipe instances are busy"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let entry = Arc::new(SessionEntry {
+            id,
+            peer,
+            identity: identity.to_string(),
+            pipe: pipe.name.clone(),
+            direction,
+            started: Instant::now(),
+            counters: Counters::default(),
+            stop,
+        });
+        g.sessions.insert(id, entry.clone());
+        *g.per_pipe.entry(pipe.name.clone()).or_default() += 1;
+        *g.per_identity.entry(identity.to_string()).or_default() += 1;
+        Ok(Admission {
+            registry: self.clone(),
+            entry,
+        })
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut guard = self.registry.lock();
+        let g = &mut *guard;
+        g.sessions.remove(&self.entry.id);
+        for (map, key) in [
+            (&mut g.per_pipe, &self.entry.pipe),
+            (&mut g.per_identity, &self.entry.identity),
+        ] {
+            if let Some(n) = map.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+    }
+}
+
+// === accept loop ===
+
+/// Serves `listener` until `shutdown` is cancelled. Connections already accepted keep
+/// running (their sessions end through [`Gateway::drain`]).
+pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: CancellationToken) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let gw2 = gw.clone();
+        gw.tracker.spawn(
+            async move { connection(tcp, peer, gw2).await }.instrument(tracing::debug_span!("conn", %peer)),
+        );
+    }
+}
+
+async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gateway>) {
+    let cfg = gw.config();
+    let started = Instant::now();
+    let timeout = cfg.limits.handshake_timeout;
+    let acceptor = gw.tls.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone());
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("TLS handshake timed out");
+            return;
+        }
+    };
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| CertNames::from_der(c.as_ref()));
+    let conn = Arc::new(ConnInfo { peer, cert });
+    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+    let gw2 = gw.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let gw = gw2.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(req, conn, gw).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(remaining)
+        .max_buf_size(cfg.limits.max_header_size.max(8192));
+    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).with_upgrades().await {
+        debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+struct ConnInfo {
+    peer: SocketAddr,
+    cert: Option<CertNames>,
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn refuse(r: &Refusal, conn: &ConnInfo, path: &str) -> Response<Full<Bytes>> {
+    info!(peer = %conn.peer, status = r.kind.status().as_u16(), kind = %r.kind, path = %path.chars().take(200).collect::<String>(), "refused");
+    json_response(r.kind.status(), r.body())
+}
+
+async fn handle(mut req: Request<Incoming>, conn: Arc<ConnInfo>, gw: Arc<Gateway>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let result = if path == "/pipes" || path == "/pipes/" {
+        list(&req, &conn, &gw)
+    } else if let Some(name) = path.strip_prefix("/pipes/") {
+        let name = name.to_string();
+        session(&mut req, &name, &conn, &gw).await
+    } else {
+        Err(Refusal::new(RefusalKind::NotFound, "no such path: sessions are at /pipes/{name}"))
+    };
+    result.unwrap_or_else(|r| refuse(&r, &conn, &path))
+}
+
+fn authenticate(req: &Request<Incoming>, conn: &ConnInfo, cfg: &Config) -> Result<Identity, Refusal> {
+    let bearer = auth::bearer(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))?;
+    auth::authenticate(&cfg.identities, conn.cert.as_ref(), bearer)
+}
+
+fn list(req: &Request<Incoming>, conn: &ConnInfo, gw: &Gateway) -> Result<Response<Full<Bytes>>, Refusal> {
+    if req.method() != Method::GET {
+        return Err(Refusal::new(RefusalKind::BadRequest, "only GET is supported"));
+    }
+    let cfg = gw.config();
+    let id = authenticate(req, conn, &cfg)?;
+    let pipes: Vec<_> = cfg
+        .pipes
+        .iter()
+        .filter(|p| auth::allowed(&id, p))
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "kind": p.endpoint.kind(),
+                "direction": p.direction.as_str(),
+                "mode": p.mode.as_str(),
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        serde_json::json!({ "pipes": pipes }).to_string(),
+    ))
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// The message limit of a session on `pipe`.
+pub fn session_message_limit(pipe: &PipeConfig, mode: Mode) -> usize {
+    match mode {
+        Mode::Byte => MAX_BYTE_MODE_MESSAGE_BYTES,
+        Mode::Message => match pipe.max_message_size {
+            MessageSize::Auto => AUTO_MESSAGE_BYTES,
+            MessageSize::Bytes(n) => n,
+        },
+    }
+}
+
+async fn session(
+    req: &mut Request<Incoming>,
+    name: &str,
+    conn: &Arc<ConnInfo>,
+    gw: &Arc<Gateway>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    // 400: the name is a raw path segment and must be a valid pipe name.
+    if !crate::config::valid_name(name) {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            "invalid pipe name: expected [A-Za-z0-9_-][A-Za-z0-9._-]{0,127}",
+        ));
+    }
+    let query = protocol::SessionQuery::parse(req.uri().query())
+        .map_err(|m| Refusal::new(RefusalKind::BadRequest, format!("invalid query: {m}")))?;
+    let is_upgrade = header_has_token(req, header::UPGRADE, "websocket")
+        && header_has_token(req, header::CONNECTION, "upgrade");
+    if req.method() != Method::GET {
+        return Err(Refusal::new(RefusalKind::BadRequest, "sessions are opened with GET"));
+    }
+    if !is_upgrade {
+        return Err(Refusal::new(
+            RefusalKind::UpgradeRequired,
+            "a pipe session needs a WebSocket upgrade",
+        ));
+    }
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v.as_bytes() == b"13");
+    let Some(key) = key.filter(|_| version_ok) else {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+        ));
+    };
+    if !header_has_token(req, header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL) {
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            format!("the WebSocket subprotocol must be {}", protocol::SUBPROTOCOL),
+        ));
+    }
+    let cfg = gw.config();
+    let identity = authenticate(req, conn, &cfg)?;
+    let forbidden = || Refusal::new(RefusalKind::Forbidden, "not allowed on this pipe, or no such pipe");
+    let pipe = cfg.pipe(name).ok_or_else(forbidden)?;
+    if !auth::allowed(&identity, pipe) {
+        return Err(forbidden());
+    }
+    let direction = query.direction.unwrap_or(pipe.direction);
+    if !pipe.direction.permits(direction) {
+        return Err(Refusal::new(
+            RefusalKind::Unsupported,
+            format!("this pipe offers direction {} only", pipe.direction),
+        ));
+    }
+    let mode = query.mode.unwrap_or(pipe.mode);
+    if mode != pipe.mode {
+        return Err(Refusal::new(
+            RefusalKind::Unsupported,
+            format!("this pipe offers {} mode only", pipe.mode),
+        ));
+    }
+    if gw.is_draining() {
+        return Err(Refusal::new(RefusalKind::Draining, "the gateway is shutting down"));
+    }
+    let (stop, stop_signal) = bridge::stop_pair();
+    let admission = gw
+        .registry
+        .admit(&cfg, pipe, &identity.name, conn.peer, direction, stop)?;
+    let span = tracing::info_span!(
+        "session",
+        id = admission.entry.id,
+        peer = %conn.peer,
+        identity = %identity.name,
+        principal = %nix::unistd::geteuid(),
+        pipe = %pipe.name,
+        direction = %direction,
+    );
+    let ctx = OpenContext {
+        identity: identity.name.clone(),
+        direction,
+        timeout: cfg.limits.handshake_timeout / 2,
+    };
+    let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
+        Ok(l) => l,
+        Err(e) => {
+            span.in_scope(|| warn!(error = %e.log, "cannot open the local endpoint"));
+            return Err(Refusal::new(RefusalKind::EndpointUnavailable, e.public));
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(req);
+    let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
+    let method = identity.method;
+    gw.tracker.spawn(
+        async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_cfg)).await;
+            let entry = admission.entry.clone();
+            debug!("session started");
+            let out = bridge::run(ws, local, &entry.counters, stop_signal).await;
+            audit(&entry, method.as_str(), &out);
+            drop(admission);
+        }
+        .instrument(span),
+    );
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+            .map_err(|_| Refusal::new(RefusalKind::BadRequest, "bad Sec-WebSocket-Key"))?,
+    );
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(protocol::SUBPROTOCOL),
+    );
+    h.insert(crate::client::HEADER_DIRECTION, HeaderValue::from_static(direction.as_str()));
+    h.insert(crate::client::HEADER_MODE, HeaderValue::from_static(mode.as_str()));
+    Ok(resp)
+}
+
+fn audit(entry: &SessionEntry, method: &str, out: &bridge::Outcome) {
+    info!(
+        target: "pipebridge::audit",
+        peer = %entry.peer,
+        identity = %entry.identity,
+        auth = method,
+        uid = nix::unistd::geteuid().as_raw(),
+        gid = nix::unistd::getegid().as_raw(),
+        pipe = %entry.pipe,
+        direction = %entry.direction,
+        bytes_in = entry.counters.to_local.load(Ordering::Relaxed),
+        bytes_out = entry.counters.from_local.load(Ordering::Relaxed),
+        duration_ms = entry.started.elapsed().as_millis() as u64,
+        close_code = out.code,
+        close_reason = %out.reason,
+        "session end"
+    );
+}

@@ -1,0 +1,134 @@
+//! rustls configs from files: the server side (certificate, key, optional client CA
+//! and CRLs for mTLS) and the client side (CA or the system trust store, optional
+//! client certificate). Errors name the file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+/// A TLS setup problem, naming the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or held nothing usable.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the material.
+    #[error("TLS setup: {0}")]
+    Rustls(String),
+}
+
+fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::File {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+/// The crypto provider used everywhere (ring).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate found"));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("cannot read a private key: {e}")))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots
+            .add(c)
+            .map_err(|e| file_err(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+/// Server config: `client_ca` enables client certificates, mandatory unless
+/// `tokens_configured` (then optional at the TLS layer; a presented one is still verified).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    crls: &[PathBuf],
+    tokens_configured: bool,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = load_certs(cert)?;
+    let key_der = load_key(key)?;
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(load_roots(ca)?);
+            let mut crl_ders = Vec::new();
+            for p in crls {
+                let list = CertificateRevocationListDer::pem_file_iter(p)
+                    .map_err(|e| file_err(p, format!("cannot read CRL: {e}")))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
+                crl_ders.extend(list);
+            }
+            let mut vb = WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
+            if tokens_configured {
+                vb = vb.allow_unauthenticated();
+            }
+            let verifier = vb.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(chain, key_der)
+        .map_err(|e| file_err(key, format!("key does not fit the certificate: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client config: trust `ca` (or the system trust store) and present `cert`/`key` if given.
+pub fn client_config(ca: Option<&Path>, cert_key: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(p) => load_roots(p)?,
+        None => {
+            let mut roots = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for c in found.certs {
+                let _ = roots.add(c);
+            }
+            roots
+        }
+    };
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut cfg = match cert_key {
+        Some((c, k)) => builder
+            .with_client_auth_cert(load_certs(c)?, load_key(k)?)
+            .map_err(|e| file_err(k, format!("key does not fit the certificate: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
