@@ -124,6 +124,8 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let gw = Gateway::new(cfg.clone(), tls);
         info!(listen = %addr, pipes = cfg.pipes.len(), "gateway listening");
+        // A stable line for scripts and tests that bind port 0.
+        eprintln!("pipebridge: listening on {addr}");
         if let Some(p) = cfg.pipes.first() {
             let host = addr.replace("0.0.0.0", "127.0.0.1");
             let mut hint = format!("pipebridge connect wss://{host}/pipes/{}", p.name);
@@ -146,6 +148,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         }
     }
     for fw in forwards {
+        eprintln!("pipebridge: forwarding {}", fw.path().display());
         tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
     }
     if cfg.server.is_none() && cfg.forwards.is_empty() {
