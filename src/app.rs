@@ -11,11 +11,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::bridge::{self, Counters, StopSignal};
-use crate::cli::{ConnectArgs, CredentialArgs, ForwardArgs, LsArgs};
+use crate::cli::{ConnectArgs, CredentialArgs, ForwardArgs, Framing, LsArgs};
 use crate::client::{self, ClientError, CredentialPaths, Dialer, Forward};
 use crate::config::secret::Secret;
 use crate::config::{self, units, Config, Direction, ForwardConfig, Mode};
-use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local};
+use crate::endpoint::message::{MsgReader, MsgWriter};
+use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
 use crate::server::{self, Gateway};
 use crate::tunnel::protocol::Control;
 use crate::tunnel::tls;
@@ -82,6 +83,17 @@ pub fn raise_nofile() {
     }
 }
 
+/// Refuses to start when a message-mode pipe's `max_message_size` cannot be honoured by
+/// the kernel (never fail one message at run time instead).
+pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
+    for p in &cfg.pipes {
+        if let (EndpointSpec::Seqpacket(_), config::MessageSize::Bytes(n)) = (&p.endpoint, p.max_message_size) {
+            crate::endpoint::seqpacket::check_limit(n).map_err(|e| format!("pipe {:?}: {e}", p.name))?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds the server TLS config of `cfg` (generating the dev PKI first if configured).
 pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
     let t = cfg.tls.as_ref().ok_or("a [server] needs [tls]")?;
@@ -103,6 +115,10 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         Err(code) => return code,
     };
     raise_nofile();
+    if let Err(e) = check_message_limits(&cfg) {
+        eprintln!("pipebridge: {e}");
+        return EXIT_USAGE;
+    }
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut gateway = None;
@@ -284,10 +300,6 @@ pub async fn connect(a: ConnectArgs) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if mode == Some(Mode::Message) {
-        eprintln!("pipebridge: --mode message is not supported yet");
-        return EXIT_USAGE;
-    }
     let direction = match a.direction.as_deref().map(|d| Direction::parse(d).ok_or(d)) {
         None => None,
         Some(Ok(d)) => Some(d),
@@ -320,11 +332,8 @@ pub async fn connect(a: ConnectArgs) -> i32 {
         }
     };
     let dir = session.direction.or(direction).unwrap_or(Direction::Duplex);
-    let local = Local {
-        reader: dir.client_writes().then(|| Box::new(tokio::io::stdin()) as BoxRead),
-        writer: dir.client_reads().then(|| Box::new(tokio::io::stdout()) as BoxWrite),
-        child: None,
-    };
+    let mode = session.mode.or(mode).unwrap_or(Mode::Byte);
+    let local = stdio_local(dir, mode, a.framing);
     let counters = Counters::default();
     let out = bridge::run(session.ws, local, &counters, StopSignal::never()).await;
     match out.exit {
@@ -340,6 +349,40 @@ pub async fn connect(a: ConnectArgs) -> i32 {
         None => eprintln!("pipebridge: session ended: {}", out.reason),
     }
     EXIT_RUNTIME
+}
+
+/// The process's stdin/stdout as a session's local side; in message mode framed as
+/// `framing` says.
+fn stdio_local(dir: Direction, mode: Mode, framing: Framing) -> Local {
+    let stdin = || Box::new(tokio::io::stdin()) as BoxRead;
+    let stdout = || Box::new(tokio::io::stdout()) as BoxWrite;
+    let max = client::client_message_limit();
+    let (reader, writer) = match mode {
+        Mode::Byte => (
+            dir.client_writes().then(|| Reader::Bytes(stdin())),
+            dir.client_reads().then(|| Writer::Bytes(stdout())),
+        ),
+        Mode::Message => match framing {
+            Framing::Lines => (
+                dir.client_writes().then(|| {
+                    Reader::Messages(MsgReader::Lines {
+                        input: tokio::io::BufReader::with_capacity(64 * 1024, stdin()),
+                        max,
+                    })
+                }),
+                dir.client_reads().then(|| Writer::Messages(MsgWriter::Lines(stdout()))),
+            ),
+            Framing::U32be => (
+                dir.client_writes().then(|| Reader::Messages(MsgReader::U32be { input: stdin(), max })),
+                dir.client_reads().then(|| Writer::Messages(MsgWriter::U32be(stdout()))),
+            ),
+        },
+    };
+    Local {
+        reader,
+        writer,
+        child: None,
+    }
 }
 
 /// `forward`.

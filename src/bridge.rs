@@ -22,7 +22,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::endpoint::{BoxRead, BoxWrite, Local};
+use crate::endpoint::message::MsgError;
+use crate::endpoint::{Local, Reader, Writer};
 use crate::tunnel::protocol::{self, Control, ErrorKind};
 
 /// Size of one local read (one binary message at most this big in byte mode).
@@ -155,8 +156,14 @@ where
         }
     };
     // Whatever was written locally reaches its destination, even on failure.
-    if let Some(w) = writer.as_mut() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, w.flush()).await;
+    match writer.as_mut() {
+        Some(Writer::Bytes(w)) => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, w.flush()).await;
+        }
+        Some(Writer::Messages(m)) => {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, m.flush()).await;
+        }
+        None => {}
     }
     // The child, if any, is killed (and reaped by tokio) when dropped.
     if let Some(c) = child.as_mut() {
@@ -255,7 +262,7 @@ where
 
 /// Local → network: read chunks, send binary messages; then the child's `exit`, then `eof`.
 async fn upstream<S>(
-    reader: Option<BoxRead>,
+    reader: Option<Reader>,
     child: Option<&mut tokio::process::Child>,
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     counters: &Counters,
@@ -263,21 +270,39 @@ async fn upstream<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    if let Some(mut r) = reader {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-        loop {
-            buf.reserve(READ_CHUNK_BYTES);
-            let n = r
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| Failure::Local(format!("read: {e}")))?;
-            if n == 0 {
-                break;
+    match reader {
+        Some(Reader::Bytes(mut r)) => {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+            loop {
+                buf.reserve(READ_CHUNK_BYTES);
+                let n = r
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| Failure::Local(format!("read: {e}")))?;
+                if n == 0 {
+                    break;
+                }
+                let data = buf.split().freeze();
+                sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
+                counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
             }
-            let data = buf.split().freeze();
-            sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
-            counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
         }
+        Some(Reader::Messages(mut m)) => loop {
+            match m.recv().await {
+                Ok(Some(data)) => {
+                    let n = data.len() as u64;
+                    sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
+                    counters.from_local.fetch_add(n, Ordering::Relaxed);
+                }
+                Ok(None) => break,
+                Err(e @ MsgError::TooBig { .. }) => {
+                    tracing::warn!(error = %e, "local message too big; closing the session with 1009");
+                    return Err(Failure::Protocol(ErrorKind::MessageTooBig, e.to_string()));
+                }
+                Err(MsgError::Io(e)) => return Err(Failure::Local(format!("read: {e}"))),
+            }
+        },
+        None => {}
     }
     if let Some(child) = child {
         let status = child
@@ -308,7 +333,7 @@ fn exit_control(status: std::process::ExitStatus) -> Control {
 #[allow(clippy::too_many_arguments)]
 async fn downstream<S>(
     stream: &mut SplitStream<WebSocketStream<S>>,
-    writer: &mut Option<BoxWrite>,
+    writer: &mut Option<Writer>,
     counters: &Counters,
     eof_seen: &AtomicBool,
     eof_notify: &Notify,
@@ -335,7 +360,11 @@ where
                         "data sent in a direction this session does not allow".into(),
                     );
                 };
-                if let Err(e) = w.write_all(&data).await {
+                let r = match w {
+                    Writer::Bytes(w) => w.write_all(&data).await,
+                    Writer::Messages(m) => m.send(&data).await,
+                };
+                if let Err(e) = r {
                     return Failure::Local(format!("write: {e}"));
                 }
                 counters.to_local.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -347,7 +376,11 @@ where
                     }
                     if let Some(mut w) = writer.take() {
                         // Half-close: the local side sees EOF, the other direction goes on.
-                        if let Err(e) = w.shutdown().await {
+                        let r = match &mut w {
+                            Writer::Bytes(w) => w.shutdown().await,
+                            Writer::Messages(m) => m.shutdown().await,
+                        };
+                        if let Err(e) = r {
                             if e.kind() != std::io::ErrorKind::NotConnected {
                                 return Failure::Local(format!("shutdown: {e}"));
                             }
@@ -372,10 +405,13 @@ where
 fn ws_failure(e: tungstenite::Error) -> Failure {
     use tungstenite::error::{CapacityError, Error as E};
     match e {
-        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => Failure::Protocol(
-            ErrorKind::MessageTooBig,
-            format!("a message of {size} bytes exceeds the limit of {max_size} bytes"),
-        ),
+        E::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            tracing::warn!(size, max_size, "peer sent a message over the limit; closing the session with 1009");
+            Failure::Protocol(
+                ErrorKind::MessageTooBig,
+                format!("a message of {size} bytes exceeds the limit of {max_size} bytes"),
+            )
+        }
         E::Capacity(c) => Failure::Protocol(ErrorKind::MessageTooBig, c.to_string()),
         E::Protocol(p) => Failure::Protocol(ErrorKind::ProtocolError, p.to_string()),
         E::Utf8(_) => Failure::Protocol(ErrorKind::ProtocolError, "text message is not UTF-8".into()),

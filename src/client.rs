@@ -2,7 +2,6 @@
 //! WebSocket with the `pipebridge.v1` subprotocol), turn refusals into typed errors,
 //! and host forwards (a local socket whose every connection becomes a session).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +23,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::bridge::{self, Counters, StopSignal};
 use crate::config::secret::Secret;
 use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
-use crate::endpoint::unix::HostedSocket;
-use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local};
+use crate::endpoint::unix::{self, HostedFile};
+use crate::endpoint::{fifo, seqpacket, BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
 use crate::tunnel::{self, protocol, tls};
 
 /// A WebSocket session to a remote gateway.
@@ -421,68 +420,220 @@ pub fn client_message_limit() -> usize {
 
 // === forwards ===
 
+/// The local endpoint a forward hosts.
+enum Hosted {
+    Stream(tokio::net::UnixListener),
+    Seqpacket(tokio_seqpacket::UnixSeqpacketListener),
+    /// A FIFO; `direction` is the remote session's (from our point of view as client).
+    Fifo(Direction),
+}
+
+/// A local caller of a hosted endpoint (SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalCaller {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
 /// A running forward.
 pub struct Forward {
-    hosted: HostedSocket,
+    hosted: Hosted,
+    file: HostedFile,
     fwd: ForwardConfig,
+    path_and_query: String,
 }
 
 impl Forward {
     /// Binds the forward's local endpoint (fails at start, not at first use).
     pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
-        let path: PathBuf = fwd
-            .listen
-            .socket_path()
-            .ok_or_else(|| format!("cannot host {}", fwd.listen.kind()))?;
-        let hosted = HostedSocket::bind(&path, fwd.socket_mode)
-            .await
-            .map_err(|e| format!("forward {}: {e}", path.display()))?;
+        let path: PathBuf = match &fwd.listen {
+            EndpointSpec::Fifo(p) => p.clone(),
+            other => other.socket_path().ok_or_else(|| format!("cannot host {}", other.kind()))?,
+        };
+        let ctx = |e: &dyn std::fmt::Display| format!("forward {}: {e}", path.display());
+        let query = protocol::SessionQuery::parse(fwd.to.query()).map_err(|e| ctx(&e))?;
+        let mut extra = Vec::new();
+        let hosted = match &fwd.listen {
+            EndpointSpec::Seqpacket(_) => {
+                unix::prepare_socket_path(&path).await.map_err(|e| ctx(&e))?;
+                if query.mode.is_none() {
+                    extra.push("mode=message");
+                } else if query.mode != Some(Mode::Message) {
+                    return Err(ctx(&"a seqpacket: forward needs a message-mode pipe (mode=message)"));
+                }
+                Hosted::Seqpacket(tokio_seqpacket::UnixSeqpacketListener::bind(&path).map_err(|e| ctx(&e))?)
+            }
+            EndpointSpec::Fifo(_) => {
+                let dir = match query.direction {
+                    Some(d @ (Direction::In | Direction::Out)) => d,
+                    _ => {
+                        return Err(ctx(
+                            &"a fifo: forward is one-way: give ?direction=in (local writers feed the remote pipe) or ?direction=out (the remote pipe feeds local readers) in its URL",
+                        ))
+                    }
+                };
+                fifo::create(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
+                Hosted::Fifo(dir)
+            }
+            _ => {
+                unix::prepare_socket_path(&path).await.map_err(|e| ctx(&e))?;
+                Hosted::Stream(tokio::net::UnixListener::bind(&path).map_err(|e| ctx(&e))?)
+            }
+        };
+        let file = HostedFile::new(&path);
+        unix::set_mode(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
         if fwd.socket_owner.is_some() || fwd.socket_group.is_some() {
             let uid = match &fwd.socket_owner {
-                Some(o) => Some(lookup_user(o).map_err(|e| format!("forward {}: socket_owner: {e}", path.display()))?),
+                Some(o) => Some(lookup_user(o).map_err(|e| ctx(&format!("socket_owner: {e}")))?),
                 None => None,
             };
             let gid = match &fwd.socket_group {
-                Some(g) => Some(lookup_group(g).map_err(|e| format!("forward {}: socket_group: {e}", path.display()))?),
+                Some(g) => Some(lookup_group(g).map_err(|e| ctx(&format!("socket_group: {e}")))?),
                 None => None,
             };
-            std::os::unix::fs::chown(&path, uid.map(|u| u.as_raw()), gid.map(|g| g.as_raw())).map_err(|e| format!("forward {}: chown: {e}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(fwd.socket_mode))
-                .map_err(|e| format!("forward {}: chmod: {e}", path.display()))?;
+            std::os::unix::fs::chown(&path, uid.map(|u| u.as_raw()), gid.map(|g| g.as_raw()))
+                .map_err(|e| ctx(&format!("chown: {e}")))?;
+            unix::set_mode(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
         }
-        Ok(Forward { hosted, fwd })
+        let mut path_and_query = path_and_query(&fwd.to);
+        for e in extra {
+            path_and_query.push(if path_and_query.contains('?') { '&' } else { '?' });
+            path_and_query.push_str(e);
+        }
+        Ok(Forward {
+            hosted,
+            file,
+            fwd,
+            path_and_query,
+        })
     }
 
-    /// The hosted socket's path.
+    /// The hosted file's path.
     pub fn path(&self) -> &Path {
-        self.hosted.path()
+        self.file.path()
     }
 
-    /// Accepts local connections until `shutdown`; each becomes a session to `to`.
+    /// Accepts local callers until `shutdown`; each becomes a session to `to`. The hosted
+    /// file is removed when this returns.
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
-        let fwd = Arc::new(self.fwd);
-        info!(listen = %self.hosted.path().display(), to = %fwd.to, "forward ready");
-        loop {
-            let (stream, _) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.hosted.listener.accept() => match r {
-                    Ok(v) => v,
-                    Err(e) => {
-                        warn!(error = %e, "forward accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
+        let Forward {
+            hosted,
+            file,
+            fwd,
+            path_and_query,
+        } = self;
+        let fwd = Arc::new(fwd);
+        let target = Arc::new(path_and_query);
+        info!(listen = %file.path().display(), to = %fwd.to, "forward ready");
+        match hosted {
+            Hosted::Stream(listener) => loop {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match r {
+                    Ok((stream, _)) => {
+                        let caller = stream.peer_cred().ok().map(|c| LocalCaller { uid: c.uid(), gid: c.gid() });
+                        let (r, w) = stream.into_split();
+                        let local = Local {
+                            reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
+                            writer: Some(Writer::Bytes(Box::new(w) as BoxWrite)),
+                            child: None,
+                        };
+                        spawn_session(&tracker, &fwd, &target, local, caller);
                     }
-                },
-            };
-            let cred = stream.peer_cred().ok();
-            let fwd = fwd.clone();
-            let span = tracing::info_span!("forward", to = %fwd.to, local_uid = cred.as_ref().map(|c| c.uid()));
-            tracker.spawn(async move { forward_one(stream, cred, &fwd).await }.instrument(span));
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Hosted::Seqpacket(mut listener) => loop {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match r {
+                    Ok(sock) => {
+                        let caller = sock.peer_cred().ok().map(|c| LocalCaller { uid: c.uid(), gid: c.gid() });
+                        match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
+                            Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
+                            Err(e) => warn!(error = %e, "cannot set up the accepted seqpacket socket"),
+                        }
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Hosted::Fifo(direction) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = fifo_loop(file.path(), direction, &fwd, &target) => {}
+                }
+            }
         }
-        // Dropping `self.hosted` removes the socket file.
+        drop(file);
     }
 }
 
+async fn accept_failed(e: std::io::Error) {
+    warn!(error = %e, "forward accept failed");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+fn spawn_session(
+    tracker: &TaskTracker,
+    fwd: &Arc<ForwardConfig>,
+    target: &Arc<String>,
+    local: Local,
+    caller: Option<LocalCaller>,
+) {
+    let fwd = fwd.clone();
+    let target = target.clone();
+    let span = tracing::info_span!("forward", to = %fwd.to, local_uid = caller.map(|c| c.uid));
+    tracker.spawn(async move { forward_one(local, caller, &fwd, &target).await }.instrument(span));
+}
+
+/// A hosted FIFO serves one local writer group (or reader) at a time, sequentially.
+async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, target: &str) {
+    loop {
+        let local = if direction == Direction::In {
+            // Local writers feed the remote pipe: wait for the first writer's data or close.
+            let rx = match fifo::open_reader(path) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(error = %e, "cannot open the hosted FIFO");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = rx.readable().await {
+                warn!(error = %e, "hosted FIFO failed");
+                continue;
+            }
+            Local {
+                reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
+                writer: None,
+                child: None,
+            }
+        } else {
+            // The remote pipe feeds local readers: wait for a reader.
+            let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
+            match fifo::open_writer(path, far).await {
+                Ok(tx) => Local {
+                    reader: None,
+                    writer: Some(Writer::Bytes(Box::new(tx) as BoxWrite)),
+                    child: None,
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot open the hosted FIFO");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        };
+        let span = tracing::info_span!("forward", to = %fwd.to);
+        forward_one(local, None, fwd, target).instrument(span).await;
+    }
+}
 fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(nix::unistd::Uid::from_raw(n));
@@ -503,19 +654,19 @@ fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
         .ok_or_else(|| format!("no such group {name:?}"))
 }
 
-fn allow_local(rules: &[String], cred: Option<&tokio::net::unix::UCred>) -> bool {
+fn allow_local(rules: &[String], cred: Option<&LocalCaller>) -> bool {
     if rules.is_empty() {
         return true;
     }
     let Some(cred) = cred else { return false };
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid())).ok().flatten();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid)).ok().flatten();
     rules.iter().any(|r| {
         if let Some(n) = r.strip_prefix("uid:") {
-            n.parse::<u32>().is_ok_and(|n| n == cred.uid())
+            n.parse::<u32>().is_ok_and(|n| n == cred.uid)
         } else if let Some(g) = r.strip_prefix('@') {
             match nix::unistd::Group::from_name(g).ok().flatten() {
                 Some(grp) => {
-                    grp.gid.as_raw() == cred.gid()
+                    grp.gid.as_raw() == cred.gid
                         || user.as_ref().is_some_and(|u| grp.mem.iter().any(|m| *m == u.name) || u.gid == grp.gid)
                 }
                 None => false,
@@ -526,32 +677,25 @@ fn allow_local(rules: &[String], cred: Option<&tokio::net::unix::UCred>) -> bool
     })
 }
 
-async fn forward_one(stream: tokio::net::UnixStream, cred: Option<tokio::net::unix::UCred>, fwd: &ForwardConfig) {
-    if !allow_local(&fwd.allow_local, cred.as_ref()) {
+async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardConfig, target: &str) {
+    if !allow_local(&fwd.allow_local, caller.as_ref()) {
         warn!("local caller not in allow_local; closing");
         return;
     }
-    let user = cred
-        .as_ref()
-        .and_then(|c| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid())).ok().flatten())
+    let user = caller
+        .and_then(|c| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid)).ok().flatten())
         .map(|u| u.name);
     let creds = substitute_user(&fwd.credentials, user.as_deref());
-    let ws = match Dialer::new(&fwd.to, &creds) {
-        Ok(d) => d.open(&path_and_query(&fwd.to), client_message_limit()).await,
+    let session = match Dialer::new(&fwd.to, &creds) {
+        Ok(d) => d.open(target, client_message_limit()).await,
         Err(e) => Err(e),
     };
-    let ws = match ws {
+    let ws = match session {
         Ok(s) => s.ws,
         Err(e) => {
             warn!(error = %e, "forward could not open the remote session; closing the local connection");
             return;
         }
-    };
-    let (r, w) = stream.into_split();
-    let local = Local {
-        reader: Some(Box::new(r) as BoxRead),
-        writer: Some(Box::new(w) as BoxWrite),
-        child: None,
     };
     let counters = Counters::default();
     let out = bridge::run(ws, local, &counters, StopSignal::never()).await;
@@ -580,7 +724,3 @@ fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
     }
 }
 
-/// Whether `spec` can be hosted by a forward.
-pub fn can_host(spec: &EndpointSpec) -> bool {
-    matches!(spec, EndpointSpec::Unix(_) | EndpointSpec::Dotnet(_))
-}

@@ -33,9 +33,6 @@ use crate::endpoint::{self, OpenContext};
 use crate::error::{Refusal, RefusalKind};
 use crate::tunnel::{self, protocol};
 
-/// Largest message accepted on a message-mode pipe when `max_message_size = "auto"`.
-pub const AUTO_MESSAGE_BYTES: usize = 212_992;
-
 /// The state one exporting gateway shares between connections.
 pub struct Gateway {
     config: RwLock<Arc<Config>>,
@@ -371,7 +368,7 @@ pub fn session_message_limit(pipe: &PipeConfig, mode: Mode) -> usize {
     match mode {
         Mode::Byte => MAX_BYTE_MODE_MESSAGE_BYTES,
         Mode::Message => match pipe.max_message_size {
-            MessageSize::Auto => AUTO_MESSAGE_BYTES,
+            MessageSize::Auto => endpoint::seqpacket::auto_max_message(),
             MessageSize::Bytes(n) => n,
         },
     }
@@ -461,6 +458,7 @@ async fn session(
         identity: identity.name.clone(),
         direction,
         timeout: cfg.limits.handshake_timeout / 2,
+        max_message: session_message_limit(pipe, mode),
     };
     let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,

@@ -9,7 +9,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 use tracing::Instrument;
 
-use super::{BoxRead, BoxWrite, Local, OpenContext, OpenError};
+use super::{BoxRead, BoxWrite, Local, OpenContext, OpenError, Reader, Writer};
 use crate::config::PipeConfig;
 
 /// The child's `PATH`.
@@ -62,8 +62,8 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
             .in_current_span(),
         );
     }
-    let reader = child.stdout.take().map(|s| Box::new(s) as BoxRead);
-    let writer = child.stdin.take().map(|s| Box::new(s) as BoxWrite);
+    let reader = child.stdout.take().map(|s| Reader::Bytes(Box::new(s) as BoxRead));
+    let writer = child.stdin.take().map(|s| Writer::Bytes(Box::new(s) as BoxWrite));
     Ok(Local {
         reader,
         writer,

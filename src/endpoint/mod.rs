@@ -3,6 +3,9 @@
 //! bridge drives. One file per kind.
 
 pub mod exec;
+pub mod fifo;
+pub mod message;
+pub mod seqpacket;
 pub mod unix;
 
 use std::path::PathBuf;
@@ -54,8 +57,8 @@ impl EndpointSpec {
         })?;
         match kind {
             "unix" => Ok(EndpointSpec::Unix(abs_path(target)?)),
-            "seqpacket" => Err("seqpacket: endpoints are not supported yet".into()),
-            "fifo" => Err("fifo: endpoints are not supported yet".into()),
+            "seqpacket" => Ok(EndpointSpec::Seqpacket(abs_path(target)?)),
+            "fifo" => Ok(EndpointSpec::Fifo(abs_path(target)?)),
             "exec" => {
                 if argv.is_some() {
                     return Err("give either exec:COMMAND LINE or endpoint = \"exec\" with argv, not both".into());
@@ -79,15 +82,16 @@ impl EndpointSpec {
     /// Parses the `listen` of a forward (a hosted endpoint).
     pub fn parse_hosted(s: &str) -> Result<EndpointSpec, String> {
         let (kind, target) = s.split_once(':').ok_or_else(|| {
-            format!("invalid endpoint {s:?}: expected unix:PATH or dotnet:NAME")
+            format!("invalid endpoint {s:?}: expected unix:PATH, seqpacket:PATH, fifo:PATH or dotnet:NAME")
         })?;
         match kind {
             "unix" => Ok(EndpointSpec::Unix(abs_or_rel_path(target)?)),
             "dotnet" => Ok(EndpointSpec::Dotnet(dotnet_name(target)?)),
-            "seqpacket" | "fifo" => Err(format!("hosting {kind}: endpoints is not supported yet")),
+            "seqpacket" => Ok(EndpointSpec::Seqpacket(abs_or_rel_path(target)?)),
+            "fifo" => Ok(EndpointSpec::Fifo(abs_or_rel_path(target)?)),
             "npipe" => Err("npipe: endpoints exist on Windows builds only".into()),
             _ => Err(format!(
-                "a forward cannot host {kind:?} endpoints: expected unix:PATH or dotnet:NAME"
+                "a forward cannot host {kind:?} endpoints: expected unix:PATH, seqpacket:PATH, fifo:PATH or dotnet:NAME"
             )),
         }
     }
@@ -161,12 +165,28 @@ pub fn dotnet_path(name: &str) -> PathBuf {
     tmp.join(format!("CoreFxPipe_{name}"))
 }
 
+/// The pipe's output: a byte stream or whole messages.
+pub enum Reader {
+    /// Byte mode.
+    Bytes(BoxRead),
+    /// Message mode.
+    Messages(message::MsgReader),
+}
+
+/// The pipe's input: a byte stream or whole messages.
+pub enum Writer {
+    /// Byte mode.
+    Bytes(BoxWrite),
+    /// Message mode.
+    Messages(message::MsgWriter),
+}
+
 /// The local side of a session, as the bridge drives it.
 pub struct Local {
     /// Data from the pipe towards the network (`None`: this session sends nothing).
-    pub reader: Option<BoxRead>,
+    pub reader: Option<Reader>,
     /// Data from the network into the pipe (`None`: data from the peer is refused).
-    pub writer: Option<BoxWrite>,
+    pub writer: Option<Writer>,
     /// An `exec:` child: awaited after `reader` ends, its status sent as `exit`.
     /// Dropping it kills the child.
     pub child: Option<tokio::process::Child>,
@@ -181,6 +201,8 @@ pub struct OpenContext {
     pub direction: Direction,
     /// Bound on waits inside the open (connect, FIFO open).
     pub timeout: Duration,
+    /// Largest message (message mode).
+    pub max_message: usize,
 }
 
 /// Why an endpoint could not be opened: a message for the peer and one for the log.
@@ -209,6 +231,8 @@ pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenErr
         EndpointSpec::Unix(p) => unix::connect(p, ctx).await,
         EndpointSpec::Dotnet(n) => unix::connect(&dotnet_path(n), ctx).await,
         EndpointSpec::Exec { argv } => exec::spawn(argv, pipe, ctx),
+        EndpointSpec::Seqpacket(p) => seqpacket::connect(p, ctx.max_message, ctx).await,
+        EndpointSpec::Fifo(p) => fifo::open(p, ctx).await,
         other => Err(OpenError::new(
             "this endpoint kind is not available",
             format!("endpoint kind {} cannot be opened on this platform", other.kind()),

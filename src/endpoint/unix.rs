@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 
 use super::{Local, OpenContext, OpenError};
 
@@ -24,8 +24,8 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
     };
     let (r, w) = stream.into_split();
     Ok(Local {
-        reader: ctx.direction.client_reads().then(|| Box::new(r) as super::BoxRead),
-        writer: ctx.direction.client_writes().then(|| Box::new(w) as super::BoxWrite),
+        reader: ctx.direction.client_reads().then(|| super::Reader::Bytes(Box::new(r))),
+        writer: ctx.direction.client_writes().then(|| super::Writer::Bytes(Box::new(w))),
         child: None,
     })
 }
@@ -40,59 +40,65 @@ pub fn connect_error(path: &Path, e: &io::Error) -> OpenError {
     OpenError::new(public, format!("connect {}: {e}", path.display()))
 }
 
-/// A socket file this gateway hosts; the file is removed when this is dropped.
-pub struct HostedSocket {
-    /// The listener.
-    pub listener: UnixListener,
+/// A file this gateway created (socket or FIFO); removed when dropped.
+pub struct HostedFile {
     path: PathBuf,
 }
 
-impl HostedSocket {
-    /// Binds `path`: creates the parent directory (0755) if missing, replaces a stale
-    /// socket file (nothing accepts on it), refuses a live one or a non-socket file,
-    /// then applies `mode`.
-    pub async fn bind(path: &Path, mode: u32) -> io::Result<HostedSocket> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.exists() {
-                std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
-            }
-        }
-        match std::fs::symlink_metadata(path) {
-            Ok(md) if md.file_type().is_socket() => {
-                if UnixStream::connect(path).await.is_ok() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::AddrInUse,
-                        format!("{} is in use by a live server; refusing to take it over", path.display()),
-                    ));
-                }
-                std::fs::remove_file(path)?;
-            }
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket; refusing to replace it", path.display()),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(path)?;
-        let hosted = HostedSocket {
-            listener,
+impl HostedFile {
+    /// Takes ownership of `path` for removal.
+    pub fn new(path: &Path) -> HostedFile {
+        HostedFile {
             path: path.to_path_buf(),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-        Ok(hosted)
+        }
     }
 
-    /// The socket file's path.
+    /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
 }
 
-impl Drop for HostedSocket {
+impl Drop for HostedFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Makes `path` ready for a new socket: creates the parent directory (0755) if missing,
+/// removes a stale socket file (nothing accepts on it), refuses a live one or a
+/// non-socket file.
+pub async fn prepare_socket_path(path: &Path) -> io::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => {
+            let live = match UnixStream::connect(path).await {
+                Ok(_) => true,
+                // A listener of another socket type (seqpacket) is alive too.
+                Err(e) => e.raw_os_error() == Some(rustix::io::Errno::PROTOTYPE.raw_os_error()),
+            };
+            if live {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a live server; refusing to take it over", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)
+        }
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Applies `mode` to a hosted file.
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }

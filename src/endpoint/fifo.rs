@@ -1,0 +1,105 @@
+//! `fifo:` endpoints: Linux named pipes, one-way. Opens never block a thread: readers open
+//! with O_NONBLOCK and wait for data by readiness; writers retry ENXIO ("no reader") on a
+//! timer, since nothing signals a reader's arrival.
+//!
+//! Exported `out` (the client reads) behaves like `cat FIFO`: the session waits for a
+//! local writer, streams what writers write, and ends at EOF when the last writer closes.
+//! Exported `in` (the client writes) behaves like `cat > FIFO`: the open waits (bounded)
+//! for a local reader, else 502 "no reader"; the client's `eof` closes the write end.
+//! Several sessions on one FIFO share it as local processes would: concurrent `out`
+//! sessions each get part of the data (every byte goes to exactly one reader), concurrent
+//! `in` sessions interleave (writes up to PIPE_BUF = 4096 bytes stay whole). Use
+//! `max_instances = 1` for a single consumer or producer.
+
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::net::unix::pipe;
+
+use super::{BoxRead, BoxWrite, Local, OpenContext, OpenError, Reader, Writer};
+
+/// How often a writer retries an open that found no reader.
+pub const NO_READER_RETRY: Duration = Duration::from_millis(20);
+
+fn check_fifo(path: &Path) -> Result<(), OpenError> {
+    match std::fs::metadata(path) {
+        Ok(md) if md.file_type().is_fifo() => Ok(()),
+        Ok(_) => Err(OpenError::new(
+            "the local endpoint could not be opened",
+            format!("{} is not a FIFO", path.display()),
+        )),
+        Err(e) => Err(super::unix::connect_error(path, &e)),
+    }
+}
+
+/// Opens the read end (never blocks; reads wait for a writer).
+pub fn open_reader(path: &Path) -> io::Result<pipe::Receiver> {
+    pipe::OpenOptions::new().open_receiver(path)
+}
+
+/// Opens the write end, retrying "no reader" until `deadline`.
+pub async fn open_writer(path: &Path, deadline: Instant) -> io::Result<pipe::Sender> {
+    loop {
+        match pipe::OpenOptions::new().open_sender(path) {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) => {
+                if Instant::now() + NO_READER_RETRY > deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(NO_READER_RETRY).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Opens an exported FIFO for one session.
+pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
+    check_fifo(path)?;
+    if ctx.direction.client_reads() {
+        let rx = open_reader(path).map_err(|e| super::unix::connect_error(path, &e))?;
+        Ok(Local {
+            reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
+            writer: None,
+            child: None,
+        })
+    } else {
+        let deadline = Instant::now() + ctx.timeout;
+        let tx = open_writer(path, deadline).await.map_err(|e| {
+            if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
+                OpenError::new("no reader on the local FIFO", format!("open {}: no reader", path.display()))
+            } else {
+                super::unix::connect_error(path, &e)
+            }
+        })?;
+        Ok(Local {
+            reader: None,
+            writer: Some(Writer::Bytes(Box::new(tx) as BoxWrite)),
+            child: None,
+        })
+    }
+}
+
+/// Creates a hosted FIFO at `path` with `mode` (an existing FIFO is reused; any other
+/// file is refused).
+pub fn create(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_fifo() => {}
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a FIFO; refusing to replace it", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)?;
+            }
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(io::Error::from)?;
+        }
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}

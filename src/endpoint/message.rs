@@ -1,0 +1,193 @@
+//! Message-mode local I/O: a reader yields whole messages, a writer takes whole messages.
+//! Kinds: a SOCK_SEQPACKET socket (one record = one message) and stdio framed as lines
+//! or as 4-byte big-endian length prefixes (`connect --mode message --framing ...`).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_seqpacket::UnixSeqpacket;
+
+use super::{BoxRead, BoxWrite};
+
+/// Why a message could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgError {
+    /// A message exceeded the limit; nothing of it is delivered.
+    #[error("a message of {size} bytes exceeds the limit of {max} bytes")]
+    TooBig {
+        /// Its size (at least this big).
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// I/O failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads whole messages from a local endpoint.
+pub enum MsgReader {
+    /// SOCK_SEQPACKET: a zero-length record reads like EOF on Linux and is taken as EOF.
+    Seqpacket {
+        /// The socket (shared with the writer half).
+        sock: Arc<UnixSeqpacket>,
+        /// Largest message accepted.
+        max: usize,
+    },
+    /// One message per line (the newline is not part of the message).
+    Lines {
+        /// Buffered input.
+        input: BufReader<BoxRead>,
+        /// Largest message accepted.
+        max: usize,
+    },
+    /// A 4-byte big-endian length, then that many bytes.
+    U32be {
+        /// Input.
+        input: BoxRead,
+        /// Largest message accepted.
+        max: usize,
+    },
+}
+
+impl MsgReader {
+    /// The next message, or `None` at EOF.
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, MsgError> {
+        match self {
+            MsgReader::Seqpacket { sock, max } => {
+                let len = peek_len(sock).await?;
+                if len == 0 {
+                    // Consume it: EOF and an empty record look the same here.
+                    let _ = sock.recv(&mut [0u8; 1]).await?;
+                    return Ok(None);
+                }
+                if len > *max {
+                    return Err(MsgError::TooBig { size: len, max: *max });
+                }
+                let mut buf = BytesMut::zeroed(len);
+                let info = sock.recv(&mut buf).await?;
+                if info.truncated() {
+                    return Err(MsgError::TooBig { size: len + 1, max: *max });
+                }
+                buf.truncate(info.bytes_read());
+                Ok(Some(buf.freeze()))
+            }
+            MsgReader::Lines { input, max } => {
+                let mut line = Vec::new();
+                let n = (&mut *input).take(*max as u64 + 2).read_until(b'\n', &mut line).await?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                } else if line.len() > *max {
+                    return Err(MsgError::TooBig { size: line.len(), max: *max });
+                }
+                if line.len() > *max {
+                    return Err(MsgError::TooBig { size: line.len(), max: *max });
+                }
+                Ok(Some(Bytes::from(line)))
+            }
+            MsgReader::U32be { input, max } => {
+                let mut hdr = [0u8; 4];
+                let mut got = 0;
+                while got < 4 {
+                    let n = input.read(&mut hdr[got..]).await?;
+                    if n == 0 {
+                        if got == 0 {
+                            return Ok(None);
+                        }
+                        return Err(MsgError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "input ended inside a length prefix",
+                        )));
+                    }
+                    got += n;
+                }
+                let len = u32::from_be_bytes(hdr) as usize;
+                if len > *max {
+                    return Err(MsgError::TooBig { size: len, max: *max });
+                }
+                let mut buf = BytesMut::zeroed(len);
+                input.read_exact(&mut buf).await?;
+                Ok(Some(buf.freeze()))
+            }
+        }
+    }
+}
+
+/// The size of the next seqpacket record without consuming it (MSG_PEEK|MSG_TRUNC).
+async fn peek_len(sock: &UnixSeqpacket) -> io::Result<usize> {
+    use rustix::net::RecvFlags;
+    loop {
+        let mut guard = sock.as_async_fd().readable().await?;
+        let r = guard.try_io(|fd| {
+            rustix::net::recv(fd, &mut [0u8; 0][..], RecvFlags::PEEK | RecvFlags::TRUNC | RecvFlags::DONTWAIT)
+                .map(|(_, len)| len)
+                .map_err(io::Error::from)
+        });
+        match r {
+            Ok(res) => return res,
+            Err(_would_block) => continue,
+        }
+    }
+}
+
+/// Writes whole messages to a local endpoint.
+pub enum MsgWriter {
+    /// SOCK_SEQPACKET. Zero-length messages are dropped: the reader would take them for EOF.
+    Seqpacket(Arc<UnixSeqpacket>),
+    /// One message per line.
+    Lines(BoxWrite),
+    /// 4-byte big-endian length prefix.
+    U32be(BoxWrite),
+}
+
+impl MsgWriter {
+    /// Writes one message.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            MsgWriter::Seqpacket(sock) => {
+                if data.is_empty() {
+                    tracing::debug!("dropping a zero-length message: a seqpacket reader would see EOF");
+                    return Ok(());
+                }
+                let n = sock.send(data).await?;
+                if n != data.len() {
+                    return Err(io::Error::other("seqpacket record was cut short"));
+                }
+                Ok(())
+            }
+            MsgWriter::Lines(w) => {
+                w.write_all(data).await?;
+                w.write_all(b"\n").await
+            }
+            MsgWriter::U32be(w) => {
+                let len = u32::try_from(data.len()).map_err(|_| io::Error::other("message too long for u32be framing"))?;
+                w.write_all(&len.to_be_bytes()).await?;
+                w.write_all(data).await
+            }
+        }
+    }
+
+    /// Half-closes (no more messages).
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            MsgWriter::Seqpacket(sock) => match sock.shutdown(std::net::Shutdown::Write) {
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                r => r,
+            },
+            MsgWriter::Lines(w) | MsgWriter::U32be(w) => w.shutdown().await,
+        }
+    }
+
+    /// Flushes buffered output.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            MsgWriter::Seqpacket(_) => Ok(()),
+            MsgWriter::Lines(w) | MsgWriter::U32be(w) => w.flush().await,
+        }
+    }
+}

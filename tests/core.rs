@@ -1,0 +1,892 @@
+//! End-to-end tests of the real `pipebridge` binary: exec and unix exports, forwards,
+//! byte-exactness under load, refusals, TLS rejection, tokens, config checking, hosted
+//! socket files and the exec environment. Every gateway listens on 127.0.0.1:0, every
+//! socket lives in the test's temp dir, and every process is killed at the end.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+// === helpers ===
+
+/// A `[[pipe]]` table.
+fn pipe(name: &str, endpoint: &str, allow: &[&str], extra: &str) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| q(a)).collect();
+    format!(
+        "[[pipe]]\nname = {}\nendpoint = {}\nallow = [{}]\nrun_as = \"gateway\"\n{extra}\n",
+        q(name),
+        q(endpoint),
+        allow.join(", ")
+    )
+}
+
+/// A `[[forward]]` table using `client`'s certificate.
+fn forward(fx: &Fixture, listen: &Path, to: &str, client: &str, extra: &str) -> String {
+    format!(
+        "[[forward]]\nlisten = {}\nto = {}\nca = {}\ncert = {}\nkey = {}\n{extra}\n",
+        q(&format!("unix:{}", listen.display())),
+        q(to),
+        q(&fx.ca()),
+        q(&fx.cert(client)),
+        q(&fx.key(client))
+    )
+}
+
+/// The non-empty lines of `s`.
+fn lines(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// Asserts that a refused `connect` exited with `code` and printed exactly one line,
+/// `pipebridge: refused: <status> <kind>: <message>`; returns the message.
+fn expect_refused(out: &Output, code: i32, status: u16, kind: &str) -> String {
+    out.expect_code(code);
+    let l = lines(&out.stderr);
+    assert_eq!(l.len(), 1, "expected one line on stderr, got:\n{}", out.stderr);
+    let prefix = format!("pipebridge: refused: {status} {kind}: ");
+    assert!(l[0].starts_with(&prefix), "expected {prefix:?}..., got {:?}", l[0]);
+    assert!(out.stdout.is_empty(), "refused session wrote to stdout: {:?}", out.out());
+    l[0][prefix.len()..].to_string()
+}
+
+// === 1. exec ===
+
+#[test]
+fn exec_wc_exit_codes_and_signals() {
+    let fx = Fixture::new();
+    let extra = [
+        pipe("wc", "exec:wc -c", &["alice"], ""),
+        pipe("exit7", "exec:sh -c 'exit 7'", &["alice"], ""),
+        pipe("killed", "exec:sh -c 'kill -9 $$'", &["alice"], ""),
+    ]
+    .concat();
+    let gw = fx.serve("gw.toml", &fx.server_config(&extra));
+
+    // printf abc | pipebridge connect .../pipes/wc: the reply arrives after our EOF.
+    let out = fx.connect(&gw.url("wc"), "alice", b"abc");
+    out.expect_code(0);
+    assert_eq!(out.out().trim(), "3", "stderr:\n{}", out.stderr);
+
+    // Empty input still gets an answer.
+    let out = fx.connect(&gw.url("wc"), "alice", b"");
+    out.expect_code(0);
+    assert_eq!(out.out().trim(), "0");
+
+    // The child's exit code becomes connect's.
+    let out = fx.connect(&gw.url("exit7"), "alice", b"");
+    out.expect_code(7);
+    assert!(out.stdout.is_empty());
+
+    // A child killed by signal N: 128 + N.
+    let out = fx.connect(&gw.url("killed"), "alice", b"");
+    out.expect_code(137);
+}
+
+// === 2. unix ===
+
+#[test]
+fn unix_echo_and_half_close_through_connect() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
+    let extra = [
+        pipe("echo", &format!("unix:{}", fx.p("echo.sock")), &["alice"], ""),
+        pipe("sha", &format!("unix:{}", fx.p("sha.sock")), &["alice"], ""),
+    ]
+    .concat();
+    let gw = fx.serve("gw.toml", &fx.server_config(&extra));
+
+    let out = fx.connect(&gw.url("echo"), "alice", b"hello pipebridge\n");
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"hello pipebridge\n");
+
+    // Byte-exact for binary data larger than one chunk.
+    let data = random_bytes((3 << 20) + 12345);
+    let out = fx.connect(&gw.url("echo"), "alice", &data);
+    out.expect_code(0);
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "echoed bytes differ");
+
+    // The server replies only after our EOF (half-close).
+    let data = random_bytes(200_000);
+    let out = fx.connect(&gw.url("sha"), "alice", &data);
+    out.expect_code(0);
+    assert_eq!(out.out(), sha_hex(&data));
+}
+
+#[test]
+fn half_close_through_forward_config_and_forward_verb() {
+    let fx = Fixture::new();
+    let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
+    let gw = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe("sha", &format!("unix:{}", fx.p("sha.sock")), &["alice"], "")),
+    );
+
+    // A second gateway with only a [[forward]].
+    let fwd_sock = fx.path("fwd-cfg.sock");
+    let _b = fx.serve("b.toml", &forward(&fx, &fwd_sock, &gw.url("sha"), "alice", ""));
+    for size in [0usize, 1, 100_000, 2 << 20] {
+        let data = random_bytes(size);
+        let reply = unix_request(&fwd_sock, &data, Duration::from_secs(60));
+        assert_eq!(String::from_utf8_lossy(&reply), sha_hex(&data), "size {size}");
+    }
+
+    // The `forward` verb.
+    let verb_sock = fx.path("fwd-verb.sock");
+    let mut fwd = fx.spawn_forward(&verb_sock, &gw.url("sha"), "alice");
+    fwd.wait_for_line("pipebridge: forwarding ", START_TIMEOUT);
+    let data = random_bytes(300_000);
+    let reply = unix_request(&verb_sock, &data, Duration::from_secs(60));
+    assert_eq!(String::from_utf8_lossy(&reply), sha_hex(&data));
+}
+
+// === 3. byte-exact under load ===
+
+/// Streams `total` random bytes into `path` while reading the echo; returns
+/// (sha sent, sha received, bytes received).
+fn stream_through(path: &Path, total: usize, stall: Duration) -> (String, String, usize) {
+    let mut s = unix_connect(path);
+    s.set_read_timeout(Some(stall)).expect("timeout");
+    s.set_write_timeout(Some(stall)).expect("timeout");
+    let mut w = s.try_clone().expect("clone");
+    let writer = thread::spawn(move || {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(buf.len());
+            getrandom::fill(&mut buf[..n]).expect("getrandom");
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n]).expect("write into the forward");
+            left -= n;
+        }
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        hex(&h.finalize())
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0usize;
+    loop {
+        let n = s.read(&mut buf).expect("read from the forward");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n;
+    }
+    let sent = writer.join().expect("writer thread");
+    (sent, hex(&h.finalize()), got)
+}
+
+#[test]
+fn byte_exact_under_load_through_forward_and_export() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let gw = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe(
+            "echo",
+            &format!("unix:{}", fx.p("echo.sock")),
+            &["alice"],
+            "max_instances = 256",
+        )),
+    );
+    let fwd_sock = fx.path("fwd.sock");
+    let _b = fx.serve("b.toml", &forward(&fx, &fwd_sock, &gw.url("echo"), "alice", ""));
+
+    // 256 MiB each way, written and read at once.
+    const BIG: usize = 256 << 20;
+    let t = Instant::now();
+    let (sent, received, n) = stream_through(&fwd_sock, BIG, Duration::from_secs(120));
+    let big_time = t.elapsed();
+    eprintln!("256 MiB each way through forward+export: {big_time:?}");
+    assert_eq!(n, BIG, "byte count");
+    assert_eq!(sent, received, "SHA-256 of what was sent vs. what came back");
+
+    // 100 concurrent sessions, each with its own ~1 MiB stream.
+    let t = Instant::now();
+    let handles: Vec<_> = (0..100)
+        .map(|i| {
+            let path = fwd_sock.clone();
+            thread::spawn(move || {
+                let size = (1 << 20) + i * 997;
+                let (sent, received, n) = stream_through(&path, size, Duration::from_secs(120));
+                assert_eq!(n, size, "session {i}: byte count");
+                assert_eq!(sent, received, "session {i}: SHA-256");
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        if let Err(e) = h.join() {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            failures.push(format!("session {i}: {msg}"));
+        }
+    }
+    eprintln!("100 concurrent ~1 MiB sessions: {:?}", t.elapsed());
+    assert!(failures.is_empty(), "{} sessions failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+// === 4. refusals ===
+
+struct RefusalSetup {
+    fx: Fixture,
+    gw: Gateway,
+    _echo: UnixServer,
+}
+
+const TOKEN: &str = "pbt_refusal_test_token_0123456789";
+
+fn refusal_setup() -> RefusalSetup {
+    let fx = Fixture::new();
+    let echo = UnixServer::echo(&fx.path("echo.sock"));
+    let extra = [
+        // A token identity makes client certificates optional at the TLS layer, so a
+        // client with no credentials reaches HTTP and gets a 401.
+        format!(
+            "[[identity]]\nname = \"tok\"\ntoken_sha256 = {}\n\n",
+            q(&pipebridge::pki::token_sha256_hex(TOKEN))
+        ),
+        pipe("echo", &format!("unix:{}", fx.p("echo.sock")), &["alice", "tok"], ""),
+        pipe("secret", "exec:cat", &["bob"], ""),
+        pipe("dead", &format!("unix:{}", fx.p("nobody-listens.sock")), &["alice"], ""),
+        pipe("outonly", "exec:echo hi", &["alice"], "direction = \"out\""),
+        pipe("single", "exec:cat", &["alice"], "max_instances = 1"),
+    ]
+    .concat();
+    let gw = fx.serve("gw.toml", &fx.server_config(&extra));
+    RefusalSetup { fx, gw, _echo: echo }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_unauthenticated() {
+    let RefusalSetup { fx, gw, .. } = refusal_setup();
+    let port = gw.port;
+    let up = |extra: &str| upgrade_request(port, "/pipes/echo", "pipebridge.v1", extra);
+
+    // Sanity: the same request with good credentials is upgraded.
+    let ok = raw_request(&fx, port, Creds::Cert("alice"), &up("")).await;
+    assert_eq!(ok.status, 101, "{:?}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(ok.header("sec-websocket-protocol"), Some("pipebridge.v1"));
+    let ok = raw_request(&fx, port, Creds::None, &up(&format!("Authorization: Bearer {TOKEN}\r\n"))).await;
+    assert_eq!(ok.status, 101);
+
+    // No credentials.
+    let none = raw_request(&fx, port, Creds::None, &up("")).await;
+    let m_none = none.expect_refusal(401, "unauthenticated");
+    // A bad token.
+    let bad = raw_request(&fx, port, Creds::None, &up("Authorization: Bearer not-the-token\r\n")).await;
+    let m_bad = bad.expect_refusal(401, "unauthenticated");
+    // carol's certificate chains to the CA but matches no [[identity]].
+    let carol = raw_request(&fx, port, Creds::Cert("carol"), &up("")).await;
+    let m_carol = carol.expect_refusal(401, "unauthenticated");
+
+    // connect reports each one on one line and exits 3.
+    let url = gw.url("echo");
+    let ca = fx.ca();
+    let out = fx.run(&["connect", &url, "--ca", &ca], b"");
+    assert_eq!(expect_refused(&out, 3, 401, "unauthenticated"), m_none);
+    let out = fx.run_env(
+        &["connect", &url, "--ca", &ca],
+        &[("PIPEBRIDGE_TOKEN", "not-the-token")],
+        b"",
+        CLIENT_TIMEOUT,
+    );
+    assert_eq!(expect_refused(&out, 3, 401, "unauthenticated"), m_bad);
+    let out = fx.connect(&url, "carol", b"");
+    assert_eq!(expect_refused(&out, 3, 401, "unauthenticated"), m_carol);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_forbidden_is_the_same_for_unknown_and_disallowed() {
+    let RefusalSetup { fx, gw, .. } = refusal_setup();
+    let port = gw.port;
+    let unknown = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/nosuch", "pipebridge.v1", ""),
+    )
+    .await;
+    unknown.expect_refusal(403, "forbidden");
+    let disallowed = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/secret", "pipebridge.v1", ""),
+    )
+    .await;
+    disallowed.expect_refusal(403, "forbidden");
+    assert_eq!(unknown.body, disallowed.body, "403 bodies must not tell the two apart");
+
+    let a = fx.connect(&gw.url("nosuch"), "alice", b"");
+    let b = fx.connect(&gw.url("secret"), "alice", b"");
+    expect_refused(&a, 3, 403, "forbidden");
+    expect_refused(&b, 3, 403, "forbidden");
+    assert_eq!(a.stderr, b.stderr);
+
+    // bob may use it.
+    let out = fx.connect(&gw.url("secret"), "bob", b"for bob");
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"for bob");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_bad_requests() {
+    let RefusalSetup { fx, gw, .. } = refusal_setup();
+    let port = gw.port;
+    for path in ["/pipes/a%2Fb", "/pipes/..", "/pipes/a%00b", "/pipes/.hidden", "/pipes/a/b"] {
+        // With and without credentials: the name is checked first.
+        for creds in [Creds::Cert("alice"), Creds::None] {
+            let r = raw_request(&fx, port, creds, &upgrade_request(port, path, "pipebridge.v1", "")).await;
+            r.expect_refusal(400, "bad_request");
+        }
+    }
+    // A bad query.
+    let r = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/echo?direction=sideways", "pipebridge.v1", ""),
+    )
+    .await;
+    r.expect_refusal(400, "bad_request");
+
+    // A plain GET on a pipe: 426.
+    let r = raw_request(&fx, port, Creds::Cert("alice"), &get_request(port, "/pipes/echo", "")).await;
+    r.expect_refusal(426, "upgrade_required");
+
+    // An upgrade with the wrong subprotocol: 400.
+    let r = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/echo", "chat", ""),
+    )
+    .await;
+    r.expect_refusal(400, "bad_request");
+    // ... and with none at all.
+    let no_proto = format!(
+        "GET /pipes/echo HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    let r = raw_request(&fx, port, Creds::Cert("alice"), no_proto.as_bytes()).await;
+    r.expect_refusal(400, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_endpoint_unavailable_and_unsupported_direction() {
+    let RefusalSetup { fx, gw, .. } = refusal_setup();
+    let port = gw.port;
+
+    // A unix: pipe with nothing listening: 502, and the body names no path.
+    let r = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/dead", "pipebridge.v1", ""),
+    )
+    .await;
+    let msg = r.expect_refusal(502, "endpoint_unavailable");
+    let body = String::from_utf8_lossy(&r.body).into_owned();
+    assert!(!body.contains("nobody-listens"), "the body leaks the endpoint path: {body}");
+    assert!(!body.contains(&fx.p("")), "the body leaks a path: {body}");
+    let out = fx.connect(&gw.url("dead"), "alice", b"");
+    assert_eq!(expect_refused(&out, 1, 502, "endpoint_unavailable"), msg);
+
+    // direction=in on an out-only pipe: 409.
+    let r = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/outonly?direction=in", "pipebridge.v1", ""),
+    )
+    .await;
+    let msg = r.expect_refusal(409, "unsupported");
+    let mut args = vec!["connect".to_string(), gw.url("outonly"), "--direction".into(), "in".into()];
+    args.extend(fx.cert_args("alice"));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = fx.run(&a, b"");
+    assert_eq!(expect_refused(&out, 1, 409, "unsupported"), msg);
+    // The same through the URL's query.
+    let out = fx.connect(&format!("{}?direction=in", gw.url("outonly")), "alice", b"");
+    expect_refused(&out, 1, 409, "unsupported");
+    // The pipe's own direction works.
+    let out = fx.connect(&gw.url("outonly"), "alice", b"");
+    out.expect_code(0);
+    assert_eq!(out.out(), "hi\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_busy_at_max_instances() {
+    let RefusalSetup { fx, gw, .. } = refusal_setup();
+    let port = gw.port;
+    let req = upgrade_request(port, "/pipes/single", "pipebridge.v1", "");
+    let (first, held) = raw_exchange(&fx, port, Creds::Cert("alice"), &req).await;
+    assert_eq!(first.status, 101, "{:?}", String::from_utf8_lossy(&first.body));
+
+    let second = raw_request(&fx, port, Creds::Cert("bob"), &upgrade_request(port, "/pipes/secret", "pipebridge.v1", "")).await;
+    assert_eq!(second.status, 101, "another pipe is not affected");
+
+    let r = raw_request(&fx, port, Creds::Cert("alice"), &req).await;
+    let msg = r.expect_refusal(503, "busy");
+    let out = fx.connect(&gw.url("single"), "alice", b"");
+    assert_eq!(expect_refused(&out, 1, 503, "busy"), msg);
+
+    // Once the held session is gone, the slot frees up.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = raw_request(&fx, port, Creds::Cert("alice"), &req).await;
+        if r.status == 101 {
+            break;
+        }
+        r.expect_refusal(503, "busy");
+        assert!(Instant::now() < deadline, "the slot was not freed after the session ended");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// === 5. a certificate from another CA ===
+
+#[test]
+fn certificate_from_another_ca_is_rejected_in_tls() {
+    let fx = Fixture::new();
+    let other = fx.path("other-pki");
+    pipebridge::pki::init(&pipebridge::pki::CertsInit {
+        dir: other.clone(),
+        server_names: vec!["localhost".into()],
+        clients: vec!["alice".into()],
+        force: false,
+    })
+    .expect("second pki");
+    let cert = other.join("alice.pem").to_string_lossy().into_owned();
+    let key = other.join("alice.key").to_string_lossy().into_owned();
+    let ca = fx.ca();
+
+    // Without tokens configured (client certificates mandatory), and with (optional,
+    // but a presented one is still verified).
+    let token_identity = format!(
+        "[[identity]]\nname = \"tok\"\ntoken_sha256 = {}\n",
+        q(&pipebridge::pki::token_sha256_hex(TOKEN))
+    );
+    for (i, extra) in ["", token_identity.as_str()].into_iter().enumerate() {
+        let cfg = fx.server_config(&format!("{extra}\n{}", pipe("cat", "exec:cat", &["alice"], "")));
+        let gw = fx.serve(&format!("gw{i}.toml"), &cfg);
+        let url = gw.url("cat");
+        let out = fx.run(&["connect", &url, "--ca", &ca, "--cert", &cert, "--key", &key], b"x");
+        out.expect_code(3);
+        assert!(
+            out.stderr.contains("the server rejected our certificate"),
+            "stderr:\n{}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty());
+        let base = gw.base();
+        let out = fx.run(&["ls", &base, "--ca", &ca, "--cert", &cert, "--key", &key], b"");
+        out.expect_code(3);
+        assert!(out.stderr.contains("the server rejected our certificate"), "{}", out.stderr);
+        // The right certificate still works.
+        let out = fx.connect(&url, "alice", b"x");
+        out.expect_code(0);
+        assert_eq!(out.stdout, b"x");
+    }
+}
+
+// === 6. tokens and ls ===
+
+#[test]
+fn token_auth_and_ls_lists_only_allowed_pipes() {
+    let fx = Fixture::new();
+    let token = pipebridge::pki::new_token().expect("token");
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let echo_sock = fx.p("echo.sock");
+    let extra = [
+        format!(
+            "[[identity]]\nname = \"robot\"\ntoken_sha256 = {}\ngroups = [\"bots\"]\n\n",
+            q(&pipebridge::pki::token_sha256_hex(&token))
+        ),
+        pipe("echo", &format!("unix:{echo_sock}"), &["alice", "@bots"], ""),
+        pipe("wc", "exec:wc -c", &["robot"], ""),
+        pipe("secret", "exec:cat", &["bob"], ""),
+        pipe("ops-only", "exec:cat", &["@ops"], ""),
+    ]
+    .concat();
+    let gw = fx.serve("gw.toml", &fx.server_config(&extra));
+    let ca = fx.ca();
+    let tf = fx.write("token.txt", &format!("{token}\n"));
+    let tf = tf.to_string_lossy().into_owned();
+
+    let url = gw.url("echo");
+    let out = fx.run(&["connect", &url, "--ca", &ca, "--token-file", &tf], b"by file");
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"by file");
+    let out = fx.run_env(&["connect", &url, "--ca", &ca], &[("PIPEBRIDGE_TOKEN", &token)], b"by env", CLIENT_TIMEOUT);
+    out.expect_code(0);
+    assert_eq!(out.stdout, b"by env");
+    let wc = gw.url("wc");
+    let out = fx.run(&["connect", &wc, "--ca", &ca, "--token-file", &tf], b"12345");
+    out.expect_code(0);
+    assert_eq!(out.out().trim(), "5");
+    // The token does not open bob's pipe.
+    let secret = gw.url("secret");
+    let out = fx.run(&["connect", &secret, "--ca", &ca, "--token-file", &tf], b"");
+    expect_refused(&out, 3, 403, "forbidden");
+
+    let names = |out: &Output| -> Vec<String> {
+        let mut v: Vec<String> = lines(&out.out())
+            .iter()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    };
+    let base = gw.base();
+    let out = fx.run(&["ls", &base, "--ca", &ca, "--token-file", &tf], b"");
+    out.expect_code(0);
+    assert_eq!(names(&out), ["echo", "wc"], "ls as robot:\n{}", out.out());
+    assert!(!out.out().contains(&echo_sock), "ls shows an endpoint path:\n{}", out.out());
+    assert!(!out.out().contains("echo.sock"), "ls shows an endpoint path:\n{}", out.out());
+    assert!(!out.out().contains("wc -c"), "ls shows a command line:\n{}", out.out());
+    let echo_row = lines(&out.out()).into_iter().find(|l| l.starts_with("echo ")).unwrap_or_default().to_string();
+    let cols: Vec<&str> = echo_row.split_whitespace().collect();
+    assert_eq!(cols, ["echo", "unix", "duplex", "byte"], "ls row:\n{}", out.out());
+
+    let out = fx.run_env(&["ls", &base, "--ca", &ca], &[("PIPEBRIDGE_TOKEN", &token)], b"", CLIENT_TIMEOUT);
+    out.expect_code(0);
+    assert_eq!(names(&out), ["echo", "wc"]);
+
+    let mut args = vec!["ls".to_string(), base.clone()];
+    args.extend(fx.cert_args("alice"));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = fx.run(&a, b"");
+    out.expect_code(0);
+    assert_eq!(names(&out), ["echo", "ops-only"], "ls as alice:\n{}", out.out());
+    assert!(!out.out().contains(&echo_sock));
+
+    // ls without credentials is refused.
+    let out = fx.run(&["ls", &base, "--ca", &ca], b"");
+    expect_refused(&out, 3, 401, "unauthenticated");
+}
+
+// === 7. check-config, certs init, token new ===
+
+fn line_no(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in the config"))
+        + 1
+}
+
+#[test]
+fn check_config_reports_every_error_with_file_line_and_key() {
+    let fx = Fixture::new();
+    let text = r#"[server]
+listen = "127.0.0.1:0"
+
+[tls]
+cert = "server.pem"
+key = "server.key"
+
+[limits]
+handshake_timeout = "soon"
+
+[[identity]]
+name = "alice"
+cert_cn = "alice"
+
+[[pipe]]
+name = "a/b"
+endpoint = "bogus:x"
+allow = ["mallory"]
+run_as = "gateway"
+
+[[pipe]]
+name = "ok"
+endpoint = "exec:cat"
+allow = ["alice"]
+run_as = "sometimes"
+"#;
+    let cfg = fx.write("bad.toml", text);
+    let cfg_s = cfg.to_string_lossy().into_owned();
+    let out = fx.run(&["check-config", "--config", &cfg_s], b"");
+    out.expect_code(2);
+    let expected = [
+        (line_no(text, "handshake_timeout"), "limits.handshake_timeout"),
+        (line_no(text, "\"a/b\""), "pipe \"a/b\".name"),
+        (line_no(text, "bogus:x"), "pipe \"a/b\".endpoint"),
+        (line_no(text, "mallory"), "pipe \"a/b\".allow"),
+        (line_no(text, "sometimes"), "pipe \"ok\".run_as"),
+    ];
+    for (line, key) in expected {
+        let want = format!("{cfg_s}:{line}: {key}");
+        assert!(
+            out.stderr.lines().any(|l| l.contains(&want)),
+            "missing {want:?} in:\n{}",
+            out.stderr
+        );
+    }
+    assert!(lines(&out.stderr).len() >= expected.len(), "{}", out.stderr);
+
+    // A TOML syntax error: exit 2, with its line.
+    let text = "[server]\nlisten = \"127.0.0.1:0\"\n\n[tls\ncert = \"x\"\n";
+    let cfg = fx.write("syntax.toml", text);
+    let cfg_s = cfg.to_string_lossy().into_owned();
+    let out = fx.run(&["check-config", "--config", &cfg_s], b"");
+    out.expect_code(2);
+    assert!(out.stderr.contains(&format!("{cfg_s}:4:")), "stderr:\n{}", out.stderr);
+
+    // A missing file: exit 2.
+    let missing = fx.p("missing.toml");
+    let out = fx.run(&["check-config", "--config", &missing], b"");
+    out.expect_code(2);
+
+    // A good config: exit 0.
+    let good = fx.write("good.toml", &fx.server_config(&pipe("cat", "exec:cat", &["alice"], "")));
+    let good = good.to_string_lossy().into_owned();
+    let out = fx.run(&["check-config", "--config", &good], b"");
+    out.expect_code(0);
+    assert!(out.out().contains("OK"), "{}", out.out());
+}
+
+#[test]
+fn certs_init_refuses_to_overwrite_without_force() {
+    let fx = Fixture::new();
+    let dir = fx.p("newpki");
+    let out = fx.run(&["certs", "init", "--dir", &dir, "--client", "x", "--server-name", "gw.example"], b"");
+    out.expect_code(0);
+    for f in ["ca.pem", "ca.key", "server.pem", "server.key", "x.pem", "x.key"] {
+        assert!(Path::new(&dir).join(f).is_file(), "{f} missing");
+    }
+    for f in ["ca.key", "server.key", "x.key"] {
+        let mode = std::fs::metadata(Path::new(&dir).join(f)).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} mode {mode:o}");
+    }
+    let before = std::fs::read(Path::new(&dir).join("ca.pem")).expect("read");
+    let out = fx.run(&["certs", "init", "--dir", &dir, "--client", "x"], b"");
+    out.expect_code(2);
+    assert!(out.stderr.contains("--force"), "{}", out.stderr);
+    assert_eq!(std::fs::read(Path::new(&dir).join("ca.pem")).expect("read"), before, "overwritten");
+    let out = fx.run(&["certs", "init", "--dir", &dir, "--client", "x", "--force"], b"");
+    out.expect_code(0);
+    assert_ne!(std::fs::read(Path::new(&dir).join("ca.pem")).expect("read"), before);
+}
+
+#[test]
+fn token_new_prints_token_and_identity_lines() {
+    let fx = Fixture::new();
+    let out = fx.run(&["token", "new", "--name", "x"], b"");
+    out.expect_code(0);
+    let stdout = out.out();
+    let l = lines(&stdout);
+    assert_eq!(l.len(), 1, "stdout: {stdout:?}");
+    let token = l[0].trim();
+    assert_eq!(token, l[0], "the token line has stray whitespace");
+    assert!(token.len() >= 32, "token too short for 128 bits: {token:?}");
+    assert!(!out.stderr.contains(token), "the token leaks to stderr");
+    assert!(out.stderr.contains("[[identity]]"), "{}", out.stderr);
+    assert!(out.stderr.contains("name = \"x\""), "{}", out.stderr);
+    let want = format!("token_sha256 = \"{}\"", pipebridge::pki::token_sha256_hex(token));
+    assert!(out.stderr.contains(&want), "missing {want:?} in:\n{}", out.stderr);
+    // Two tokens differ.
+    let again = fx.run(&["token", "new", "--name", "x"], b"");
+    again.expect_code(0);
+    assert_ne!(again.out().trim(), token);
+    // The stderr lines paste into a working config.
+    let ident: String = out.stderr.lines().filter(|l| !l.starts_with('#')).map(|l| format!("{l}\n")).collect();
+    let cfg = fx.write(
+        "pasted.toml",
+        &fx.server_config(&format!("{ident}\n{}", pipe("cat", "exec:cat", &["x"], ""))),
+    );
+    let cfg = cfg.to_string_lossy().into_owned();
+    fx.run(&["check-config", "--config", &cfg], b"").expect_code(0);
+}
+
+// === 8. hosted socket files ===
+
+fn socket_mode(p: &Path) -> u32 {
+    let md = std::fs::symlink_metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+    assert!(md.file_type().is_socket(), "{} is not a socket", p.display());
+    md.permissions().mode() & 0o7777
+}
+
+#[test]
+fn forward_socket_mode_stale_live_and_removal() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let gw = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe("echo", &format!("unix:{}", fx.p("echo.sock")), &["alice"], "")),
+    );
+    let url = gw.url("echo");
+
+    // Default mode 0660, for the verb and for a [[forward]].
+    let verb_sock = fx.path("verb.sock");
+    let mut verb = fx.spawn_forward(&verb_sock, &url, "alice");
+    verb.wait_for_line("pipebridge: forwarding ", START_TIMEOUT);
+    assert_eq!(socket_mode(&verb_sock), 0o660);
+    assert_eq!(unix_request(&verb_sock, b"ping", Duration::from_secs(30)), b"ping");
+
+    let cfg_sock = fx.path("sub/dir/cfg.sock");
+    let mut b = fx.serve("b.toml", &forward(&fx, &cfg_sock, &url, "alice", ""));
+    assert_eq!(socket_mode(&cfg_sock), 0o660);
+    assert_eq!(unix_request(&cfg_sock, b"pong", Duration::from_secs(30)), b"pong");
+
+    let mode_sock = fx.path("mode.sock");
+    let _c = fx.serve("c.toml", &forward(&fx, &mode_sock, &url, "alice", "socket_mode = \"0600\""));
+    assert_eq!(socket_mode(&mode_sock), 0o600);
+
+    // A stale socket file (its listener is gone) is replaced.
+    let stale = fx.path("stale.sock");
+    drop(UnixListener::bind(&stale).expect("bind"));
+    assert!(stale.exists(), "the stale file should be left behind");
+    let mut st = fx.spawn_forward(&stale, &url, "alice");
+    st.wait_for_line("pipebridge: forwarding ", START_TIMEOUT);
+    assert_eq!(unix_request(&stale, b"stale ok", Duration::from_secs(30)), b"stale ok");
+
+    // A live one is refused: the forward exits non-zero with a message, and the live
+    // server keeps its socket.
+    let live = fx.path("live.sock");
+    let live_listener = UnixListener::bind(&live).expect("bind");
+    let mut lv = fx.spawn_forward(&live, &url, "alice");
+    let status = lv.wait_exit(Duration::from_secs(20)).expect("the forward should exit on a live socket");
+    assert!(!status.success(), "exit status {status}");
+    let log = lv.log();
+    assert!(log.contains("live.sock"), "the message names the socket:\n{log}");
+    assert!(log.contains("in use"), "the message says it is in use:\n{log}");
+    assert!(live.exists(), "the live socket was removed");
+    let _c = std::os::unix::net::UnixStream::connect(&live).expect("the live server still answers");
+    live_listener.set_nonblocking(true).expect("nonblocking");
+    assert!(live_listener.accept().is_ok(), "the connection reached the original listener");
+
+    // The same refusal through a config.
+    let mut live_cfg = {
+        let cfg = fx.write("d.toml", &forward(&fx, &live, &url, "alice", ""));
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("serve").arg("--config").arg(&cfg);
+        scrub(&mut cmd);
+        Proc::spawn(cmd, fx.dir(), false)
+    };
+    let status = live_cfg.wait_exit(Duration::from_secs(20)).expect("serve should exit on a live socket");
+    assert!(!status.success(), "exit status {status}");
+    assert!(live_cfg.log().contains("in use"), "{}", live_cfg.log());
+
+    // SIGTERM removes the socket files.
+    b.proc.sigterm();
+    let status = b.proc.wait_exit(Duration::from_secs(20)).expect("the gateway should exit on SIGTERM");
+    assert!(status.success(), "exit status {status}; log:\n{}", b.log());
+    assert!(!cfg_sock.exists(), "{} left behind after SIGTERM", cfg_sock.display());
+
+    verb.sigterm();
+    let status = verb.wait_exit(Duration::from_secs(20)).expect("forward should exit on SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    assert!(!verb_sock.exists(), "{} left behind after SIGTERM", verb_sock.display());
+}
+
+// === 9. exec environment ===
+
+#[test]
+fn exec_environment_is_scrubbed() {
+    let fx = Fixture::new();
+    let extra = pipe("env-pipe", "exec:env", &["alice"], "env = { EXTRA_FOR_CHILD = \"yes\" }");
+    let gw = fx.serve_env(
+        "gw.toml",
+        &fx.server_config(&extra),
+        &[("SECRET_GATEWAY_VAR", "x"), ("PIPEBRIDGE_TOKEN", "gateway-token")],
+    );
+    let out = fx.connect(&gw.url("env-pipe"), "alice", b"");
+    out.expect_code(0);
+    let env = out.out();
+    let vars: Vec<&str> = env.lines().collect();
+    for want in [
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        "LANG=C.UTF-8",
+        "PIPEBRIDGE_IDENTITY=alice",
+        "PIPEBRIDGE_PIPE=env-pipe",
+        "EXTRA_FOR_CHILD=yes",
+    ] {
+        assert!(vars.contains(&want), "missing {want:?} in:\n{env}");
+    }
+    assert!(vars.iter().any(|v| v.starts_with("HOME=")), "no HOME in:\n{env}");
+    assert!(vars.iter().any(|v| v.starts_with("USER=")), "no USER in:\n{env}");
+    assert!(!env.contains("SECRET_GATEWAY_VAR"), "the gateway's environment leaked:\n{env}");
+    assert!(!env.contains("gateway-token"), "the gateway's token leaked:\n{env}");
+
+    // bob's identity shows up as bob.
+    let extra = pipe("env2", "exec:env", &["alice", "bob"], "");
+    let gw2 = fx.serve("gw2.toml", &fx.server_config(&extra));
+    let out = fx.connect(&gw2.url("env2"), "bob", b"");
+    out.expect_code(0);
+    assert!(out.out().lines().any(|l| l == "PIPEBRIDGE_IDENTITY=bob"), "{}", out.out());
+    assert!(out.out().lines().any(|l| l == "PIPEBRIDGE_PIPE=env2"), "{}", out.out());
+}
+
+// === config files ===
+
+fn toml_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn shipped_configs_parse() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let files = toml_files(&dir);
+    assert!(!files.is_empty(), "no config files in {}", dir.display());
+    for f in files {
+        if let Err(e) = pipebridge::config::Config::load(&f) {
+            panic!("{} does not load:\n{e}", f.display());
+        }
+    }
+}
+
+#[test]
+fn invalid_fixtures_fail() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/invalid");
+    let files = toml_files(&dir);
+    assert!(files.len() >= 5, "expected the invalid fixtures in {}", dir.display());
+    for f in files {
+        // Each fixture says what its error must mention: `# expect: KEY or TEXT`.
+        let text = std::fs::read_to_string(&f).expect("read fixture");
+        let expect = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", f.display()))
+            .trim()
+            .to_string();
+        match pipebridge::config::Config::load(&f) {
+            Ok(_) => panic!("{} should not load", f.display()),
+            Err(errs) => {
+                for e in &errs.0 {
+                    assert_eq!(e.file, f, "{e}");
+                    assert!(e.line.is_some(), "{}: error without a line: {e}", f.display());
+                }
+                assert!(
+                    errs.0.iter().any(|e| e.key == expect || e.to_string().contains(&expect)),
+                    "{}: no error mentions {expect:?}:\n{errs}",
+                    f.display()
+                );
+            }
+        }
+    }
+}
