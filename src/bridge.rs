@@ -377,7 +377,11 @@ where
                     if let Some(mut w) = writer.take() {
                         // Half-close: the local side sees EOF, the other direction goes on.
                         let r = match &mut w {
-                            Writer::Bytes(w) => w.shutdown().await,
+                            // Flush first: some writers (tokio's stdout) do not flush on shutdown.
+                            Writer::Bytes(w) => match w.flush().await {
+                                Ok(()) => w.shutdown().await,
+                                Err(e) => Err(e),
+                            },
                             Writer::Messages(m) => m.shutdown().await,
                         };
                         if let Err(e) = r {

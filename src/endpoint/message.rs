@@ -179,7 +179,10 @@ impl MsgWriter {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                 r => r,
             },
-            MsgWriter::Lines(w) | MsgWriter::U32be(w) => w.shutdown().await,
+            MsgWriter::Lines(w) | MsgWriter::U32be(w) => {
+                w.flush().await?;
+                w.shutdown().await
+            }
         }
     }
 
