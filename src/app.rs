@@ -42,7 +42,9 @@ fn creds(a: &CredentialArgs) -> CredentialPaths {
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config, i32> {
-    let path = path.map(Path::to_path_buf).unwrap_or_else(config::default_path);
+    let path = path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(config::default_path);
     Config::load(&path).map_err(|errs| {
         for e in &errs.0 {
             eprintln!("pipebridge: config error: {e}");
@@ -87,8 +89,11 @@ pub fn raise_nofile() {
 /// the kernel (never fail one message at run time instead).
 pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
     for p in &cfg.pipes {
-        if let (EndpointSpec::Seqpacket(_), config::MessageSize::Bytes(n)) = (&p.endpoint, p.max_message_size) {
-            crate::endpoint::seqpacket::check_limit(n).map_err(|e| format!("pipe {:?}: {e}", p.name))?;
+        if let (EndpointSpec::Seqpacket(_), config::MessageSize::Bytes(n)) =
+            (&p.endpoint, p.max_message_size)
+        {
+            crate::endpoint::seqpacket::check_limit(n)
+                .map_err(|e| format!("pipe {:?}: {e}", p.name))?;
         }
     }
     Ok(())
@@ -105,7 +110,8 @@ pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
         }
     }
     let tokens = cfg.identities.iter().any(|i| i.token_sha256.is_some());
-    tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens).map_err(|e| e.to_string())
+    tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens)
+        .map_err(|e| e.to_string())
 }
 
 /// `serve`.
@@ -137,7 +143,10 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
                 return EXIT_RUNTIME;
             }
         };
-        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let gw = Gateway::new(cfg.clone(), tls);
         info!(listen = %addr, pipes = cfg.pipes.len(), "gateway listening");
         // A stable line for scripts and tests that bind port 0.
@@ -145,10 +154,13 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         if let Some(p) = cfg.pipes.first() {
             let host = addr.replace("0.0.0.0", "127.0.0.1");
             let mut hint = format!("pipebridge connect wss://{host}/pipes/{}", p.name);
-            if !cfg.tls.as_ref().is_some_and(|t| t.dev_pki.is_some()) {
+            if cfg.tls.as_ref().is_none_or(|t| t.dev_pki.is_none()) {
                 hint.push_str(" --ca CA.pem --cert CLIENT.pem --key CLIENT.key");
             }
-            eprintln!("pipebridge: serving {} pipe(s) on {addr}; try: {hint}", cfg.pipes.len());
+            eprintln!(
+                "pipebridge: serving {} pipe(s) on {addr}; try: {hint}",
+                cfg.pipes.len()
+            );
         }
         tracker.spawn(server::run(listener, gw.clone(), shutdown.clone()));
         gateway = Some(gw);
@@ -170,6 +182,25 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
     if cfg.server.is_none() && cfg.forwards.is_empty() {
         eprintln!("pipebridge: the config has neither a [server] nor a [[forward]]: nothing to do");
         return EXIT_USAGE;
+    }
+    if let Some(adm) = &cfg.admin {
+        let listener = match TcpListener::bind(&adm.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("pipebridge: cannot listen on {} (admin): {e}", adm.listen);
+                return EXIT_RUNTIME;
+            }
+        };
+        let addr = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let st = Arc::new(crate::admin::AdminState {
+            gateway: gateway.clone(),
+            ready: std::sync::atomic::AtomicBool::new(true),
+        });
+        eprintln!("pipebridge: admin on {addr}");
+        tracker.spawn(crate::admin::run(listener, st, shutdown.clone()));
     }
     let code = wait_for_signals(gateway.as_deref(), &cfg, config_path).await;
     shutdown.cancel();
@@ -212,16 +243,25 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
 }
 
 fn reload(gw: &Gateway, config_path: Option<&Path>) {
-    let path = config_path.map(Path::to_path_buf).unwrap_or_else(config::default_path);
+    let path = config_path
+        .map(Path::to_path_buf)
+        .unwrap_or_else(config::default_path);
     match Config::load(&path) {
         Ok(new) => match server_tls(&new) {
             Ok(tls) => {
                 gw.replace(Arc::new(new), tls);
+                crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);
                 info!("reloaded the config");
             }
-            Err(e) => warn!(error = %e, "reload rejected; keeping the old config"),
+            Err(e) => {
+                crate::metrics::Metrics::result(&crate::metrics::get().reloads, false);
+                warn!(error = %e, "reload rejected; keeping the old config")
+            }
         },
-        Err(errs) => warn!(error = %errs, "reload rejected; keeping the old config"),
+        Err(errs) => {
+            crate::metrics::Metrics::result(&crate::metrics::get().reloads, false);
+            warn!(error = %errs, "reload rejected; keeping the old config")
+        }
     }
 }
 
@@ -370,11 +410,18 @@ fn stdio_local(dir: Direction, mode: Mode, framing: Framing) -> Local {
                         max,
                     })
                 }),
-                dir.client_reads().then(|| Writer::Messages(MsgWriter::Lines(stdout()))),
+                dir.client_reads()
+                    .then(|| Writer::Messages(MsgWriter::Lines(stdout()))),
             ),
             Framing::U32be => (
-                dir.client_writes().then(|| Reader::Messages(MsgReader::U32be { input: stdin(), max })),
-                dir.client_reads().then(|| Writer::Messages(MsgWriter::U32be(stdout()))),
+                dir.client_writes().then(|| {
+                    Reader::Messages(MsgReader::U32be {
+                        input: stdin(),
+                        max,
+                    })
+                }),
+                dir.client_reads()
+                    .then(|| Writer::Messages(MsgWriter::U32be(stdout()))),
             ),
         },
     };
@@ -434,7 +481,10 @@ pub async fn forward(a: ForwardArgs) -> i32 {
     let tracker = TaskTracker::new();
     let run = tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return EXIT_RUNTIME;
     };
     tokio::select! {
@@ -473,22 +523,46 @@ pub async fn ls(a: LsArgs) -> i32 {
     if !status.is_success() {
         let e = ClientError::Refused {
             status: status.as_u16(),
-            kind: v.get("error").and_then(|x| x.as_str()).unwrap_or("unknown").to_string(),
-            message: v.get("message").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+            kind: v
+                .get("error")
+                .and_then(|x| x.as_str())
+                .unwrap_or("unknown")
+                .to_string(),
+            message: v
+                .get("message")
+                .and_then(|x| x.as_str())
+                .unwrap_or("")
+                .to_string(),
         };
         print_client_error(&e);
         return e.exit_code();
     }
     println!("{:<32} {:<10} {:<8} MODE", "NAME", "KIND", "DIRECTION");
-    for p in v.get("pipes").and_then(|p| p.as_array()).into_iter().flatten() {
+    for p in v
+        .get("pipes")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
         let f = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
-        println!("{:<32} {:<10} {:<8} {}", f("name"), f("kind"), f("direction"), f("mode"));
+        println!(
+            "{:<32} {:<10} {:<8} {}",
+            f("name"),
+            f("kind"),
+            f("direction"),
+            f("mode")
+        );
     }
     EXIT_OK
 }
 
 /// `certs init`.
-pub fn certs_init(dir: PathBuf, server_names: Vec<String>, clients: Vec<String>, force: bool) -> i32 {
+pub fn certs_init(
+    dir: PathBuf,
+    server_names: Vec<String>,
+    clients: Vec<String>,
+    force: bool,
+) -> i32 {
     let opts = crate::pki::CertsInit {
         dir,
         server_names,
@@ -536,8 +610,44 @@ pub fn token_new(name: &str) -> i32 {
     }
 }
 
-/// `status`: not implemented until the admin endpoint exists.
+/// `status`: a table of live sessions from the admin endpoint.
 pub async fn status(admin: &str) -> i32 {
-    eprintln!("pipebridge: status: the admin endpoint ({admin}) is not implemented yet");
-    EXIT_RUNTIME
+    let (code, body) = match crate::admin::fetch(admin, "/sessions").await {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            return EXIT_RUNTIME;
+        }
+    };
+    if !code.is_success() {
+        eprintln!("pipebridge: the admin endpoint answered {code}");
+        return EXIT_RUNTIME;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let list = v
+        .get("sessions")
+        .and_then(|s| s.as_array())
+        .cloned()
+        .unwrap_or_default();
+    println!(
+        "{:<6} {:<20} {:<24} {:<9} {:>9} {:>14} {:>14}",
+        "ID", "IDENTITY", "PIPE", "DIRECTION", "AGE", "BYTES_IN", "BYTES_OUT"
+    );
+    for s in &list {
+        let f = |k: &str| s.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+        let n = |k: &str| s.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+        let age = s.get("age_seconds").and_then(|x| x.as_f64()).unwrap_or(0.0);
+        println!(
+            "{:<6} {:<20} {:<24} {:<9} {:>8.1}s {:>14} {:>14}",
+            n("id"),
+            f("identity"),
+            f("pipe"),
+            f("direction"),
+            age,
+            n("bytes_in"),
+            n("bytes_out")
+        );
+    }
+    println!("{} session(s)", list.len());
+    EXIT_OK
 }

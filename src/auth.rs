@@ -130,7 +130,12 @@ pub fn authenticate(
             }
             match found {
                 Some(i) => Some(i),
-                None => return Err(Refusal::new(RefusalKind::Unauthenticated, "the token is not valid")),
+                None => {
+                    return Err(Refusal::new(
+                        RefusalKind::Unauthenticated,
+                        "the token is not valid",
+                    ))
+                }
             }
         }
         None => None,
@@ -163,8 +168,12 @@ pub fn authenticate(
 /// Parses an `Authorization` header value; `Some(Err)` for a malformed one.
 pub fn bearer(header: Option<&[u8]>) -> Result<Option<&str>, Refusal> {
     let Some(h) = header else { return Ok(None) };
-    let s = std::str::from_utf8(h)
-        .map_err(|_| Refusal::new(RefusalKind::Unauthenticated, "malformed Authorization header"))?;
+    let s = std::str::from_utf8(h).map_err(|_| {
+        Refusal::new(
+            RefusalKind::Unauthenticated,
+            "malformed Authorization header",
+        )
+    })?;
     let (scheme, token) = s.split_once(' ').unwrap_or((s, ""));
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(Refusal::new(
@@ -213,7 +222,10 @@ mod tests {
             ident("bob", Some("bob"), Some("tb"), &[]),
         ];
         let a = authenticate(&ids, Some(&names("alice")), None).unwrap();
-        assert_eq!((a.name.as_str(), a.method), ("alice", AuthMethod::Certificate));
+        assert_eq!(
+            (a.name.as_str(), a.method),
+            ("alice", AuthMethod::Certificate)
+        );
         let b = authenticate(&ids, None, Some("tb")).unwrap();
         assert_eq!((b.name.as_str(), b.method), ("bob", AuthMethod::Token));
         let both = authenticate(&ids, Some(&names("alice")), Some("ta")).unwrap();

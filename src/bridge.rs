@@ -198,19 +198,31 @@ where
             out.code = protocol::CLOSE_ENDPOINT_FAILED;
             out.reason = format!("local endpoint failed: {m}");
             (
-                Some((protocol::CLOSE_ENDPOINT_FAILED, "local endpoint failed".to_string())),
-                Some(Control::error(ErrorKind::EndpointFailed, "the local endpoint failed")),
+                Some((
+                    protocol::CLOSE_ENDPOINT_FAILED,
+                    "local endpoint failed".to_string(),
+                )),
+                Some(Control::error(
+                    ErrorKind::EndpointFailed,
+                    "the local endpoint failed",
+                )),
             )
         }
         Some(Failure::Protocol(kind, m)) => {
             out.code = kind.close_code();
             out.reason = m.clone();
-            (Some((kind.close_code(), kind.as_str().to_string())), Some(Control::error(kind, m)))
+            (
+                Some((kind.close_code(), kind.as_str().to_string())),
+                Some(Control::error(kind, m)),
+            )
         }
         Some(Failure::Stopped(kind, m)) => {
             out.code = kind.close_code();
             out.reason = format!("{}: {m}", kind.as_str());
-            (Some((kind.close_code(), kind.as_str().to_string())), Some(Control::error(kind, m)))
+            (
+                Some((kind.close_code(), kind.as_str().to_string())),
+                Some(Control::error(kind, m)),
+            )
         }
         Some(Failure::PeerGone(m)) => {
             out.code = 1006;
@@ -311,7 +323,9 @@ where
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);
         tracing::info!(status = %status, "exec child exited");
-        sink.send(Message::text(ctl.encode())).await.map_err(ws_failure)?;
+        sink.send(Message::text(ctl.encode()))
+            .await
+            .map_err(ws_failure)?;
     }
     sink.send(Message::text(Control::Eof.encode()))
         .await
@@ -367,12 +381,17 @@ where
                 if let Err(e) = r {
                     return Failure::Local(format!("write: {e}"));
                 }
-                counters.to_local.fetch_add(data.len() as u64, Ordering::Relaxed);
+                counters
+                    .to_local
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Message::Text(t) => match Control::decode(t.as_str()) {
                 Ok(Control::Eof) => {
                     if eof_seen.swap(true, Ordering::AcqRel) {
-                        return Failure::Protocol(ErrorKind::ProtocolError, "eof sent twice".into());
+                        return Failure::Protocol(
+                            ErrorKind::ProtocolError,
+                            "eof sent twice".into(),
+                        );
                     }
                     if let Some(mut w) = writer.take() {
                         // Half-close: the local side sees EOF, the other direction goes on.
@@ -397,7 +416,9 @@ where
                     tracing::debug!(%kind, %message, "peer reported an error");
                     *peer_error = Some((kind, message));
                 }
-                Ok(Control::Unknown(t)) => tracing::debug!(control = %t, "ignoring unknown control message"),
+                Ok(Control::Unknown(t)) => {
+                    tracing::debug!(control = %t, "ignoring unknown control message")
+                }
                 Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
             },
             Message::Close(frame) => return Failure::PeerClosed(frame),
@@ -410,7 +431,11 @@ fn ws_failure(e: tungstenite::Error) -> Failure {
     use tungstenite::error::{CapacityError, Error as E};
     match e {
         E::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            tracing::warn!(size, max_size, "peer sent a message over the limit; closing the session with 1009");
+            tracing::warn!(
+                size,
+                max_size,
+                "peer sent a message over the limit; closing the session with 1009"
+            );
             Failure::Protocol(
                 ErrorKind::MessageTooBig,
                 format!("a message of {size} bytes exceeds the limit of {max_size} bytes"),
@@ -418,7 +443,9 @@ fn ws_failure(e: tungstenite::Error) -> Failure {
         }
         E::Capacity(c) => Failure::Protocol(ErrorKind::MessageTooBig, c.to_string()),
         E::Protocol(p) => Failure::Protocol(ErrorKind::ProtocolError, p.to_string()),
-        E::Utf8(_) => Failure::Protocol(ErrorKind::ProtocolError, "text message is not UTF-8".into()),
+        E::Utf8(_) => {
+            Failure::Protocol(ErrorKind::ProtocolError, "text message is not UTF-8".into())
+        }
         E::ConnectionClosed | E::AlreadyClosed => Failure::PeerGone("connection closed".into()),
         other => Failure::PeerGone(other.to_string()),
     }

@@ -81,7 +81,12 @@ pub struct CredentialArgs {
     #[arg(long)]
     pub token_file: Option<String>,
     /// Bearer token (environment only).
-    #[arg(long = "token", env = "PIPEBRIDGE_TOKEN", hide_env_values = true, hide = true)]
+    #[arg(
+        long = "token",
+        env = "PIPEBRIDGE_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
     pub token: Option<String>,
 }
 

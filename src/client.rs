@@ -70,7 +70,11 @@ pub struct CredentialPaths {
 
 impl CredentialPaths {
     fn any_given(&self) -> bool {
-        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.token_file.is_some() || self.token.is_some()
+        self.ca.is_some()
+            || self.cert.is_some()
+            || self.key.is_some()
+            || self.token_file.is_some()
+            || self.token.is_some()
     }
 
     /// Applies DESIGN.md's discovery: nothing given and a dev PKI in the working
@@ -116,7 +120,10 @@ impl ClientError {
     /// The process exit code for this error (DESIGN.md).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ClientError::Refused { status: 401 | 403, .. } | ClientError::CertificateRejected => 3,
+            ClientError::Refused {
+                status: 401 | 403, ..
+            }
+            | ClientError::CertificateRejected => 3,
             ClientError::Setup(_) => 2,
             _ => 1,
         }
@@ -189,8 +196,9 @@ impl Dialer {
         let token = match (&creds.token, &creds.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => {
-                let t = std::fs::read_to_string(f)
-                    .map_err(|e| ClientError::Setup(format!("cannot read the token file {f}: {e}")))?;
+                let t = std::fs::read_to_string(f).map_err(|e| {
+                    ClientError::Setup(format!("cannot read the token file {f}: {e}"))
+                })?;
                 let t = t.trim();
                 if t.is_empty() {
                     return Err(ClientError::Setup(format!("the token file {f} is empty")));
@@ -213,7 +221,9 @@ impl Dialer {
     async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| ClientError::Network(format!("cannot reach {}:{}: {e}", self.host, self.port)))?;
+            .map_err(|e| {
+                ClientError::Network(format!("cannot reach {}:{}: {e}", self.host, self.port))
+            })?;
         let _ = tcp.set_nodelay(true);
         self.connector
             .connect(self.server_name.clone(), tcp)
@@ -228,7 +238,7 @@ impl Dialer {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| classify(&e, "HTTP handshake failed"))?;
-            let conn_err = spawn_conn(async move { conn.await });
+            let conn_err = spawn_conn(conn);
             let req = self.request(req_path, false)?;
             let resp = send(&mut sender, req, conn_err).await?;
             let status = resp.status();
@@ -265,8 +275,9 @@ impl Dialer {
             .body(Empty::new())
             .map_err(|e| ClientError::Setup(format!("bad request: {e}")))?;
         if let Some(t) = &self.token {
-            let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose()))
-                .map_err(|_| ClientError::Setup("the token holds characters not allowed in a header".into()))?;
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose())).map_err(|_| {
+                ClientError::Setup("the token holds characters not allowed in a header".into())
+            })?;
             v.set_sensitive(true);
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
@@ -297,9 +308,16 @@ impl Dialer {
                 .get(header::SEC_WEBSOCKET_PROTOCOL)
                 .is_some_and(|v| v.as_bytes() == protocol::SUBPROTOCOL.as_bytes());
             if !proto_ok {
-                return Err(ClientError::Network("the server did not agree to pipebridge.v1".into()));
+                return Err(ClientError::Network(
+                    "the server did not agree to pipebridge.v1".into(),
+                ));
             }
-            let hdr = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let hdr = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
             let direction = hdr(HEADER_DIRECTION).and_then(|d| Direction::parse(&d));
             let mode = hdr(HEADER_MODE).and_then(|m| Mode::parse(&m));
             let up = hyper::upgrade::on(resp)
@@ -309,8 +327,17 @@ impl Dialer {
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
-        let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, Some(tunnel::ws_config(max_message))).await;
-        Ok(Session { ws, direction, mode })
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Client,
+            Some(tunnel::ws_config(max_message)),
+        )
+        .await;
+        Ok(Session {
+            ws,
+            direction,
+            mode,
+        })
     }
 }
 
@@ -350,7 +377,11 @@ async fn send(
 
 fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let kind = v.get("error").and_then(|k| k.as_str()).unwrap_or("unknown").to_string();
+    let kind = v
+        .get("error")
+        .and_then(|k| k.as_str())
+        .unwrap_or("unknown")
+        .to_string();
     let message = v
         .get("message")
         .and_then(|k| k.as_str())
@@ -368,13 +399,11 @@ fn classify(e: &(dyn std::error::Error + 'static), what: &str) -> ClientError {
     use rustls::AlertDescription as A;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        let tls_err = err
-            .downcast_ref::<rustls::Error>()
-            .or_else(|| {
-                err.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            });
+        let tls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
         if let Some(rustls::Error::AlertReceived(
             A::BadCertificate
             | A::UnknownCA
@@ -410,7 +439,9 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// The path and query of a pipe URL.
 pub fn path_and_query(u: &Uri) -> String {
-    u.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into())
+    u.path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into())
 }
 
 /// The largest incoming message a client session accepts.
@@ -450,20 +481,28 @@ impl Forward {
     pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
         let path: PathBuf = match &fwd.listen {
             EndpointSpec::Fifo(p) => p.clone(),
-            other => other.socket_path().ok_or_else(|| format!("cannot host {}", other.kind()))?,
+            other => other
+                .socket_path()
+                .ok_or_else(|| format!("cannot host {}", other.kind()))?,
         };
         let ctx = |e: &dyn std::fmt::Display| format!("forward {}: {e}", path.display());
         let query = protocol::SessionQuery::parse(fwd.to.query()).map_err(|e| ctx(&e))?;
         let mut extra = Vec::new();
         let hosted = match &fwd.listen {
             EndpointSpec::Seqpacket(_) => {
-                unix::prepare_socket_path(&path).await.map_err(|e| ctx(&e))?;
+                unix::prepare_socket_path(&path)
+                    .await
+                    .map_err(|e| ctx(&e))?;
                 if query.mode.is_none() {
                     extra.push("mode=message");
                 } else if query.mode != Some(Mode::Message) {
-                    return Err(ctx(&"a seqpacket: forward needs a message-mode pipe (mode=message)"));
+                    return Err(ctx(
+                        &"a seqpacket: forward needs a message-mode pipe (mode=message)",
+                    ));
                 }
-                Hosted::Seqpacket(tokio_seqpacket::UnixSeqpacketListener::bind(&path).map_err(|e| ctx(&e))?)
+                Hosted::Seqpacket(
+                    tokio_seqpacket::UnixSeqpacketListener::bind(&path).map_err(|e| ctx(&e))?,
+                )
             }
             EndpointSpec::Fifo(_) => {
                 let dir = match query.direction {
@@ -478,7 +517,9 @@ impl Forward {
                 Hosted::Fifo(dir)
             }
             _ => {
-                unix::prepare_socket_path(&path).await.map_err(|e| ctx(&e))?;
+                unix::prepare_socket_path(&path)
+                    .await
+                    .map_err(|e| ctx(&e))?;
                 Hosted::Stream(tokio::net::UnixListener::bind(&path).map_err(|e| ctx(&e))?)
             }
         };
@@ -499,7 +540,11 @@ impl Forward {
         }
         let mut path_and_query = path_and_query(&fwd.to);
         for e in extra {
-            path_and_query.push(if path_and_query.contains('?') { '&' } else { '?' });
+            path_and_query.push(if path_and_query.contains('?') {
+                '&'
+            } else {
+                '?'
+            });
             path_and_query.push_str(e);
         }
         Ok(Forward {
@@ -535,7 +580,10 @@ impl Forward {
                 };
                 match r {
                     Ok((stream, _)) => {
-                        let caller = stream.peer_cred().ok().map(|c| LocalCaller { uid: c.uid(), gid: c.gid() });
+                        let caller = stream.peer_cred().ok().map(|c| LocalCaller {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        });
                         let (r, w) = stream.into_split();
                         let local = Local {
                             reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
@@ -554,10 +602,15 @@ impl Forward {
                 };
                 match r {
                     Ok(sock) => {
-                        let caller = sock.peer_cred().ok().map(|c| LocalCaller { uid: c.uid(), gid: c.gid() });
+                        let caller = sock.peer_cred().ok().map(|c| LocalCaller {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        });
                         match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
                             Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
-                            Err(e) => warn!(error = %e, "cannot set up the accepted seqpacket socket"),
+                            Err(e) => {
+                                warn!(error = %e, "cannot set up the accepted seqpacket socket")
+                            }
                         }
                     }
                     Err(e) => accept_failed(e).await,
@@ -659,7 +712,9 @@ fn allow_local(rules: &[String], cred: Option<&LocalCaller>) -> bool {
         return true;
     }
     let Some(cred) = cred else { return false };
-    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid)).ok().flatten();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(cred.uid))
+        .ok()
+        .flatten();
     rules.iter().any(|r| {
         if let Some(n) = r.strip_prefix("uid:") {
             n.parse::<u32>().is_ok_and(|n| n == cred.uid)
@@ -667,7 +722,9 @@ fn allow_local(rules: &[String], cred: Option<&LocalCaller>) -> bool {
             match nix::unistd::Group::from_name(g).ok().flatten() {
                 Some(grp) => {
                     grp.gid.as_raw() == cred.gid
-                        || user.as_ref().is_some_and(|u| grp.mem.iter().any(|m| *m == u.name) || u.gid == grp.gid)
+                        || user
+                            .as_ref()
+                            .is_some_and(|u| grp.mem.contains(&u.name) || u.gid == grp.gid)
                 }
                 None => false,
             }
@@ -683,13 +740,18 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         return;
     }
     let user = caller
-        .and_then(|c| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid)).ok().flatten())
+        .and_then(|c| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid))
+                .ok()
+                .flatten()
+        })
         .map(|u| u.name);
     let creds = substitute_user(&fwd.credentials, user.as_deref());
     let session = match Dialer::new(&fwd.to, &creds) {
         Ok(d) => d.open(target, client_message_limit()).await,
         Err(e) => Err(e),
     };
+    crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
     let ws = match session {
         Ok(s) => s.ws,
         Err(e) => {
@@ -723,4 +785,3 @@ fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
         token: c.token.clone(),
     }
 }
-

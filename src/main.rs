@@ -11,7 +11,9 @@ fn init_tracing(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -21,7 +23,10 @@ fn init_tracing(cli: &Cli) {
 fn main() {
     let cli = Cli::parse();
     init_tracing(&cli);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pipebridge: cannot start the runtime: {e}");
@@ -37,7 +42,13 @@ fn main() {
             Command::Ls(a) => app::ls(a).await,
             Command::Status(a) => app::status(&a.admin).await,
             Command::Certs {
-                command: CertsCommand::Init { dir, server_names, clients, force },
+                command:
+                    CertsCommand::Init {
+                        dir,
+                        server_names,
+                        clients,
+                        force,
+                    },
             } => app::certs_init(dir, server_names, clients, force),
             Command::Token {
                 command: TokenCommand::New { name },

@@ -28,7 +28,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, CertNames, Identity};
 use crate::bridge::{self, Counters, StopHandle};
-use crate::config::{Config, Direction, MessageSize, Mode, PipeConfig, MAX_BYTE_MODE_MESSAGE_BYTES};
+use crate::config::{
+    Config, Direction, MessageSize, Mode, PipeConfig, MAX_BYTE_MODE_MESSAGE_BYTES,
+};
 use crate::endpoint::{self, OpenContext};
 use crate::error::{Refusal, RefusalKind};
 use crate::tunnel::{self, protocol};
@@ -57,7 +59,10 @@ impl Gateway {
 
     /// The config in force.
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+        self.config
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Swaps in a new config and TLS setup; new connections and sessions see them,
@@ -86,16 +91,26 @@ impl Gateway {
     pub async fn drain(&self, grace: Duration) {
         self.start_drain();
         let deadline = Instant::now() + grace;
-        while self.registry.len() > 0 && Instant::now() < deadline {
+        while !self.registry.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let left = self.registry.len();
         if left > 0 {
-            info!(sessions = left, "grace period over; closing the remaining sessions");
-            self.registry.stop_all(protocol::ErrorKind::Draining, "the gateway is shutting down");
+            info!(
+                sessions = left,
+                "grace period over; closing the remaining sessions"
+            );
+            self.registry.stop_all(
+                protocol::ErrorKind::Draining,
+                "the gateway is shutting down",
+            );
         }
         self.tracker.close();
-        let _ = tokio::time::timeout(bridge::CLOSE_TIMEOUT + Duration::from_secs(1), self.tracker.wait()).await;
+        let _ = tokio::time::timeout(
+            bridge::CLOSE_TIMEOUT + Duration::from_secs(1),
+            self.tracker.wait(),
+        )
+        .await;
     }
 }
 
@@ -118,6 +133,15 @@ pub struct SessionEntry {
     /// Bytes each way.
     pub counters: Counters,
     stop: StopHandle,
+}
+
+impl SessionEntry {
+    fn labels(&self) -> crate::metrics::SessionLabels {
+        crate::metrics::SessionLabels {
+            pipe: self.pipe.clone(),
+            identity: self.identity.clone(),
+        }
+    }
 }
 
 /// Live sessions, with per-pipe and per-identity counts for limits.
@@ -180,13 +204,24 @@ impl Registry {
     ) -> Result<Admission, Refusal> {
         let mut g = self.lock();
         if g.sessions.len() >= cfg.limits.max_sessions {
-            return Err(Refusal::new(RefusalKind::Busy, "the gateway is at its session limit"));
+            return Err(Refusal::new(
+                RefusalKind::Busy,
+                "the gateway is at its session limit",
+            ));
         }
-        if g.per_identity.get(identity).copied().unwrap_or(0) >= cfg.limits.max_sessions_per_identity {
-            return Err(Refusal::new(RefusalKind::Busy, "this identity is at its session limit"));
+        if g.per_identity.get(identity).copied().unwrap_or(0)
+            >= cfg.limits.max_sessions_per_identity
+        {
+            return Err(Refusal::new(
+                RefusalKind::Busy,
+                "this identity is at its session limit",
+            ));
         }
         if g.per_pipe.get(&pipe.name).copied().unwrap_or(0) >= pipe.max_instances as usize {
-            return Err(Refusal::new(RefusalKind::Busy, "all pipe instances are busy"));
+            return Err(Refusal::new(
+                RefusalKind::Busy,
+                "all pipe instances are busy",
+            ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let entry = Arc::new(SessionEntry {
@@ -200,6 +235,10 @@ impl Registry {
             stop,
         });
         g.sessions.insert(id, entry.clone());
+        let labels = entry.labels();
+        let m = crate::metrics::get();
+        m.sessions_active.get_or_create(&labels).inc();
+        m.sessions.get_or_create(&labels).inc();
         *g.per_pipe.entry(pipe.name.clone()).or_default() += 1;
         *g.per_identity.entry(identity.to_string()).or_default() += 1;
         Ok(Admission {
@@ -214,6 +253,26 @@ impl Drop for Admission {
         let mut guard = self.registry.lock();
         let g = &mut *guard;
         g.sessions.remove(&self.entry.id);
+        let m = crate::metrics::get();
+        m.sessions_active.get_or_create(&self.entry.labels()).dec();
+        let bytes = |direction: &str, n: u64| {
+            m.bytes
+                .get_or_create(&crate::metrics::BytesLabels {
+                    pipe: self.entry.pipe.clone(),
+                    direction: direction.to_string(),
+                })
+                .inc_by(n);
+        };
+        bytes("in", self.entry.counters.to_local.load(Ordering::Relaxed));
+        bytes(
+            "out",
+            self.entry.counters.from_local.load(Ordering::Relaxed),
+        );
+        m.session_duration
+            .get_or_create(&crate::metrics::PipeLabels {
+                pipe: self.entry.pipe.clone(),
+            })
+            .observe(self.entry.started.elapsed().as_secs_f64());
         for (map, key) in [
             (&mut g.per_pipe, &self.entry.pipe),
             (&mut g.per_identity, &self.entry.identity),
@@ -249,7 +308,8 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
         let _ = tcp.set_nodelay(true);
         let gw2 = gw.clone();
         gw.tracker.spawn(
-            async move { connection(tcp, peer, gw2).await }.instrument(tracing::debug_span!("conn", %peer)),
+            async move { connection(tcp, peer, gw2).await }
+                .instrument(tracing::debug_span!("conn", %peer)),
         );
     }
 }
@@ -258,7 +318,11 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let cfg = gw.config();
     let started = Instant::now();
     let timeout = cfg.limits.handshake_timeout;
-    let acceptor = gw.tls.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone());
+    let acceptor = gw
+        .tls
+        .read()
+        .map(|a| a.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
     let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -276,8 +340,14 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| CertNames::from_der(c.as_ref()));
-    let conn = Arc::new(ConnInfo { peer, cert });
-    let remaining = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+    let conn = Arc::new(ConnInfo {
+        peer,
+        cert,
+        accepted: started,
+    });
+    let remaining = timeout
+        .saturating_sub(started.elapsed())
+        .max(Duration::from_millis(1));
     let gw2 = gw.clone();
     let svc = hyper::service::service_fn(move |req| {
         let gw = gw2.clone();
@@ -289,7 +359,11 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .timer(TokioTimer::new())
         .header_read_timeout(remaining)
         .max_buf_size(cfg.limits.max_header_size.max(8192));
-    if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).with_upgrades().await {
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(tls), svc)
+        .with_upgrades()
+        .await
+    {
         debug!(error = %e, "HTTP connection ended with an error");
     }
 }
@@ -297,22 +371,30 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
 struct ConnInfo {
     peer: SocketAddr,
     cert: Option<CertNames>,
+    accepted: Instant,
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 fn refuse(r: &Refusal, conn: &ConnInfo, path: &str) -> Response<Full<Bytes>> {
+    crate::metrics::get().refused(r.kind);
     info!(peer = %conn.peer, status = r.kind.status().as_u16(), kind = %r.kind, path = %path.chars().take(200).collect::<String>(), "refused");
     json_response(r.kind.status(), r.body())
 }
 
-async fn handle(mut req: Request<Incoming>, conn: Arc<ConnInfo>, gw: Arc<Gateway>) -> Response<Full<Bytes>> {
+async fn handle(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    gw: Arc<Gateway>,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let result = if path == "/pipes" || path == "/pipes/" {
         list(&req, &conn, &gw)
@@ -320,19 +402,37 @@ async fn handle(mut req: Request<Incoming>, conn: Arc<ConnInfo>, gw: Arc<Gateway
         let name = name.to_string();
         session(&mut req, &name, &conn, &gw).await
     } else {
-        Err(Refusal::new(RefusalKind::NotFound, "no such path: sessions are at /pipes/{name}"))
+        Err(Refusal::new(
+            RefusalKind::NotFound,
+            "no such path: sessions are at /pipes/{name}",
+        ))
     };
     result.unwrap_or_else(|r| refuse(&r, &conn, &path))
 }
 
-fn authenticate(req: &Request<Incoming>, conn: &ConnInfo, cfg: &Config) -> Result<Identity, Refusal> {
-    let bearer = auth::bearer(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()))?;
+fn authenticate(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    cfg: &Config,
+) -> Result<Identity, Refusal> {
+    let bearer = auth::bearer(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )?;
     auth::authenticate(&cfg.identities, conn.cert.as_ref(), bearer)
 }
 
-fn list(req: &Request<Incoming>, conn: &ConnInfo, gw: &Gateway) -> Result<Response<Full<Bytes>>, Refusal> {
+fn list(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    gw: &Gateway,
+) -> Result<Response<Full<Bytes>>, Refusal> {
     if req.method() != Method::GET {
-        return Err(Refusal::new(RefusalKind::BadRequest, "only GET is supported"));
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            "only GET is supported",
+        ));
     }
     let cfg = gw.config();
     let id = authenticate(req, conn, &cfg)?;
@@ -392,7 +492,10 @@ async fn session(
     let is_upgrade = header_has_token(req, header::UPGRADE, "websocket")
         && header_has_token(req, header::CONNECTION, "upgrade");
     if req.method() != Method::GET {
-        return Err(Refusal::new(RefusalKind::BadRequest, "sessions are opened with GET"));
+        return Err(Refusal::new(
+            RefusalKind::BadRequest,
+            "sessions are opened with GET",
+        ));
     }
     if !is_upgrade {
         return Err(Refusal::new(
@@ -414,12 +517,20 @@ async fn session(
     if !header_has_token(req, header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL) {
         return Err(Refusal::new(
             RefusalKind::BadRequest,
-            format!("the WebSocket subprotocol must be {}", protocol::SUBPROTOCOL),
+            format!(
+                "the WebSocket subprotocol must be {}",
+                protocol::SUBPROTOCOL
+            ),
         ));
     }
     let cfg = gw.config();
     let identity = authenticate(req, conn, &cfg)?;
-    let forbidden = || Refusal::new(RefusalKind::Forbidden, "not allowed on this pipe, or no such pipe");
+    let forbidden = || {
+        Refusal::new(
+            RefusalKind::Forbidden,
+            "not allowed on this pipe, or no such pipe",
+        )
+    };
     let pipe = cfg.pipe(name).ok_or_else(forbidden)?;
     if !auth::allowed(&identity, pipe) {
         return Err(forbidden());
@@ -439,7 +550,10 @@ async fn session(
         ));
     }
     if gw.is_draining() {
-        return Err(Refusal::new(RefusalKind::Draining, "the gateway is shutting down"));
+        return Err(Refusal::new(
+            RefusalKind::Draining,
+            "the gateway is shutting down",
+        ));
     }
     let (stop, stop_signal) = bridge::stop_pair();
     let admission = gw
@@ -470,6 +584,7 @@ async fn session(
     let on_upgrade = hyper::upgrade::on(req);
     let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
     let method = identity.method;
+    let accepted = conn.accepted;
     gw.tracker.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -479,7 +594,15 @@ async fn session(
                     return;
                 }
             };
-            let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_cfg)).await;
+            crate::metrics::get()
+                .handshake
+                .observe(accepted.elapsed().as_secs_f64());
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(ws_cfg),
+            )
+            .await;
             let entry = admission.entry.clone();
             debug!("session started");
             let out = bridge::run(ws, local, &entry.counters, stop_signal).await;
@@ -502,8 +625,14 @@ async fn session(
         header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(protocol::SUBPROTOCOL),
     );
-    h.insert(crate::client::HEADER_DIRECTION, HeaderValue::from_static(direction.as_str()));
-    h.insert(crate::client::HEADER_MODE, HeaderValue::from_static(mode.as_str()));
+    h.insert(
+        crate::client::HEADER_DIRECTION,
+        HeaderValue::from_static(direction.as_str()),
+    );
+    h.insert(
+        crate::client::HEADER_MODE,
+        HeaderValue::from_static(mode.as_str()),
+    );
     Ok(resp)
 }
 

@@ -76,7 +76,14 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(l) => write!(f, "{}:{}: {}: {}", self.file.display(), l, self.key, self.message),
+            Some(l) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file.display(),
+                l,
+                self.key,
+                self.message
+            ),
             None => write!(f, "{}: {}: {}", self.file.display(), self.key, self.message),
         }
     }
@@ -749,7 +756,10 @@ impl Validator<'_> {
             max_message_size: MessageSize::Auto,
         };
         let Some(r) = raw else { return l };
-        if let Some(v) = r.max_sessions.and_then(|v| self.count(&v, "limits.max_sessions", 1 << 24)) {
+        if let Some(v) = r
+            .max_sessions
+            .and_then(|v| self.count(&v, "limits.max_sessions", 1 << 24))
+        {
             l.max_sessions = v as usize;
         }
         if let Some(v) = r
@@ -761,7 +771,11 @@ impl Validator<'_> {
         if let Some(d) = r.handshake_timeout {
             if let Some(v) = self.duration(&d, "limits.handshake_timeout") {
                 if v.is_zero() {
-                    self.err(d.span(), "limits.handshake_timeout", "must be more than zero");
+                    self.err(
+                        d.span(),
+                        "limits.handshake_timeout",
+                        "must be more than zero",
+                    );
                 } else {
                     l.handshake_timeout = v;
                 }
@@ -770,7 +784,11 @@ impl Validator<'_> {
         if let Some(d) = r.max_header_size {
             if let Some(v) = self.size(&d, "limits.max_header_size") {
                 if !(1024..=(1 << 20)).contains(&v) {
-                    self.err(d.span(), "limits.max_header_size", "must be between 1KiB and 1MiB");
+                    self.err(
+                        d.span(),
+                        "limits.max_header_size",
+                        "must be between 1KiB and 1MiB",
+                    );
                 } else {
                     l.max_header_size = v as usize;
                 }
@@ -796,13 +814,20 @@ impl Validator<'_> {
             timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         };
         let Some(r) = raw else { return k };
-        if let Some(v) = r.interval.and_then(|d| self.duration(&d, "keepalive.interval")) {
+        if let Some(v) = r
+            .interval
+            .and_then(|d| self.duration(&d, "keepalive.interval"))
+        {
             k.interval = v;
         }
         if let Some(d) = r.timeout {
             if let Some(v) = self.duration(&d, "keepalive.timeout") {
                 if v < k.interval {
-                    self.err(d.span(), "keepalive.timeout", "must be at least keepalive.interval");
+                    self.err(
+                        d.span(),
+                        "keepalive.timeout",
+                        "must be at least keepalive.interval",
+                    );
                 } else {
                     k.timeout = v;
                 }
@@ -817,7 +842,11 @@ impl Validator<'_> {
             let span = r.span();
             let r = r.into_inner();
             let Some(name) = r.name else {
-                self.err(span, format!("identity[{i}].name"), "every [[identity]] needs a name");
+                self.err(
+                    span,
+                    format!("identity[{i}].name"),
+                    "every [[identity]] needs a name",
+                );
                 continue;
             };
             let key = format!("identity {:?}", name.get_ref());
@@ -829,7 +858,11 @@ impl Validator<'_> {
                 );
             }
             if out.iter().any(|o| &o.name == name.get_ref()) {
-                self.err(name.span(), format!("{key}.name"), "duplicate identity name");
+                self.err(
+                    name.span(),
+                    format!("{key}.name"),
+                    "duplicate identity name",
+                );
             }
             let mut token = None;
             if let Some(t) = &r.token_sha256 {
@@ -874,7 +907,11 @@ impl Validator<'_> {
             }
             let principal = match (&r.user, &r.uid) {
                 (Some(_), Some(u)) => {
-                    self.err(u.span(), format!("{key}.uid"), "give user or uid/gid, not both");
+                    self.err(
+                        u.span(),
+                        format!("{key}.uid"),
+                        "give user or uid/gid, not both",
+                    );
                     None
                 }
                 (Some(u), None) => {
@@ -906,7 +943,11 @@ impl Validator<'_> {
                                     if (0..u32::MAX as i64).contains(&n) {
                                         Some(n as u32)
                                     } else {
-                                        self.err(g.span(), format!("{key}.gids"), "ids must be between 0 and 4294967294");
+                                        self.err(
+                                            g.span(),
+                                            format!("{key}.gids"),
+                                            "ids must be between 0 and 4294967294",
+                                        );
                                         None
                                     }
                                 })
@@ -974,7 +1015,11 @@ impl Validator<'_> {
             let span = r.span();
             let r = r.into_inner();
             let Some(name) = r.name else {
-                self.err(span, format!("pipe[{i}].name"), "every [[pipe]] needs a name");
+                self.err(
+                    span,
+                    format!("pipe[{i}].name"),
+                    "every [[pipe]] needs a name",
+                );
                 continue;
             };
             let key = format!("pipe {:?}", name.get_ref());
@@ -997,7 +1042,10 @@ impl Validator<'_> {
                     );
                     None
                 }
-                (Some(e), argv) => match EndpointSpec::parse_export(e.get_ref(), argv.as_ref().map(|a| a.get_ref().as_slice())) {
+                (Some(e), argv) => match EndpointSpec::parse_export(
+                    e.get_ref(),
+                    argv.as_ref().map(|a| a.get_ref().as_slice()),
+                ) {
                     Ok(ep) => Some(ep),
                     Err(m) => {
                         self.err(e.span(), format!("{key}.endpoint"), m);
@@ -1007,7 +1055,11 @@ impl Validator<'_> {
             };
             if r.argv.is_some() && r.endpoint.as_ref().is_some_and(|e| e.get_ref() != "exec") {
                 if let Some(a) = &r.argv {
-                    self.err(a.span(), format!("{key}.argv"), "argv goes with endpoint = \"exec\" only");
+                    self.err(
+                        a.span(),
+                        format!("{key}.argv"),
+                        "argv goes with endpoint = \"exec\" only",
+                    );
                 }
             }
             let mut allow = Vec::new();
@@ -1027,7 +1079,9 @@ impl Validator<'_> {
                         self.err(
                             a.span(),
                             format!("{key}.allow"),
-                            format!("unknown identity {s:?} (allow lists name identities or @groups)"),
+                            format!(
+                                "unknown identity {s:?} (allow lists name identities or @groups)"
+                            ),
                         );
                     }
                     allow.push(AllowRule::Identity(s.clone()));
@@ -1080,7 +1134,11 @@ impl Validator<'_> {
                         v
                     }
                     None => {
-                        self.err(m.span(), format!("{key}.mode"), "must be \"byte\" or \"message\"");
+                        self.err(
+                            m.span(),
+                            format!("{key}.mode"),
+                            "must be \"byte\" or \"message\"",
+                        );
                         Mode::Byte
                     }
                 },
@@ -1098,7 +1156,8 @@ impl Validator<'_> {
                 }
                 Some(d) => match Direction::parse(d.get_ref()) {
                     Some(v) => {
-                        if v == Direction::Duplex && matches!(endpoint, Some(EndpointSpec::Fifo(_))) {
+                        if v == Direction::Duplex && matches!(endpoint, Some(EndpointSpec::Fifo(_)))
+                        {
                             self.err(
                                 d.span(),
                                 format!("{key}.direction"),
@@ -1108,7 +1167,11 @@ impl Validator<'_> {
                         v
                     }
                     None => {
-                        self.err(d.span(), format!("{key}.direction"), "must be \"duplex\", \"in\" or \"out\"");
+                        self.err(
+                            d.span(),
+                            format!("{key}.direction"),
+                            "must be \"duplex\", \"in\" or \"out\"",
+                        );
                         Direction::Duplex
                     }
                 },
@@ -1126,7 +1189,11 @@ impl Validator<'_> {
                 .unwrap_or(limits.max_message_size);
             if let Some(sd) = &r.security_descriptor {
                 if !matches!(endpoint, Some(EndpointSpec::Npipe(_))) {
-                    self.err(sd.span(), format!("{key}.security_descriptor"), "applies to npipe: pipes only");
+                    self.err(
+                        sd.span(),
+                        format!("{key}.security_descriptor"),
+                        "applies to npipe: pipes only",
+                    );
                 }
             }
             let is_exec = matches!(endpoint, Some(EndpointSpec::Exec { .. }));
@@ -1163,7 +1230,11 @@ impl Validator<'_> {
         let key = format!("forward[{i}]");
         let listen = match &r.listen {
             None => {
-                self.err(span.clone(), format!("{key}.listen"), "missing; expected unix:PATH or dotnet:NAME");
+                self.err(
+                    span.clone(),
+                    format!("{key}.listen"),
+                    "missing; expected unix:PATH or dotnet:NAME",
+                );
                 None
             }
             Some(l) => match EndpointSpec::parse_hosted(l.get_ref()) {
@@ -1176,7 +1247,11 @@ impl Validator<'_> {
         };
         let to = match &r.to {
             None => {
-                self.err(span, format!("{key}.to"), "missing; expected wss://HOST:PORT/pipes/NAME");
+                self.err(
+                    span,
+                    format!("{key}.to"),
+                    "missing; expected wss://HOST:PORT/pipes/NAME",
+                );
                 None
             }
             Some(t) => match crate::client::parse_pipe_url(t.get_ref()) {
@@ -1198,7 +1273,12 @@ impl Validator<'_> {
             },
         };
         if r.cert.is_some() != r.key.is_some() {
-            let s = r.cert.as_ref().or(r.key.as_ref()).map(|s| s.span()).unwrap_or_default();
+            let s = r
+                .cert
+                .as_ref()
+                .or(r.key.as_ref())
+                .map(|s| s.span())
+                .unwrap_or_default();
             self.err(s, format!("{key}.cert"), "cert and key go together");
         }
         let credentials = crate::client::CredentialPaths {
@@ -1226,7 +1306,8 @@ pub fn valid_name(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && b[0] != b'.'
-        && b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'_' || c == b'-')
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -1297,7 +1378,9 @@ groups = ["ops"]
         assert_eq!(errs[0].line, Some(name_line));
         assert!(errs[0].to_string().starts_with("test.toml:"), "{}", errs[0]);
         assert!(errs.iter().any(|e| e.key.ends_with(".endpoint")));
-        assert!(errs.iter().any(|e| e.message.contains("unknown identity \"bob\"")));
+        assert!(errs
+            .iter()
+            .any(|e| e.message.contains("unknown identity \"bob\"")));
     }
 
     #[test]
@@ -1326,7 +1409,9 @@ groups = ["ops"]
         ))
         .unwrap();
         assert_eq!(ok.identities[1].token_sha256.unwrap()[0], 0x9f);
-        let bad = parse(&format!("{BASE}\n[[identity]]\nname = \"t\"\ntoken_sha256 = \"XYZ\"\n"));
+        let bad = parse(&format!(
+            "{BASE}\n[[identity]]\nname = \"t\"\ntoken_sha256 = \"XYZ\"\n"
+        ));
         assert!(bad.unwrap_err().to_string().contains("64 lowercase hex"));
     }
 

@@ -35,7 +35,9 @@ pub fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
     }
     let d = parse_duration(s)?;
     if d.is_zero() {
-        return Err(format!("invalid duration {s:?}: use \"off\" to disable, not zero"));
+        return Err(format!(
+            "invalid duration {s:?}: use \"off\" to disable, not zero"
+        ));
     }
     Ok(Some(d))
 }

@@ -18,9 +18,14 @@ pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Spawns the child of an `exec:` pipe for one session.
 pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenError> {
     let Some((program, args)) = argv.split_first() else {
-        return Err(OpenError::new("the local endpoint could not be opened", "exec: empty argv"));
+        return Err(OpenError::new(
+            "the local endpoint could not be opened",
+            "exec: empty argv",
+        ));
     };
-    let account = nix::unistd::User::from_uid(nix::unistd::geteuid()).ok().flatten();
+    let account = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten();
     let (home, user) = match &account {
         Some(u) => (u.dir.clone(), u.name.clone()),
         None => (PathBuf::from("/"), nix::unistd::geteuid().to_string()),
@@ -41,8 +46,16 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         .env("PIPEBRIDGE_IDENTITY", &ctx.identity)
         .env("PIPEBRIDGE_PIPE", &pipe.name)
         .current_dir(&cwd)
-        .stdin(if ctx.direction.client_writes() { Stdio::piped() } else { Stdio::null() })
-        .stdout(if ctx.direction.client_reads() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if ctx.direction.client_writes() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(if ctx.direction.client_reads() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| {
@@ -62,8 +75,14 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
             .in_current_span(),
         );
     }
-    let reader = child.stdout.take().map(|s| Reader::Bytes(Box::new(s) as BoxRead));
-    let writer = child.stdin.take().map(|s| Writer::Bytes(Box::new(s) as BoxWrite));
+    let reader = child
+        .stdout
+        .take()
+        .map(|s| Reader::Bytes(Box::new(s) as BoxRead));
+    let writer = child
+        .stdin
+        .take()
+        .map(|s| Writer::Bytes(Box::new(s) as BoxWrite));
     Ok(Local {
         reader,
         writer,

@@ -68,7 +68,10 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
         let deadline = Instant::now() + ctx.timeout;
         let tx = open_writer(path, deadline).await.map_err(|e| {
             if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
-                OpenError::new("no reader on the local FIFO", format!("open {}: no reader", path.display()))
+                OpenError::new(
+                    "no reader on the local FIFO",
+                    format!("open {}: no reader", path.display()),
+                )
             } else {
                 super::unix::connect_error(path, &e)
             }
@@ -90,14 +93,18 @@ pub fn create(path: &Path, mode: u32) -> io::Result<()> {
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a FIFO; refusing to replace it", path.display()),
+                format!(
+                    "{} exists and is not a FIFO; refusing to replace it",
+                    path.display()
+                ),
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)?;
             }
-            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)).map_err(io::Error::from)?;
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode))
+                .map_err(io::Error::from)?;
         }
         Err(e) => return Err(e),
     }

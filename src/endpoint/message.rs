@@ -64,29 +64,44 @@ impl MsgReader {
                     return Ok(None);
                 }
                 if len > *max {
-                    return Err(MsgError::TooBig { size: len, max: *max });
+                    return Err(MsgError::TooBig {
+                        size: len,
+                        max: *max,
+                    });
                 }
                 let mut buf = BytesMut::zeroed(len);
                 let info = sock.recv(&mut buf).await?;
                 if info.truncated() {
-                    return Err(MsgError::TooBig { size: len + 1, max: *max });
+                    return Err(MsgError::TooBig {
+                        size: len + 1,
+                        max: *max,
+                    });
                 }
                 buf.truncate(info.bytes_read());
                 Ok(Some(buf.freeze()))
             }
             MsgReader::Lines { input, max } => {
                 let mut line = Vec::new();
-                let n = (&mut *input).take(*max as u64 + 2).read_until(b'\n', &mut line).await?;
+                let n = (&mut *input)
+                    .take(*max as u64 + 2)
+                    .read_until(b'\n', &mut line)
+                    .await?;
                 if n == 0 {
                     return Ok(None);
                 }
                 if line.last() == Some(&b'\n') {
                     line.pop();
                 } else if line.len() > *max {
-                    return Err(MsgError::TooBig { size: line.len(), max: *max });
+                    return Err(MsgError::TooBig {
+                        size: line.len(),
+                        max: *max,
+                    });
                 }
                 if line.len() > *max {
-                    return Err(MsgError::TooBig { size: line.len(), max: *max });
+                    return Err(MsgError::TooBig {
+                        size: line.len(),
+                        max: *max,
+                    });
                 }
                 Ok(Some(Bytes::from(line)))
             }
@@ -108,7 +123,10 @@ impl MsgReader {
                 }
                 let len = u32::from_be_bytes(hdr) as usize;
                 if len > *max {
-                    return Err(MsgError::TooBig { size: len, max: *max });
+                    return Err(MsgError::TooBig {
+                        size: len,
+                        max: *max,
+                    });
                 }
                 let mut buf = BytesMut::zeroed(len);
                 input.read_exact(&mut buf).await?;
@@ -124,9 +142,13 @@ async fn peek_len(sock: &UnixSeqpacket) -> io::Result<usize> {
     loop {
         let mut guard = sock.as_async_fd().readable().await?;
         let r = guard.try_io(|fd| {
-            rustix::net::recv(fd, &mut [0u8; 0][..], RecvFlags::PEEK | RecvFlags::TRUNC | RecvFlags::DONTWAIT)
-                .map(|(_, len)| len)
-                .map_err(io::Error::from)
+            rustix::net::recv(
+                fd,
+                &mut [0u8; 0][..],
+                RecvFlags::PEEK | RecvFlags::TRUNC | RecvFlags::DONTWAIT,
+            )
+            .map(|(_, len)| len)
+            .map_err(io::Error::from)
         });
         match r {
             Ok(res) => return res,
@@ -151,7 +173,9 @@ impl MsgWriter {
         match self {
             MsgWriter::Seqpacket(sock) => {
                 if data.is_empty() {
-                    tracing::debug!("dropping a zero-length message: a seqpacket reader would see EOF");
+                    tracing::debug!(
+                        "dropping a zero-length message: a seqpacket reader would see EOF"
+                    );
                     return Ok(());
                 }
                 let n = sock.send(data).await?;
@@ -165,7 +189,8 @@ impl MsgWriter {
                 w.write_all(b"\n").await
             }
             MsgWriter::U32be(w) => {
-                let len = u32::try_from(data.len()).map_err(|_| io::Error::other("message too long for u32be framing"))?;
+                let len = u32::try_from(data.len())
+                    .map_err(|_| io::Error::other("message too long for u32be framing"))?;
                 w.write_all(&len.to_be_bytes()).await?;
                 w.write_all(data).await
             }

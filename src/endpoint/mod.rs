@@ -48,8 +48,13 @@ impl EndpointSpec {
     pub fn parse_export(s: &str, argv: Option<&[String]>) -> Result<EndpointSpec, String> {
         if s == "exec" {
             return match argv {
-                Some(a) if !a.is_empty() && !a[0].is_empty() => Ok(EndpointSpec::Exec { argv: a.to_vec() }),
-                _ => Err("endpoint = \"exec\" needs a non-empty argv = [\"program\", \"arg\", ...]".into()),
+                Some(a) if !a.is_empty() && !a[0].is_empty() => {
+                    Ok(EndpointSpec::Exec { argv: a.to_vec() })
+                }
+                _ => Err(
+                    "endpoint = \"exec\" needs a non-empty argv = [\"program\", \"arg\", ...]"
+                        .into(),
+                ),
             };
         }
         let (kind, target) = s.split_once(':').ok_or_else(|| {
@@ -235,7 +240,10 @@ pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenErr
         EndpointSpec::Fifo(p) => fifo::open(p, ctx).await,
         other => Err(OpenError::new(
             "this endpoint kind is not available",
-            format!("endpoint kind {} cannot be opened on this platform", other.kind()),
+            format!(
+                "endpoint kind {} cannot be opened on this platform",
+                other.kind()
+            ),
         )),
     }
 }

@@ -24,7 +24,12 @@ pub fn auto_max_message() -> usize {
 
 fn probe() -> io::Result<usize> {
     use rustix::net::{sockopt, AddressFamily, SendFlags, SocketFlags, SocketType};
-    let (a, b) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+    let (a, b) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     let wmem_max = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
@@ -53,7 +58,9 @@ pub fn check_limit(max: usize) -> Result<(), String> {
         return Ok(());
     }
     let (a, _b) = UnixSeqpacket::pair().map_err(|e| e.to_string())?;
-    if rustix::net::sockopt::set_socket_send_buffer_size_force(&a, max + SNDBUF_SLACK_BYTES).is_err() {
+    if rustix::net::sockopt::set_socket_send_buffer_size_force(&a, max + SNDBUF_SLACK_BYTES)
+        .is_err()
+    {
         return Err(format!(
             "max_message_size {max} exceeds {} bytes, the largest seqpacket record this kernel allows without CAP_NET_ADMIN; raise the sysctl net.core.wmem_max to at least {} or lower max_message_size",
             auto_max_message(),
@@ -81,7 +88,12 @@ pub fn local(sock: UnixSeqpacket, max: usize, reads: bool, writes: bool) -> io::
     size_send_buffer(&sock, max)?;
     let sock = Arc::new(sock);
     Ok(Local {
-        reader: reads.then(|| Reader::Messages(MsgReader::Seqpacket { sock: sock.clone(), max })),
+        reader: reads.then(|| {
+            Reader::Messages(MsgReader::Seqpacket {
+                sock: sock.clone(),
+                max,
+            })
+        }),
         writer: writes.then(|| Writer::Messages(MsgWriter::Seqpacket(sock.clone()))),
         child: None,
     })
@@ -99,6 +111,16 @@ pub async fn connect(path: &Path, max: usize, ctx: &OpenContext) -> Result<Local
             ))
         }
     };
-    local(sock, max, ctx.direction.client_reads(), ctx.direction.client_writes())
-        .map_err(|e| OpenError::new("the local endpoint could not be opened", format!("{}: {e}", path.display())))
+    local(
+        sock,
+        max,
+        ctx.direction.client_reads(),
+        ctx.direction.client_writes(),
+    )
+    .map_err(|e| {
+        OpenError::new(
+            "the local endpoint could not be opened",
+            format!("{}: {e}", path.display()),
+        )
+    })
 }

@@ -24,8 +24,14 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
     };
     let (r, w) = stream.into_split();
     Ok(Local {
-        reader: ctx.direction.client_reads().then(|| super::Reader::Bytes(Box::new(r))),
-        writer: ctx.direction.client_writes().then(|| super::Writer::Bytes(Box::new(w))),
+        reader: ctx
+            .direction
+            .client_reads()
+            .then(|| super::Reader::Bytes(Box::new(r))),
+        writer: ctx
+            .direction
+            .client_writes()
+            .then(|| super::Writer::Bytes(Box::new(w))),
         child: None,
     })
 }
@@ -33,7 +39,9 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
 /// Maps a connect error to a peer message without internals.
 pub fn connect_error(path: &Path, e: &io::Error) -> OpenError {
     let public = match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => "nothing is listening on the local endpoint",
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            "nothing is listening on the local endpoint"
+        }
         io::ErrorKind::PermissionDenied => "permission denied on the local endpoint",
         _ => "the local endpoint could not be opened",
     };
@@ -71,7 +79,10 @@ impl Drop for HostedFile {
 pub async fn prepare_socket_path(path: &Path) -> io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)?;
         }
     }
     match std::fs::symlink_metadata(path) {
@@ -84,14 +95,20 @@ pub async fn prepare_socket_path(path: &Path) -> io::Result<()> {
             if live {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a live server; refusing to take it over", path.display()),
+                    format!(
+                        "{} is in use by a live server; refusing to take it over",
+                        path.display()
+                    ),
                 ));
             }
             std::fs::remove_file(path)
         }
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            format!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            ),
         )),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

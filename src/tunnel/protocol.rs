@@ -75,9 +75,9 @@ impl ErrorKind {
         match self {
             ErrorKind::EndpointFailed => CLOSE_ENDPOINT_FAILED,
             ErrorKind::MessageTooBig => CLOSE_TOO_BIG,
-            ErrorKind::ForbiddenDirection | ErrorKind::ProtocolError | ErrorKind::AccessWithdrawn => {
-                CLOSE_POLICY
-            }
+            ErrorKind::ForbiddenDirection
+            | ErrorKind::ProtocolError
+            | ErrorKind::AccessWithdrawn => CLOSE_POLICY,
             ErrorKind::Draining => CLOSE_GOING_AWAY,
         }
     }

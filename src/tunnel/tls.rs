@@ -52,7 +52,8 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads a PEM private key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, format!("cannot read a private key: {e}")))
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| file_err(path, format!("cannot read a private key: {e}")))
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
@@ -90,7 +91,8 @@ pub fn server_config(
                     .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
                 crl_ders.extend(list);
             }
-            let mut vb = WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
+            let mut vb =
+                WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
             if tokens_configured {
                 vb = vb.allow_unauthenticated();
             }
@@ -107,7 +109,10 @@ pub fn server_config(
 }
 
 /// Client config: trust `ca` (or the system trust store) and present `cert`/`key` if given.
-pub fn client_config(ca: Option<&Path>, cert_key: Option<(&Path, &Path)>) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    ca: Option<&Path>,
+    cert_key: Option<(&Path, &Path)>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match ca {
         Some(p) => load_roots(p)?,
         None => {
