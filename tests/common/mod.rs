@@ -51,7 +51,10 @@ pub struct Fixture {
 impl Fixture {
     /// A new temp dir with a PKI under `pki/`.
     pub fn new() -> Fixture {
-        let tmp = tempfile::Builder::new().prefix("pbt").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("pbt")
+            .tempdir()
+            .expect("tempdir");
         pki::init(&CertsInit {
             dir: tmp.path().join("pki"),
             server_names: vec!["localhost".into()],
@@ -149,7 +152,9 @@ impl Fixture {
         let proc = Proc::spawn(cmd, self.dir(), false);
         let mut gw = Gateway { proc, port: 0 };
         if text.contains("[server]") {
-            let line = gw.proc.wait_for_line("pipebridge: listening on ", START_TIMEOUT);
+            let line = gw
+                .proc
+                .wait_for_line("pipebridge: listening on ", START_TIMEOUT);
             let addr = line.trim_start_matches("pipebridge: listening on ").trim();
             gw.port = addr
                 .rsplit(':')
@@ -159,8 +164,9 @@ impl Fixture {
         }
         let forwards = text.matches("[[forward]]").count();
         if forwards > 0 {
-            gw.proc
-                .wait_until(START_TIMEOUT, |log| log.matches("pipebridge: forwarding ").count() >= forwards);
+            gw.proc.wait_until(START_TIMEOUT, |log| {
+                log.matches("pipebridge: forwarding ").count() >= forwards
+            });
         }
         gw
     }
@@ -172,7 +178,13 @@ impl Fixture {
     }
 
     /// Runs the binary with `args` and extra `env` in the temp dir, feeding `stdin`.
-    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)], stdin: &[u8], timeout: Duration) -> Output {
+    pub fn run_env(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Output {
         let mut cmd = Command::new(BIN);
         cmd.args(args);
         scrub(&mut cmd);
@@ -237,7 +249,11 @@ impl Proc {
     /// else null; stdout is null.
     pub fn spawn(mut cmd: Command, cwd: &Path, piped_stdin: bool) -> Proc {
         cmd.current_dir(cwd)
-            .stdin(if piped_stdin { Stdio::piped() } else { Stdio::null() })
+            .stdin(if piped_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn pipebridge");
@@ -251,7 +267,10 @@ impl Proc {
                 line.clear();
                 match r.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => log2.lock().unwrap().push_str(&String::from_utf8_lossy(&line)),
+                    Ok(_) => log2
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&line)),
                 }
             }
         });
@@ -286,7 +305,10 @@ impl Proc {
                 if pred(&self.log()) {
                     return;
                 }
-                panic!("pipebridge exited ({st}) before it was ready; stderr:\n{}", self.log());
+                panic!(
+                    "pipebridge exited ({st}) before it was ready; stderr:\n{}",
+                    self.log()
+                );
             }
             if Instant::now() > deadline {
                 panic!("timed out waiting for pipebridge; stderr:\n{}", self.log());
@@ -583,7 +605,8 @@ pub fn unix_request(path: &Path, data: &[u8], timeout: Duration) -> Vec<u8> {
     let data = data.to_vec();
     let writer = thread::spawn(move || {
         w.write_all(&data).expect("write to the forward");
-        w.shutdown(std::net::Shutdown::Write).expect("shutdown write");
+        w.shutdown(std::net::Shutdown::Write)
+            .expect("shutdown write");
     });
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).expect("read the reply");
@@ -618,8 +641,12 @@ pub struct RawResponse {
 impl RawResponse {
     /// The body as JSON (panics with the body if it is not JSON).
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// A header's value.
@@ -642,7 +669,10 @@ impl RawResponse {
         assert_eq!(v["error"], kind, "error kind in {v}");
         let obj = v.as_object().expect("a JSON object");
         assert_eq!(obj.len(), 2, "exactly error and message: {v}");
-        let msg = v["message"].as_str().expect("message is a string").to_string();
+        let msg = v["message"]
+            .as_str()
+            .expect("message is a string")
+            .to_string();
         assert!(!msg.is_empty(), "empty message in {v}");
         msg
     }
@@ -685,7 +715,9 @@ fn tls_config(fx: &Fixture, creds: Creds<'_>) -> Arc<rustls::ClientConfig> {
 
 /// Opens a TLS connection to the gateway on `port` as `creds`.
 pub async fn tls_connect(fx: &Fixture, port: u16, creds: Creds<'_>) -> TlsStream {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("tcp connect");
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("tcp connect");
     let connector = tokio_rustls::TlsConnector::from(tls_config(fx, creds));
     let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
@@ -696,7 +728,12 @@ pub async fn tls_connect(fx: &Fixture, port: u16, creds: Creds<'_>) -> TlsStream
 
 /// Sends `request` exactly as given on a new connection and reads one response. The
 /// stream is returned so a 101 session can be held open.
-pub async fn raw_exchange(fx: &Fixture, port: u16, creds: Creds<'_>, request: &[u8]) -> (RawResponse, TlsStream) {
+pub async fn raw_exchange(
+    fx: &Fixture,
+    port: u16,
+    creds: Creds<'_>,
+    request: &[u8],
+) -> (RawResponse, TlsStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tls_connect(fx, port, creds).await;
     let resp = tokio::time::timeout(Duration::from_secs(15), async {
@@ -709,7 +746,11 @@ pub async fn raw_exchange(fx: &Fixture, port: u16, creds: Creds<'_>, request: &[
                 break i + 4;
             }
             let n = s.read(&mut chunk).await.expect("read response");
-            assert!(n > 0, "connection closed before a full response head: {:?}", String::from_utf8_lossy(&buf));
+            assert!(
+                n > 0,
+                "connection closed before a full response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
@@ -741,7 +782,11 @@ pub async fn raw_exchange(fx: &Fixture, port: u16, creds: Creds<'_>, request: &[
             }
             body.truncate(len);
         }
-        RawResponse { status, headers, body }
+        RawResponse {
+            status,
+            headers,
+            body,
+        }
     })
     .await
     .expect("timed out waiting for the response");
