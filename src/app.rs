@@ -99,6 +99,53 @@ pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a config that needs impersonation (or socket ownership changes) on a gateway
+/// lacking the capabilities for it, naming the capability and the pipe; starts the
+/// impersonation threads when needed.
+pub fn check_capabilities(cfg: &Config) -> Result<(), String> {
+    use rustix::thread::CapabilitySet as C;
+    let mut any = false;
+    for p in &cfg.pipes {
+        if p.run_as == config::RunAs::Gateway {
+            continue;
+        }
+        any = true;
+        let mut need = C::SETUID | C::SETGID;
+        if matches!(p.endpoint, EndpointSpec::Exec { .. }) {
+            need |= C::KILL;
+        }
+        let missing = crate::identity::unix::missing_capabilities(need);
+        if !missing.is_empty() {
+            return Err(format!(
+                "pipe {:?}: run_as = {} needs {}, which this gateway does not have (run it as root or grant the capabilities)",
+                p.name,
+                match &p.run_as {
+                    config::RunAs::Client => "\"client\"".to_string(),
+                    config::RunAs::User(u) => format!("\"user:{}\"", u.name),
+                    config::RunAs::Gateway => String::new(),
+                },
+                missing.join(", ")
+            ));
+        }
+    }
+    for f in &cfg.forwards {
+        if f.socket_owner.is_some() || f.socket_group.is_some() {
+            let missing = crate::identity::unix::missing_capabilities(C::CHOWN);
+            if !missing.is_empty() {
+                return Err(format!(
+                    "forward {}: socket_owner/socket_group need {}, which this gateway does not have",
+                    f.listen.socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    if any {
+        crate::identity::unix::start().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// Builds the server TLS config of `cfg` (generating the dev PKI first if configured).
 pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
     let t = cfg.tls.as_ref().ok_or("a [server] needs [tls]")?;
@@ -121,7 +168,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         Err(code) => return code,
     };
     raise_nofile();
-    if let Err(e) = check_message_limits(&cfg) {
+    if let Err(e) = check_message_limits(&cfg).and_then(|()| check_capabilities(&cfg)) {
         eprintln!("pipebridge: {e}");
         return EXIT_USAGE;
     }
@@ -247,7 +294,7 @@ fn reload(gw: &Gateway, config_path: Option<&Path>) {
         .map(Path::to_path_buf)
         .unwrap_or_else(config::default_path);
     match Config::load(&path) {
-        Ok(new) => match server_tls(&new) {
+        Ok(new) => match check_capabilities(&new).and_then(|()| server_tls(&new)) {
             Ok(tls) => {
                 gw.replace(Arc::new(new), tls);
                 crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);

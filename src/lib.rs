@@ -30,6 +30,7 @@ pub mod client;
 pub mod config;
 pub mod endpoint;
 pub mod error;
+pub mod identity;
 pub mod metrics;
 pub mod pki;
 pub mod server;

@@ -555,6 +555,24 @@ async fn session(
             "the gateway is shutting down",
         ));
     }
+    let principal = cfg
+        .identities
+        .iter()
+        .find(|i| i.name == identity.name)
+        .ok_or_else(|| Refusal::new(RefusalKind::Unauthenticated, "unknown identity"))
+        .and_then(|ic| {
+            crate::identity::session_principal(pipe, ic).map_err(|e| {
+                warn!(error = %e, pipe = %pipe.name, "refusing: no account to open the pipe as");
+                Refusal::new(
+                    RefusalKind::EndpointUnavailable,
+                    "this identity has no local account for this pipe",
+                )
+            })
+        })?;
+    let (uid, gid) = principal.as_ref().map(|p| (p.uid, p.gid)).unwrap_or((
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    ));
     let (stop, stop_signal) = bridge::stop_pair();
     let admission = gw
         .registry
@@ -564,7 +582,7 @@ async fn session(
         id = admission.entry.id,
         peer = %conn.peer,
         identity = %identity.name,
-        principal = %nix::unistd::geteuid(),
+        principal = uid,
         pipe = %pipe.name,
         direction = %direction,
     );
@@ -573,6 +591,7 @@ async fn session(
         direction,
         timeout: cfg.limits.handshake_timeout / 2,
         max_message: session_message_limit(pipe, mode),
+        principal,
     };
     let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,
@@ -606,7 +625,7 @@ async fn session(
             let entry = admission.entry.clone();
             debug!("session started");
             let out = bridge::run(ws, local, &entry.counters, stop_signal).await;
-            audit(&entry, method.as_str(), &out);
+            audit(&entry, method.as_str(), (uid, gid), &out);
             drop(admission);
         }
         .instrument(span),
@@ -636,14 +655,14 @@ async fn session(
     Ok(resp)
 }
 
-fn audit(entry: &SessionEntry, method: &str, out: &bridge::Outcome) {
+fn audit(entry: &SessionEntry, method: &str, (uid, gid): (u32, u32), out: &bridge::Outcome) {
     info!(
         target: "pipebridge::audit",
         peer = %entry.peer,
         identity = %entry.identity,
         auth = method,
-        uid = nix::unistd::geteuid().as_raw(),
-        gid = nix::unistd::getegid().as_raw(),
+        uid,
+        gid,
         pipe = %entry.pipe,
         direction = %entry.direction,
         bytes_in = entry.counters.to_local.load(Ordering::Relaxed),

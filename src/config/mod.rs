@@ -17,6 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::endpoint::EndpointSpec;
+use crate::identity::Principal;
 
 /// Default `server.listen`.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
@@ -42,9 +43,6 @@ pub const DEFAULT_MAX_INSTANCES: u32 = 64;
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
 /// The largest byte-mode chunk a peer may send in one WebSocket message.
 pub const MAX_BYTE_MODE_MESSAGE_BYTES: usize = 1 << 20;
-
-/// Whether `run_as = "client"` (impersonation) is implemented in this build.
-pub const IMPERSONATION_SUPPORTED: bool = false;
 
 /// Where to look for the config when `--config` is not given.
 pub fn default_path() -> PathBuf {
@@ -220,8 +218,8 @@ pub struct IdentityConfig {
     pub token_sha256: Option<[u8; 32]>,
     /// Group names for `@group` allow rules.
     pub groups: Vec<String>,
-    /// The local principal, when given.
-    pub principal: Option<PrincipalSpec>,
+    /// The local principal (resolved at load), when given.
+    pub principal: Option<Principal>,
 }
 
 /// How an identity names its local account.
@@ -256,8 +254,8 @@ pub enum RunAs {
     Client,
     /// The gateway's own account.
     Gateway,
-    /// A fixed account.
-    User(String),
+    /// A fixed account (resolved at load).
+    User(Principal),
 }
 
 /// Which way data may flow, from the remote client's point of view.
@@ -966,6 +964,14 @@ impl Validator<'_> {
                     None
                 }
             };
+            let principal = principal.and_then(|spec| match crate::identity::resolve(&spec) {
+                Ok(p) => Some(p),
+                Err(m) => {
+                    let span = r.user.as_ref().map(|u| u.span()).unwrap_or(name.span());
+                    self.err(span, format!("{key}.user"), m);
+                    None
+                }
+            });
             out.push(IdentityConfig {
                 name: name.into_inner(),
                 cert_cn: r.cert_cn.map(|s| s.into_inner()),
@@ -1093,7 +1099,13 @@ impl Validator<'_> {
                     "client" => RunAs::Client,
                     "gateway" => RunAs::Gateway,
                     s => match s.strip_prefix("user:") {
-                        Some(u) if !u.is_empty() => RunAs::User(u.to_string()),
+                        Some(u) if !u.is_empty() => match crate::identity::resolve_user(u) {
+                            Ok(p) => RunAs::User(p),
+                            Err(m) => {
+                                self.err(v.span(), format!("{key}.run_as"), m);
+                                RunAs::Gateway
+                            }
+                        },
                         _ => {
                             self.err(
                                 v.span(),
@@ -1105,17 +1117,30 @@ impl Validator<'_> {
                     },
                 },
             };
-            if !IMPERSONATION_SUPPORTED && run_as != RunAs::Gateway {
-                let span = r.run_as.as_ref().map(|v| v.span()).unwrap_or(name.span());
-                self.err(
-                    span,
-                    format!("{key}.run_as"),
-                    format!(
-                        "run_as = {:?} (impersonation{}) is not supported yet; set run_as = \"gateway\" to serve this pipe with the gateway's own rights",
-                        r.run_as.as_ref().map(|v| v.get_ref().as_str()).unwrap_or("client"),
-                        if r.run_as.is_none() { ", the default" } else { "" }
-                    ),
-                );
+            if run_as == RunAs::Client {
+                // Every identity the pipe lets in must map to a local account.
+                for a in &r.allow {
+                    let s = a.get_ref();
+                    let lacking: Vec<&str> = identities
+                        .iter()
+                        .filter(|id| match s.strip_prefix('@') {
+                            Some(g) => id.groups.iter().any(|x| x == g),
+                            None => id.name == *s,
+                        })
+                        .filter(|id| id.principal.is_none())
+                        .map(|id| id.name.as_str())
+                        .collect();
+                    if !lacking.is_empty() {
+                        self.err(
+                            a.span(),
+                            format!("{key}.allow"),
+                            format!(
+                                "run_as = \"client\" (the default) opens the pipe as the client's local account, but identity {} has none: give it user = \"NAME\" or uid/gid, or set run_as = \"gateway\" or \"user:NAME\"",
+                                lacking.join(", ")
+                            ),
+                        );
+                    }
+                }
             }
             let kind_mode = endpoint.as_ref().map(|e| e.natural_mode());
             let mode = match &r.mode {
@@ -1384,14 +1409,33 @@ groups = ["ops"]
     }
 
     #[test]
-    fn run_as_client_is_not_supported_yet() {
+    fn run_as_client_needs_a_principal() {
         let errs = parse(&format!(
-            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"alice\"]\n"
+            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"@ops\"]\n"
         ))
         .unwrap_err()
         .0;
         assert_eq!(errs.len(), 1);
-        assert!(errs[0].message.contains("not supported yet"), "{}", errs[0]);
+        assert!(
+            errs[0].message.contains("identity alice has none"),
+            "{}",
+            errs[0]
+        );
+        let ok = parse(&format!(
+            "{BASE}user = \"root\"\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"alice\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(ok.identities[0].principal.as_ref().unwrap().uid, 0);
+        let fixed = parse(&format!(
+            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"alice\"]\nrun_as = \"user:nobody\"\n"
+        ))
+        .unwrap();
+        assert!(matches!(&fixed.pipes[0].run_as, RunAs::User(p) if p.name == "nobody"));
+        let bad = parse(&format!(
+            "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"alice\"]\nrun_as = \"user:no-such-user-pb\"\n"
+        ))
+        .unwrap_err();
+        assert!(bad.to_string().contains("no such user"), "{bad}");
     }
 
     #[test]

@@ -23,12 +23,15 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
             "exec: empty argv",
         ));
     };
-    let account = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten();
-    let (home, user) = match &account {
-        Some(u) => (u.dir.clone(), u.name.clone()),
-        None => (PathBuf::from("/"), nix::unistd::geteuid().to_string()),
+    let (home, user) = match &ctx.principal {
+        Some(p) => (p.home.clone(), p.name.clone()),
+        None => match nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+        {
+            Some(u) => (u.dir, u.name),
+            None => (PathBuf::from("/"), nix::unistd::geteuid().to_string()),
+        },
     };
     let cwd = pipe
         .cwd
@@ -58,6 +61,9 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         })
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if let Some(p) = &ctx.principal {
+        crate::identity::unix::exec_as(&mut cmd, p);
+    }
     let mut child = cmd.spawn().map_err(|e| {
         OpenError::new(
             "the local endpoint could not be started",

@@ -54,34 +54,45 @@ pub async fn open_writer(path: &Path, deadline: Instant) -> io::Result<pipe::Sen
     }
 }
 
-/// Opens an exported FIFO for one session.
+/// Opens an exported FIFO for one session (as the session's principal when it has one).
 pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
     check_fifo(path)?;
-    if ctx.direction.client_reads() {
-        let rx = open_reader(path).map_err(|e| super::unix::connect_error(path, &e))?;
-        Ok(Local {
-            reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
-            writer: None,
-            child: None,
-        })
-    } else {
-        let deadline = Instant::now() + ctx.timeout;
-        let tx = open_writer(path, deadline).await.map_err(|e| {
-            if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
-                OpenError::new(
-                    "no reader on the local FIFO",
-                    format!("open {}: no reader", path.display()),
-                )
+    let failed = |e: io::Error| {
+        if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
+            OpenError::new(
+                "no reader on the local FIFO",
+                format!("open {}: no reader", path.display()),
+            )
+        } else {
+            super::unix::connect_error(path, &e)
+        }
+    };
+    let write = !ctx.direction.client_reads();
+    let (rx, tx) = match (&ctx.principal, write) {
+        (Some(p), w) => {
+            let fd = crate::identity::unix::open_fifo(p, path, w, ctx.deadline())
+                .await
+                .map_err(failed)?;
+            if w {
+                (None, Some(pipe::Sender::from_owned_fd(fd).map_err(failed)?))
             } else {
-                super::unix::connect_error(path, &e)
+                (
+                    Some(pipe::Receiver::from_owned_fd(fd).map_err(failed)?),
+                    None,
+                )
             }
-        })?;
-        Ok(Local {
-            reader: None,
-            writer: Some(Writer::Bytes(Box::new(tx) as BoxWrite)),
-            child: None,
-        })
-    }
+        }
+        (None, false) => (Some(open_reader(path).map_err(failed)?), None),
+        (None, true) => (
+            None,
+            Some(open_writer(path, ctx.deadline()).await.map_err(failed)?),
+        ),
+    };
+    Ok(Local {
+        reader: rx.map(|r| Reader::Bytes(Box::new(r) as BoxRead)),
+        writer: tx.map(|w| Writer::Bytes(Box::new(w) as BoxWrite)),
+        child: None,
+    })
 }
 
 /// Creates a hosted FIFO at `path` with `mode` (an existing FIFO is reused; any other

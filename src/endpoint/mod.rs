@@ -208,6 +208,15 @@ pub struct OpenContext {
     pub timeout: Duration,
     /// Largest message (message mode).
     pub max_message: usize,
+    /// Open as this account (`None`: the gateway's own rights, `run_as = "gateway"`).
+    pub principal: Option<crate::identity::Principal>,
+}
+
+impl OpenContext {
+    /// The deadline of waits inside the open.
+    pub fn deadline(&self) -> std::time::Instant {
+        std::time::Instant::now() + self.timeout
+    }
 }
 
 /// Why an endpoint could not be opened: a message for the peer and one for the log.

@@ -99,16 +99,29 @@ pub fn local(sock: UnixSeqpacket, max: usize, reads: bool, writes: bool) -> io::
     })
 }
 
-/// Connects to the seqpacket socket at `path` for an exported pipe.
+/// Connects to the seqpacket socket at `path` for an exported pipe (as the session's
+/// principal when it has one).
 pub async fn connect(path: &Path, max: usize, ctx: &OpenContext) -> Result<Local, OpenError> {
-    let sock = match tokio::time::timeout(ctx.timeout, UnixSeqpacket::connect(path)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(super::unix::connect_error(path, &e)),
-        Err(_) => {
-            return Err(OpenError::new(
-                "the local endpoint did not accept in time",
-                format!("connect {}: timed out", path.display()),
-            ))
+    let sock = if let Some(p) = &ctx.principal {
+        let fd = crate::identity::unix::connect(
+            p,
+            rustix::net::SocketType::SEQPACKET,
+            path,
+            ctx.deadline(),
+        )
+        .await
+        .map_err(|e| super::unix::connect_error(path, &e))?;
+        UnixSeqpacket::try_from(fd).map_err(|e| super::unix::connect_error(path, &e))?
+    } else {
+        match tokio::time::timeout(ctx.timeout, UnixSeqpacket::connect(path)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(super::unix::connect_error(path, &e)),
+            Err(_) => {
+                return Err(OpenError::new(
+                    "the local endpoint did not accept in time",
+                    format!("connect {}: timed out", path.display()),
+                ))
+            }
         }
     };
     local(

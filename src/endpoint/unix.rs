@@ -10,16 +10,30 @@ use tokio::net::UnixStream;
 
 use super::{Local, OpenContext, OpenError};
 
-/// Connects to the socket at `path` within `ctx.timeout`.
+/// Connects to the socket at `path` within `ctx.timeout`, as the session's principal
+/// when it has one (so the file's permissions and the server's SO_PEERCRED see that user).
 pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
-    let stream = match tokio::time::timeout(ctx.timeout, UnixStream::connect(path)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(connect_error(path, &e)),
-        Err(_) => {
-            return Err(OpenError::new(
-                "the local endpoint did not accept in time",
-                format!("connect {}: timed out", path.display()),
-            ))
+    let stream = if let Some(p) = &ctx.principal {
+        let fd = crate::identity::unix::connect(
+            p,
+            rustix::net::SocketType::STREAM,
+            path,
+            ctx.deadline(),
+        )
+        .await
+        .map_err(|e| connect_error(path, &e))?;
+        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+            .map_err(|e| connect_error(path, &e))?
+    } else {
+        match tokio::time::timeout(ctx.timeout, UnixStream::connect(path)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(connect_error(path, &e)),
+            Err(_) => {
+                return Err(OpenError::new(
+                    "the local endpoint did not accept in time",
+                    format!("connect {}: timed out", path.display()),
+                ))
+            }
         }
     };
     let (r, w) = stream.into_split();
@@ -42,7 +56,9 @@ pub fn connect_error(path: &Path, e: &io::Error) -> OpenError {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
             "nothing is listening on the local endpoint"
         }
-        io::ErrorKind::PermissionDenied => "permission denied on the local endpoint",
+        io::ErrorKind::PermissionDenied => {
+            "permission denied on the local endpoint for this account"
+        }
         _ => "the local endpoint could not be opened",
     };
     OpenError::new(public, format!("connect {}: {e}", path.display()))

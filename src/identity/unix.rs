@@ -1,0 +1,382 @@
+//! The credential switch (Linux): open a local endpoint *as* a principal.
+//!
+//! Linux credentials are per thread in the kernel; glibc's set*id wrappers broadcast to
+//! every thread, raw syscalls do not (shared/notes/semantics.md, measured). So:
+//!
+//! - A small fixed pool of dedicated threads ([`POOL_THREADS`]), created before any
+//!   switch and never used for other work, performs every impersonated open. No tokio
+//!   task, allocation-heavy library or thread creation happens while switched.
+//! - The switch changes **effective** ids only (`setresuid(-1, uid, -1)`): the real and
+//!   saved ids stay the gateway's, so the mapped user cannot signal the thread, and the
+//!   way back is always allowed. Supplementary groups are set, then the effective gid,
+//!   then the effective uid; then the **effective capability set is cleared**, so a
+//!   gateway holding e.g. CAP_DAC_OVERRIDE gets no more access than the user would.
+//! - Restore runs in reverse and is **verified** (uids, gids, groups, capabilities read
+//!   back); if anything differs the process aborts rather than run on with borrowed
+//!   rights. A switch that fails half-way is restored the same way and reported, and the
+//!   session is refused: never fall back to the gateway's own rights.
+//! - Every operation is non-blocking (`SOCK_NONBLOCK` connect, `O_NONBLOCK` open); a
+//!   busy target (full backlog, FIFO without reader) is retried by the async caller with
+//!   a bounded deadline, so one slow target cannot stall the pool.
+//!
+//! `exec:` children are switched differently: fully (real, effective, saved ids and
+//! groups) in the forked child before exec, where only one thread exists.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::process::{Gid, Uid};
+use rustix::thread::{CapabilitySet, CapabilitySets};
+
+use super::Principal;
+
+/// Threads in the impersonation pool.
+pub const POOL_THREADS: usize = 4;
+/// How often a busy target is retried.
+const RETRY_INTERVAL: Duration = Duration::from_millis(10);
+
+/// What to open as the principal.
+#[derive(Debug, Clone)]
+enum Op {
+    Connect(SocketType, PathBuf),
+    OpenFifo { path: PathBuf, write: bool },
+}
+
+struct Job {
+    principal: Principal,
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+}
+
+struct Pool {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+fn pool() -> io::Result<&'static Pool> {
+    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..POOL_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("pb-impersonate-{i}"))
+                .spawn(move || worker(&rx))
+                .map_err(|e| format!("cannot start impersonation threads: {e}"))?;
+        }
+        Ok(Pool { tx: Mutex::new(tx) })
+    })
+    .as_ref()
+    .map_err(|e| io::Error::other(e.clone()))
+}
+
+/// Starts the pool now (at gateway start, before any session), so that no thread is
+/// ever created later from a context that could be switched.
+pub fn start() -> io::Result<()> {
+    pool().map(|_| ())
+}
+
+fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            match guard.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        let res = run_as(&job.principal, || perform(&job.op));
+        let _ = job.reply.send(res);
+    }
+}
+
+fn perform(op: &Op) -> io::Result<OwnedFd> {
+    match op {
+        Op::Connect(ty, path) => {
+            let fd = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                *ty,
+                SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+                None,
+            )?;
+            let addr = SocketAddrUnix::new(path)?;
+            rustix::net::connect(&fd, &addr)?;
+            Ok(fd)
+        }
+        Op::OpenFifo { path, write } => {
+            let access = if *write {
+                OFlags::WRONLY
+            } else {
+                OFlags::RDONLY
+            };
+            let fd = rustix::fs::open(
+                path,
+                access | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY,
+                Mode::empty(),
+            )?;
+            Ok(fd)
+        }
+    }
+}
+
+// === the switch ===
+
+/// The credentials of the calling thread, as saved before a switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Saved {
+    ruid: Uid,
+    euid: Uid,
+    rgid: Gid,
+    egid: Gid,
+    groups: Vec<Gid>,
+    caps: CapabilitySets,
+}
+
+fn current() -> io::Result<Saved> {
+    // These are raw syscalls, so they read the calling thread's credentials.
+    Ok(Saved {
+        ruid: rustix::process::getuid(),
+        euid: rustix::process::geteuid(),
+        rgid: rustix::process::getgid(),
+        egid: rustix::process::getegid(),
+        groups: rustix::process::getgroups()?,
+        caps: rustix::thread::capabilities(None)?,
+    })
+}
+
+/// Runs `f` on this thread with `p`'s effective uid, gid and groups and no effective
+/// capabilities; restores and verifies afterwards (aborting the process if it cannot).
+/// Must only be called on a pool thread.
+fn run_as<T>(p: &Principal, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let saved = current()?;
+    if let Err(e) = enter(p, &saved) {
+        restore_or_abort(&saved);
+        crate::metrics::get().impersonation_failures.inc();
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("impersonation of uid {} failed: {e}", p.uid),
+        ));
+    }
+    let r = f();
+    restore_or_abort(&saved);
+    r
+}
+
+fn enter(p: &Principal, saved: &Saved) -> io::Result<()> {
+    let groups: Vec<Gid> = p.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    rustix::thread::set_thread_groups(&groups)?;
+    rustix::thread::set_thread_res_gid(None, Gid::from_raw(p.gid), None)?;
+    rustix::thread::set_thread_res_uid(None, Uid::from_raw(p.uid), None)?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: CapabilitySet::empty(),
+            permitted: saved.caps.permitted,
+            inheritable: saved.caps.inheritable,
+        },
+    )?;
+    // Verify the switch took: never run the operation with other rights than asked.
+    let now = current()?;
+    if now.euid.as_raw() != p.uid || now.egid.as_raw() != p.gid || !now.caps.effective.is_empty() {
+        return Err(io::Error::other("credentials did not switch"));
+    }
+    Ok(())
+}
+
+fn restore(saved: &Saved) -> io::Result<()> {
+    // euid first (allowed: the saved/real uid is unchanged), then capabilities, then
+    // gid and groups, which need CAP_SETGID in effect again.
+    rustix::thread::set_thread_res_uid(None, saved.euid, None)?;
+    rustix::thread::set_capabilities(None, saved.caps)?;
+    rustix::thread::set_thread_res_gid(None, saved.egid, None)?;
+    rustix::thread::set_thread_groups(&saved.groups)?;
+    Ok(())
+}
+
+fn restore_or_abort(saved: &Saved) {
+    let ok = restore(saved).is_ok() && current().is_ok_and(|now| now == *saved);
+    if !ok {
+        // Running on with a mapped user's (or mixed) credentials is worse than dying.
+        eprintln!(
+            "pipebridge: FATAL: could not restore thread credentials after impersonation; aborting"
+        );
+        std::process::abort();
+    }
+}
+
+// === async API ===
+
+async fn submit(p: &Principal, op: Op) -> io::Result<OwnedFd> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    {
+        let pool = pool()?;
+        let tx = pool
+            .tx
+            .lock()
+            .map_err(|_| io::Error::other("impersonation pool poisoned"))?;
+        tx.send(Job {
+            principal: p.clone(),
+            op,
+            reply,
+        })
+        .map_err(|_| io::Error::other("impersonation pool stopped"))?;
+    }
+    rx.await
+        .map_err(|_| io::Error::other("impersonation thread went away"))?
+}
+
+async fn with_retry(
+    p: &Principal,
+    op: Op,
+    deadline: Instant,
+    busy: &[Errno],
+) -> io::Result<OwnedFd> {
+    loop {
+        match submit(p, op.clone()).await {
+            Err(e)
+                if busy
+                    .iter()
+                    .any(|b| e.raw_os_error() == Some(b.raw_os_error())) =>
+            {
+                if Instant::now() + RETRY_INTERVAL > deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(RETRY_INTERVAL).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Connects a Unix socket of type `ty` at `path` as `p` (retrying a full backlog until
+/// `deadline`). The returned socket is non-blocking; SO_PEERCRED on the server side
+/// names `p`.
+pub async fn connect(
+    p: &Principal,
+    ty: SocketType,
+    path: &Path,
+    deadline: Instant,
+) -> io::Result<OwnedFd> {
+    with_retry(
+        p,
+        Op::Connect(ty, path.to_path_buf()),
+        deadline,
+        &[Errno::AGAIN],
+    )
+    .await
+}
+
+/// Opens a FIFO as `p`: the read end at once, the write end retried until a reader
+/// exists or `deadline`.
+pub async fn open_fifo(
+    p: &Principal,
+    path: &Path,
+    write: bool,
+    deadline: Instant,
+) -> io::Result<OwnedFd> {
+    with_retry(
+        p,
+        Op::OpenFifo {
+            path: path.to_path_buf(),
+            write,
+        },
+        deadline,
+        &[Errno::NXIO],
+    )
+    .await
+}
+
+/// Makes `cmd`'s child run fully as `p`: groups, then real/effective/saved gid, then
+/// uid, in the forked child before exec (single-threaded there).
+pub fn exec_as(cmd: &mut tokio::process::Command, p: &Principal) {
+    let groups: Vec<Gid> = p.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+    let uid = Uid::from_raw(p.uid);
+    let gid = Gid::from_raw(p.gid);
+    // SAFETY: the closure runs in the child between fork and exec. It only makes raw
+    // syscalls through rustix (setgroups, setresgid, setresuid), which allocate nothing
+    // and take no locks; `groups` was allocated before the fork and is only read.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::thread::set_thread_groups(&groups)?;
+            rustix::thread::set_thread_res_gid(gid, gid, gid)?;
+            rustix::thread::set_thread_res_uid(uid, uid, uid)?;
+            Ok(())
+        });
+    }
+}
+
+/// Capabilities the gateway holds in its permitted set.
+pub fn permitted_capabilities() -> CapabilitySet {
+    rustix::thread::capabilities(None)
+        .map(|c| c.permitted)
+        .unwrap_or(CapabilitySet::empty())
+}
+
+/// Names of the capabilities in `needed` that the gateway lacks.
+pub fn missing_capabilities(needed: CapabilitySet) -> Vec<&'static str> {
+    let have = permitted_capabilities();
+    [
+        (CapabilitySet::SETUID, "CAP_SETUID"),
+        (CapabilitySet::SETGID, "CAP_SETGID"),
+        (CapabilitySet::KILL, "CAP_KILL"),
+        (CapabilitySet::CHOWN, "CAP_CHOWN"),
+    ]
+    .into_iter()
+    .filter(|(c, _)| needed.contains(*c) && !have.contains(*c))
+    .map(|(_, n)| n)
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
+    #[tokio::test]
+    async fn switch_is_per_thread_and_restored() {
+        if !is_root() {
+            eprintln!("skipped: needs root (CAP_SETUID/CAP_SETGID) to switch credentials");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = Principal {
+            uid: 54321,
+            gid: 54322,
+            groups: vec![54323, 54324],
+            name: "t".into(),
+            home: "/".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        // 0600 root-owned socket: the mapped user may not connect.
+        let e = connect(&p, SocketType::STREAM, &path, deadline)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let fd = connect(&p, SocketType::STREAM, &path, deadline)
+            .await
+            .unwrap();
+        let (srv, _) = listener.accept().unwrap();
+        let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
+        assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
+        drop(fd);
+        // This thread and the process stay root.
+        assert!(rustix::process::geteuid().is_root());
+    }
+}
