@@ -249,6 +249,12 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         eprintln!("pipebridge: admin on {addr}");
         tracker.spawn(crate::admin::run(listener, st, shutdown.clone()));
     }
+    if let Some(gw) = &gateway {
+        let path = config_path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(config::default_path);
+        tracker.spawn(watch_files(gw.clone(), path, shutdown.clone()));
+    }
     let code = wait_for_signals(gateway.as_deref(), &cfg, config_path).await;
     shutdown.cancel();
     tracker.close();
@@ -289,6 +295,51 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
     EXIT_OK
 }
 
+/// How often watched files are checked.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// A change must be stable this long before it is reloaded (debounce).
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+
+type Fingerprint = Vec<Option<(u64, u64, i64, i64, u64)>>;
+
+fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
+    // metadata() follows symlinks, so a symlink swap (Kubernetes Secrets, certbot)
+    // shows as a new inode even though the watched path is the same.
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
+        })
+        .collect()
+}
+
+/// Reloads when the config, certificates, CA, CRLs or token files change.
+async fn watch_files(gw: Arc<Gateway>, config_path: PathBuf, shutdown: CancellationToken) {
+    let mut paths = gw.config().watched_files();
+    let mut last = fingerprint(&paths);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+        let now = fingerprint(&paths);
+        if now == last {
+            continue;
+        }
+        tokio::time::sleep(WATCH_DEBOUNCE).await;
+        if fingerprint(&paths) != now {
+            continue; // still changing: look again next round
+        }
+        info!("a watched file changed; reloading");
+        reload(&gw, Some(&config_path));
+        paths = gw.config().watched_files();
+        last = fingerprint(&paths);
+    }
+}
+
 fn reload(gw: &Gateway, config_path: Option<&Path>) {
     let path = config_path
         .map(Path::to_path_buf)
@@ -296,9 +347,9 @@ fn reload(gw: &Gateway, config_path: Option<&Path>) {
     match Config::load(&path) {
         Ok(new) => match check_capabilities(&new).and_then(|()| server_tls(&new)) {
             Ok(tls) => {
-                gw.replace(Arc::new(new), tls);
+                let ended = gw.replace(Arc::new(new), tls);
                 crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);
-                info!("reloaded the config");
+                info!(sessions_ended = ended, "reloaded the config");
             }
             Err(e) => {
                 crate::metrics::Metrics::result(&crate::metrics::get().reloads, false);
@@ -421,8 +472,14 @@ pub async fn connect(a: ConnectArgs) -> i32 {
     let dir = session.direction.or(direction).unwrap_or(Direction::Duplex);
     let mode = session.mode.or(mode).unwrap_or(Mode::Byte);
     let local = stdio_local(dir, mode, a.framing);
-    let counters = Counters::default();
-    let out = bridge::run(session.ws, local, &counters, StopSignal::never()).await;
+    let counters = Arc::new(Counters::default());
+    let progress = (a.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| tokio::spawn(show_progress(counters.clone())));
+    let out = bridge::run(session.ws, local, &counters, StopSignal::never(), None).await;
+    if let Some(p) = progress {
+        p.abort();
+        eprintln!();
+    }
     match out.exit {
         Some(Control::ExitCode(c)) => return c,
         Some(Control::ExitSignal(s)) => return 128 + s,
@@ -436,6 +493,23 @@ pub async fn connect(a: ConnectArgs) -> i32 {
         None => eprintln!("pipebridge: session ended: {}", out.reason),
     }
     EXIT_RUNTIME
+}
+
+/// Prints bytes each way and the rate on stderr until aborted.
+async fn show_progress(c: Arc<Counters>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (up, down) = (c.from_local.load(Relaxed), c.to_local.load(Relaxed));
+        let secs = start.elapsed().as_secs_f64().max(0.001);
+        eprint!(
+            "\r\x1b[Ksent {} B, received {} B, {:.1} MB/s",
+            up,
+            down,
+            (up + down) as f64 / secs / 1e6
+        );
+    }
 }
 
 /// The process's stdin/stdout as a session's local side; in message mode framed as

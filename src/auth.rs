@@ -50,6 +50,8 @@ pub struct CertNames {
     pub san_uri: Vec<String>,
     /// DNS subject alternative names.
     pub san_dns: Vec<String>,
+    /// The raw serial number (for revocation on reload).
+    pub serial: Vec<u8>,
 }
 
 impl CertNames {
@@ -57,7 +59,10 @@ impl CertNames {
     pub fn from_der(der: &[u8]) -> Option<CertNames> {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let mut out = CertNames::default();
+        let mut out = CertNames {
+            serial: cert.raw_serial().to_vec(),
+            ..CertNames::default()
+        };
         for cn in cert.subject().iter_common_name() {
             if let Ok(s) = cn.as_str() {
                 out.cn.push(s.to_string());
@@ -203,6 +208,7 @@ mod tests {
             cert_san_uri: None,
             cert_san_dns: None,
             token_sha256: token.map(token_hash),
+            token_sha256_file: None,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             principal: None,
         }

@@ -8,9 +8,9 @@
 //! read and write buffers, and at most one incoming message (the session's message
 //! limit) while the local writer is slow.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::stream::{SplitSink, SplitStream};
@@ -98,6 +98,54 @@ enum Failure {
     PeerGone(String),
     PeerClosed(Option<CloseFrame>),
     Stopped(ErrorKind, String),
+    Idle,
+}
+
+/// Session activity for the idle timeout: when data last moved, and how many operations
+/// are blocked on backpressure right now (a blocked session is never idle).
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    blocked: AtomicU32,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            blocked: AtomicU32::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs `f`, an operation that may block on backpressure.
+    async fn blocking<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.blocked.fetch_add(1, Ordering::Relaxed);
+        let r = f.await;
+        self.blocked.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+        r
+    }
+
+    /// Completes once nothing moved for `timeout` while nothing was blocked.
+    async fn idle(&self, timeout: Option<Duration>) {
+        let Some(timeout) = timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let since = self.start.elapsed().saturating_sub(last);
+            if since >= timeout && self.blocked.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            tokio::time::sleep(timeout.saturating_sub(since).max(Duration::from_millis(50))).await;
+        }
+    }
 }
 
 /// Runs a session until both directions are done or it fails; returns how it ended.
@@ -106,6 +154,7 @@ pub async fn run<S>(
     local: Local,
     counters: &Counters,
     mut stop: StopSignal,
+    idle_timeout: Option<Duration>,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -117,12 +166,13 @@ where
         mut child,
     } = local;
     let eof_seen = AtomicBool::new(false);
+    let activity = Activity::new();
     let eof_notify = Notify::new();
     let mut exit: Option<Control> = None;
     let mut peer_error = None;
 
     let failure = {
-        let up = upstream(reader, child.as_mut(), &mut sink, counters);
+        let up = upstream(reader, child.as_mut(), &mut sink, counters, &activity);
         let down = downstream(
             &mut stream,
             &mut writer,
@@ -131,6 +181,7 @@ where
             &eof_notify,
             &mut exit,
             &mut peer_error,
+            &activity,
         );
         tokio::pin!(up, down);
         let mut up_done = false;
@@ -152,6 +203,7 @@ where
                 }
                 _ = eof_notify.notified() => {}
                 s = stop.wait() => break Some(Failure::Stopped(s.0, s.1)),
+                _ = activity.idle(idle_timeout) => break Some(Failure::Idle),
             }
         }
     };
@@ -224,6 +276,14 @@ where
                 Some(Control::error(kind, m)),
             )
         }
+        Some(Failure::Idle) => {
+            out.code = protocol::CLOSE_GOING_AWAY;
+            out.reason = "idle timeout".into();
+            (
+                Some((protocol::CLOSE_GOING_AWAY, "idle timeout".to_string())),
+                None,
+            )
+        }
         Some(Failure::PeerGone(m)) => {
             out.code = 1006;
             out.reason = format!("peer connection lost: {m}");
@@ -278,6 +338,7 @@ async fn upstream<S>(
     child: Option<&mut tokio::process::Child>,
     sink: &mut SplitSink<WebSocketStream<S>, Message>,
     counters: &Counters,
+    activity: &Activity,
 ) -> Result<(), Failure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -295,7 +356,11 @@ where
                     break;
                 }
                 let data = buf.split().freeze();
-                sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
+                activity.touch();
+                activity
+                    .blocking(sink.send(Message::Binary(data)))
+                    .await
+                    .map_err(ws_failure)?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -303,7 +368,11 @@ where
             match m.recv().await {
                 Ok(Some(data)) => {
                     let n = data.len() as u64;
-                    sink.send(Message::Binary(data)).await.map_err(ws_failure)?;
+                    activity.touch();
+                    activity
+                        .blocking(sink.send(Message::Binary(data)))
+                        .await
+                        .map_err(ws_failure)?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok(None) => break,
@@ -353,6 +422,7 @@ async fn downstream<S>(
     eof_notify: &Notify,
     exit: &mut Option<Control>,
     peer_error: &mut Option<(String, String)>,
+    activity: &Activity,
 ) -> Failure
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -363,6 +433,7 @@ where
             Some(Err(e)) => return ws_failure(e),
             Some(Ok(m)) => m,
         };
+        activity.touch();
         match msg {
             Message::Binary(data) => {
                 if eof_seen.load(Ordering::Relaxed) {
@@ -374,10 +445,14 @@ where
                         "data sent in a direction this session does not allow".into(),
                     );
                 };
-                let r = match w {
-                    Writer::Bytes(w) => w.write_all(&data).await,
-                    Writer::Messages(m) => m.send(&data).await,
-                };
+                let r = activity
+                    .blocking(async {
+                        match w {
+                            Writer::Bytes(w) => w.write_all(&data).await,
+                            Writer::Messages(m) => m.send(&data).await,
+                        }
+                    })
+                    .await;
                 if let Err(e) = r {
                     return Failure::Local(format!("write: {e}"));
                 }

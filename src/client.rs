@@ -174,6 +174,7 @@ pub struct Dialer {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
+    keepalive: (Duration, Duration),
 }
 
 impl Dialer {
@@ -215,20 +216,34 @@ impl Dialer {
             host,
             port,
             server_name,
+            keepalive: (
+                crate::config::DEFAULT_KEEPALIVE_INTERVAL,
+                crate::config::DEFAULT_KEEPALIVE_TIMEOUT,
+            ),
         })
     }
 
     async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| {
-                ClientError::Network(format!("cannot reach {}:{}: {e}", self.host, self.port))
-            })?;
+        let tcp = match proxy_for(&self.host) {
+            Some(proxy) => connect_via_proxy(&proxy, &self.host, self.port).await?,
+            None => TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| {
+                    ClientError::Network(format!("cannot reach {}:{}: {e}", self.host, self.port))
+                })?,
+        };
         let _ = tcp.set_nodelay(true);
+        tls::set_keepalive(&tcp, self.keepalive.0, self.keepalive.1);
         self.connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| classify(&e, "TLS handshake failed"))
+    }
+
+    /// Uses `interval`/`timeout` for dead-peer detection on dialled connections.
+    pub fn with_keepalive(mut self, interval: Duration, timeout: Duration) -> Dialer {
+        self.keepalive = (interval, timeout);
+        self
     }
 
     /// Sends `req_path` (path and query) as a plain GET and returns status and body.
@@ -339,6 +354,77 @@ impl Dialer {
             mode,
         })
     }
+}
+
+/// The proxy to use for `host` from `HTTPS_PROXY`/`https_proxy`, unless `NO_PROXY`/
+/// `no_proxy` exempts it (exact names, domain suffixes, `*`).
+pub fn proxy_for(host: &str) -> Option<String> {
+    let env = |a: &str, b: &str| {
+        std::env::var(a)
+            .ok()
+            .or_else(|| std::env::var(b).ok())
+            .filter(|v| !v.is_empty())
+    };
+    let proxy = env("HTTPS_PROXY", "https_proxy")?;
+    if let Some(no) = env("NO_PROXY", "no_proxy") {
+        let h = host.to_ascii_lowercase();
+        for entry in no.split(',').map(|e| e.trim().to_ascii_lowercase()) {
+            let e = entry.trim_start_matches('.');
+            if entry == "*" || (!e.is_empty() && (h == e || h.ends_with(&format!(".{e}")))) {
+                return None;
+            }
+        }
+    }
+    let hostport = proxy
+        .strip_prefix("http://")
+        .unwrap_or(&proxy)
+        .trim_end_matches('/')
+        .to_string();
+    Some(if hostport.contains(':') {
+        hostport
+    } else {
+        format!("{hostport}:80")
+    })
+}
+
+/// Opens a tunnel through an HTTP proxy with CONNECT.
+async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> Result<TcpStream, ClientError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(proxy)
+        .await
+        .map_err(|e| ClientError::Network(format!("cannot reach the proxy {proxy}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| ClientError::Network(format!("proxy {proxy}: {e}")))?;
+    // Read the response head byte by byte so no tunnelled byte is consumed.
+    let mut head = Vec::with_capacity(256);
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 {
+            return Err(ClientError::Network(format!(
+                "proxy {proxy}: response head too long"
+            )));
+        }
+        let b = tcp
+            .read_u8()
+            .await
+            .map_err(|e| ClientError::Network(format!("proxy {proxy}: {e}")))?;
+        head.push(b);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line.split_whitespace().nth(1).unwrap_or("");
+    if status != "200" {
+        let first = line.lines().next().unwrap_or("").to_string();
+        return Err(ClientError::Network(format!(
+            "proxy {proxy} refused CONNECT: {first}"
+        )));
+    }
+    Ok(tcp)
 }
 
 /// Drives a client connection; its error (which may carry the TLS alert that says our
@@ -760,7 +846,7 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         }
     };
     let counters = Counters::default();
-    let out = bridge::run(ws, local, &counters, StopSignal::never()).await;
+    let out = bridge::run(ws, local, &counters, StopSignal::never(), None).await;
     info!(
         bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
         bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),

@@ -65,15 +65,51 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    /// Swaps in a new config and TLS setup; new connections and sessions see them,
-    /// live sessions go on.
-    pub fn replace(&self, config: Arc<Config>, tls: Arc<rustls::ServerConfig>) {
+    /// Swaps in a new config and TLS setup; new connections and sessions see them, live
+    /// sessions go on — except those whose access the new config withdraws (identity
+    /// removed, certificate revoked, pipe gone or no longer allowed), which end with 1008
+    /// `access_withdrawn`. Returns how many sessions were ended.
+    pub fn replace(&self, config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> usize {
         if let Ok(mut c) = self.config.write() {
-            *c = config;
+            *c = config.clone();
         }
         if let Ok(mut t) = self.tls.write() {
             *t = TlsAcceptor::from(tls);
         }
+        let revoked = config
+            .tls
+            .as_ref()
+            .map(|t| tunnel::tls::revoked_serials(&t.crl))
+            .unwrap_or_default();
+        let mut ended = 0;
+        for s in self.registry.snapshot() {
+            let reason = match config.identities.iter().find(|i| i.name == s.identity) {
+                None => Some("the identity was removed"),
+                Some(ic) => {
+                    let id = Identity {
+                        name: ic.name.clone(),
+                        groups: ic.groups.clone(),
+                        method: auth::AuthMethod::Certificate,
+                    };
+                    match config.pipe(&s.pipe) {
+                        None => Some("the pipe was removed"),
+                        Some(p) if !auth::allowed(&id, p) => {
+                            Some("the identity may no longer use this pipe")
+                        }
+                        Some(_) if s.cert_serial.as_ref().is_some_and(|c| revoked.contains(c)) => {
+                            Some("the client certificate was revoked")
+                        }
+                        Some(_) => None,
+                    }
+                }
+            };
+            if let Some(r) = reason {
+                info!(id = s.id, identity = %s.identity, pipe = %s.pipe, reason = r, "ending a session: access withdrawn");
+                s.stop.stop(protocol::ErrorKind::AccessWithdrawn, r);
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Starts draining: new sessions get 503 `draining`.
@@ -132,6 +168,8 @@ pub struct SessionEntry {
     pub started: Instant,
     /// Bytes each way.
     pub counters: Counters,
+    /// Serial of the client certificate, if one was used.
+    pub cert_serial: Option<Vec<u8>>,
     stop: StopHandle,
 }
 
@@ -200,6 +238,7 @@ impl Registry {
         identity: &str,
         peer: SocketAddr,
         direction: Direction,
+        cert_serial: Option<Vec<u8>>,
         stop: StopHandle,
     ) -> Result<Admission, Refusal> {
         let mut g = self.lock();
@@ -232,6 +271,7 @@ impl Registry {
             direction,
             started: Instant::now(),
             counters: Counters::default(),
+            cert_serial,
             stop,
         });
         g.sessions.insert(id, entry.clone());
@@ -306,6 +346,10 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
             },
         };
         let _ = tcp.set_nodelay(true);
+        {
+            let cfg = gw.config();
+            tunnel::tls::set_keepalive(&tcp, cfg.keepalive.interval, cfg.keepalive.timeout);
+        }
         let gw2 = gw.clone();
         gw.tracker.spawn(
             async move { connection(tcp, peer, gw2).await }
@@ -574,9 +618,15 @@ async fn session(
         nix::unistd::getegid().as_raw(),
     ));
     let (stop, stop_signal) = bridge::stop_pair();
-    let admission = gw
-        .registry
-        .admit(&cfg, pipe, &identity.name, conn.peer, direction, stop)?;
+    let admission = gw.registry.admit(
+        &cfg,
+        pipe,
+        &identity.name,
+        conn.peer,
+        direction,
+        conn.cert.as_ref().map(|c| c.serial.clone()),
+        stop,
+    )?;
     let span = tracing::info_span!(
         "session",
         id = admission.entry.id,
@@ -604,6 +654,7 @@ async fn session(
     let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
     let method = identity.method;
     let accepted = conn.accepted;
+    let idle = cfg.limits.idle_timeout;
     gw.tracker.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -624,7 +675,7 @@ async fn session(
             .await;
             let entry = admission.entry.clone();
             debug!("session started");
-            let out = bridge::run(ws, local, &entry.counters, stop_signal).await;
+            let out = bridge::run(ws, local, &entry.counters, stop_signal, idle).await;
             audit(&entry, method.as_str(), (uid, gid), &out);
             drop(admission);
         }

@@ -216,6 +216,8 @@ pub struct IdentityConfig {
     pub cert_san_dns: Option<String>,
     /// SHA-256 of the bearer token, from `token_sha256` or `token_sha256_file`.
     pub token_sha256: Option<[u8; 32]>,
+    /// The `token_sha256_file`, watched for changes.
+    pub token_sha256_file: Option<PathBuf>,
     /// Group names for `@group` allow rules.
     pub groups: Vec<String>,
     /// The local principal (resolved at load), when given.
@@ -425,6 +427,24 @@ impl Config {
         } else {
             Err(ConfigErrors(v.errors))
         }
+    }
+
+    /// Files whose change should reload this config: the config itself, TLS material,
+    /// CRLs and token hash files.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.source.clone()];
+        if let Some(t) = &self.tls {
+            v.push(t.cert.clone());
+            v.push(t.key.clone());
+            v.extend(t.client_ca.clone());
+            v.extend(t.crl.iter().cloned());
+        }
+        v.extend(
+            self.identities
+                .iter()
+                .filter_map(|i| i.token_sha256_file.clone()),
+        );
+        v
     }
 
     /// The pipe called `name`.
@@ -978,6 +998,7 @@ impl Validator<'_> {
                 cert_san_uri: r.cert_san_uri.map(|s| s.into_inner()),
                 cert_san_dns: r.cert_san_dns.map(|s| s.into_inner()),
                 token_sha256: token,
+                token_sha256_file: r.token_sha256_file.map(|f| PathBuf::from(f.into_inner())),
                 groups: r.groups.into_iter().map(|g| g.into_inner()).collect(),
                 principal,
             });

@@ -130,6 +130,7 @@ mod tests {
             cert_san_uri: None,
             cert_san_dns: None,
             token_sha256: None,
+            token_sha256_file: None,
             groups: vec![],
             principal: p,
         }
