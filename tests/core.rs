@@ -115,18 +115,36 @@ fn exec_output_is_never_lost_at_eof() {
     ]
     .concat();
     let gw = fx.serve("gw.toml", &fx.server_config(&extra));
-    let mut lost = Vec::new();
-    for i in 0..40 {
-        let name = if i % 2 == 0 { "hi-out" } else { "hi" };
-        let out = fx.connect(&gw.url(name), "alice", b"");
-        out.expect_code(0);
-        if out.stdout != b"hi\n" {
-            lost.push(format!("run {i} ({name}): stdout {:?}", out.out()));
-        }
-    }
+    // Six clients at a time, so the race also shows on an idle machine.
+    let lost: Vec<String> = thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|t| {
+                let (fx, gw) = (&fx, &gw);
+                s.spawn(move || {
+                    let mut lost = Vec::new();
+                    for i in 0..30 {
+                        let name = if i % 2 == 0 { "hi-out" } else { "hi" };
+                        let out = fx.connect(&gw.url(name), "alice", b"");
+                        out.expect_code(0);
+                        if out.stdout != b"hi\n" {
+                            lost.push(format!(
+                                "client {t} run {i} ({name}): stdout {:?}",
+                                out.out()
+                            ));
+                        }
+                    }
+                    lost
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client thread"))
+            .collect()
+    });
     assert!(
         lost.is_empty(),
-        "{} of 40 sessions lost output:\n{}",
+        "{} of 180 sessions lost output:\n{}",
         lost.len(),
         lost.join("\n")
     );
