@@ -229,8 +229,15 @@ fn half_close_through_forward_config_and_forward_verb() {
 // === 3. byte-exact under load ===
 
 /// Streams `total` random bytes into `path` while reading the echo; returns
-/// (sha sent, sha received, bytes received).
-fn stream_through(path: &Path, total: usize, stall: Duration) -> (String, String, usize) {
+/// (sha sent, sha received, bytes received). Fails if one read or write makes no
+/// progress for `stall`, or if the whole exchange takes longer than `limit`.
+fn stream_through(
+    path: &Path,
+    total: usize,
+    stall: Duration,
+    limit: Duration,
+) -> (String, String, usize) {
+    let deadline = Instant::now() + limit;
     let mut s = unix_connect(path);
     s.set_read_timeout(Some(stall)).expect("timeout");
     s.set_write_timeout(Some(stall)).expect("timeout");
@@ -259,6 +266,10 @@ fn stream_through(path: &Path, total: usize, stall: Duration) -> (String, String
         }
         h.update(&buf[..n]);
         got += n;
+        assert!(
+            Instant::now() < deadline,
+            "took longer than {limit:?}: {got} of {total} bytes back"
+        );
     }
     let sent = writer.join().expect("writer thread");
     (sent, hex(&h.finalize()), got)
@@ -286,7 +297,12 @@ fn byte_exact_under_load_through_forward_and_export() {
     // 256 MiB each way, written and read at once.
     const BIG: usize = 256 << 20;
     let t = Instant::now();
-    let (sent, received, n) = stream_through(&fwd_sock, BIG, Duration::from_secs(120));
+    let (sent, received, n) = stream_through(
+        &fwd_sock,
+        BIG,
+        Duration::from_secs(120),
+        Duration::from_secs(900),
+    );
     let big_time = t.elapsed();
     eprintln!("256 MiB each way through forward+export: {big_time:?}");
     assert_eq!(n, BIG, "byte count");
@@ -302,7 +318,12 @@ fn byte_exact_under_load_through_forward_and_export() {
             let path = fwd_sock.clone();
             thread::spawn(move || {
                 let size = (1 << 20) + i * 997;
-                let (sent, received, n) = stream_through(&path, size, Duration::from_secs(120));
+                let (sent, received, n) = stream_through(
+                    &path,
+                    size,
+                    Duration::from_secs(120),
+                    Duration::from_secs(600),
+                );
                 assert_eq!(n, size, "session {i}: byte count");
                 assert_eq!(sent, received, "session {i}: SHA-256");
             })
@@ -674,6 +695,12 @@ fn certificate_from_another_ca_is_rejected_in_tls() {
             "{}",
             out.stderr
         );
+        if i == 0 {
+            // mTLS only: no certificate at all is refused in the handshake too.
+            let out = fx.run(&["connect", &url, "--ca", &ca], b"x");
+            out.expect_code(3);
+            assert!(out.stdout.is_empty());
+        }
         // The right certificate still works.
         let out = fx.connect(&url, "alice", b"x");
         out.expect_code(0);
