@@ -167,6 +167,9 @@ where
     } = local;
     let eof_seen = AtomicBool::new(false);
     let activity = Activity::new();
+    // An exec child that stops reading its stdin (`head`) is not a failure: its output
+    // and exit status still matter, so further input is discarded instead.
+    let discard_on_epipe = child.is_some();
     let eof_notify = Notify::new();
     let mut exit: Option<Control> = None;
     let mut peer_error = None;
@@ -182,6 +185,7 @@ where
             &mut exit,
             &mut peer_error,
             &activity,
+            discard_on_epipe,
         );
         tokio::pin!(up, down);
         let mut up_done = false;
@@ -423,10 +427,12 @@ async fn downstream<S>(
     exit: &mut Option<Control>,
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
+    discard_on_epipe: bool,
 ) -> Failure
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut discarding = false;
     loop {
         let msg = match stream.next().await {
             None => return Failure::PeerGone("connection closed without a Close frame".into()),
@@ -438,6 +444,9 @@ where
             Message::Binary(data) => {
                 if eof_seen.load(Ordering::Relaxed) {
                     return Failure::Protocol(ErrorKind::ProtocolError, "data after eof".into());
+                }
+                if discarding {
+                    continue;
                 }
                 let Some(w) = writer.as_mut() else {
                     return Failure::Protocol(
@@ -454,6 +463,12 @@ where
                     })
                     .await;
                 if let Err(e) = r {
+                    if discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe {
+                        tracing::debug!("the child closed its stdin; discarding further input");
+                        *writer = None;
+                        discarding = true;
+                        continue;
+                    }
                     return Failure::Local(format!("write: {e}"));
                 }
                 counters

@@ -713,6 +713,9 @@ impl Forward {
     }
 }
 
+/// Pause between two rounds of a hosted `out` FIFO.
+const FIFO_ROUND_GAP: Duration = Duration::from_millis(200);
+
 async fn accept_failed(e: std::io::Error) {
     warn!(error = %e, "forward accept failed");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -759,7 +762,9 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
             match fifo::open_writer(path, far).await {
                 Ok(tx) => Local {
                     reader: None,
-                    writer: Some(Writer::Bytes(Box::new(tx) as BoxWrite)),
+                    writer: Some(Writer::Bytes(
+                        Box::new(fifo::DrainingSender::new(tx)) as BoxWrite
+                    )),
                     child: None,
                 },
                 Err(e) => {
@@ -771,6 +776,11 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
         };
         let span = tracing::info_span!("forward", to = %fwd.to);
         forward_one(local, None, fwd, target).instrument(span).await;
+        if direction == Direction::Out {
+            // The writer closed after readers drained the pipe; give them a moment to
+            // read the EOF before the next round opens a writer again.
+            tokio::time::sleep(FIFO_ROUND_GAP).await;
+        }
     }
 }
 fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {

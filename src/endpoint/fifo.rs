@@ -95,6 +95,65 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
     })
 }
 
+/// The write end of a hosted FIFO whose half-close waits until local readers drained
+/// what was written, so the close is seen as EOF right after the last byte (a writer
+/// that closed with data still buffered could be followed by the next round's writer
+/// before the reader got to EOF).
+pub struct DrainingSender {
+    inner: pipe::Sender,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DrainingSender {
+    /// Wraps a FIFO write end.
+    pub fn new(inner: pipe::Sender) -> Self {
+        DrainingSender { inner, wait: None }
+    }
+}
+
+impl tokio::io::AsyncWrite for DrainingSender {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::task::Poll;
+        loop {
+            if let Some(w) = self.wait.as_mut() {
+                if w.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.wait = None;
+            }
+            match rustix::io::ioctl_fionread(&self.inner) {
+                Ok(0) | Err(_) => return Poll::Ready(Ok(())),
+                Ok(_) => {
+                    self.wait = Some(Box::pin(tokio::time::sleep(DRAIN_POLL)));
+                }
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+/// How often a draining writer checks whether readers consumed the pipe.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
 /// Creates a hosted FIFO at `path` with `mode` (an existing FIFO is reused; any other
 /// file is refused).
 pub fn create(path: &Path, mode: u32) -> io::Result<()> {
@@ -112,7 +171,12 @@ pub fn create(path: &Path, mode: u32) -> io::Result<()> {
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent)?;
+                use std::os::unix::fs::DirBuilderExt;
+                // Explicit mode: never world-writable, whatever the umask.
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(parent)?;
             }
             nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode))
                 .map_err(io::Error::from)?;
