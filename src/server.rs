@@ -43,6 +43,7 @@ pub struct Gateway {
     pub registry: Arc<Registry>,
     draining: AtomicBool,
     tracker: TaskTracker,
+    auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
 }
 
 impl Gateway {
@@ -54,6 +55,7 @@ impl Gateway {
             registry: Arc::new(Registry::default()),
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            auth_failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -112,6 +114,46 @@ impl Gateway {
         ended
     }
 
+    /// 429 when `ip` had too many failed authentications within the window.
+    fn check_rate(&self, ip: std::net::IpAddr, cfg: &Config) -> Result<(), Refusal> {
+        let map = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&ip) {
+            Some((n, since))
+                if *n >= cfg.limits.max_auth_failures
+                    && since.elapsed() < cfg.limits.auth_failure_window =>
+            {
+                Err(Refusal::new(
+                    RefusalKind::RateLimited,
+                    "too many failed authentications from this address; try again later",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication from `ip`. The table is bounded: expired entries
+    /// are dropped when it grows past [`MAX_RATE_ENTRIES`].
+    fn auth_failed(&self, ip: std::net::IpAddr, cfg: &Config) {
+        let window = cfg.limits.auth_failure_window;
+        let mut map = self.auth_failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_RATE_ENTRIES {
+            map.retain(|_, (_, since)| since.elapsed() < window);
+            if map.len() >= MAX_RATE_ENTRIES {
+                // Still full of live entries: forget the oldest half rather than grow.
+                let mut ages: Vec<_> = map.iter().map(|(k, (_, t))| (*t, *k)).collect();
+                ages.sort();
+                for (_, k) in ages.into_iter().take(MAX_RATE_ENTRIES / 2) {
+                    map.remove(&k);
+                }
+            }
+        }
+        let e = map.entry(ip).or_insert((0, Instant::now()));
+        if e.1.elapsed() >= window {
+            *e = (0, Instant::now());
+        }
+        e.0 += 1;
+    }
+
     /// Starts draining: new sessions get 503 `draining`.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
@@ -149,6 +191,9 @@ impl Gateway {
         .await;
     }
 }
+
+/// Bound on the per-address failed-authentication table.
+pub const MAX_RATE_ENTRIES: usize = 65_536;
 
 // === registry ===
 
@@ -458,6 +503,21 @@ fn authenticate(
     req: &Request<Incoming>,
     conn: &ConnInfo,
     cfg: &Config,
+    gw: &Gateway,
+) -> Result<Identity, Refusal> {
+    let ip = conn.peer.ip();
+    gw.check_rate(ip, cfg)?;
+    let r = authenticate_inner(req, conn, cfg);
+    if r.is_err() {
+        gw.auth_failed(ip, cfg);
+    }
+    r
+}
+
+fn authenticate_inner(
+    req: &Request<Incoming>,
+    conn: &ConnInfo,
+    cfg: &Config,
 ) -> Result<Identity, Refusal> {
     let bearer = auth::bearer(
         req.headers()
@@ -479,7 +539,7 @@ fn list(
         ));
     }
     let cfg = gw.config();
-    let id = authenticate(req, conn, &cfg)?;
+    let id = authenticate(req, conn, &cfg, gw)?;
     let pipes: Vec<_> = cfg
         .pipes
         .iter()
@@ -568,7 +628,7 @@ async fn session(
         ));
     }
     let cfg = gw.config();
-    let identity = authenticate(req, conn, &cfg)?;
+    let identity = authenticate(req, conn, &cfg, gw)?;
     let forbidden = || {
         Refusal::new(
             RefusalKind::Forbidden,

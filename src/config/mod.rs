@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_SESSIONS_PER_IDENTITY: usize = 1_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `limits.max_header_size`.
 pub const DEFAULT_MAX_HEADER_SIZE_BYTES: usize = 16 * 1024;
+/// Default `limits.max_auth_failures`.
+pub const DEFAULT_MAX_AUTH_FAILURES: u32 = 20;
+/// Default `limits.auth_failure_window`.
+pub const DEFAULT_AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// Default `keepalive.interval`.
 pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Default `keepalive.timeout`.
@@ -176,6 +180,11 @@ pub struct Limits {
     pub idle_timeout: Option<Duration>,
     /// Default largest message of message-mode pipes.
     pub max_message_size: MessageSize,
+    /// Failed authentications per source address within `auth_failure_window` before
+    /// further requests from it get 429 `rate_limited`.
+    pub max_auth_failures: u32,
+    /// The window of `max_auth_failures`.
+    pub auth_failure_window: Duration,
 }
 
 /// A message-size limit.
@@ -514,6 +523,8 @@ struct RawLimits {
     max_header_size: Option<S<String>>,
     idle_timeout: Option<S<String>>,
     max_message_size: Option<S<String>>,
+    max_auth_failures: Option<S<i64>>,
+    auth_failure_window: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -772,6 +783,8 @@ impl Validator<'_> {
             max_header_size: DEFAULT_MAX_HEADER_SIZE_BYTES,
             idle_timeout: None,
             max_message_size: MessageSize::Auto,
+            max_auth_failures: DEFAULT_MAX_AUTH_FAILURES,
+            auth_failure_window: DEFAULT_AUTH_FAILURE_WINDOW,
         };
         let Some(r) = raw else { return l };
         if let Some(v) = r
@@ -822,6 +835,18 @@ impl Validator<'_> {
             if let Some(v) = self.message_size(&d, "limits.max_message_size") {
                 l.max_message_size = v;
             }
+        }
+        if let Some(v) = r
+            .max_auth_failures
+            .and_then(|v| self.count(&v, "limits.max_auth_failures", 1 << 20))
+        {
+            l.max_auth_failures = v as u32;
+        }
+        if let Some(v) = r
+            .auth_failure_window
+            .and_then(|d| self.duration(&d, "limits.auth_failure_window"))
+        {
+            l.auth_failure_window = v;
         }
         l
     }
