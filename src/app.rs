@@ -255,6 +255,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
             .unwrap_or_else(config::default_path);
         tracker.spawn(watch_files(gw.clone(), path, shutdown.clone()));
     }
+    crate::sd_notify::ready();
     let code = wait_for_signals(gateway.as_deref(), &cfg, config_path).await;
     shutdown.cancel();
     tracker.close();
@@ -283,6 +284,7 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
             }
         }
     }
+    crate::sd_notify::stopping();
     info!(grace = ?cfg.shutdown.grace_period, "draining: new sessions are refused");
     if let Some(gw) = gw {
         tokio::select! {
@@ -341,6 +343,12 @@ async fn watch_files(gw: Arc<Gateway>, config_path: PathBuf, shutdown: Cancellat
 }
 
 fn reload(gw: &Gateway, config_path: Option<&Path>) {
+    crate::sd_notify::reloading();
+    reload_inner(gw, config_path);
+    crate::sd_notify::ready();
+}
+
+fn reload_inner(gw: &Gateway, config_path: Option<&Path>) {
     let path = config_path
         .map(Path::to_path_buf)
         .unwrap_or_else(config::default_path);

@@ -33,5 +33,6 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod pki;
+pub mod sd_notify;
 pub mod server;
 pub mod tunnel;
