@@ -843,7 +843,7 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         })
         .map(|u| u.name);
     let creds = substitute_user(&fwd.credentials, user.as_deref());
-    let session = match Dialer::new(&fwd.to, &creds) {
+    let session = match cached_dialer(&fwd.to, &creds) {
         Ok(d) => d.open(target, client_message_limit()).await,
         Err(e) => Err(e),
     };
@@ -864,6 +864,41 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         close_reason = %out.reason,
         "forward session end"
     );
+}
+
+/// How long a forward reuses a dialer (its TLS config and session-resumption cache)
+/// before re-reading its credential files.
+const DIALER_TTL: Duration = Duration::from_secs(30);
+/// Bound on cached dialers (one per distinct credential set, e.g. per local user).
+const MAX_CACHED_DIALERS: usize = 1024;
+
+/// A dialer for `url` with `creds`, reused across sessions so TLS session resumption
+/// works and credential files are not re-read per connection.
+fn cached_dialer(url: &Uri, creds: &CredentialPaths) -> Result<Dialer, ClientError> {
+    type Cache = std::sync::Mutex<std::collections::HashMap<String, (Dialer, std::time::Instant)>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let key = format!(
+        "{url}|{:?}|{:?}|{:?}|{:?}|{}",
+        creds.ca,
+        creds.cert,
+        creds.key,
+        creds.token_file,
+        creds.token.is_some()
+    );
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some((d, at)) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        if at.elapsed() < DIALER_TTL {
+            return Ok(d);
+        }
+    }
+    let d = Dialer::new(url, creds)?;
+    if let Ok(mut c) = cache.lock() {
+        if c.len() >= MAX_CACHED_DIALERS {
+            c.clear();
+        }
+        c.insert(key, (d.clone(), std::time::Instant::now()));
+    }
+    Ok(d)
 }
 
 fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {

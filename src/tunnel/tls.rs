@@ -105,8 +105,13 @@ pub fn server_config(
         .with_single_cert(chain, key_der)
         .map_err(|e| file_err(key, format!("key does not fit the certificate: {e}")))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption makes repeat connections from the same forward cheap.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(Arc::new(cfg))
 }
+
+/// Server-side TLS session cache size (resumption for repeat clients).
+const SESSION_CACHE_ENTRIES: usize = 4096;
 
 /// Client config: trust `ca` (or the system trust store) and present `cert`/`key` if given.
 pub fn client_config(
