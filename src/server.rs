@@ -447,6 +447,9 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(remaining)
+        // One request per connection: an idle keep-alive connection could otherwise
+        // outlive the handshake timeout.
+        .keep_alive(false)
         .max_buf_size(cfg.limits.max_header_size.max(8192));
     if let Err(e) = builder
         .serve_connection(TokioIo::new(tls), svc)
