@@ -384,6 +384,12 @@ fn refusal_setup() -> RefusalSetup {
         ),
         pipe("outonly", "exec:echo hi", &["alice"], "direction = \"out\""),
         pipe("single", "exec:cat", &["alice"], "max_instances = 1"),
+        pipe(
+            "noprog",
+            "exec:pipebridge-test-no-such-program",
+            &["alice"],
+            "",
+        ),
     ]
     .concat();
     let gw = fx.serve("gw.toml", &fx.server_config(&extra));
@@ -571,6 +577,22 @@ async fn refusals_endpoint_unavailable_and_unsupported_direction() {
             .any(|l| l.contains("nobody-listens.sock") && l.contains("dead"))
     });
 
+    // An exec: program that cannot be started: 502 as well.
+    let r = raw_request(
+        &fx,
+        port,
+        Creds::Cert("alice"),
+        &upgrade_request(port, "/pipes/noprog", "pipebridge.v1", ""),
+    )
+    .await;
+    let msg = r.expect_refusal(502, "endpoint_unavailable");
+    assert!(
+        !msg.contains("pipebridge-test-no-such-program"),
+        "the message leaks the command: {msg}"
+    );
+    let out = fx.connect(&gw.url("noprog"), "alice", b"");
+    assert_eq!(expect_refused(&out, 1, 502, "endpoint_unavailable"), msg);
+
     // direction=in on an out-only pipe: 409.
     let r = raw_request(
         &fx,
@@ -641,6 +663,25 @@ async fn refusals_busy_at_max_instances() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[test]
+fn connect_to_an_unreachable_gateway_exits_1() {
+    let fx = Fixture::new();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let url = format!("wss://localhost:{port}/pipes/echo");
+    let out = fx.connect(&url, "alice", b"x");
+    out.expect_code(1);
+    assert!(out.stdout.is_empty());
+    assert!(!out.stderr.trim().is_empty(), "no message on stderr");
+    let base = format!("wss://localhost:{port}");
+    let mut args = vec!["ls".to_string(), base];
+    args.extend(fx.cert_args("alice"));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    fx.run(&a, b"").expect_code(1);
 }
 
 // === 5. a certificate from another CA ===
