@@ -285,10 +285,14 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
         }
     }
     crate::sd_notify::stopping();
-    info!(grace = ?cfg.shutdown.grace_period, "draining: new sessions are refused");
+    // The grace period of the config in force (it may have been reloaded).
+    let grace = gw
+        .map(|g| g.config().shutdown.grace_period)
+        .unwrap_or(cfg.shutdown.grace_period);
+    info!(grace = ?grace, "draining: new sessions are refused");
     if let Some(gw) = gw {
         tokio::select! {
-            _ = gw.drain(cfg.shutdown.grace_period) => {}
+            _ = gw.drain(grace) => {}
             _ = term.recv() => { warn!("second signal: exiting now"); }
             _ = int.recv() => { warn!("second signal: exiting now"); }
         }
@@ -483,7 +487,20 @@ pub async fn connect(a: ConnectArgs) -> i32 {
     let counters = Arc::new(Counters::default());
     let progress = (a.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .then(|| tokio::spawn(show_progress(counters.clone())));
-    let out = bridge::run(session.ws, local, &counters, StopSignal::never(), None).await;
+    let out = bridge::run(
+        session.ws,
+        local,
+        &counters,
+        StopSignal::never(),
+        bridge::Options {
+            idle_timeout: None,
+            keepalive: Some((
+                config::DEFAULT_KEEPALIVE_INTERVAL,
+                config::DEFAULT_KEEPALIVE_TIMEOUT,
+            )),
+        },
+    )
+    .await;
     if let Some(p) = progress {
         p.abort();
         eprintln!();
@@ -592,6 +609,10 @@ pub async fn forward(a: ForwardArgs) -> i32 {
         socket_group: None,
         socket_mode,
         allow_local: Vec::new(),
+        keepalive: (
+            config::DEFAULT_KEEPALIVE_INTERVAL,
+            config::DEFAULT_KEEPALIVE_TIMEOUT,
+        ),
     };
     // Check credentials once up front so typos fail now, not at the first connection.
     if let Err(e) = Dialer::new(&fwd.to, &fwd.credentials) {

@@ -40,6 +40,28 @@ pub struct Counters {
     pub from_local: AtomicU64,
 }
 
+/// Per-session settings.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Close after this long without data moving (never while blocked on backpressure).
+    pub idle_timeout: Option<Duration>,
+    /// `(interval, timeout)`: ping a silent peer every `interval`; a peer silent for
+    /// `timeout` while nothing of ours is pending is dead.
+    pub keepalive: Option<(Duration, Duration)>,
+}
+
+/// Bound on sending one keepalive ping.
+const PING_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn keepalive_tick(ka: Option<(Duration, Duration)>) {
+    match ka {
+        Some((interval, _)) => {
+            tokio::time::sleep((interval / 2).max(Duration::from_millis(100))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -106,6 +128,7 @@ enum Failure {
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    last_rx_ms: AtomicU64,
     blocked: AtomicU32,
 }
 
@@ -114,6 +137,7 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            last_rx_ms: AtomicU64::new(0),
             blocked: AtomicU32::new(0),
         }
     }
@@ -121,6 +145,18 @@ impl Activity {
     fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A frame arrived from the peer.
+    fn received(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+        self.last_rx_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn since_received(&self) -> Duration {
+        let last = Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
     }
 
     /// Runs `f`, an operation that may block on backpressure.
@@ -154,12 +190,14 @@ pub async fn run<S>(
     local: Local,
     counters: &Counters,
     mut stop: StopSignal,
-    idle_timeout: Option<Duration>,
+    opts: Options,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut sink, mut stream) = ws.split();
+    let (sink, mut stream) = ws.split();
+    // Shared by the upstream and keepalive pings; the upstream holds it only per send.
+    let sink = tokio::sync::Mutex::new(sink);
     let Local {
         reader,
         mut writer,
@@ -175,7 +213,7 @@ where
     let mut peer_error = None;
 
     let failure = {
-        let up = upstream(reader, child.as_mut(), &mut sink, counters, &activity);
+        let up = upstream(reader, child.as_mut(), &sink, counters, &activity);
         let down = downstream(
             &mut stream,
             &mut writer,
@@ -207,7 +245,30 @@ where
                 }
                 _ = eof_notify.notified() => {}
                 s = stop.wait() => break Some(Failure::Stopped(s.0, s.1)),
-                _ = activity.idle(idle_timeout) => break Some(Failure::Idle),
+                _ = activity.idle(opts.idle_timeout) => break Some(Failure::Idle),
+                _ = keepalive_tick(opts.keepalive) => {
+                    if let Some((interval, timeout)) = opts.keepalive {
+                        let silent = activity.since_received();
+                        let blocked = activity.blocked.load(Ordering::Relaxed) > 0;
+                        if silent >= timeout && !blocked {
+                            break Some(Failure::PeerGone(format!(
+                                "no frame from the peer for {}s (keepalive)",
+                                silent.as_secs()
+                            )));
+                        }
+                        if silent >= interval {
+                            // Skipped while a send is in progress: then the peer is
+                            // merely slow to read, and pending data says so.
+                            if let Ok(mut g) = sink.try_lock() {
+                                let _ = tokio::time::timeout(
+                                    PING_SEND_TIMEOUT,
+                                    g.send(Message::Ping(bytes::Bytes::new())),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                }
             }
         }
     };
@@ -225,7 +286,7 @@ where
     if let Some(c) = child.as_mut() {
         let _ = c.start_kill();
     }
-    finish(sink, stream, failure, exit, peer_error).await
+    finish(sink.into_inner(), stream, failure, exit, peer_error).await
 }
 
 async fn finish<S>(
@@ -340,7 +401,7 @@ where
 async fn upstream<S>(
     reader: Option<Reader>,
     child: Option<&mut tokio::process::Child>,
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    sink: &tokio::sync::Mutex<SplitSink<WebSocketStream<S>, Message>>,
     counters: &Counters,
     activity: &Activity,
 ) -> Result<(), Failure>
@@ -362,7 +423,7 @@ where
                 let data = buf.split().freeze();
                 activity.touch();
                 activity
-                    .blocking(sink.send(Message::Binary(data)))
+                    .blocking(async { sink.lock().await.send(Message::Binary(data)).await })
                     .await
                     .map_err(ws_failure)?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
@@ -374,7 +435,7 @@ where
                     let n = data.len() as u64;
                     activity.touch();
                     activity
-                        .blocking(sink.send(Message::Binary(data)))
+                        .blocking(async { sink.lock().await.send(Message::Binary(data)).await })
                         .await
                         .map_err(ws_failure)?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
@@ -396,11 +457,15 @@ where
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);
         tracing::info!(status = %status, "exec child exited");
-        sink.send(Message::text(ctl.encode()))
+        sink.lock()
+            .await
+            .send(Message::text(ctl.encode()))
             .await
             .map_err(ws_failure)?;
     }
-    sink.send(Message::text(Control::Eof.encode()))
+    sink.lock()
+        .await
+        .send(Message::text(Control::Eof.encode()))
         .await
         .map_err(ws_failure)?;
     Ok(())
@@ -439,7 +504,7 @@ where
             Some(Err(e)) => return ws_failure(e),
             Some(Ok(m)) => m,
         };
-        activity.touch();
+        activity.received();
         match msg {
             Message::Binary(data) => {
                 if eof_seen.load(Ordering::Relaxed) {
@@ -457,8 +522,16 @@ where
                 let r = activity
                     .blocking(async {
                         match w {
-                            Writer::Bytes(w) => w.write_all(&data).await,
-                            Writer::Messages(m) => m.send(&data).await,
+                            // Flush each message: a buffered writer (stdout) must not
+                            // hold back a reply a request/response protocol waits for.
+                            Writer::Bytes(w) => match w.write_all(&data).await {
+                                Ok(()) => w.flush().await,
+                                Err(e) => Err(e),
+                            },
+                            Writer::Messages(m) => match m.send(&data).await {
+                                Ok(()) => m.flush().await,
+                                Err(e) => Err(e),
+                            },
                         }
                     })
                     .await;

@@ -844,7 +844,11 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         .map(|u| u.name);
     let creds = substitute_user(&fwd.credentials, user.as_deref());
     let session = match cached_dialer(&fwd.to, &creds) {
-        Ok(d) => d.open(target, client_message_limit()).await,
+        Ok(d) => {
+            d.with_keepalive(fwd.keepalive.0, fwd.keepalive.1)
+                .open(target, client_message_limit())
+                .await
+        }
         Err(e) => Err(e),
     };
     crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
@@ -856,7 +860,17 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         }
     };
     let counters = Counters::default();
-    let out = bridge::run(ws, local, &counters, StopSignal::never(), None).await;
+    let out = bridge::run(
+        ws,
+        local,
+        &counters,
+        StopSignal::never(),
+        bridge::Options {
+            idle_timeout: None,
+            keepalive: Some(fwd.keepalive),
+        },
+    )
+    .await;
     info!(
         bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
         bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),

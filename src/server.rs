@@ -562,7 +562,7 @@ fn list(
     ))
 }
 
-fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+fn header_has_token<B>(req: &Request<B>, name: header::HeaderName, token: &str) -> bool {
     req.headers().get_all(name).iter().any(|v| {
         v.to_str()
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -581,12 +581,19 @@ pub fn session_message_limit(pipe: &PipeConfig, mode: Mode) -> usize {
     }
 }
 
-async fn session(
-    req: &mut Request<Incoming>,
-    name: &str,
-    conn: &Arc<ConnInfo>,
-    gw: &Arc<Gateway>,
-) -> Result<Response<Full<Bytes>>, Refusal> {
+/// What the request-level checks (before authentication) extract from a session request.
+#[derive(Debug)]
+pub struct Precheck {
+    /// `?mode=&direction=`.
+    pub query: protocol::SessionQuery,
+    /// `Sec-WebSocket-Key`.
+    pub key: HeaderValue,
+}
+
+/// The checks of a session request that need no state, in DESIGN.md's order: 400 (name,
+/// query, method), 426 (no upgrade), 400 (bad WebSocket headers or subprotocol). Pure;
+/// a fuzz target drives it with arbitrary requests.
+pub fn precheck<B>(req: &Request<B>, name: &str) -> Result<Precheck, Refusal> {
     // 400: the name is a raw path segment and must be a valid pipe name.
     if !crate::config::valid_name(name) {
         return Err(Refusal::new(
@@ -630,6 +637,16 @@ async fn session(
             ),
         ));
     }
+    Ok(Precheck { query, key })
+}
+
+async fn session(
+    req: &mut Request<Incoming>,
+    name: &str,
+    conn: &Arc<ConnInfo>,
+    gw: &Arc<Gateway>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let Precheck { query, key } = precheck(req, name)?;
     let cfg = gw.config();
     let identity = authenticate(req, conn, &cfg, gw)?;
     let forbidden = || {
@@ -717,7 +734,10 @@ async fn session(
     let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
     let method = identity.method;
     let accepted = conn.accepted;
-    let idle = cfg.limits.idle_timeout;
+    let opts = bridge::Options {
+        idle_timeout: cfg.limits.idle_timeout,
+        keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
+    };
     gw.tracker.spawn(
         async move {
             let upgraded = match on_upgrade.await {
@@ -738,7 +758,7 @@ async fn session(
             .await;
             let entry = admission.entry.clone();
             debug!("session started");
-            let out = bridge::run(ws, local, &entry.counters, stop_signal, idle).await;
+            let out = bridge::run(ws, local, &entry.counters, stop_signal, opts).await;
             audit(&entry, method.as_str(), (uid, gid), &out);
             drop(admission);
         }

@@ -398,6 +398,8 @@ pub struct ForwardConfig {
     pub socket_mode: u32,
     /// Local callers allowed (empty = any).
     pub allow_local: Vec<String>,
+    /// `[keepalive]` `(interval, timeout)` for its sessions.
+    pub keepalive: (Duration, Duration),
 }
 
 impl Config {
@@ -651,12 +653,15 @@ impl Validator<'_> {
         };
         let identities = self.identities(raw.identity);
         let pipes = self.pipes(raw.pipe, &identities, &limits);
-        let forwards = raw
+        let mut forwards = raw
             .forward
             .into_iter()
             .enumerate()
             .filter_map(|(i, f)| self.forward(i, f))
             .collect::<Vec<_>>();
+        for f in &mut forwards {
+            f.keepalive = (keepalive.interval, keepalive.timeout);
+        }
         if server.is_none() && !pipes.is_empty() {
             self.err(
                 0..0,
@@ -1367,6 +1372,7 @@ impl Validator<'_> {
             socket_group: r.socket_group.map(|s| s.into_inner()),
             socket_mode,
             allow_local: r.allow_local.into_iter().map(|s| s.into_inner()).collect(),
+            keepalive: (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT),
         })
     }
 }
