@@ -1,0 +1,1370 @@
+//! Identity mapping and impersonation (issue 4), end to end through the real binary:
+//! the pipe server's SO_PEERCRED / SO_PEERGROUPS see each identity's principal, file
+//! permissions of 0600 sockets and FIFOs apply to the principal, `exec:` children run
+//! as the principal (or the gateway, or a fixed user), 400 concurrent sessions across
+//! four identities never leak a credential and leave every gateway thread at root, a
+//! gateway without CAP_SETUID/CAP_SETGID refuses an impersonating config, forwards
+//! restrict local callers (`allow_local`) and pick credentials per caller (`{user}`),
+//! and `tls.crl` revokes a client certificate.
+//!
+//! Tests that switch credentials need root. Without root they say why and pass, except
+//! when `CI` is set: then they fail (CI runs as root, so a skip there hides a broken
+//! environment). Mapped users are numeric (`uid = 12001` ...) or existing system users
+//! (`nobody`, `daemon`); no user is created.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{q, run_command, scrub, Fixture, KillOnDrop, Output, Proc, UnixServer, BIN};
+use futures_util::{SinkExt, StreamExt};
+use pipebridge::pki::{self, CertsInit};
+use tokio_tungstenite::tungstenite::Message;
+
+/// `(identity / client cert name, uid, gid, supplementary gids)` of the numeric identities.
+const NUMERIC: [(&str, u32, u32, &[u32]); 4] = [
+    ("u1", 12001, 12001, &[12100, 12101]),
+    ("u2", 12002, 12002, &[12200]),
+    ("u3", 12003, 12003, &[12300]),
+    ("u4", 12004, 12004, &[12400, 12401]),
+];
+
+/// Client certificates made for every test (CN = name).
+const CLIENTS: [&str; 7] = ["u1", "u2", "u3", "u4", "nobody", "daemon", "noprin"];
+
+/// The system python3 (the `python3` on PATH may be a pyenv shim under /root, which the
+/// mapped users cannot reach); `python3` from PATH when there is none.
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+// === environment ===
+
+/// True when the test may switch credentials. Without root: prints why the test is
+/// skipped and returns false, or fails when `CI` is set.
+fn root_or_skip(test: &str) -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{test}: needs root (CAP_SETUID, CAP_SETGID, CAP_KILL, chown) to impersonate; \
+             CI is set, so this is a failure rather than a skip"
+        );
+    }
+    eprintln!(
+        "skipped {test}: needs root (CAP_SETUID, CAP_SETGID, CAP_KILL, chown) to impersonate \
+         mapped users; run the tests as root (CI does)"
+    );
+    false
+}
+
+/// A temp dir (mode 0755, so mapped users can reach what is in it) with a PKI whose
+/// clients are [`CLIENTS`].
+fn fixture() -> Fixture {
+    let tmp = tempfile::Builder::new()
+        .prefix("pbimp")
+        .tempdir()
+        .expect("tempdir");
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    pki::init(&CertsInit {
+        dir: tmp.path().join("pki"),
+        server_names: vec!["localhost".into()],
+        clients: CLIENTS.iter().map(|c| c.to_string()).collect(),
+        force: false,
+    })
+    .expect("pki init");
+    Fixture { tmp }
+}
+
+/// The `[[identity]]` entries: u1..u4 numeric, `nobody` and `daemon` through the user
+/// database, `noprin` without a principal.
+fn identities() -> String {
+    let mut s = String::new();
+    for (name, uid, gid, gids) in NUMERIC {
+        let gids: Vec<String> = gids.iter().map(|g| g.to_string()).collect();
+        s.push_str(&format!(
+            "[[identity]]\nname = \"{name}\"\ncert_cn = \"{name}\"\ngroups = [\"numeric\"]\n\
+             uid = {uid}\ngid = {gid}\ngids = [{}]\n\n",
+            gids.join(", ")
+        ));
+    }
+    for name in ["nobody", "daemon"] {
+        s.push_str(&format!(
+            "[[identity]]\nname = \"{name}\"\ncert_cn = \"{name}\"\nuser = \"{name}\"\n\n"
+        ));
+    }
+    s.push_str("[[identity]]\nname = \"noprin\"\ncert_cn = \"noprin\"\ngroups = [\"bare\"]\n\n");
+    s
+}
+
+/// A gateway config on 127.0.0.1:0 with this fixture's TLS (plus `tls_extra` lines in
+/// `[tls]`), a generous handshake timeout, [`identities`] and then `pipes`.
+fn config(fx: &Fixture, tls_extra: &str, pipes: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n{}{tls_extra}\n\
+         [limits]\nhandshake_timeout = \"60s\"\n\n{}{pipes}",
+        fx.tls_section(),
+        identities()
+    )
+}
+
+/// A `[[pipe]]` entry; `extra` holds more key lines (run_as, direction, ...).
+fn pipe(name: &str, endpoint: &str, allow: &[&str], extra: &str) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| q(a)).collect();
+    format!(
+        "[[pipe]]\nname = \"{name}\"\nendpoint = {}\nallow = [{}]\n{extra}\n",
+        q(endpoint),
+        allow.join(", ")
+    )
+}
+
+/// The audit lines (`session end`) of a log, ANSI colour codes removed, each cut to
+/// the event's own fields (the part after "session end", not the span's).
+fn audit_lines(log: &str) -> Vec<String> {
+    strip_ansi(log)
+        .lines()
+        .filter_map(|l| l.split_once("session end").map(|(_, f)| f.to_string()))
+        .collect()
+}
+
+/// A `key=value` field of a log line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ params final-byte
+            if chars.next() == Some('[') {
+                for d in chars.by_ref() {
+                    if ('@'..='~').contains(&d) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The stdout of a `connect` that must succeed with output; on failure the panic shows
+/// connect's stderr and the gateway's audit lines (bytes each way, close reason).
+fn stdout_of(out: &Output, gw: &common::Gateway, what: &str) -> String {
+    if out.code != Some(0) || out.stdout.is_empty() {
+        std::thread::sleep(Duration::from_millis(500));
+        panic!(
+            "{what}: expected exit 0 with output; got exit {:?}, stdout {:?}; connect stderr:\n{}\ngateway audit lines:\n{}",
+            out.code,
+            out.out(),
+            out.stderr,
+            audit_lines(&gw.log()).join("\n")
+        );
+    }
+    out.out()
+}
+
+/// Asserts a refusal by `connect`: exit 1 and the one-line 502 `endpoint_unavailable`.
+fn expect_502(out: &Output, what: &str) {
+    assert_eq!(
+        out.code,
+        Some(1),
+        "{what}: expected exit 1; stdout {:?}; stderr:\n{}",
+        out.out(),
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("pipebridge: refused: 502 endpoint_unavailable:"),
+        "{what}: expected the 502 endpoint_unavailable refusal line; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{what}: data flowed: {:?}",
+        out.out()
+    );
+}
+
+// === a pipe server that reports its peer's credentials ===
+
+/// A Unix stream socket (mode 0666) served by a small python3 program that answers each
+/// connection with `uid=U gid=G groups=A,B\n` from SO_PEERCRED and SO_PEERGROUPS (59),
+/// half-closes, and reads to EOF. Killed (by pid) on drop.
+struct PeerServer {
+    _child: KillOnDrop,
+}
+
+const PEER_SERVER_PY: &str = r#"
+import os, socket, struct, sys, threading
+path = sys.argv[1]
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+os.chmod(path, 0o666)
+srv.listen(4096)
+print("ready", flush=True)
+def handle(c):
+    try:
+        cred = c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+        pid, uid, gid = struct.unpack("iII", cred)
+        raw = c.getsockopt(socket.SOL_SOCKET, 59, 1024)  # SO_PEERGROUPS (python caps buflen at 1024)
+        groups = struct.unpack("%dI" % (len(raw) // 4), raw)
+        reply = "uid=%d gid=%d groups=%s\n" % (uid, gid, ",".join(str(g) for g in groups))
+        c.sendall(reply.encode())
+        c.shutdown(socket.SHUT_WR)
+        while c.recv(65536):
+            pass
+    except Exception as e:
+        sys.stderr.write("peer server: %r\n" % (e,))
+    finally:
+        c.close()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+impl PeerServer {
+    fn start(path: &Path) -> PeerServer {
+        let mut child = KillOnDrop(
+            Command::new(python())
+                .args(["-I", "-u", "-c", PEER_SERVER_PY])
+                .arg(path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("start the python3 peer-credential server"),
+        );
+        let stdout = child.0.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the peer server did not start");
+        assert_eq!(line.trim(), "ready", "peer server start");
+        PeerServer { _child: child }
+    }
+}
+
+/// A reply of the peer server: (uid, gid, sorted groups).
+fn parse_peer(reply: &str) -> (u32, u32, Vec<u32>) {
+    let r = reply.trim();
+    let num = |k: &str| -> u32 {
+        field(r, k)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in peer reply {reply:?}"))
+    };
+    let mut groups: Vec<u32> = field(r, "groups")
+        .unwrap_or_else(|| panic!("no groups in peer reply {reply:?}"))
+        .split(',')
+        .filter(|g| !g.is_empty())
+        .map(|g| g.parse().expect("group id"))
+        .collect();
+    groups.sort_unstable();
+    (num("uid"), num("gid"), groups)
+}
+
+// === tests: peer credentials, permissions ===
+
+#[test]
+fn peer_server_sees_each_identity_as_its_principal() {
+    if !root_or_skip("peer_server_sees_each_identity_as_its_principal") {
+        return;
+    }
+    let fx = fixture();
+    let sock = fx.path("peer.sock");
+    let _srv = PeerServer::start(&sock);
+    let mut gw = fx.serve(
+        "gw.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "peer",
+                &format!("unix:{}", sock.display()),
+                &["u1", "u2"],
+                "",
+            ),
+        ),
+    );
+    for (name, uid, gid, gids) in &NUMERIC[..2] {
+        let out = fx.connect(&gw.url("peer"), name, b"");
+        let (ru, rg, rgroups) = parse_peer(&stdout_of(&out, &gw, name));
+        assert_eq!(
+            (ru, rg, rgroups.as_slice()),
+            (*uid, *gid, *gids),
+            "{name}: SO_PEERCRED/SO_PEERGROUPS seen by the pipe server: {:?}",
+            out.out()
+        );
+    }
+    // One audit line per session, naming the principal.
+    gw.proc.wait_until(Duration::from_secs(10), |log| {
+        audit_lines(log).iter().any(|l| {
+            field(l, "identity") == Some("u1")
+                && field(l, "uid") == Some("12001")
+                && field(l, "gid") == Some("12001")
+                && field(l, "pipe") == Some("peer")
+        }) && audit_lines(log)
+            .iter()
+            .any(|l| field(l, "identity") == Some("u2") && field(l, "uid") == Some("12002"))
+    });
+}
+
+#[test]
+fn socket_0600_of_another_uid_is_refused_and_works_for_its_owner() {
+    if !root_or_skip("socket_0600_of_another_uid_is_refused_and_works_for_its_owner") {
+        return;
+    }
+    let fx = fixture();
+    let sock = fx.path("own.sock");
+    let _srv = UnixServer::echo(&sock);
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(&sock, Some(12001), Some(12001)).expect("chown");
+    let gw = fx.serve(
+        "gw.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "own",
+                &format!("unix:{}", sock.display()),
+                &["u1", "u2"],
+                "",
+            ),
+        ),
+    );
+    let out = fx.connect(&gw.url("own"), "u2", b"hello");
+    expect_502(&out, "u2 (uid 12002) on a 0600 socket of uid 12001");
+    let out = fx.connect(&gw.url("own"), "u1", b"hello");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1 on its own socket"),
+        "hello",
+        "u1 (the owner) gets the echo"
+    );
+    // The refusal never fell back to the gateway's rights: the gateway logged it.
+    assert!(
+        strip_ansi(&gw.log()).contains("permission denied")
+            || strip_ansi(&gw.log()).contains("Permission denied"),
+        "the gateway log names the permission error:\n{}",
+        gw.log()
+    );
+}
+
+/// Opens `path` for writing without blocking a thread forever: retries "no reader"
+/// until `timeout`.
+fn open_fifo_writer(path: &Path, timeout: Duration) -> std::fs::File {
+    use rustix::fs::{Mode, OFlags};
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rustix::fs::open(
+            path,
+            OFlags::WRONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let f = std::fs::File::from(fd);
+                // Back to blocking writes.
+                let flags = rustix::fs::fcntl_getfl(&f).expect("getfl");
+                rustix::fs::fcntl_setfl(&f, flags.difference(OFlags::NONBLOCK)).expect("setfl");
+                return f;
+            }
+            Err(e) if e == rustix::io::Errno::NXIO && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("open {} for writing: {e}", path.display()),
+        }
+    }
+}
+
+fn mkfifo_owned(path: &Path, uid: u32) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
+}
+
+#[test]
+fn fifo_0600_of_another_uid_is_refused_and_works_for_its_owner() {
+    if !root_or_skip("fifo_0600_of_another_uid_is_refused_and_works_for_its_owner") {
+        return;
+    }
+    let fx = fixture();
+    let out_fifo = fx.path("out.fifo");
+    let in_fifo = fx.path("in.fifo");
+    mkfifo_owned(&out_fifo, 12001);
+    mkfifo_owned(&in_fifo, 12001);
+    let pipes = pipe(
+        "fout",
+        &format!("fifo:{}", out_fifo.display()),
+        &["u1", "u2"],
+        "direction = \"out\"",
+    ) + &pipe(
+        "fin",
+        &format!("fifo:{}", in_fifo.display()),
+        &["u1", "u2"],
+        "direction = \"in\"",
+    );
+    let gw = fx.serve("gw.toml", &config(&fx, "", &pipes));
+
+    // direction "out": the client reads what a local writer writes.
+    let out = fx.connect(&gw.url("fout"), "u2", b"");
+    expect_502(&out, "u2 reading a 0600 FIFO of uid 12001");
+    let writer = {
+        let p = out_fifo.clone();
+        std::thread::spawn(move || {
+            let mut f = open_fifo_writer(&p, Duration::from_secs(20));
+            f.write_all(b"from-the-fifo\n").expect("write FIFO");
+        })
+    };
+    let out = fx.connect(&gw.url("fout"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1 reading its FIFO"),
+        "from-the-fifo\n",
+        "u1 reads its own FIFO"
+    );
+    writer.join().expect("writer");
+
+    // direction "in": the client writes into the FIFO; a local reader gets it.
+    let out = fx.connect(&gw.url("fin"), "u2", b"nope");
+    expect_502(&out, "u2 writing a 0600 FIFO of uid 12001");
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let p = in_fifo.clone();
+        std::thread::spawn(move || {
+            // A blocking open counts as a reader at once, so the gateway's
+            // non-blocking writer open finds it.
+            let mut f = std::fs::File::open(&p).expect("open FIFO for reading");
+            let mut v = Vec::new();
+            let _ = f.read_to_end(&mut v);
+            let _ = tx.send(v);
+        });
+    }
+    let out = fx.connect(&gw.url("fin"), "u1", b"into-the-fifo");
+    out.expect_code(0);
+    let got = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the local FIFO reader got nothing");
+    assert_eq!(got, b"into-the-fifo", "u1 writes into its own FIFO");
+}
+
+// === tests: exec children ===
+
+#[test]
+fn exec_children_run_as_the_principal() {
+    if !root_or_skip("exec_children_run_as_the_principal") {
+        return;
+    }
+    let fx = fixture();
+    let pipes = pipe("idu", "exec:id -u", &["u1", "u2", "nobody"], "")
+        + &pipe("idg", "exec:id -G", &["u1", "u2"], "")
+        + &pipe("idgn", "exec:id -g", &["u1"], "")
+        + &pipe(
+            "homeuser",
+            "exec:sh -c 'echo $HOME $USER'",
+            &["nobody", "u1"],
+            "",
+        );
+    let gw = fx.serve("gw.toml", &config(&fx, "", &pipes));
+    for (name, uid, gid, gids) in &NUMERIC[..2] {
+        let out = fx.connect(&gw.url("idu"), name, b"");
+        assert_eq!(
+            stdout_of(&out, &gw, name).trim(),
+            uid.to_string(),
+            "{name}: id -u"
+        );
+        let out = fx.connect(&gw.url("idg"), name, b"");
+        let mut got: Vec<u32> = stdout_of(&out, &gw, name)
+            .split_whitespace()
+            .map(|g| g.parse().expect("gid"))
+            .collect();
+        got.sort_unstable();
+        got.dedup();
+        let mut want: Vec<u32> = gids.to_vec();
+        want.push(*gid);
+        want.sort_unstable();
+        assert_eq!(got, want, "{name}: id -G (primary gid and gids)");
+    }
+    let out = fx.connect(&gw.url("idgn"), "u1", b"");
+    assert_eq!(stdout_of(&out, &gw, "u1").trim(), "12001", "u1: id -g");
+
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("user db")
+        .expect("the system has a nobody user");
+    let out = fx.connect(&gw.url("idu"), "nobody", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "nobody").trim(),
+        nobody.uid.to_string(),
+        "nobody: id -u (user = \"nobody\" resolved through the user database)"
+    );
+    let out = fx.connect(&gw.url("homeuser"), "nobody", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "nobody").trim(),
+        format!("{} nobody", nobody.dir.display()),
+        "nobody: HOME and USER of the principal"
+    );
+    // A numeric uid with no user database entry: never the gateway's HOME/USER.
+    let out = fx.connect(&gw.url("homeuser"), "u1", b"");
+    assert!(
+        !stdout_of(&out, &gw, "u1").contains("root"),
+        "u1: HOME and USER must not be the gateway's: {:?}",
+        out.out()
+    );
+}
+
+#[test]
+fn run_as_gateway_and_run_as_fixed_user() {
+    if !root_or_skip("run_as_gateway_and_run_as_fixed_user") {
+        return;
+    }
+    let fx = fixture();
+    let daemon = nix::unistd::User::from_name("daemon")
+        .expect("user db")
+        .expect("the system has a daemon user");
+    let pipes = pipe(
+        "gwid",
+        "exec:id -u",
+        &["u1", "noprin"],
+        "run_as = \"gateway\"",
+    ) + &pipe(
+        "daemonid",
+        "exec:id -u",
+        &["u1", "noprin"],
+        "run_as = \"user:daemon\"",
+    ) + &pipe(
+        "daemonenv",
+        "exec:sh -c 'echo $USER $(id -g)'",
+        &["u2"],
+        "run_as = \"user:daemon\"",
+    );
+    let gw = fx.serve("gw.toml", &config(&fx, "", &pipes));
+    for who in ["u1", "noprin"] {
+        let out = fx.connect(&gw.url("gwid"), who, b"");
+        assert_eq!(
+            stdout_of(&out, &gw, who).trim(),
+            "0",
+            "{who}: run_as = \"gateway\" runs as root"
+        );
+        let out = fx.connect(&gw.url("daemonid"), who, b"");
+        assert_eq!(
+            stdout_of(&out, &gw, who).trim(),
+            daemon.uid.to_string(),
+            "{who}: run_as = \"user:daemon\""
+        );
+    }
+    let out = fx.connect(&gw.url("daemonenv"), "u2", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u2").trim(),
+        format!("daemon {}", daemon.gid),
+        "user:daemon: USER and primary group"
+    );
+}
+
+// === test: stress ===
+
+/// One thread's credentials from /proc/PID/task/TID/status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ThreadCreds {
+    name: String,
+    uid: String,
+    gid: String,
+    groups: String,
+    cap_eff: String,
+}
+
+fn read_status(path: &Path) -> Option<ThreadCreds> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Some(ThreadCreds {
+        name: get("Name:"),
+        uid: get("Uid:"),
+        gid: get("Gid:"),
+        groups: get("Groups:"),
+        cap_eff: get("CapEff:"),
+    })
+}
+
+/// Every thread of process `pid` (threads that exit while being read are skipped).
+fn threads(pid: u32) -> BTreeMap<String, ThreadCreds> {
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/PID/task") {
+        let e = e.expect("task entry");
+        if let Some(c) = read_status(&e.path().join("status")) {
+            out.insert(e.file_name().to_string_lossy().into_owned(), c);
+        }
+    }
+    out
+}
+
+/// Asserts every thread of `pid` has root's ids and the original groups and effective
+/// capabilities (`main`, read before any session).
+fn assert_threads_restored(pid: u32, main: &ThreadCreds, when: &str) {
+    let all = threads(pid);
+    assert!(
+        all.values().any(|c| c.name.starts_with("pb-impersonate")),
+        "{when}: the impersonation pool threads exist: {all:#?}"
+    );
+    let bad: Vec<_> = all
+        .iter()
+        .filter(|(_, c)| {
+            c.uid.split_whitespace().any(|x| x != "0")
+                || c.gid.split_whitespace().any(|x| x != "0")
+                || c.groups != main.groups
+                || c.cap_eff != main.cap_eff
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{when}: {} of {} gateway threads are not back at uid/gid 0 with groups {:?} and CapEff {}: {bad:#?}",
+        bad.len(),
+        all.len(),
+        main.groups,
+        main.cap_eff
+    );
+}
+
+/// A client TLS config presenting `client`'s certificate.
+fn client_tls(fx: &Fixture, client: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(fx.ca()).expect("read CA") {
+        roots.add(c.expect("CA PEM")).expect("add CA");
+    }
+    let chain: Vec<_> = CertificateDer::pem_file_iter(fx.cert(client))
+        .expect("read cert")
+        .map(|c| c.expect("cert PEM"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(fx.key(client)).expect("read key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client cert");
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(cfg)
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<common::TlsStream>;
+
+/// Opens a `pipebridge.v1` session on `pipe` with `tls`'s client certificate: the
+/// HTTP/1.1 upgrade is done here and checked as RFC 6455 §4.1 says (status 101,
+/// `Upgrade: websocket`, a `Connection` token `Upgrade`, the accept key, our
+/// subprotocol). Returns the stream and the 101's `Connection` value.
+async fn ws_open(
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    pipe: &str,
+) -> Result<(Ws, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("tcp connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let key = generate_key();
+    let req = format!(
+        "GET /pipes/{pipe} HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\
+         Sec-WebSocket-Protocol: pipebridge.v1\r\n\r\n"
+    );
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("send upgrade: {e}"))?;
+    stream.flush().await.map_err(|e| format!("flush: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read 101: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "closed before the response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    if status.split(' ').nth(1) != Some("101") {
+        return Err(format!("not upgraded: {head:?}"));
+    }
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let connection = get("connection");
+    let ok = get("upgrade").eq_ignore_ascii_case("websocket")
+        && connection
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        && get("sec-websocket-accept") == derive_accept_key(key.as_bytes())
+        && get("sec-websocket-protocol") == "pipebridge.v1";
+    if !ok {
+        return Err(format!("bad 101: {head:?}"));
+    }
+    let ws = tokio_tungstenite::WebSocketStream::from_partially_read(
+        stream,
+        buf[head_end..].to_vec(),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    Ok((ws, connection))
+}
+
+/// Reads binary messages until the text control `{"type":"eof"}`.
+async fn ws_read_to_eof(ws: &mut Ws) -> Result<Vec<u8>, String> {
+    let mut data = Vec::new();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => data.extend_from_slice(&b),
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value =
+                    serde_json::from_str(t.as_str()).map_err(|e| format!("control {t:?}: {e}"))?;
+                match v["type"].as_str() {
+                    Some("eof") => return Ok(data),
+                    Some("error") => return Err(format!("error control: {t}")),
+                    _ => {}
+                }
+            }
+            Some(Ok(Message::Close(c))) => return Err(format!("closed before eof: {c:?}")),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("websocket: {e}")),
+            None => return Err("stream ended before eof".into()),
+        }
+    }
+}
+
+/// Sends our `eof` and waits for the gateway's Close 1000 (both directions done) and
+/// the end of the connection. Returns whether the TLS connection ended with a
+/// close_notify (the WebSocket close handshake is what counts; see the report).
+async fn ws_finish(ws: &mut Ws) -> Result<bool, String> {
+    ws.send(Message::text(r#"{"type":"eof"}"#))
+        .await
+        .map_err(|e| format!("send eof: {e}"))?;
+    let mut closed = false;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Close(c))) => {
+                let code = c.map(|c| u16::from(c.code));
+                if code != Some(1000) {
+                    return Err(format!("close code {code:?}"));
+                }
+                closed = true;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) if closed => {
+                // After the Close handshake the gateway drops TCP; rustls reports a
+                // missing close_notify as an error.
+                let _ = e;
+                return Ok(false);
+            }
+            Some(Err(e)) => return Err(format!("websocket after eof: {e}")),
+            None if closed => return Ok(true),
+            None => return Err("connection ended without a Close frame".into()),
+        }
+    }
+}
+
+const STRESS_SESSIONS: usize = 400;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_400_concurrent_sessions_never_leak_credentials() {
+    if !root_or_skip("stress_400_concurrent_sessions_never_leak_credentials") {
+        return;
+    }
+    let started = Instant::now();
+    let fx = fixture();
+    let sock = fx.path("peer.sock");
+    let _srv = PeerServer::start(&sock);
+    let names: Vec<&str> = NUMERIC.iter().map(|n| n.0).collect();
+    let mut gw = fx.serve(
+        "gw.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "peer",
+                &format!("unix:{}", sock.display()),
+                &names,
+                "max_instances = 1000",
+            ),
+        ),
+    );
+    let pid = gw.proc.pid();
+    let main = read_status(Path::new(&format!("/proc/{pid}/status"))).expect("gateway status");
+    assert!(
+        main.uid.split_whitespace().all(|x| x == "0"),
+        "the gateway runs as root: {main:?}"
+    );
+    let tls: Vec<_> = NUMERIC.iter().map(|n| client_tls(&fx, n.0)).collect();
+    let port = gw.port;
+
+    // All sessions connect at once; each holds its session open (reply read, our own
+    // direction still open) until every session has its reply, so 400 are live together.
+    let start = Arc::new(tokio::sync::Barrier::new(STRESS_SESSIONS));
+    let all_replied = Arc::new(tokio::sync::Barrier::new(STRESS_SESSIONS + 1));
+    let release = Arc::new(tokio::sync::Barrier::new(STRESS_SESSIONS + 1));
+    let mut tasks = Vec::new();
+    for i in 0..STRESS_SESSIONS {
+        let k = i % NUMERIC.len();
+        let tls = tls[k].clone();
+        let (start, all_replied, release) = (start.clone(), all_replied.clone(), release.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let phase1 = tokio::time::timeout(Duration::from_secs(150), async {
+                let (mut ws, connection) = ws_open(port, tls, "peer").await?;
+                let reply = ws_read_to_eof(&mut ws).await?;
+                Ok::<_, String>((ws, String::from_utf8_lossy(&reply).into_owned(), connection))
+            })
+            .await
+            .unwrap_or_else(|_| Err("timed out opening/reading".into()));
+            // Always reach the barriers, even after a failure, so nobody waits forever.
+            all_replied.wait().await;
+            release.wait().await;
+            let (mut ws, reply, connection) = phase1?;
+            tokio::time::timeout(Duration::from_secs(60), ws_finish(&mut ws))
+                .await
+                .unwrap_or_else(|_| Err("timed out closing".into()))
+                .map(|clean_tls| (k, reply, clean_tls, connection))
+        }));
+    }
+    all_replied.wait().await;
+    let replied_after = started.elapsed();
+    // Every open is done and 400 sessions are live: no thread may hold borrowed rights.
+    assert_threads_restored(pid, &main, "with 400 sessions live");
+    let live = threads(pid).len();
+    release.wait().await;
+
+    let mut failures = Vec::new();
+    let mut ok = 0;
+    let mut no_close_notify = 0;
+    let mut connection_headers: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        match t.await.expect("session task") {
+            Ok((k, reply, clean_tls, connection)) => {
+                if !clean_tls {
+                    no_close_notify += 1;
+                }
+                *connection_headers.entry(connection).or_insert(0) += 1;
+                let (name, uid, gid, gids) = NUMERIC[k];
+                let got = parse_peer(&reply);
+                if got != (uid, gid, gids.to_vec()) {
+                    failures.push(format!(
+                        "{name}: expected uid {uid} gid {gid} groups {gids:?}, the pipe server saw {reply:?}"
+                    ));
+                } else {
+                    ok += 1;
+                }
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {STRESS_SESSIONS} sessions failed or saw wrong credentials; first: {:#?}\ngateway log tail:\n{}",
+        failures.len(),
+        &failures[..failures.len().min(10)],
+        strip_ansi(&gw.log()).lines().rev().take(10).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(ok, STRESS_SESSIONS);
+
+    // Every session's audit line names its identity's principal.
+    gw.proc.wait_until(Duration::from_secs(30), |log| {
+        audit_lines(log).len() >= STRESS_SESSIONS
+    });
+    let audits = audit_lines(&gw.log());
+    for l in &audits {
+        let ident = field(l, "identity").unwrap_or_default();
+        let (_, uid, gid, _) = NUMERIC
+            .iter()
+            .find(|n| n.0 == ident)
+            .unwrap_or_else(|| panic!("audit line with an unknown identity: {l}"));
+        assert_eq!(
+            (field(l, "uid"), field(l, "gid")),
+            (
+                Some(uid.to_string().as_str()),
+                Some(gid.to_string().as_str())
+            ),
+            "audit line: {l}"
+        );
+        assert_eq!(field(l, "close_code"), Some("1000"), "audit line: {l}");
+    }
+    assert_eq!(audits.len(), STRESS_SESSIONS, "one audit line per session");
+
+    // And afterwards, every gateway thread is back at root.
+    assert_threads_restored(pid, &main, "after 400 sessions");
+    eprintln!(
+        "stress: {STRESS_SESSIONS} sessions live together after {replied_after:?} \
+         (gateway had {live} threads); all done after {:?}; {no_close_notify} TLS \
+         connections ended without close_notify after the WebSocket Close; \
+         101 Connection headers: {connection_headers:?}",
+        started.elapsed()
+    );
+}
+
+// === tests: capabilities and config ===
+
+#[test]
+fn gateway_without_setuid_setgid_refuses_an_impersonating_config() {
+    let fx = fixture();
+    let pipes = pipe("guarded", "unix:/nonexistent/guarded.sock", &["u1"], "")
+        + &pipe("fixed", "exec:id -u", &["u1"], "run_as = \"gateway\"");
+    let cfg = fx.write("client.toml", &config(&fx, "", &pipes));
+    let gateway_only = fx.write(
+        "gateway-only.toml",
+        &config(
+            &fx,
+            "",
+            &pipe("fixed", "exec:id -u", &["u1"], "run_as = \"gateway\""),
+        ),
+    );
+    let fixed_user = fx.write(
+        "fixed-user.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "daemonpipe",
+                "exec:id -u",
+                &["noprin"],
+                "run_as = \"user:daemon\"",
+            ),
+        ),
+    );
+    // Root gets every capability at exec unless the bounding and inheritable sets drop
+    // them; a non-root user simply lacks them.
+    let wrap = |cfg: &Path| -> Command {
+        let mut cmd = if rustix::process::geteuid().is_root() {
+            if which("setpriv") {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    "--bounding-set=-setuid,-setgid",
+                    "--inh-caps=-setuid,-setgid",
+                    "--",
+                    BIN,
+                ]);
+                c
+            } else if which("capsh") {
+                let mut c = Command::new("capsh");
+                c.args(["--drop=cap_setuid,cap_setgid", "--", "-c"]);
+                c.arg(format!("exec {BIN} \"$@\""));
+                c.arg("pipebridge");
+                c
+            } else {
+                panic!("neither setpriv (util-linux) nor capsh is installed: cannot start a gateway without CAP_SETUID");
+            }
+        } else {
+            Command::new(BIN)
+        };
+        cmd.arg("serve").arg("--config").arg(cfg);
+        scrub(&mut cmd);
+        cmd
+    };
+    let out = run_command(wrap(&cfg), fx.dir(), b"", Duration::from_secs(30));
+    assert_eq!(
+        out.code,
+        Some(2),
+        "a run_as = \"client\" config without CAP_SETUID must exit 2; stderr:\n{}",
+        out.stderr
+    );
+    for needle in ["CAP_SETUID", "CAP_SETGID", "\"guarded\""] {
+        assert!(
+            out.stderr.contains(needle),
+            "the refusal names {needle}; stderr:\n{}",
+            out.stderr
+        );
+    }
+    assert!(
+        !out.stderr.contains("listening on"),
+        "it must not start listening first:\n{}",
+        out.stderr
+    );
+    let out = run_command(wrap(&fixed_user), fx.dir(), b"", Duration::from_secs(30));
+    assert_eq!(
+        out.code,
+        Some(2),
+        "run_as = \"user:daemon\"; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("CAP_SETUID") && out.stderr.contains("\"daemonpipe\""),
+        "user:NAME refusal names the capability and the pipe; stderr:\n{}",
+        out.stderr
+    );
+    // The same restricted gateway runs a config that needs no impersonation.
+    let mut p = Proc::spawn(wrap(&gateway_only), fx.dir(), false);
+    p.wait_for_line("pipebridge: listening on ", Duration::from_secs(30));
+}
+
+fn which(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
+        .unwrap_or(false)
+}
+
+#[test]
+fn check_config_rejects_a_client_pipe_for_an_identity_without_principal() {
+    let fx = fixture();
+    for (file, allow) in [("direct.toml", "noprin"), ("group.toml", "@bare")] {
+        let cfg = fx.write(
+            file,
+            &config(
+                &fx,
+                "",
+                &pipe("needsuser", "unix:/nonexistent.sock", &["u1", allow], ""),
+            ),
+        );
+        let cfg = cfg.to_string_lossy().into_owned();
+        let out = fx.run(&["check-config", "--config", &cfg], b"");
+        assert_eq!(out.code, Some(2), "{file}: exit 2; stderr:\n{}", out.stderr);
+        assert!(
+            out.stderr.contains("noprin") && out.stderr.contains("needsuser"),
+            "{file}: the error names the identity and the pipe; stderr:\n{}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("identity u1 ") && !out.stderr.contains("u1, "),
+            "{file}: identities with a principal are not blamed; stderr:\n{}",
+            out.stderr
+        );
+    }
+    // With run_as = "gateway" or a fixed user the same allow list is fine.
+    for run_as in ["gateway", "user:nobody"] {
+        let cfg = fx.write(
+            "ok.toml",
+            &config(
+                &fx,
+                "",
+                &pipe(
+                    "needsuser",
+                    "unix:/nonexistent.sock",
+                    &["u1", "noprin"],
+                    &format!("run_as = \"{run_as}\""),
+                ),
+            ),
+        );
+        let cfg = cfg.to_string_lossy().into_owned();
+        fx.run(&["check-config", "--config", &cfg], b"")
+            .expect_code(0);
+    }
+}
+
+// === tests: forward side ===
+
+/// A python3 program run as another user: connects to the socket argv[1], sends
+/// argv[2], half-closes, reads to EOF; prints JSON {uid, data, error}.
+const LOCAL_CALLER_PY: &str = r#"
+import json, os, socket, sys
+res = {"uid": os.getuid(), "data": "", "error": None}
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(sys.argv[2].encode())
+        s.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        res["error"] = "send: %s" % e
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        data += b
+    res["data"] = data.decode()
+except OSError as e:
+    res["error"] = "%s: %s" % (type(e).__name__, e)
+print(json.dumps(res))
+"#;
+
+/// Runs [`LOCAL_CALLER_PY`] as `uid`/`gid` (no supplementary groups) through setpriv.
+fn call_as(fx: &Fixture, uid: u32, gid: u32, sock: &Path, data: &str) -> serde_json::Value {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(python())
+        .args(["-I", "-c", LOCAL_CALLER_PY])
+        .arg(sock)
+        .arg(data);
+    let out = run_command(cmd, fx.dir(), b"", Duration::from_secs(40));
+    out.expect_code(0);
+    let v: serde_json::Value = serde_json::from_str(out.out().trim())
+        .unwrap_or_else(|e| panic!("caller output {:?}: {e}; stderr {}", out.out(), out.stderr));
+    assert_eq!(v["uid"], uid, "the caller ran as uid {uid}: {v}");
+    v
+}
+
+fn forward(listen: &Path, to: &str, ca: &str, cert: &str, key: &str, extra: &str) -> String {
+    format!(
+        "[[forward]]\nlisten = {}\nto = {}\nca = {}\ncert = {}\nkey = {}\nsocket_mode = \"0666\"\n{extra}\n",
+        q(&format!("unix:{}", listen.display())),
+        q(to),
+        q(ca),
+        q(cert),
+        q(key)
+    )
+}
+
+fn wait_for_socket(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn forward_allow_local_admits_only_the_listed_uid() {
+    if !root_or_skip("forward_allow_local_admits_only_the_listed_uid") {
+        return;
+    }
+    let fx = fixture();
+    let echo = fx.path("echo.sock");
+    let _srv = UnixServer::echo(&echo);
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut a = fx.serve(
+        "a.toml",
+        &config(
+            &fx,
+            "",
+            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
+        ),
+    );
+    let hosted = fx.path("fwd-uid.sock");
+    let b = fx.serve(
+        "b.toml",
+        &forward(
+            &hosted,
+            &a.url("echo"),
+            &fx.ca(),
+            &fx.cert("u1"),
+            &fx.key("u1"),
+            "allow_local = [\"uid:12001\"]",
+        ),
+    );
+    wait_for_socket(&hosted);
+    let mode = std::fs::metadata(&hosted)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o666, "socket_mode applied");
+
+    let v = call_as(&fx, 12001, 12001, &hosted, "ping-12001");
+    assert_eq!(
+        v["data"], "ping-12001",
+        "uid 12001 reaches the echo pipe: {v}"
+    );
+    let v = call_as(&fx, 12002, 12002, &hosted, "ping-12002");
+    assert_eq!(v["data"], "", "uid 12002 is closed without data: {v}");
+    // Nothing of the refused caller reached the exporting gateway: one audit line only.
+    a.proc
+        .wait_until(Duration::from_secs(10), |log| !audit_lines(log).is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    let sessions = audit_lines(&a.log());
+    assert_eq!(
+        sessions.len(),
+        1,
+        "only the admitted caller opened a session: {sessions:#?}\nforward log:\n{}",
+        b.log()
+    );
+    assert!(
+        strip_ansi(&b.log()).contains("allow_local"),
+        "the forward logs the refusal:\n{}",
+        b.log()
+    );
+}
+
+#[test]
+fn forward_picks_credentials_per_local_caller() {
+    if !root_or_skip("forward_picks_credentials_per_local_caller") {
+        return;
+    }
+    let fx = fixture();
+    let mut a = fx.serve(
+        "a.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "whoami",
+                "exec:sh -c 'echo $PIPEBRIDGE_IDENTITY $(id -u)'",
+                &["nobody", "daemon"],
+                "",
+            ),
+        ),
+    );
+    let hosted = fx.path("fwd-user.sock");
+    let pki = fx.p("pki");
+    let b = fx.serve(
+        "b.toml",
+        &forward(
+            &hosted,
+            &a.url("whoami"),
+            &fx.ca(),
+            &format!("{pki}/{{user}}.pem"),
+            &format!("{pki}/{{user}}.key"),
+            "",
+        ),
+    );
+    wait_for_socket(&hosted);
+    for name in ["nobody", "daemon"] {
+        let u = nix::unistd::User::from_name(name)
+            .expect("user db")
+            .unwrap_or_else(|| panic!("the system has a {name} user"));
+        let v = call_as(&fx, u.uid.as_raw(), u.gid.as_raw(), &hosted, "");
+        assert_eq!(
+            v["data"].as_str().map(str::trim),
+            Some(format!("{name} {}", u.uid).as_str()),
+            "local caller {name} reaches the exporting gateway as identity {name} (and runs as it there): {v}\nforward log:\n{}",
+            b.log()
+        );
+    }
+    // The audit line is written when the session ends, which may be just after the
+    // caller saw EOF.
+    a.proc.wait_until(Duration::from_secs(10), |log| {
+        ["nobody", "daemon"].iter().all(|name| {
+            audit_lines(log)
+                .iter()
+                .any(|l| field(l, "identity") == Some(name))
+        })
+    });
+}
+
+// === test: revocation ===
+
+/// Writes a CRL signed by the fixture's CA that revokes `client`'s certificate.
+fn write_crl(fx: &Fixture, client: &str) -> String {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let ca_der = CertificateDer::from_pem_file(fx.ca()).expect("CA PEM");
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der.as_ref()).expect("parse CA");
+    let cn = ca
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("CA CN")
+        .to_string();
+    let leaf_der = CertificateDer::from_pem_file(fx.cert(client)).expect("client PEM");
+    let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der.as_ref()).expect("parse client");
+    let serial = leaf.tbs_certificate.raw_serial().to_vec();
+
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(fx.p("pki/ca.key")).expect("ca.key"))
+            .expect("CA key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let issuer = rcgen::Issuer::new(params, &key);
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2020, 1, 1),
+        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from_slice(&serial),
+            revocation_time: rcgen::date_time_ymd(2020, 1, 1),
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .expect("sign CRL");
+    let path = fx.write("clients.crl", &crl.pem().expect("CRL PEM"));
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn revoked_client_certificate_is_rejected() {
+    let fx = fixture();
+    let crl = write_crl(&fx, "u2");
+    let gw = fx.serve(
+        "gw.toml",
+        &config(
+            &fx,
+            &format!("crl = [{}]\n", q(&crl)),
+            &pipe(
+                "hello",
+                "exec:echo ok",
+                &["u1", "u2"],
+                "run_as = \"gateway\"",
+            ),
+        ),
+    );
+    let out = fx.connect(&gw.url("hello"), "u2", b"");
+    assert_eq!(
+        out.code,
+        Some(3),
+        "a revoked certificate: exit 3; stdout {:?}; stderr:\n{}",
+        out.out(),
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("the server rejected our certificate"),
+        "stderr:\n{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "no data for a revoked client");
+    let out = fx.connect(&gw.url("hello"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1"),
+        "ok\n",
+        "a certificate not on the CRL works"
+    );
+}
