@@ -394,6 +394,11 @@ where
             .await;
         }
     }
+    // End TLS properly (close_notify) now that the WebSocket is closed.
+    if let Ok(ws) = sink.reunite(stream) {
+        let mut io = ws.into_inner();
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+    }
     out
 }
 

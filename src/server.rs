@@ -447,16 +447,20 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(remaining)
-        // One request per connection: an idle keep-alive connection could otherwise
-        // outlive the handshake timeout.
-        .keep_alive(false)
         .max_buf_size(cfg.limits.max_header_size.max(8192));
-    if let Err(e) = builder
-        .serve_connection(TokioIo::new(tls), svc)
-        .with_upgrades()
-        .await
+    // The connection future ends when a session upgrades (the bridge runs elsewhere),
+    // so this bounds only the HTTP phase: requests, refusals and idle keep-alive.
+    match tokio::time::timeout(
+        remaining,
+        builder
+            .serve_connection(TokioIo::new(tls), svc)
+            .with_upgrades(),
+    )
+    .await
     {
-        debug!(error = %e, "HTTP connection ended with an error");
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(error = %e, "HTTP connection ended with an error"),
+        Err(_) => debug!("HTTP phase exceeded the handshake timeout; closing"),
     }
 }
 
