@@ -229,23 +229,35 @@ fn half_close_through_forward_config_and_forward_verb() {
 // === 3. byte-exact under load ===
 
 /// Streams `total` random bytes into `path` while reading the echo; returns
-/// (sha sent, sha received, bytes received). Fails if one read or write makes no
-/// progress for `stall`, or if the whole exchange takes longer than `limit`.
+/// (sha sent, sha received, bytes received). A first small round trip proves the
+/// session is open end to end; `opened` runs then, before the bulk of the data. Fails
+/// if one read or write makes no progress for `stall`, or if the whole exchange takes
+/// longer than `limit`.
 fn stream_through(
     path: &Path,
     total: usize,
     stall: Duration,
     limit: Duration,
+    opened: &dyn Fn(),
 ) -> (String, String, usize) {
     let deadline = Instant::now() + limit;
     let mut s = unix_connect(path);
     s.set_read_timeout(Some(stall)).expect("timeout");
     s.set_write_timeout(Some(stall)).expect("timeout");
+    let first = random_bytes(total.min(4096));
+    s.write_all(&first).expect("write the first chunk");
+    let mut back = vec![0u8; first.len()];
+    s.read_exact(&mut back)
+        .expect("read the first chunk back (is the session open?)");
+    assert!(back == first, "the first chunk came back different");
+    opened();
+    let mut sent_hash = Sha256::new();
+    sent_hash.update(&first);
     let mut w = s.try_clone().expect("clone");
     let writer = thread::spawn(move || {
-        let mut h = Sha256::new();
+        let mut h = sent_hash;
         let mut buf = vec![0u8; 1 << 20];
-        let mut left = total;
+        let mut left = total - first.len();
         while left > 0 {
             let n = left.min(buf.len());
             getrandom::fill(&mut buf[..n]).expect("getrandom");
@@ -257,8 +269,9 @@ fn stream_through(
         hex(&h.finalize())
     });
     let mut h = Sha256::new();
+    h.update(&back);
+    let mut got = back.len();
     let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0usize;
     loop {
         let n = s.read(&mut buf).expect("read from the forward");
         if n == 0 {
@@ -275,6 +288,41 @@ fn stream_through(
     (sent, hex(&h.finalize()), got)
 }
 
+/// A rendezvous of `n` threads that never hangs: a thread that fails before arriving
+/// still counts (its [`Ticket`] is dropped), and waiting ends at a deadline.
+struct Gate {
+    count: std::sync::atomic::AtomicUsize,
+    n: usize,
+    deadline: Instant,
+}
+
+struct Ticket {
+    gate: std::sync::Arc<Gate>,
+    used: std::cell::Cell<bool>,
+}
+
+impl Ticket {
+    fn arrive_and_wait(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !self.used.replace(true) {
+            self.gate.count.fetch_add(1, SeqCst);
+        }
+        while self.gate.count.load(SeqCst) < self.gate.n && Instant::now() < self.gate.deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.used.get() {
+            self.gate
+                .count
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
 #[test]
 fn byte_exact_under_load_through_forward_and_export() {
     let fx = Fixture::new();
@@ -289,7 +337,7 @@ fn byte_exact_under_load_through_forward_and_export() {
         )),
     );
     let fwd_sock = fx.path("fwd.sock");
-    let _b = fx.serve(
+    let b = fx.serve(
         "b.toml",
         &forward(&fx, &fwd_sock, &gw.url("echo"), "alice", ""),
     );
@@ -302,6 +350,7 @@ fn byte_exact_under_load_through_forward_and_export() {
         BIG,
         Duration::from_secs(120),
         Duration::from_secs(900),
+        &|| {},
     );
     let big_time = t.elapsed();
     eprintln!("256 MiB each way through forward+export: {big_time:?}");
@@ -311,18 +360,30 @@ fn byte_exact_under_load_through_forward_and_export() {
         "SHA-256 of what was sent vs. what came back"
     );
 
-    // 100 concurrent sessions, each with its own ~1 MiB stream.
+    // 100 concurrent sessions, each with its own ~1 MiB stream. They open a few ms
+    // apart, wait until all 100 are open end to end, then all stream at once.
     let t = Instant::now();
+    let gate = std::sync::Arc::new(Gate {
+        count: 0.into(),
+        n: 100,
+        deadline: Instant::now() + Duration::from_secs(300),
+    });
     let handles: Vec<_> = (0..100)
         .map(|i| {
             let path = fwd_sock.clone();
+            let ticket = Ticket {
+                gate: gate.clone(),
+                used: false.into(),
+            };
             thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20) * i as u32);
                 let size = (1 << 20) + i * 997;
                 let (sent, received, n) = stream_through(
                     &path,
                     size,
                     Duration::from_secs(120),
                     Duration::from_secs(600),
+                    &|| ticket.arrive_and_wait(),
                 );
                 assert_eq!(n, size, "session {i}: byte count");
                 assert_eq!(sent, received, "session {i}: SHA-256");
@@ -341,12 +402,29 @@ fn byte_exact_under_load_through_forward_and_export() {
         }
     }
     eprintln!("100 concurrent ~1 MiB sessions: {:?}", t.elapsed());
-    assert!(
-        failures.is_empty(),
-        "{} sessions failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    if !failures.is_empty() {
+        // Say why: the gateways' warnings and errors.
+        let problems = |log: String| -> String {
+            log.lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .take(40)
+                .map(|l| format!("  {l}\n"))
+                .collect()
+        };
+        // Keep the full logs: the temp dir goes away with the test.
+        let keep = std::env::temp_dir().join(format!("pipebridge-load-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::write(keep.join("export.log"), gw.log());
+        let _ = std::fs::write(keep.join("forward.log"), b.log());
+        panic!(
+            "{} sessions failed:\n{}\nexporting gateway:\n{}forwarding gateway:\n{}full logs in {}",
+            failures.len(),
+            failures.join("\n"),
+            problems(gw.log()),
+            problems(b.log()),
+            keep.display()
+        );
+    }
 }
 
 // === 4. refusals ===
