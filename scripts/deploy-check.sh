@@ -13,15 +13,18 @@
 # for the lints (a missing linter is skipped, except under CI=true where it fails);
 # debootstrap when the base image debian:bookworm-slim is not there yet (it is then made
 # from a debootstrap rootfs with `docker import`: no image registry is needed).
-# Uses target/release/pipebridge (PIPEBRIDGE_BIN to override); build it first.
+# Uses target/release/pipebridge; PIPEBRIDGE_BIN=target/debug/pipebridge (what cargo
+# test builds) works as well and spares a release build.
 #
 # Every container, network, volume, namespace and process a check creates is removed
 # when the check ends, failed or not. Network traffic goes only to the containers and
 # namespaces the checks create.
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN=${PIPEBRIDGE_BIN:-$ROOT/target/release/pipebridge}
+case $BIN in /*) ;; *) BIN=$CALLER_DIR/$BIN ;; esac
 IMAGE=${PIPEBRIDGE_IMAGE:-pipebridge:latest}
 BASE_IMAGE=debian:bookworm-slim
 # The compose and netns configs set [keepalive] interval = "2s", timeout = "6s".
