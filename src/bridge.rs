@@ -555,7 +555,7 @@ where
             }
             Message::Text(t) => match Control::decode(t.as_str()) {
                 Ok(Control::Eof) => {
-                    if eof_seen.swap(true, Ordering::AcqRel) {
+                    if eof_seen.load(Ordering::Acquire) {
                         return Failure::Protocol(
                             ErrorKind::ProtocolError,
                             "eof sent twice".into(),
@@ -577,6 +577,9 @@ where
                             }
                         }
                     }
+                    // Only now is this direction done: the session may end once both
+                    // are, and must not cut the half-close (flush, shutdown) short.
+                    eof_seen.store(true, Ordering::Release);
                     eof_notify.notify_one();
                 }
                 Ok(c @ (Control::ExitCode(_) | Control::ExitSignal(_))) => *exit = Some(c),
