@@ -163,7 +163,9 @@ check_lint() {
         kubernetes-validate --strict --quiet "${files[@]}"
         # The kustomizations (top level = base, and the impersonating overlay), built with
         # a throw-away PKI and validated as the cluster would receive them.
-        if need_tool kubectl "kubectl kustomize builds the kustomizations"; then
+        # kubectl comes with the machine image, not from a registry this project reaches:
+        # without it the kustomize builds are skipped, even under CI.
+        if have kubectl; then
             need_bin
             cp -r deploy/kubernetes "$t/k"
             "$BIN" certs init --dir "$t/k/base/pki" --server-name node1.example --client ops >/dev/null 2>&1
@@ -206,7 +208,10 @@ mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
 for p in ("/etc/passwd", "/etc/group"):
     assert mounts[p].get("readOnly") is True, p
 PY
-        else skipped=1; fi
+        else
+            log "SKIP: kubectl is not installed: the kustomizations were not built"
+            skipped=1
+        fi
         # The configs inside the ConfigMaps are valid gateway configs (with the files
         # they name in a scratch tree, and the impersonating one's account "ops" as
         # "nobody", which exists here).
