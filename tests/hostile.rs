@@ -57,8 +57,8 @@ fn fd_count(pid: u32) -> usize {
 // === the gateway under attack ===
 
 /// A gateway with an admin listener, an echo pipe, an `out`-only pipe and a duplex pipe
-/// whose child never reads or writes; identities alice, bob (certificates) and `tok`
-/// (bearer token).
+/// whose child never reads or writes, and an `out` pipe that produces endlessly
+/// (`cat /dev/zero`); identities alice, bob (certificates) and `tok` (bearer token).
 struct Target {
     fx: Fixture,
     gw: Gateway,
@@ -77,9 +77,11 @@ impl Target {
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [limits]\n{limits}\n\n\
              [[pipe]]\nname = \"echo\"\nendpoint = {echo}\n{allow}\n\
-             [[pipe]]\nname = \"quiet\"\nendpoint = \"exec\"\nargv = [\"sleep\", \"60\"]\n\
+             [[pipe]]\nname = \"quiet\"\nendpoint = \"exec\"\nargv = [\"sleep\", \"30\"]\n\
              direction = \"out\"\n{allow}\n\
-             [[pipe]]\nname = \"sink\"\nendpoint = \"exec\"\nargv = [\"sleep\", \"60\"]\n{allow}\n",
+             [[pipe]]\nname = \"sink\"\nendpoint = \"exec\"\nargv = [\"sleep\", \"30\"]\n{allow}\n\
+             [[pipe]]\nname = \"zero\"\nendpoint = \"exec\"\nargv = [\"cat\", \"/dev/zero\"]\n\
+             direction = \"out\"\n{allow}\n",
             tok = q(&pipebridge::pki::token_sha256_hex(TOKEN)),
             echo = q(&format!("unix:{}", fx.path("echo.sock").display())),
         ));
@@ -147,6 +149,40 @@ impl Target {
             "after {after}: gateway VmRSS {rss} KiB is over the bound of {RSS_BOUND_KB} KiB"
         );
     }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // The gateway's own children (exec pipes) first, by pid, while they are still
+        // its children; then the gateway itself (Proc's drop).
+        for pid in descendants(self.pid()) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+    }
+}
+
+/// All descendants of `pid` (through /proc).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            for k in kids
+                .split_whitespace()
+                .filter_map(|k| k.parse::<u32>().ok())
+            {
+                out.push(k);
+                todo.push(k);
+            }
+        }
+    }
+    out
 }
 
 fn tail(log: &str, n: usize) -> String {
@@ -1119,6 +1155,25 @@ async fn oversized_headers_get_431_or_400() {
         let rss = t.rss_kb();
         assert!(rss < RSS_BOUND_KB, "{what}: VmRSS {rss} KiB");
     }
+    // Many small headers (1.5 KiB in all, but over hyper's count limit of 100).
+    let mut req = String::from_utf8(upgrade(t.port(), "/pipes/echo", Some("pipebridge.v1"), ""))
+        .expect("utf8");
+    req.truncate(req.len() - 2);
+    for i in 0..150 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    match exchange(&t.fx, t.port(), Who::Cert("alice"), None, req.as_bytes()).await {
+        Ok((h, _, _)) => {
+            eprintln!("oversized headers: 150 small headers: status {}", h.status);
+            assert!(
+                h.status == 431 || h.status == 400,
+                "150 headers: want 431 or 400, got {}",
+                h.status
+            );
+        }
+        Err(e) => panic!("150 headers: no answer: {e}"),
+    }
     t.assert_healthy("oversized headers").await;
 }
 
@@ -1803,4 +1858,59 @@ async fn repeated_bad_tokens_are_rate_limited_per_address_and_counted() {
     let wait = window.saturating_sub(first.elapsed()) + Duration::from_millis(300);
     tokio::time::sleep(wait).await;
     t.assert_healthy("bad tokens, after the window").await;
+}
+
+// === 8. pipelined frames, a reader that never reads ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_sent_with_the_upgrade_request_are_not_lost() {
+    let t = Target::standard();
+    // The request, data and eof in one write: the bytes after the request head must
+    // reach the session (a client may pipeline its first frames).
+    let data = random_bytes(3000);
+    let mut bytes = upgrade(t.port(), "/pipes/echo", Some("pipebridge.v1"), "");
+    bytes.extend(binary(&data));
+    bytes.extend(text(r#"{"type":"eof"}"#));
+    let (head, s, buf) = exchange(&t.fx, t.port(), Who::Cert("alice"), None, &bytes)
+        .await
+        .expect("pipelined upgrade");
+    assert_eq!(head.status, 101);
+    let (r, w) = tokio::io::split(s);
+    let mut raw = Raw { r, w, buf };
+    let e = raw.until_close(Duration::from_secs(10)).await;
+    assert_eq!(e.code(), Some(1000), "pipelined frames: {e:?}");
+    assert!(
+        e.data == data,
+        "pipelined frames: echo of {} bytes",
+        e.data.len()
+    );
+    t.assert_healthy("pipelined frames").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_keeps_gateway_memory_bounded() {
+    let t = Target::standard();
+    let rss0 = t.rss_kb();
+    // Upgrade on a pipe that produces without end, then never read: the gateway must be
+    // held back by TCP backpressure, not buffer the output.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(Raw::open(&t, "/pipes/zero").await);
+    }
+    let mut peak = rss0;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(t.rss_kb());
+    }
+    eprintln!(
+        "4 sessions never read from an endless pipe: VmRSS {rss0} -> peak {peak} KiB over 3 s"
+    );
+    assert!(
+        peak < rss0 + 32 * 1024,
+        "VmRSS grew from {rss0} to {peak} KiB with 4 non-reading clients"
+    );
+    t.assert_healthy("clients that never read (while they hold their sessions)")
+        .await;
+    drop(held);
+    t.assert_healthy("clients that never read").await;
 }
