@@ -613,6 +613,7 @@ pub async fn forward(a: ForwardArgs) -> i32 {
             config::DEFAULT_KEEPALIVE_INTERVAL,
             config::DEFAULT_KEEPALIVE_TIMEOUT,
         ),
+        http2: true,
     };
     // Check credentials once up front so typos fail now, not at the first connection.
     if let Err(e) = Dialer::new(&fwd.to, &fwd.credentials) {

@@ -26,8 +26,13 @@ use crate::endpoint::message::MsgError;
 use crate::endpoint::{Local, Reader, Writer};
 use crate::tunnel::protocol::{self, Control, ErrorKind};
 
-/// Size of one local read (one binary message at most this big in byte mode).
-pub const READ_CHUNK_BYTES: usize = 128 * 1024;
+/// Largest local read (one binary message at most this big in byte mode): 128 KiB less
+/// the largest WebSocket header (14 bytes, masked), so a full frame fills whole TLS
+/// records instead of leaving a tiny record behind.
+pub const READ_CHUNK_BYTES: usize = 128 * 1024 - 14;
+/// First local read size; reads that fill the buffer double it up to
+/// [`READ_CHUNK_BYTES`], so idle and chatty sessions keep small buffers.
+pub const FIRST_READ_BYTES: usize = 4 * 1024;
 /// How long to wait for the peer's Close after sending ours.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -394,10 +399,19 @@ where
             .await;
         }
     }
-    // End TLS properly (close_notify) now that the WebSocket is closed.
+    // End the transport properly now that the WebSocket is closed: TLS close_notify on a
+    // connection of its own, END_STREAM on an HTTP/2 stream; then wait (bounded) for the
+    // peer's end, so an HTTP/2 stream is closed cleanly rather than reset (resets are
+    // rate-limited per connection by peers).
     if let Ok(ws) = sink.reunite(stream) {
         let mut io = ws.into_inner();
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            io.shutdown().await?;
+            let mut scratch = [0u8; 1024];
+            while io.read(&mut scratch).await? > 0 {}
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
     }
     out
 }
@@ -415,15 +429,19 @@ where
 {
     match reader {
         Some(Reader::Bytes(mut r)) => {
-            let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+            let mut want = FIRST_READ_BYTES;
+            let mut buf = BytesMut::new();
             loop {
-                buf.reserve(READ_CHUNK_BYTES);
+                buf.reserve(want);
                 let n = r
-                    .read_buf(&mut buf)
+                    .read_buf(&mut bytes::BufMut::limit(&mut buf, want))
                     .await
                     .map_err(|e| Failure::Local(format!("read: {e}")))?;
                 if n == 0 {
                     break;
+                }
+                if n == want && want < READ_CHUNK_BYTES {
+                    want = (want * 2).min(READ_CHUNK_BYTES);
                 }
                 let data = buf.split().freeze();
                 activity.touch();

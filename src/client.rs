@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -170,6 +170,11 @@ pub fn parse_base_url(s: &str) -> Result<Uri, String> {
 #[derive(Clone)]
 pub struct Dialer {
     connector: TlsConnector,
+    /// Offers h2 and http/1.1 (ALPN), for dialers that pool HTTP/2 connections.
+    connector_h2: TlsConnector,
+    /// Warm HTTP/2 connections to this gateway with these credentials (shared by clones).
+    h2_pool: Arc<std::sync::Mutex<Vec<H2Sender>>>,
+    http2: bool,
     token: Option<Secret>,
     host: String,
     port: u16,
@@ -210,8 +215,13 @@ impl Dialer {
         };
         let server_name = ServerName::try_from(host.clone())
             .map_err(|_| ClientError::Setup(format!("invalid server name {host:?}")))?;
+        let mut cfg_h2 = (*cfg).clone();
+        cfg_h2.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Dialer {
             connector: TlsConnector::from(cfg),
+            connector_h2: TlsConnector::from(Arc::new(cfg_h2)),
+            h2_pool: Arc::default(),
+            http2: false,
             token,
             host,
             port,
@@ -223,7 +233,10 @@ impl Dialer {
         })
     }
 
-    async fn tls(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    async fn tls(
+        &self,
+        h2: bool,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
         let tcp = match proxy_for(&self.host) {
             Some(proxy) => connect_via_proxy(&proxy, &self.host, self.port).await?,
             None => TcpStream::connect((self.host.as_str(), self.port))
@@ -234,10 +247,23 @@ impl Dialer {
         };
         let _ = tcp.set_nodelay(true);
         tls::set_keepalive(&tcp, self.keepalive.0, self.keepalive.1);
-        self.connector
+        let connector = if h2 {
+            &self.connector_h2
+        } else {
+            &self.connector
+        };
+        connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| classify(&e, "TLS handshake failed"))
+    }
+
+    /// Runs sessions over pooled HTTP/2 connections (RFC 8441 extended CONNECT) when the
+    /// gateway offers h2: a new session then costs one stream, not a TCP and TLS
+    /// handshake. Falls back to HTTP/1.1 upgrades when it does not.
+    pub fn with_http2(mut self, on: bool) -> Dialer {
+        self.http2 = on;
+        self
     }
 
     /// Uses `interval`/`timeout` for dead-peer detection on dialled connections.
@@ -249,7 +275,7 @@ impl Dialer {
     /// Sends `req_path` (path and query) as a plain GET and returns status and body.
     pub async fn get(&self, req_path: &str) -> Result<(StatusCode, Bytes), ClientError> {
         tokio::time::timeout(DIAL_TIMEOUT, async {
-            let io = TokioIo::new(self.tls().await?);
+            let io = TokioIo::new(self.tls(false).await?);
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| classify(&e, "HTTP handshake failed"))?;
@@ -302,7 +328,30 @@ impl Dialer {
     /// Opens a session at `path` (path and query); `max_message` bounds incoming messages.
     pub async fn open(&self, path: &str, max_message: usize) -> Result<Session, ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
-            let io = TokioIo::new(self.tls().await?);
+            if self.http2 {
+                // A warm connection first; if it turns out dead, start the pool afresh.
+                if let Some(sender) = self.pooled_h2() {
+                    match self.open_h2(sender, path).await {
+                        Err(H2Error::Connection(e)) => {
+                            debug!(error = %e, "pooled HTTP/2 connection failed; dropping the pool");
+                            if let Ok(mut pool) = self.h2_pool.lock() {
+                                pool.clear();
+                            }
+                        }
+                        Err(H2Error::Session(e)) => return Err(e),
+                        Ok(v) => return Ok(v),
+                    }
+                }
+            }
+            let tls = self.tls(self.http2).await?;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                let sender = self.new_h2(tls).await?;
+                return match self.open_h2(sender, path).await {
+                    Ok(v) => Ok(v),
+                    Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
+                };
+            }
+            let io = TokioIo::new(tls);
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
                 .await
                 .map_err(|e| classify(&e, "HTTP handshake failed"))?;
@@ -310,31 +359,9 @@ impl Dialer {
             let req = self.request(path, true)?;
             let resp = send(&mut sender, req, conn_err).await?;
             if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                let status = resp.status();
-                let body = Limited::new(resp.into_body(), MAX_REFUSAL_BODY_BYTES)
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                return Err(refusal(status, &body));
+                return Err(read_refusal(resp).await);
             }
-            let proto_ok = resp
-                .headers()
-                .get(header::SEC_WEBSOCKET_PROTOCOL)
-                .is_some_and(|v| v.as_bytes() == protocol::SUBPROTOCOL.as_bytes());
-            if !proto_ok {
-                return Err(ClientError::Network(
-                    "the server did not agree to pipebridge.v1".into(),
-                ));
-            }
-            let hdr = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            let direction = hdr(HEADER_DIRECTION).and_then(|d| Direction::parse(&d));
-            let mode = hdr(HEADER_MODE).and_then(|m| Mode::parse(&m));
+            let (direction, mode) = session_headers(&resp)?;
             let up = hyper::upgrade::on(resp)
                 .await
                 .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
@@ -354,6 +381,136 @@ impl Dialer {
             mode,
         })
     }
+
+    /// A pooled HTTP/2 connection to use, or `None` when the pool should grow.
+    fn pooled_h2(&self) -> Option<H2Sender> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let mut pool = self.h2_pool.lock().ok()?;
+        pool.retain(|s| !s.is_closed());
+        if pool.len() < H2_POOL_CONNECTIONS {
+            return None;
+        }
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
+        Some(pool[i].clone())
+    }
+
+    async fn new_h2(
+        &self,
+        tls: tokio_rustls::client::TlsStream<TcpStream>,
+    ) -> Result<H2Sender, ClientError> {
+        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
+            .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
+            .keep_alive_interval(self.keepalive.0)
+            .keep_alive_timeout(self.keepalive.1)
+            .keep_alive_while_idle(true);
+        let (sender, conn) = b
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| classify(&e, "HTTP/2 handshake failed"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "HTTP/2 connection ended");
+            }
+        });
+        if let Ok(mut pool) = self.h2_pool.lock() {
+            if pool.len() < H2_POOL_CONNECTIONS {
+                pool.push(sender.clone());
+            }
+        }
+        Ok(sender)
+    }
+
+    async fn open_h2(
+        &self,
+        mut sender: H2Sender,
+        path: &str,
+    ) -> Result<(hyper::upgrade::Upgraded, Option<Direction>, Option<Mode>), H2Error> {
+        let conn_err = |e: hyper::Error| H2Error::Connection(classify(&e, "HTTP/2 request failed"));
+        sender.ready().await.map_err(conn_err)?;
+        let authority = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let mut req = Request::builder()
+            .method(hyper::Method::CONNECT)
+            .version(hyper::Version::HTTP_2)
+            .uri(format!("https://{authority}{path}"))
+            .header(header::SEC_WEBSOCKET_VERSION, "13")
+            .header(header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL)
+            .body(Empty::new())
+            .map_err(|e| H2Error::Session(ClientError::Setup(format!("bad request: {e}"))))?;
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        if let Some(t) = &self.token {
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose())).map_err(|_| {
+                H2Error::Session(ClientError::Setup(
+                    "the token holds characters not allowed in a header".into(),
+                ))
+            })?;
+            v.set_sensitive(true);
+            req.headers_mut().insert(header::AUTHORIZATION, v);
+        }
+        let resp = sender.send_request(req).await.map_err(conn_err)?;
+        if resp.status() != StatusCode::OK {
+            return Err(H2Error::Session(read_refusal(resp).await));
+        }
+        let (direction, mode) = session_headers(&resp).map_err(H2Error::Session)?;
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| H2Error::Session(ClientError::Network(format!("upgrade failed: {e}"))))?;
+        Ok((up, direction, mode))
+    }
+}
+
+/// A handle on a pooled HTTP/2 connection.
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+/// HTTP/2 connections a dialer keeps per gateway and credential set (sessions are spread
+/// over them, so both cores can carry TLS work).
+const H2_POOL_CONNECTIONS: usize = 2;
+
+/// An HTTP/2 session attempt failed because of its connection (retry on another) or
+/// because of the session itself (a refusal: report it).
+enum H2Error {
+    Connection(ClientError),
+    Session(ClientError),
+}
+
+async fn read_refusal(resp: hyper::Response<hyper::body::Incoming>) -> ClientError {
+    let status = resp.status();
+    let body = Limited::new(resp.into_body(), MAX_REFUSAL_BODY_BYTES)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    refusal(status, &body)
+}
+
+fn session_headers<B>(
+    resp: &hyper::Response<B>,
+) -> Result<(Option<Direction>, Option<Mode>), ClientError> {
+    let proto_ok = resp
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .is_some_and(|v| v.as_bytes() == protocol::SUBPROTOCOL.as_bytes());
+    if !proto_ok {
+        return Err(ClientError::Network(
+            "the server did not agree to pipebridge.v1".into(),
+        ));
+    }
+    let hdr = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    Ok((
+        hdr(HEADER_DIRECTION).and_then(|d| Direction::parse(&d)),
+        hdr(HEADER_MODE).and_then(|m| Mode::parse(&m)),
+    ))
 }
 
 /// The proxy to use for `host` from `HTTPS_PROXY`/`https_proxy`, unless `NO_PROXY`/
@@ -843,12 +1000,8 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         })
         .map(|u| u.name);
     let creds = substitute_user(&fwd.credentials, user.as_deref());
-    let session = match cached_dialer(&fwd.to, &creds) {
-        Ok(d) => {
-            d.with_keepalive(fwd.keepalive.0, fwd.keepalive.1)
-                .open(target, client_message_limit())
-                .await
-        }
+    let session = match cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2) {
+        Ok(d) => d.open(target, client_message_limit()).await,
         Err(e) => Err(e),
     };
     crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
@@ -888,11 +1041,16 @@ const MAX_CACHED_DIALERS: usize = 1024;
 
 /// A dialer for `url` with `creds`, reused across sessions so TLS session resumption
 /// works and credential files are not re-read per connection.
-fn cached_dialer(url: &Uri, creds: &CredentialPaths) -> Result<Dialer, ClientError> {
+fn cached_dialer(
+    url: &Uri,
+    creds: &CredentialPaths,
+    keepalive: (Duration, Duration),
+    http2: bool,
+) -> Result<Dialer, ClientError> {
     type Cache = std::sync::Mutex<std::collections::HashMap<String, (Dialer, std::time::Instant)>>;
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let key = format!(
-        "{url}|{:?}|{:?}|{:?}|{:?}|{}",
+        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}",
         creds.ca,
         creds.cert,
         creds.key,
@@ -905,7 +1063,9 @@ fn cached_dialer(url: &Uri, creds: &CredentialPaths) -> Result<Dialer, ClientErr
             return Ok(d);
         }
     }
-    let d = Dialer::new(url, creds)?;
+    let d = Dialer::new(url, creds)?
+        .with_keepalive(keepalive.0, keepalive.1)
+        .with_http2(http2);
     if let Ok(mut c) = cache.lock() {
         if c.len() >= MAX_CACHED_DIALERS {
             c.clear();

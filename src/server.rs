@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -443,6 +443,24 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn, gw).await) }
     });
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        // HTTP/2: many sessions share this connection (RFC 8441 extended CONNECT), so it
+        // lives as long as the peer keeps it; h2 pings detect a dead peer.
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_header_list_size(cfg.limits.max_header_size as u32)
+            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
+            .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
+            .max_concurrent_streams(tunnel::H2_MAX_STREAMS)
+            .keep_alive_interval(cfg.keepalive.interval)
+            .keep_alive_timeout(cfg.keepalive.timeout);
+        if let Err(e) = h2.serve_connection(TokioIo::new(tls), svc).await {
+            debug!(error = %e, "HTTP/2 connection ended with an error");
+        }
+        return;
+    }
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -590,8 +608,8 @@ pub fn session_message_limit(pipe: &PipeConfig, mode: Mode) -> usize {
 pub struct Precheck {
     /// `?mode=&direction=`.
     pub query: protocol::SessionQuery,
-    /// `Sec-WebSocket-Key`.
-    pub key: HeaderValue,
+    /// `Sec-WebSocket-Key` (HTTP/1.1 upgrades; `None` for HTTP/2 extended CONNECT).
+    pub key: Option<HeaderValue>,
 }
 
 /// The checks of a session request that need no state, in DESIGN.md's order: 400 (name,
@@ -607,30 +625,53 @@ pub fn precheck<B>(req: &Request<B>, name: &str) -> Result<Precheck, Refusal> {
     }
     let query = protocol::SessionQuery::parse(req.uri().query())
         .map_err(|m| Refusal::new(RefusalKind::BadRequest, format!("invalid query: {m}")))?;
-    let is_upgrade = header_has_token(req, header::UPGRADE, "websocket")
-        && header_has_token(req, header::CONNECTION, "upgrade");
-    if req.method() != Method::GET {
-        return Err(Refusal::new(
-            RefusalKind::BadRequest,
-            "sessions are opened with GET",
-        ));
-    }
-    if !is_upgrade {
-        return Err(Refusal::new(
-            RefusalKind::UpgradeRequired,
-            "a pipe session needs a WebSocket upgrade",
-        ));
-    }
-    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
     let version_ok = req
         .headers()
         .get(header::SEC_WEBSOCKET_VERSION)
         .is_some_and(|v| v.as_bytes() == b"13");
-    let Some(key) = key.filter(|_| version_ok) else {
-        return Err(Refusal::new(
-            RefusalKind::BadRequest,
-            "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
-        ));
+    let key = if req.version() == hyper::Version::HTTP_2 {
+        // RFC 8441: CONNECT with :protocol = websocket; no Upgrade, no key.
+        let is_ws = req.method() == Method::CONNECT
+            && req
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        if !is_ws {
+            return Err(Refusal::new(
+                RefusalKind::UpgradeRequired,
+                "a pipe session needs a WebSocket (extended CONNECT over HTTP/2)",
+            ));
+        }
+        if !version_ok {
+            return Err(Refusal::new(
+                RefusalKind::BadRequest,
+                "a WebSocket needs Sec-WebSocket-Version: 13",
+            ));
+        }
+        None
+    } else {
+        let is_upgrade = header_has_token(req, header::UPGRADE, "websocket")
+            && header_has_token(req, header::CONNECTION, "upgrade");
+        if req.method() != Method::GET {
+            return Err(Refusal::new(
+                RefusalKind::BadRequest,
+                "sessions are opened with GET",
+            ));
+        }
+        if !is_upgrade {
+            return Err(Refusal::new(
+                RefusalKind::UpgradeRequired,
+                "a pipe session needs a WebSocket upgrade",
+            ));
+        }
+        let key = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned();
+        let Some(key) = key.filter(|_| version_ok) else {
+            return Err(Refusal::new(
+                RefusalKind::BadRequest,
+                "a WebSocket upgrade needs Sec-WebSocket-Key and Sec-WebSocket-Version: 13",
+            ));
+        };
+        Some(key)
     };
     if !header_has_token(req, header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL) {
         return Err(Refusal::new(
@@ -769,15 +810,22 @@ async fn session(
         .instrument(span),
     );
     let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
-            .map_err(|_| Refusal::new(RefusalKind::BadRequest, "bad Sec-WebSocket-Key"))?,
-    );
+    match &key {
+        Some(key) => {
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&derive_accept_key(key.as_bytes()))
+                    .map_err(|_| Refusal::new(RefusalKind::BadRequest, "bad Sec-WebSocket-Key"))?,
+            );
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        }
+        // HTTP/2 extended CONNECT: 200 opens the stream.
+        None => *resp.status_mut() = StatusCode::OK,
+    }
+    let h = resp.headers_mut();
     h.insert(
         header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(protocol::SUBPROTOCOL),

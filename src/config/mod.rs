@@ -400,6 +400,8 @@ pub struct ForwardConfig {
     pub allow_local: Vec<String>,
     /// `[keepalive]` `(interval, timeout)` for its sessions.
     pub keepalive: (Duration, Duration),
+    /// Run sessions over shared HTTP/2 connections when the gateway offers h2.
+    pub http2: bool,
 }
 
 impl Config {
@@ -591,6 +593,7 @@ struct RawForward {
     socket_group: Option<S<String>>,
     #[serde(default)]
     allow_local: Vec<S<String>>,
+    http2: Option<bool>,
 }
 
 // === validation ===
@@ -1373,6 +1376,7 @@ impl Validator<'_> {
             socket_mode,
             allow_local: r.allow_local.into_iter().map(|s| s.into_inner()).collect(),
             keepalive: (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT),
+            http2: r.http2.unwrap_or(true),
         })
     }
 }

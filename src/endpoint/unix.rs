@@ -25,16 +25,7 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
         UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
             .map_err(|e| connect_error(path, &e))?
     } else {
-        match tokio::time::timeout(ctx.timeout, UnixStream::connect(path)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(connect_error(path, &e)),
-            Err(_) => {
-                return Err(OpenError::new(
-                    "the local endpoint did not accept in time",
-                    format!("connect {}: timed out", path.display()),
-                ))
-            }
-        }
+        connect_plain(path, ctx.deadline()).await?
     };
     let (r, w) = stream.into_split();
     Ok(Local {
@@ -48,6 +39,30 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
             .then(|| super::Writer::Bytes(Box::new(w))),
         child: None,
     })
+}
+
+/// How often a connect to a socket with a full backlog (EAGAIN) is retried.
+const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Connects with the gateway's own rights; a full listen backlog (EAGAIN: the server is
+/// slow to accept a burst) is retried until `deadline`.
+async fn connect_plain(path: &Path, deadline: std::time::Instant) -> Result<UnixStream, OpenError> {
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, UnixStream::connect(path)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+            Ok(Err(e)) => return Err(connect_error(path, &e)),
+            Err(_) => {
+                return Err(OpenError::new(
+                    "the local endpoint did not accept in time",
+                    format!("connect {}: timed out", path.display()),
+                ))
+            }
+        }
+    }
 }
 
 /// Maps a connect error to a peer message without internals.

@@ -104,7 +104,8 @@ pub fn server_config(
     let mut cfg = builder
         .with_single_cert(chain, key_der)
         .map_err(|e| file_err(key, format!("key does not fit the certificate: {e}")))?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // h2 lets clients run many sessions over one connection (RFC 8441).
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Resumption makes repeat connections from the same forward cheap.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(Arc::new(cfg))
