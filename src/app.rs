@@ -161,6 +161,28 @@ pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Backlog of the gateway's TCP listener: bursts of new sessions must not wait for SYN
+/// retransmissions (the default 128 overflowed under load).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` (host:port) with a deep accept backlog.
+pub async fn bind_tcp(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        match sock.bind(a).and_then(|()| sock.listen(LISTEN_BACKLOG)) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{addr}: no address to bind"))))
+}
+
 /// `serve`.
 pub async fn serve(config_path: Option<&Path>) -> i32 {
     let cfg = match load_config(config_path) {
@@ -183,7 +205,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
                 return EXIT_RUNTIME;
             }
         };
-        let listener = match TcpListener::bind(&srv.listen).await {
+        let listener = match bind_tcp(&srv.listen).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("pipebridge: cannot listen on {}: {e}", srv.listen);
