@@ -143,15 +143,38 @@ pub fn init(opts: &CertsInit) -> Result<Vec<PathBuf>, PkiError> {
         None => DEFAULT_SERVER_SANS[0].to_owned(),
     };
 
+    // An existing CA (ca.pem + ca.key) is reused without --force, so `certs init --dir D
+    // --client bob` adds a client to a PKI; the server pair is then written only when it
+    // is missing or server names are given.
+    let ca_key_path = opts.dir.join("ca.key");
+    let existing_ca = !opts.force && opts.dir.join("ca.pem").exists() && ca_key_path.exists();
+    let ca_key = if existing_ca {
+        let pem = std::fs::read_to_string(&ca_key_path).map_err(|source| PkiError::Inspect {
+            path: ca_key_path.clone(),
+            source,
+        })?;
+        Some(
+            KeyPair::from_pem(&pem).map_err(|source| PkiError::Generate {
+                path: ca_key_path.clone(),
+                source,
+            })?,
+        )
+    } else {
+        None
+    };
+    let with_server =
+        !existing_ca || !opts.server_names.is_empty() || !opts.dir.join("server.pem").exists();
+
     // Refuse early, before spending time on key generation.
-    let targets = target_names(&clients);
+    let targets = target_names(&clients, !existing_ca, with_server);
     if !opts.force {
         for name in &targets {
             check_absent(&opts.dir.join(name))?;
         }
     }
 
-    let files = generate(&opts.dir, &server_cn, sans, &clients)?;
+    let server = with_server.then_some((server_cn.as_str(), sans));
+    let files = generate(&opts.dir, server, &clients, ca_key)?;
 
     create_dir(&opts.dir)?;
     if !opts.force {
@@ -228,13 +251,14 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 }
 
 /// File names written by [`init`], in order.
-fn target_names(clients: &[String]) -> Vec<String> {
-    let mut names = vec![
-        "ca.pem".to_owned(),
-        "ca.key".to_owned(),
-        "server.pem".to_owned(),
-        "server.key".to_owned(),
-    ];
+fn target_names(clients: &[String], ca: bool, server: bool) -> Vec<String> {
+    let mut names = Vec::new();
+    if ca {
+        names.extend(["ca.pem".to_owned(), "ca.key".to_owned()]);
+    }
+    if server {
+        names.extend(["server.pem".to_owned(), "server.key".to_owned()]);
+    }
     for client in clients {
         names.push(format!("{client}.pem"));
         names.push(format!("{client}.key"));
@@ -361,9 +385,9 @@ fn base_params() -> Result<CertificateParams, PkiError> {
 /// Generates all keys and certificates in memory; `dir` is only used for error messages.
 fn generate(
     dir: &Path,
-    server_cn: &str,
-    server_sans: Vec<SanType>,
+    server: Option<(&str, Vec<SanType>)>,
     clients: &[String],
+    existing_ca_key: Option<KeyPair>,
 ) -> Result<Vec<OutFile>, PkiError> {
     let base = base_params()?;
     let gen_err = |name: &str| {
@@ -371,27 +395,33 @@ fn generate(
         move |source| PkiError::Generate { path, source }
     };
 
-    // Certificate authority.
-    let ca_key = KeyPair::generate().map_err(gen_err("ca.key"))?;
+    // Certificate authority: the same subject and constraints whether new or reused, so
+    // certificates signed with a reused key chain to the existing ca.pem.
     let mut ca_params = base.clone();
     ca_params
         .distinguished_name
         .push(DnType::CommonName, CA_COMMON_NAME);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err("ca.pem"))?;
-    let mut files = vec![
-        OutFile {
-            name: "ca.pem".to_owned(),
-            contents: ca_cert.pem(),
-            secret: false,
-        },
-        OutFile {
-            name: "ca.key".to_owned(),
-            contents: ca_key.serialize_pem(),
-            secret: true,
-        },
-    ];
+    let mut files = Vec::new();
+    let ca_key = match existing_ca_key {
+        Some(k) => k,
+        None => {
+            let ca_key = KeyPair::generate().map_err(gen_err("ca.key"))?;
+            let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err("ca.pem"))?;
+            files.push(OutFile {
+                name: "ca.pem".to_owned(),
+                contents: ca_cert.pem(),
+                secret: false,
+            });
+            files.push(OutFile {
+                name: "ca.key".to_owned(),
+                contents: ca_key.serialize_pem(),
+                secret: true,
+            });
+            ca_key
+        }
+    };
     let issuer = Issuer::new(ca_params, &ca_key);
 
     // Leaf certificates: server first, then each client.
@@ -421,12 +451,14 @@ fn generate(
         });
         Ok::<(), PkiError>(())
     };
-    leaf(
-        "server",
-        server_cn,
-        server_sans,
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
+    if let Some((server_cn, server_sans)) = server {
+        leaf(
+            "server",
+            server_cn,
+            server_sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+    }
     for client in clients {
         leaf(
             client,
@@ -614,7 +646,7 @@ mod tests {
         assert!(
             msg == format!(
                 "refusing to overwrite {} (use --force)",
-                dir.join("ca.pem").display()
+                dir.join("server.pem").display()
             ),
             "{msg}"
         );
@@ -641,6 +673,46 @@ mod tests {
         std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
         init(&opts(other.path(), true)).unwrap();
         assert_eq!(mode(&loose), 0o600);
+    }
+
+    #[test]
+    fn adds_a_client_to_an_existing_ca() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        init(&opts(dir, false)).unwrap();
+        let ca_before = std::fs::read(dir.join("ca.pem")).unwrap();
+        let server_before = std::fs::read(dir.join("server.pem")).unwrap();
+        let added = init(&CertsInit {
+            dir: dir.to_path_buf(),
+            server_names: vec![],
+            clients: vec!["carol".into()],
+            force: false,
+        })
+        .unwrap();
+        assert_eq!(added, vec![dir.join("carol.pem"), dir.join("carol.key")]);
+        assert_eq!(std::fs::read(dir.join("ca.pem")).unwrap(), ca_before);
+        assert_eq!(
+            std::fs::read(dir.join("server.pem")).unwrap(),
+            server_before
+        );
+        assert_eq!(mode(&dir.join("carol.key")), 0o600);
+        // carol's certificate chains to the existing CA.
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots(dir), provider())
+                .build()
+                .unwrap();
+        let cert = CertificateDer::from_pem_file(dir.join("carol.pem")).unwrap();
+        verifier
+            .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+            .unwrap();
+        // An existing client is still never overwritten.
+        let again = init(&CertsInit {
+            dir: dir.to_path_buf(),
+            server_names: vec![],
+            clients: vec!["carol".into()],
+            force: false,
+        });
+        assert!(matches!(again, Err(PkiError::Exists { .. })));
     }
 
     #[test]
