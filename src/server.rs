@@ -429,10 +429,12 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|c| CertNames::from_der(c.as_ref()));
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
         cert,
         accepted: started,
+        busy: busy.clone(),
     });
     let remaining = timeout
         .saturating_sub(started.elapsed())
@@ -456,7 +458,20 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
             .max_concurrent_streams(tunnel::H2_MAX_STREAMS)
             .keep_alive_interval(cfg.keepalive.interval)
             .keep_alive_timeout(cfg.keepalive.timeout);
-        if let Err(e) = h2.serve_connection(TokioIo::new(tls), svc).await {
+        let served = h2.serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(served);
+        // A connection with no session for a while is closed (gracefully), so an idle
+        // peer cannot hold it forever just by answering pings.
+        let idle_limit = cfg.keepalive.timeout.max(timeout);
+        let r = tokio::select! {
+            r = &mut served => r,
+            _ = idle_for(&busy, idle_limit) => {
+                debug!("closing an HTTP/2 connection idle for {idle_limit:?}");
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        };
+        if let Err(e) = r {
             debug!(error = %e, "HTTP/2 connection ended with an error");
         }
         return;
@@ -486,6 +501,40 @@ struct ConnInfo {
     peer: SocketAddr,
     cert: Option<CertNames>,
     accepted: Instant,
+    /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one request or session as in flight on its connection while alive.
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(c: &Arc<std::sync::atomic::AtomicUsize>) -> Busy {
+        c.fetch_add(1, Ordering::Relaxed);
+        Busy(c.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Completes once `busy` has been zero for `limit` (checked every second).
+async fn idle_for(busy: &std::sync::atomic::AtomicUsize, limit: Duration) {
+    let mut idle = Duration::ZERO;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if busy.load(Ordering::Relaxed) == 0 {
+            idle += Duration::from_secs(1);
+            if idle >= limit {
+                return;
+            }
+        } else {
+            idle = Duration::ZERO;
+        }
+    }
 }
 
 fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -509,6 +558,7 @@ async fn handle(
     conn: Arc<ConnInfo>,
     gw: Arc<Gateway>,
 ) -> Response<Full<Bytes>> {
+    let _busy = Busy::new(&conn.busy);
     let path = req.uri().path().to_string();
     let result = if path == "/pipes" || path == "/pipes/" {
         list(&req, &conn, &gw)
@@ -779,12 +829,14 @@ async fn session(
     let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
     let method = identity.method;
     let accepted = conn.accepted;
+    let busy = Busy::new(&conn.busy);
     let opts = bridge::Options {
         idle_timeout: cfg.limits.idle_timeout,
         keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
     };
     gw.tracker.spawn(
         async move {
+            let _busy = busy;
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {

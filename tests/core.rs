@@ -1399,3 +1399,84 @@ fn invalid_fixtures_fail() {
         }
     }
 }
+
+// === HTTP/2 session reuse ===
+
+/// Established TCP connections to `port` (as seen by `ss`).
+fn established_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( dport = :{port} )"),
+        ])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
+
+#[test]
+fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
+    let fx = Fixture::new();
+    let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
+    let keepalive = "[keepalive]\ninterval = \"1s\"\ntimeout = \"2s\"\n";
+    let gw = fx.serve(
+        "a.toml",
+        &format!(
+            "{keepalive}{}",
+            fx.server_config(&pipe(
+                "sha",
+                &format!("unix:{}", fx.p("sha.sock")),
+                &["alice"],
+                "",
+            ))
+        ),
+    );
+    let fwd_sock = fx.path("fwd.sock");
+    let _b = fx.serve(
+        "b.toml",
+        &format!(
+            "{keepalive}{}",
+            forward(&fx, &fwd_sock, &gw.url("sha"), "alice", "")
+        ),
+    );
+    // Twenty sessions, one after the other: they share the forward's pooled HTTP/2
+    // connections instead of dialling twenty.
+    for i in 0..20usize {
+        let data = random_bytes(1000 + i);
+        let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            sha_hex(&data),
+            "session {i}"
+        );
+    }
+    let open = established_to(gw.port);
+    assert!(
+        (1..=2).contains(&open),
+        "20 sessions should share at most 2 connections, found {open}"
+    );
+    assert_eq!(
+        gw.log().matches("session end").count(),
+        20,
+        "every session ends on the exporting side:\n{}",
+        gw.log()
+    );
+    // Idle connections are closed by the exporting gateway (keepalive.timeout, at least
+    // the handshake timeout of 10 s), and the forward dials again when needed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while established_to(gw.port) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle HTTP/2 connections still open after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let data = random_bytes(5000);
+    let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));
+    assert_eq!(String::from_utf8_lossy(&reply), sha_hex(&data));
+}
