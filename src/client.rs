@@ -992,7 +992,14 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         warn!("local caller not in allow_local; closing");
         return;
     }
+    // The user database is consulted only when a credential path names `{user}`: it is
+    // a per-connection cost on the hot path of new sessions otherwise.
+    let c = &fwd.credentials;
+    let per_user = [&c.ca, &c.cert, &c.key, &c.token_file]
+        .iter()
+        .any(|p| p.as_deref().is_some_and(|p| p.contains("{user}")));
     let user = caller
+        .filter(|_| per_user)
         .and_then(|c| {
             nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(c.uid))
                 .ok()
