@@ -17,6 +17,7 @@ use crate::config::secret::Secret;
 use crate::config::{self, units, Config, Direction, ForwardConfig, Mode};
 use crate::endpoint::message::{MsgReader, MsgWriter};
 use crate::endpoint::{BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
+use crate::platform::{self, SignalAction};
 use crate::server::{self, Gateway};
 use crate::tunnel::protocol::Control;
 use crate::tunnel::tls;
@@ -70,24 +71,10 @@ pub fn check_config(path: Option<&Path>) -> i32 {
     }
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit.
-pub fn raise_nofile() {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    if lim.current != lim.maximum {
-        let _ = setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        );
-    }
-}
-
 /// Refuses to start when a message-mode pipe's `max_message_size` cannot be honoured by
 /// the kernel (never fail one message at run time instead).
 pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
+    #[cfg(unix)]
     for p in &cfg.pipes {
         if let (EndpointSpec::Seqpacket(_), config::MessageSize::Bytes(n)) =
             (&p.endpoint, p.max_message_size)
@@ -96,53 +83,8 @@ pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
                 .map_err(|e| format!("pipe {:?}: {e}", p.name))?;
         }
     }
-    Ok(())
-}
-
-/// Refuses a config that needs impersonation (or socket ownership changes) on a gateway
-/// lacking the capabilities for it, naming the capability and the pipe; starts the
-/// impersonation threads when needed.
-pub fn check_capabilities(cfg: &Config) -> Result<(), String> {
-    use rustix::thread::CapabilitySet as C;
-    let mut any = false;
-    for p in &cfg.pipes {
-        if p.run_as == config::RunAs::Gateway {
-            continue;
-        }
-        any = true;
-        let mut need = C::SETUID | C::SETGID;
-        if matches!(p.endpoint, EndpointSpec::Exec { .. }) {
-            need |= C::KILL;
-        }
-        let missing = crate::identity::unix::missing_capabilities(need);
-        if !missing.is_empty() {
-            return Err(format!(
-                "pipe {:?}: run_as = {} needs {}, which this gateway does not have (run it as root or grant the capabilities)",
-                p.name,
-                match &p.run_as {
-                    config::RunAs::Client => "\"client\"".to_string(),
-                    config::RunAs::User(u) => format!("\"user:{}\"", u.name),
-                    config::RunAs::Gateway => String::new(),
-                },
-                missing.join(", ")
-            ));
-        }
-    }
-    for f in &cfg.forwards {
-        if f.socket_owner.is_some() || f.socket_group.is_some() {
-            let missing = crate::identity::unix::missing_capabilities(C::CHOWN);
-            if !missing.is_empty() {
-                return Err(format!(
-                    "forward {}: socket_owner/socket_group need {}, which this gateway does not have",
-                    f.listen.socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
-                    missing.join(", ")
-                ));
-            }
-        }
-    }
-    if any {
-        crate::identity::unix::start().map_err(|e| e.to_string())?;
-    }
+    #[cfg(windows)]
+    let _ = cfg; // Windows named pipes set no message limit of their own.
     Ok(())
 }
 
@@ -189,8 +131,8 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         Ok(c) => Arc::new(c),
         Err(code) => return code,
     };
-    raise_nofile();
-    if let Err(e) = check_message_limits(&cfg).and_then(|()| check_capabilities(&cfg)) {
+    platform::raise_nofile();
+    if let Err(e) = check_message_limits(&cfg).and_then(|()| platform::check_capabilities(&cfg)) {
         eprintln!("pipebridge: {e}");
         return EXIT_USAGE;
     }
@@ -286,20 +228,14 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
 }
 
 async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Option<&Path>) -> i32 {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let Ok(mut signals) = platform::Signals::new() else {
         error!("cannot install signal handlers");
         return EXIT_RUNTIME;
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => {
+        match signals.recv().await {
+            SignalAction::Stop => break,
+            SignalAction::Reload => {
                 if let Some(gw) = gw {
                     reload(gw, config_path);
                 }
@@ -313,10 +249,10 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
         .unwrap_or(cfg.shutdown.grace_period);
     info!(grace = ?grace, "draining: new sessions are refused");
     if let Some(gw) = gw {
+        let second_stop = async { while signals.recv().await != SignalAction::Stop {} };
         tokio::select! {
             _ = gw.drain(grace) => {}
-            _ = term.recv() => { warn!("second signal: exiting now"); }
-            _ = int.recv() => { warn!("second signal: exiting now"); }
+            _ = second_stop => { warn!("second signal: exiting now"); }
         }
     }
     info!("stopped");
@@ -328,19 +264,12 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// A change must be stable this long before it is reloaded (debounce).
 const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
 
-type Fingerprint = Vec<Option<(u64, u64, i64, i64, u64)>>;
+type Fingerprint = Vec<Option<platform::FileStamp>>;
 
 fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
-    use std::os::unix::fs::MetadataExt;
-    // metadata() follows symlinks, so a symlink swap (Kubernetes Secrets, certbot)
-    // shows as a new inode even though the watched path is the same.
     paths
         .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .map(|m| (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len()))
-        })
+        .map(|p| std::fs::metadata(p).ok().map(|m| platform::file_stamp(&m)))
         .collect()
 }
 
@@ -379,7 +308,7 @@ fn reload_inner(gw: &Gateway, config_path: Option<&Path>) {
         .map(Path::to_path_buf)
         .unwrap_or_else(config::default_path);
     match Config::load(&path) {
-        Ok(new) => match check_capabilities(&new).and_then(|()| server_tls(&new)) {
+        Ok(new) => match platform::check_capabilities(&new).and_then(|()| server_tls(&new)) {
             Ok(tls) => {
                 let ended = gw.replace(Arc::new(new), tls);
                 crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);
@@ -636,6 +565,9 @@ pub async fn forward(a: ForwardArgs) -> i32 {
             config::DEFAULT_KEEPALIVE_TIMEOUT,
         ),
         http2: true,
+        max_instances: 255,
+        security_descriptor: None,
+        npipe_eof: config::NpipeEof::None,
     };
     // Check credentials once up front so typos fail now, not at the first connection.
     if let Err(e) = Dialer::new(&fwd.to, &fwd.credentials) {
@@ -653,17 +585,10 @@ pub async fn forward(a: ForwardArgs) -> i32 {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let run = tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let Ok(mut signals) = platform::Signals::new() else {
         return EXIT_RUNTIME;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    while signals.recv().await != SignalAction::Stop {}
     shutdown.cancel();
     let _ = run.await;
     EXIT_OK

@@ -495,8 +495,7 @@ where
 }
 
 fn exit_control(status: std::process::ExitStatus) -> Control {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
+    match (status.code(), crate::platform::exit_signal(&status)) {
         (Some(c), _) => Control::ExitCode(c),
         (None, Some(s)) => Control::ExitSignal(s),
         (None, None) => Control::ExitCode(-1),

@@ -33,6 +33,7 @@ pub mod error;
 pub mod identity;
 pub mod metrics;
 pub mod pki;
+pub mod platform;
 pub mod sd_notify;
 pub mod server;
 pub mod tunnel;

@@ -7,6 +7,7 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
+#[cfg(unix)]
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -484,26 +485,29 @@ fn check_absent(path: &Path) -> Result<(), PkiError> {
     }
 }
 
-/// Creates `dir` (and missing parents) with mode 0700; an existing directory is kept as is.
+/// Creates `dir` (and missing parents) with mode 0700 (on Windows it inherits the
+/// parent's ACL); an existing directory is kept as is.
 fn create_dir(dir: &Path) -> Result<(), PkiError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| PkiError::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })
+    let mut b = DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    b.mode(0o700);
+    b.create(dir).map_err(|source| PkiError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Opens a new file exclusively (never following or reusing an existing entry),
 /// with mode 0600 for secrets and 0644 otherwise (both subject to the umask).
 fn create_new(path: &Path, secret: bool) -> io::Result<std::fs::File> {
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if secret { 0o600 } else { 0o644 })
-        .open(path)
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(if secret { 0o600 } else { 0o644 });
+    #[cfg(windows)]
+    let _ = secret;
+    o.open(path)
 }
 
 /// Writes `contents` to a freshly created file and flushes it to disk.
@@ -545,7 +549,7 @@ fn write_file(path: &Path, file: &OutFile, force: bool) -> Result<(), PkiError> 
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

@@ -1,10 +1,15 @@
 //! systemd readiness notification (`Type=notify`): datagrams to `$NOTIFY_SOCKET`
-//! (a path, or `@name` for the abstract namespace). A no-op when the variable is unset.
-
-use std::os::unix::net::UnixDatagram;
+//! (a path, or `@name` for the abstract namespace). A no-op when the variable is unset,
+//! and on Windows.
 
 /// Sends `state` (e.g. `READY=1`) to systemd, if it is listening.
+#[cfg(windows)]
+pub fn notify(_state: &str) {}
+
+/// Sends `state` (e.g. `READY=1`) to systemd, if it is listening.
+#[cfg(unix)]
 pub fn notify(state: &str) {
+    use std::os::unix::net::UnixDatagram;
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -30,11 +35,16 @@ pub fn ready() {
 }
 
 /// `RELOADING=1` with the monotonic timestamp systemd requires for `Type=notify-reload`.
+#[cfg(unix)]
 pub fn reloading() {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let usec = now.tv_sec as u128 * 1_000_000 + now.tv_nsec as u128 / 1000;
     notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
 }
+
+/// `RELOADING=1` (a no-op on Windows).
+#[cfg(windows)]
+pub fn reloading() {}
 
 /// `STOPPING=1`: draining.
 pub fn stopping() {

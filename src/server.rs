@@ -647,7 +647,7 @@ pub fn session_message_limit(pipe: &PipeConfig, mode: Mode) -> usize {
     match mode {
         Mode::Byte => MAX_BYTE_MODE_MESSAGE_BYTES,
         Mode::Message => match pipe.max_message_size {
-            MessageSize::Auto => endpoint::seqpacket::auto_max_message(),
+            MessageSize::Auto => endpoint::auto_max_message(),
             MessageSize::Bytes(n) => n,
         },
     }
@@ -788,10 +788,10 @@ async fn session(
                 )
             })
         })?;
-    let (uid, gid) = principal.as_ref().map(|p| (p.uid, p.gid)).unwrap_or((
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    ));
+    let (uid, gid) = principal
+        .as_ref()
+        .map(|p| (p.uid, p.gid))
+        .unwrap_or_else(crate::platform::current_ids);
     let (stop, stop_signal) = bridge::stop_pair();
     let admission = gw.registry.admit(
         &cfg,
@@ -817,6 +817,7 @@ async fn session(
         timeout: cfg.limits.handshake_timeout / 2,
         max_message: session_message_limit(pipe, mode),
         principal,
+        mode,
     };
     let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,

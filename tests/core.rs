@@ -2,6 +2,7 @@
 //! byte-exactness under load, refusals, TLS rejection, tokens, config checking, hosted
 //! socket files and the exec environment. Every gateway listens on 127.0.0.1:0, every
 //! socket lives in the test's temp dir, and every process is killed at the end.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

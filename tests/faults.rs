@@ -11,6 +11,7 @@
 //! Every process is killed by pid when its guard drops; namespaces are deleted by a guard
 //! (also when a test fails). The namespace test needs root: without it, it says why and
 //! passes, except when `CI` is set, where it fails.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

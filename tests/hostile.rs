@@ -10,6 +10,7 @@
 //! (VmRSS of the gateway pid) stays below [`RSS_BOUND_KB`].
 //!
 //! Every process is killed by pid when its guard drops; every loop and wait is bounded.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

@@ -11,6 +11,7 @@
 //! when `CI` is set: then they fail (CI runs as root, so a skip there hides a broken
 //! environment). Mapped users are numeric (`uid = 12001` ...) or existing system users
 //! (`nobody`, `daemon`); no user is created.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

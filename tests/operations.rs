@@ -5,6 +5,7 @@
 //! restarts, `connect --retry`, and HTTPS_PROXY/NO_PROXY. Every gateway listens on
 //! 127.0.0.1:0 (or a port it had before), every file lives in the test's temp dir, and
 //! every process a test starts is killed by pid at the end.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

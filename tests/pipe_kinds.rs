@@ -7,6 +7,7 @@
 //! Every test runs the real binary (`pipebridge serve` / `pipebridge connect`) in its own
 //! temp dir with its own PKI on port 0; every process a test starts is killed and reaped
 //! by pid when the test ends. Helpers are self-contained (no `tests/common`).
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::OwnedFd;

@@ -17,6 +17,7 @@
 //! Resource tolerances, measured with no session live (after the warm-up and at the
 //! end): open fds equal; threads at most warm-up + 2 (tokio's blocking pool may keep an
 //! extra idle thread for a few seconds); VmRSS at most 1.5 x warm-up + 10 MiB.
+#![cfg(unix)] // Linux pipe kinds and credentials; the Windows tests are tests/windows.rs.
 
 mod common;
 

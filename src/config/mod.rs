@@ -269,6 +269,39 @@ pub enum RunAs {
     User(Principal),
 }
 
+impl RunAs {
+    /// The value as written in config, quoted (`"client"`, `"user:NAME"`).
+    pub fn describe(&self) -> String {
+        match self {
+            RunAs::Client => "\"client\"".to_string(),
+            RunAs::Gateway => "\"gateway\"".to_string(),
+            RunAs::User(u) => format!("\"user:{}\"", u.name),
+        }
+    }
+}
+
+/// What an `eof` from the network does to a Windows named pipe, which has no half-close
+/// (`npipe_eof`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NpipeEof {
+    /// Nothing is written; the pipe stays open for the reply (the default).
+    #[default]
+    None,
+    /// Byte mode: a zero-length write (the close-write convention of go-winio and
+    /// npiperelay); a zero-length read from the pipe is the local side's EOF.
+    ZeroMessage,
+}
+
+impl NpipeEof {
+    fn parse(s: &str) -> Option<NpipeEof> {
+        match s {
+            "none" => Some(NpipeEof::None),
+            "zero_message" => Some(NpipeEof::ZeroMessage),
+            _ => None,
+        }
+    }
+}
+
 /// Which way data may flow, from the remote client's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -379,6 +412,8 @@ pub struct PipeConfig {
     pub env: BTreeMap<String, String>,
     /// Working directory for `exec:` children.
     pub cwd: Option<PathBuf>,
+    /// `npipe:` pipes: what the network's `eof` does.
+    pub npipe_eof: NpipeEof,
 }
 
 /// `[[forward]]`: a local endpoint this gateway hosts, bridged to a remote pipe.
@@ -402,6 +437,13 @@ pub struct ForwardConfig {
     pub keepalive: (Duration, Duration),
     /// Run sessions over shared HTTP/2 connections when the gateway offers h2.
     pub http2: bool,
+    /// Hosted `npipe:` pipes: instances at once (1–255; 255 = unlimited).
+    pub max_instances: u32,
+    /// Hosted `npipe:` pipes: the security descriptor in SDDL (`None`: owner, SYSTEM and
+    /// Administrators only).
+    pub security_descriptor: Option<String>,
+    /// Hosted `npipe:` pipes: what the network's `eof` does.
+    pub npipe_eof: NpipeEof,
 }
 
 impl Config {
@@ -577,6 +619,7 @@ struct RawPipe {
     env: Option<S<BTreeMap<String, String>>>,
     cwd: Option<S<String>>,
     security_descriptor: Option<S<String>>,
+    npipe_eof: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +637,9 @@ struct RawForward {
     #[serde(default)]
     allow_local: Vec<S<String>>,
     http2: Option<bool>,
+    max_instances: Option<S<i64>>,
+    security_descriptor: Option<S<String>>,
+    npipe_eof: Option<S<String>>,
 }
 
 // === validation ===
@@ -734,6 +780,38 @@ impl Validator<'_> {
             return None;
         }
         Some(MessageSize::Bytes(n as usize))
+    }
+
+    fn npipe_eof(
+        &mut self,
+        v: Option<&S<String>>,
+        key: &str,
+        is_npipe: bool,
+        mode: Mode,
+    ) -> NpipeEof {
+        let Some(v) = v else {
+            return NpipeEof::None;
+        };
+        let k = format!("{key}.npipe_eof");
+        if !is_npipe {
+            self.err(v.span(), k, "applies to npipe: endpoints only");
+            return NpipeEof::None;
+        }
+        match NpipeEof::parse(v.get_ref()) {
+            Some(NpipeEof::ZeroMessage) if mode == Mode::Message => {
+                self.err(
+                    v.span(),
+                    k,
+                    "\"zero_message\" is for byte mode: in message mode a zero-length message is data",
+                );
+                NpipeEof::None
+            }
+            Some(e) => e,
+            None => {
+                self.err(v.span(), k, "must be \"none\" or \"zero_message\"");
+                NpipeEof::None
+            }
+        }
     }
 
     fn count(&mut self, v: &S<i64>, key: &str, max: i64) -> Option<i64> {
@@ -1267,11 +1345,26 @@ impl Validator<'_> {
                 .and_then(|v| self.message_size(v, &format!("{key}.max_message_size")))
                 .unwrap_or(limits.max_message_size);
             if let Some(sd) = &r.security_descriptor {
-                if !matches!(endpoint, Some(EndpointSpec::Npipe(_))) {
+                self.err(
+                    sd.span(),
+                    format!("{key}.security_descriptor"),
+                    "applies to a pipe the gateway hosts: set it on the [[forward]] with listen = \"npipe:NAME\" (an exported pipe is created by its own server)",
+                );
+            }
+            let is_npipe = matches!(endpoint, Some(EndpointSpec::Npipe(_)));
+            let npipe_eof = self.npipe_eof(r.npipe_eof.as_ref(), &key, is_npipe, mode);
+            if cfg!(windows) && run_as != RunAs::Gateway {
+                if let (Some(EndpointSpec::Exec { .. }), Some(v)) = (&endpoint, &r.run_as) {
                     self.err(
-                        sd.span(),
-                        format!("{key}.security_descriptor"),
-                        "applies to npipe: pipes only",
+                        v.span(),
+                        format!("{key}.run_as"),
+                        "exec: children cannot be started as another account on Windows builds: set run_as = \"gateway\"",
+                    );
+                } else if let (Some(EndpointSpec::Exec { .. }), None) = (&endpoint, &r.run_as) {
+                    self.err(
+                        name.span(),
+                        format!("{key}.run_as"),
+                        "exec: children cannot be started as another account on Windows builds: set run_as = \"gateway\"",
                     );
                 }
             }
@@ -1298,6 +1391,7 @@ impl Validator<'_> {
                 max_message_size,
                 env: r.env.map(|e| e.into_inner()).unwrap_or_default(),
                 cwd: r.cwd.map(|c| PathBuf::from(c.into_inner())),
+                npipe_eof,
             });
         }
         out
@@ -1367,7 +1461,46 @@ impl Validator<'_> {
             token_file: r.token_file.map(|s| s.into_inner()),
             token: None,
         };
+        let is_npipe = matches!(listen, Some(EndpointSpec::Npipe(_)));
+        let query_mode = to
+            .as_ref()
+            .and_then(|u| crate::tunnel::protocol::SessionQuery::parse(u.query()).ok())
+            .and_then(|q| q.mode)
+            .unwrap_or(Mode::Byte);
+        let npipe_eof = self.npipe_eof(r.npipe_eof.as_ref(), &key, is_npipe, query_mode);
+        let max_instances = match &r.max_instances {
+            None => 255,
+            Some(v) => {
+                if !is_npipe {
+                    self.err(
+                        v.span(),
+                        format!("{key}.max_instances"),
+                        "applies to forwards with listen = \"npipe:NAME\" only",
+                    );
+                }
+                self.count(v, &format!("{key}.max_instances"), 255)
+                    .map(|v| v as u32)
+                    .unwrap_or(255)
+            }
+        };
+        if let Some(sd) = &r.security_descriptor {
+            if !is_npipe {
+                self.err(
+                    sd.span(),
+                    format!("{key}.security_descriptor"),
+                    "applies to forwards with listen = \"npipe:NAME\" only",
+                );
+            } else {
+                #[cfg(windows)]
+                if let Err(m) = crate::endpoint::windows::check_sddl(sd.get_ref()) {
+                    self.err(sd.span(), format!("{key}.security_descriptor"), m);
+                }
+            }
+        }
         Some(ForwardConfig {
+            max_instances,
+            security_descriptor: r.security_descriptor.map(|s| s.into_inner()),
+            npipe_eof,
             listen: listen?,
             to: to?,
             credentials,

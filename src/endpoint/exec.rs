@@ -12,9 +12,6 @@ use tracing::Instrument;
 use super::{BoxRead, BoxWrite, Local, OpenContext, OpenError, Reader, Writer};
 use crate::config::PipeConfig;
 
-/// The child's `PATH`.
-pub const CHILD_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
-
 /// Spawns the child of an `exec:` pipe for one session.
 pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenError> {
     let Some((program, args)) = argv.split_first() else {
@@ -23,15 +20,9 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
             "exec: empty argv",
         ));
     };
-    let (home, user) = match &ctx.principal {
-        Some(p) => (p.home.clone(), p.name.clone()),
-        None => match nix::unistd::User::from_uid(nix::unistd::geteuid())
-            .ok()
-            .flatten()
-        {
-            Some(u) => (u.dir, u.name),
-            None => (PathBuf::from("/"), nix::unistd::geteuid().to_string()),
-        },
+    let (user, home) = match &ctx.principal {
+        Some(p) => (p.name.clone(), p.home.clone()),
+        None => crate::platform::current_user(),
     };
     let cwd = pipe
         .cwd
@@ -41,10 +32,9 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
-        .env("PATH", CHILD_PATH)
+        .envs(crate::platform::child_base_env())
         .env("HOME", &home)
         .env("USER", &user)
-        .env("LANG", "C.UTF-8")
         .envs(&pipe.env)
         .env("PIPEBRIDGE_IDENTITY", &ctx.identity)
         .env("PIPEBRIDGE_PIPE", &pipe.name)
@@ -62,7 +52,7 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     if let Some(p) = &ctx.principal {
-        crate::identity::unix::exec_as(&mut cmd, p);
+        crate::identity::exec_as(&mut cmd, p)?;
     }
     let mut child = cmd.spawn().map_err(|e| {
         OpenError::new(

@@ -3,10 +3,12 @@
 //! or as 4-byte big-endian length prefixes (`connect --mode message --framing ...`).
 
 use std::io;
+#[cfg(unix)]
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+#[cfg(unix)]
 use tokio_seqpacket::UnixSeqpacket;
 
 use super::{BoxRead, BoxWrite};
@@ -29,7 +31,11 @@ pub enum MsgError {
 
 /// Reads whole messages from a local endpoint.
 pub enum MsgReader {
+    /// A Windows named pipe in message mode (zero-length messages included).
+    #[cfg(windows)]
+    Npipe(super::windows::MsgIn),
     /// SOCK_SEQPACKET: a zero-length record reads like EOF on Linux and is taken as EOF.
+    #[cfg(unix)]
     Seqpacket {
         /// The socket (shared with the writer half).
         sock: Arc<UnixSeqpacket>,
@@ -56,6 +62,9 @@ impl MsgReader {
     /// The next message, or `None` at EOF.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, MsgError> {
         match self {
+            #[cfg(windows)]
+            MsgReader::Npipe(p) => p.recv().await,
+            #[cfg(unix)]
             MsgReader::Seqpacket { sock, max } => {
                 let len = peek_len(sock).await?;
                 if len == 0 {
@@ -137,6 +146,7 @@ impl MsgReader {
 }
 
 /// The size of the next seqpacket record without consuming it (MSG_PEEK|MSG_TRUNC).
+#[cfg(unix)]
 async fn peek_len(sock: &UnixSeqpacket) -> io::Result<usize> {
     use rustix::net::RecvFlags;
     loop {
@@ -159,7 +169,11 @@ async fn peek_len(sock: &UnixSeqpacket) -> io::Result<usize> {
 
 /// Writes whole messages to a local endpoint.
 pub enum MsgWriter {
+    /// A Windows named pipe in message mode.
+    #[cfg(windows)]
+    Npipe(super::windows::MsgOut),
     /// SOCK_SEQPACKET. Zero-length messages are dropped: the reader would take them for EOF.
+    #[cfg(unix)]
     Seqpacket(Arc<UnixSeqpacket>),
     /// One message per line.
     Lines(BoxWrite),
@@ -171,6 +185,9 @@ impl MsgWriter {
     /// Writes one message.
     pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
+            #[cfg(windows)]
+            MsgWriter::Npipe(p) => p.send(data).await,
+            #[cfg(unix)]
             MsgWriter::Seqpacket(sock) => {
                 if data.is_empty() {
                     tracing::debug!(
@@ -200,6 +217,9 @@ impl MsgWriter {
     /// Half-closes (no more messages).
     pub async fn shutdown(&mut self) -> io::Result<()> {
         match self {
+            #[cfg(windows)]
+            MsgWriter::Npipe(p) => p.shutdown().await,
+            #[cfg(unix)]
             MsgWriter::Seqpacket(sock) => match sock.shutdown(std::net::Shutdown::Write) {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                 r => r,
@@ -214,6 +234,9 @@ impl MsgWriter {
     /// Flushes buffered output.
     pub async fn flush(&mut self) -> io::Result<()> {
         match self {
+            #[cfg(windows)]
+            MsgWriter::Npipe(p) => p.flush().await,
+            #[cfg(unix)]
             MsgWriter::Seqpacket(_) => Ok(()),
             MsgWriter::Lines(w) | MsgWriter::U32be(w) => w.flush().await,
         }

@@ -3,10 +3,15 @@
 //! bridge drives. One file per kind.
 
 pub mod exec;
+#[cfg(unix)]
 pub mod fifo;
 pub mod message;
+#[cfg(unix)]
 pub mod seqpacket;
+#[cfg(unix)]
 pub mod unix;
+#[cfg(windows)]
+pub mod windows;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -60,6 +65,7 @@ impl EndpointSpec {
         let (kind, target) = s.split_once(':').ok_or_else(|| {
             format!("invalid endpoint {s:?}: expected kind:target, e.g. unix:/run/app.sock")
         })?;
+        platform_has(kind)?;
         match kind {
             "unix" => Ok(EndpointSpec::Unix(abs_path(target)?)),
             "seqpacket" => Ok(EndpointSpec::Seqpacket(abs_path(target)?)),
@@ -76,7 +82,7 @@ impl EndpointSpec {
                 Ok(EndpointSpec::Exec { argv })
             }
             "dotnet" => Ok(EndpointSpec::Dotnet(dotnet_name(target)?)),
-            "npipe" => Err("npipe: endpoints exist on Windows builds only".into()),
+            "npipe" => Ok(EndpointSpec::Npipe(npipe_name(target)?)),
             "stdio" => Err("stdio is the endpoint of `pipebridge connect`, not of a pipe".into()),
             _ => Err(format!(
                 "unknown endpoint kind {kind:?}: expected unix, seqpacket, fifo, exec, dotnet or npipe"
@@ -87,16 +93,17 @@ impl EndpointSpec {
     /// Parses the `listen` of a forward (a hosted endpoint).
     pub fn parse_hosted(s: &str) -> Result<EndpointSpec, String> {
         let (kind, target) = s.split_once(':').ok_or_else(|| {
-            format!("invalid endpoint {s:?}: expected unix:PATH, seqpacket:PATH, fifo:PATH or dotnet:NAME")
+            format!("invalid endpoint {s:?}: expected unix:PATH, seqpacket:PATH, fifo:PATH, dotnet:NAME or npipe:NAME")
         })?;
+        platform_has(kind)?;
         match kind {
             "unix" => Ok(EndpointSpec::Unix(abs_or_rel_path(target)?)),
             "dotnet" => Ok(EndpointSpec::Dotnet(dotnet_name(target)?)),
             "seqpacket" => Ok(EndpointSpec::Seqpacket(abs_or_rel_path(target)?)),
             "fifo" => Ok(EndpointSpec::Fifo(abs_or_rel_path(target)?)),
-            "npipe" => Err("npipe: endpoints exist on Windows builds only".into()),
+            "npipe" => Ok(EndpointSpec::Npipe(npipe_name(target)?)),
             _ => Err(format!(
-                "a forward cannot host {kind:?} endpoints: expected unix:PATH, seqpacket:PATH, fifo:PATH or dotnet:NAME"
+                "a forward cannot host {kind:?} endpoints: expected unix:PATH, seqpacket:PATH, fifo:PATH, dotnet:NAME or npipe:NAME"
             )),
         }
     }
@@ -131,6 +138,32 @@ impl EndpointSpec {
             _ => None,
         }
     }
+}
+
+/// Refuses an endpoint kind this platform lacks (DESIGN.md: a config error there).
+fn platform_has(kind: &str) -> Result<(), String> {
+    let unix_only = ["unix", "seqpacket", "fifo", "dotnet"];
+    if cfg!(windows) && unix_only.contains(&kind) {
+        return Err(format!(
+            "{kind}: endpoints exist on Unix builds only; on Windows use npipe:NAME"
+        ));
+    }
+    if cfg!(unix) && kind == "npipe" {
+        return Err("npipe: endpoints exist on Windows builds only".into());
+    }
+    Ok(())
+}
+
+/// A pipe name for `\\.\pipe\NAME`: given bare or with that prefix; no NUL, at most
+/// 256 characters (the Windows limit).
+fn npipe_name(n: &str) -> Result<String, String> {
+    let n = n.strip_prefix(r"\\.\pipe\").unwrap_or(n);
+    if n.is_empty() || n.contains('\0') || n.chars().count() > 246 {
+        return Err(
+            "npipe: needs a pipe name (without \\\\.\\pipe\\, at most 246 characters)".into(),
+        );
+    }
+    Ok(n.to_string())
 }
 
 fn abs_path(p: &str) -> Result<PathBuf, String> {
@@ -210,6 +243,8 @@ pub struct OpenContext {
     pub max_message: usize,
     /// Open as this account (`None`: the gateway's own rights, `run_as = "gateway"`).
     pub principal: Option<crate::identity::Principal>,
+    /// The session's mode (`npipe:` pipes choose per session).
+    pub mode: Mode,
 }
 
 impl OpenContext {
@@ -242,11 +277,25 @@ impl OpenError {
 /// Opens the local endpoint of an exported pipe for one session.
 pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenError> {
     match &pipe.endpoint {
+        #[cfg(unix)]
         EndpointSpec::Unix(p) => unix::connect(p, ctx).await,
+        #[cfg(unix)]
         EndpointSpec::Dotnet(n) => unix::connect(&dotnet_path(n), ctx).await,
         EndpointSpec::Exec { argv } => exec::spawn(argv, pipe, ctx),
+        #[cfg(unix)]
         EndpointSpec::Seqpacket(p) => seqpacket::connect(p, ctx.max_message, ctx).await,
+        #[cfg(unix)]
         EndpointSpec::Fifo(p) => fifo::open(p, ctx).await,
+        #[cfg(windows)]
+        EndpointSpec::Npipe(n) => {
+            let opts = windows::PipeOptions {
+                mode: ctx.mode,
+                direction: ctx.direction,
+                max_message: ctx.max_message,
+                eof: pipe.npipe_eof,
+            };
+            windows::connect(n, opts, ctx).await
+        }
         other => Err(OpenError::new(
             "this endpoint kind is not available",
             format!(
@@ -256,6 +305,18 @@ pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenErr
         )),
     }
 }
+
+/// The largest message of a message-mode pipe whose `max_message_size` is `"auto"`.
+pub fn auto_max_message() -> usize {
+    #[cfg(unix)]
+    return seqpacket::auto_max_message();
+    #[cfg(windows)]
+    return AUTO_MAX_NPIPE_MESSAGE;
+}
+
+/// `max_message_size = "auto"` for named pipes: Windows sets no limit of its own.
+#[cfg(windows)]
+pub const AUTO_MAX_NPIPE_MESSAGE: usize = 4 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -291,6 +352,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn dotnet_paths() {
         assert_eq!(dotnet_path("/abs/x"), PathBuf::from("/abs/x"));
         let p = dotnet_path("svc");

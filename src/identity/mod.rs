@@ -3,11 +3,29 @@
 //! through the system user database once, at config load. The credential switch itself
 //! lives in [`unix`], a small separate piece of audited unsafe code.
 
+#[cfg(unix)]
 pub mod unix;
+#[cfg(unix)]
+pub use unix::{resolve, resolve_user};
+
+#[cfg(windows)]
+pub mod windows;
+#[cfg(windows)]
+pub use windows::{exec_as, resolve, resolve_user};
 
 use std::path::PathBuf;
 
-use crate::config::{IdentityConfig, PipeConfig, PrincipalSpec, RunAs};
+use crate::config::{IdentityConfig, PipeConfig, RunAs};
+
+/// Makes `cmd`'s child run as `p` (Unix: groups, gid, uid switched before exec).
+#[cfg(unix)]
+pub fn exec_as(
+    cmd: &mut tokio::process::Command,
+    p: &Principal,
+) -> Result<(), crate::endpoint::OpenError> {
+    unix::exec_as(cmd, p);
+    Ok(())
+}
 
 /// A local account: user id, primary group, supplementary groups, and the name and home
 /// directory for `exec:` children (`USER`, `HOME`).
@@ -23,48 +41,6 @@ pub struct Principal {
     pub name: String,
     /// Home directory (`/` when unknown).
     pub home: PathBuf,
-}
-
-/// Resolves a principal spec through the user database.
-pub fn resolve(spec: &PrincipalSpec) -> Result<Principal, String> {
-    match spec {
-        PrincipalSpec::User(name) => resolve_user(name),
-        PrincipalSpec::Ids { uid, gid, gids } => {
-            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid))
-                .ok()
-                .flatten();
-            Ok(Principal {
-                uid: *uid,
-                gid: *gid,
-                groups: gids.clone(),
-                name: user
-                    .as_ref()
-                    .map(|u| u.name.clone())
-                    .unwrap_or_else(|| uid.to_string()),
-                home: user.map(|u| u.dir).unwrap_or_else(|| PathBuf::from("/")),
-            })
-        }
-    }
-}
-
-/// Resolves a user name: uid, primary gid, supplementary groups (getgrouplist), home.
-pub fn resolve_user(name: &str) -> Result<Principal, String> {
-    let user = nix::unistd::User::from_name(name)
-        .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
-        .ok_or_else(|| format!("no such user {name:?} in the user database"))?;
-    let cname = std::ffi::CString::new(name).map_err(|_| format!("invalid user name {name:?}"))?;
-    let groups = nix::unistd::getgrouplist(&cname, user.gid)
-        .map_err(|e| format!("cannot list the groups of {name:?}: {e}"))?
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect();
-    Ok(Principal {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        groups,
-        name: user.name,
-        home: user.dir,
-    })
 }
 
 /// Why a session may not be opened as anyone.
@@ -120,6 +96,7 @@ mod tests {
             max_message_size: MessageSize::Auto,
             env: Default::default(),
             cwd: None,
+            npipe_eof: Default::default(),
         }
     }
 
@@ -167,7 +144,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(unix)]
     fn resolves_system_users() {
+        use crate::config::PrincipalSpec;
         let root = resolve_user("root").unwrap();
         assert_eq!((root.uid, root.gid), (0, 0));
         assert!(resolve_user("no-such-user-pipebridge").is_err());

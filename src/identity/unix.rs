@@ -38,6 +38,48 @@ use rustix::thread::{CapabilitySet, CapabilitySets};
 
 use super::Principal;
 
+/// Resolves a principal spec through the user database.
+pub fn resolve(spec: &crate::config::PrincipalSpec) -> Result<Principal, String> {
+    match spec {
+        crate::config::PrincipalSpec::User(name) => resolve_user(name),
+        crate::config::PrincipalSpec::Ids { uid, gid, gids } => {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(*uid))
+                .ok()
+                .flatten();
+            Ok(Principal {
+                uid: *uid,
+                gid: *gid,
+                groups: gids.clone(),
+                name: user
+                    .as_ref()
+                    .map(|u| u.name.clone())
+                    .unwrap_or_else(|| uid.to_string()),
+                home: user.map(|u| u.dir).unwrap_or_else(|| PathBuf::from("/")),
+            })
+        }
+    }
+}
+
+/// Resolves a user name: uid, primary gid, supplementary groups (getgrouplist), home.
+pub fn resolve_user(name: &str) -> Result<Principal, String> {
+    let user = nix::unistd::User::from_name(name)
+        .map_err(|e| format!("cannot look up user {name:?}: {e}"))?
+        .ok_or_else(|| format!("no such user {name:?} in the user database"))?;
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("invalid user name {name:?}"))?;
+    let groups = nix::unistd::getgrouplist(&cname, user.gid)
+        .map_err(|e| format!("cannot list the groups of {name:?}: {e}"))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    Ok(Principal {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+        name: user.name,
+        home: user.dir,
+    })
+}
+
 /// Threads in the impersonation pool.
 pub const POOL_THREADS: usize = 4;
 /// How often a busy target is retried.

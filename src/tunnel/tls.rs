@@ -163,22 +163,4 @@ pub fn revoked_serials(paths: &[PathBuf]) -> std::collections::HashSet<Vec<u8>> 
     out
 }
 
-/// TCP keepalive and TCP_USER_TIMEOUT for dead-peer detection: an idle connection is
-/// probed after `interval` (kernel probes, answered even by a peer whose application is
-/// stalled), and data left unacknowledged for `timeout` fails the connection. A slow but
-/// live peer keeps acknowledging, so it is never dropped.
-pub fn set_keepalive(
-    tcp: &tokio::net::TcpStream,
-    interval: std::time::Duration,
-    timeout: std::time::Duration,
-) {
-    use rustix::net::sockopt;
-    let probes = 3u32;
-    let _ = sockopt::set_socket_keepalive(tcp, true);
-    let _ = sockopt::set_tcp_keepidle(tcp, interval.max(std::time::Duration::from_secs(1)));
-    let intvl = (timeout.saturating_sub(interval) / probes).max(std::time::Duration::from_secs(1));
-    let _ = sockopt::set_tcp_keepintvl(tcp, intvl);
-    let _ = sockopt::set_tcp_keepcnt(tcp, probes);
-    let _ =
-        sockopt::set_tcp_user_timeout(tcp, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
-}
+pub use crate::platform::set_keepalive;

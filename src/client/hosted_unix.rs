@@ -1,0 +1,304 @@
+//! Hosted forward endpoints on Unix: a stream or seqpacket socket file, or a FIFO; the
+//! local caller is identified by SO_PEERCRED.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use super::{accept_failed, forward_one, path_and_query, spawn_session};
+use crate::config::{Direction, ForwardConfig, Mode};
+use crate::endpoint::unix::{self, HostedFile};
+use crate::endpoint::{fifo, seqpacket, BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
+use crate::tunnel::protocol;
+
+/// The local endpoint a forward hosts.
+enum Hosted {
+    Stream(tokio::net::UnixListener),
+    Seqpacket(tokio_seqpacket::UnixSeqpacketListener),
+    /// A FIFO; `direction` is the remote session's (from our point of view as client).
+    Fifo(Direction),
+}
+
+/// A local caller of a hosted endpoint (SO_PEERCRED).
+#[derive(Debug, Clone, Copy)]
+pub struct LocalCaller {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+}
+
+/// A running forward.
+pub struct Forward {
+    hosted: Hosted,
+    file: HostedFile,
+    fwd: ForwardConfig,
+    path_and_query: String,
+}
+
+impl Forward {
+    /// Binds the forward's local endpoint (fails at start, not at first use).
+    pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
+        let path: PathBuf = match &fwd.listen {
+            EndpointSpec::Fifo(p) => p.clone(),
+            other => other
+                .socket_path()
+                .ok_or_else(|| format!("cannot host {}", other.kind()))?,
+        };
+        let ctx = |e: &dyn std::fmt::Display| format!("forward {}: {e}", path.display());
+        let query = protocol::SessionQuery::parse(fwd.to.query()).map_err(|e| ctx(&e))?;
+        let mut extra = Vec::new();
+        let hosted = match &fwd.listen {
+            EndpointSpec::Seqpacket(_) => {
+                unix::prepare_socket_path(&path)
+                    .await
+                    .map_err(|e| ctx(&e))?;
+                if query.mode.is_none() {
+                    extra.push("mode=message");
+                } else if query.mode != Some(Mode::Message) {
+                    return Err(ctx(
+                        &"a seqpacket: forward needs a message-mode pipe (mode=message)",
+                    ));
+                }
+                Hosted::Seqpacket(
+                    tokio_seqpacket::UnixSeqpacketListener::bind(&path).map_err(|e| ctx(&e))?,
+                )
+            }
+            EndpointSpec::Fifo(_) => {
+                let dir = match query.direction {
+                    Some(d @ (Direction::In | Direction::Out)) => d,
+                    _ => {
+                        return Err(ctx(
+                            &"a fifo: forward is one-way: give ?direction=in (local writers feed the remote pipe) or ?direction=out (the remote pipe feeds local readers) in its URL",
+                        ))
+                    }
+                };
+                fifo::create(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
+                Hosted::Fifo(dir)
+            }
+            _ => {
+                unix::prepare_socket_path(&path)
+                    .await
+                    .map_err(|e| ctx(&e))?;
+                Hosted::Stream(tokio::net::UnixListener::bind(&path).map_err(|e| ctx(&e))?)
+            }
+        };
+        let file = HostedFile::new(&path);
+        unix::set_mode(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
+        if fwd.socket_owner.is_some() || fwd.socket_group.is_some() {
+            let uid = match &fwd.socket_owner {
+                Some(o) => Some(lookup_user(o).map_err(|e| ctx(&format!("socket_owner: {e}")))?),
+                None => None,
+            };
+            let gid = match &fwd.socket_group {
+                Some(g) => Some(lookup_group(g).map_err(|e| ctx(&format!("socket_group: {e}")))?),
+                None => None,
+            };
+            std::os::unix::fs::chown(&path, uid.map(|u| u.as_raw()), gid.map(|g| g.as_raw()))
+                .map_err(|e| ctx(&format!("chown: {e}")))?;
+            unix::set_mode(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
+        }
+        let mut path_and_query = path_and_query(&fwd.to);
+        for e in extra {
+            path_and_query.push(if path_and_query.contains('?') {
+                '&'
+            } else {
+                '?'
+            });
+            path_and_query.push_str(e);
+        }
+        Ok(Forward {
+            hosted,
+            file,
+            fwd,
+            path_and_query,
+        })
+    }
+
+    /// The hosted file's path.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Accepts local callers until `shutdown`; each becomes a session to `to`. The hosted
+    /// file is removed when this returns.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let Forward {
+            hosted,
+            file,
+            fwd,
+            path_and_query,
+        } = self;
+        let fwd = Arc::new(fwd);
+        let target = Arc::new(path_and_query);
+        info!(listen = %file.path().display(), to = %fwd.to, "forward ready");
+        match hosted {
+            Hosted::Stream(listener) => loop {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match r {
+                    Ok((stream, _)) => {
+                        let caller = stream.peer_cred().ok().map(|c| LocalCaller {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        });
+                        let (r, w) = stream.into_split();
+                        let local = Local {
+                            reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
+                            writer: Some(Writer::Bytes(Box::new(w) as BoxWrite)),
+                            child: None,
+                        };
+                        spawn_session(&tracker, &fwd, &target, local, caller);
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Hosted::Seqpacket(mut listener) => loop {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match r {
+                    Ok(sock) => {
+                        let caller = sock.peer_cred().ok().map(|c| LocalCaller {
+                            uid: c.uid(),
+                            gid: c.gid(),
+                        });
+                        match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
+                            Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
+                            Err(e) => {
+                                warn!(error = %e, "cannot set up the accepted seqpacket socket")
+                            }
+                        }
+                    }
+                    Err(e) => accept_failed(e).await,
+                }
+            },
+            Hosted::Fifo(direction) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = fifo_loop(file.path(), direction, &fwd, &target) => {}
+                }
+            }
+        }
+        drop(file);
+    }
+}
+
+/// Pause between two rounds of a hosted `out` FIFO.
+const FIFO_ROUND_GAP: Duration = Duration::from_millis(200);
+
+/// A hosted FIFO serves one local writer group (or reader) at a time, sequentially.
+async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, target: &str) {
+    loop {
+        let local = if direction == Direction::In {
+            // Local writers feed the remote pipe: wait for the first writer's data or close.
+            let rx = match fifo::open_reader(path) {
+                Ok(rx) => rx,
+                Err(e) => {
+                    warn!(error = %e, "cannot open the hosted FIFO");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = rx.readable().await {
+                warn!(error = %e, "hosted FIFO failed");
+                continue;
+            }
+            Local {
+                reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
+                writer: None,
+                child: None,
+            }
+        } else {
+            // The remote pipe feeds local readers: wait for a reader.
+            let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
+            match fifo::open_writer(path, far).await {
+                Ok(tx) => Local {
+                    reader: None,
+                    writer: Some(Writer::Bytes(
+                        Box::new(fifo::DrainingSender::new(tx)) as BoxWrite
+                    )),
+                    child: None,
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot open the hosted FIFO");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        };
+        let span = tracing::info_span!("forward", to = %fwd.to);
+        forward_one(local, None, fwd, target).instrument(span).await;
+        if direction == Direction::Out {
+            // The writer closed after readers drained the pipe; give them a moment to
+            // read the EOF before the next round opens a writer again.
+            tokio::time::sleep(FIFO_ROUND_GAP).await;
+        }
+    }
+}
+fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(nix::unistd::Uid::from_raw(n));
+    }
+    nix::unistd::User::from_name(name)
+        .map_err(|e| e.to_string())?
+        .map(|u| u.uid)
+        .ok_or_else(|| format!("no such user {name:?}"))
+}
+
+fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    nix::unistd::Group::from_name(name)
+        .map_err(|e| e.to_string())?
+        .map(|g| g.gid)
+        .ok_or_else(|| format!("no such group {name:?}"))
+}
+
+impl LocalCaller {
+    /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller.
+    pub fn allowed(&self, rules: &[String]) -> bool {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten();
+        rules.iter().any(|r| {
+            if let Some(n) = r.strip_prefix("uid:") {
+                n.parse::<u32>().is_ok_and(|n| n == self.uid)
+            } else if let Some(g) = r.strip_prefix('@') {
+                match nix::unistd::Group::from_name(g).ok().flatten() {
+                    Some(grp) => {
+                        grp.gid.as_raw() == self.gid
+                            || user
+                                .as_ref()
+                                .is_some_and(|u| grp.mem.contains(&u.name) || u.gid == grp.gid)
+                    }
+                    None => false,
+                }
+            } else {
+                user.as_ref().is_some_and(|u| u.name == *r)
+            }
+        })
+    }
+
+    /// The caller's user name (for `{user}` in credential paths).
+    pub fn user_name(&self) -> Option<String> {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    }
+}
+
+impl std::fmt::Display for LocalCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "uid {}", self.uid)
+    }
+}

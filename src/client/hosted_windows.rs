@@ -1,0 +1,154 @@
+//! Hosted forward endpoints on Windows: the gateway is the server of `\\.\pipe\NAME`
+//! (`listen = "npipe:NAME"`). The next instance is created before a connected one is
+//! handed to its session; local callers are identified from their process token.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use super::{accept_failed, client_message_limit, path_and_query, spawn_session};
+use crate::config::{Direction, ForwardConfig, Mode};
+use crate::endpoint::windows::{self, PipeOptions, PipeServer, ServerOptions};
+use crate::endpoint::EndpointSpec;
+use crate::identity::windows::{pipe_caller, PipeCaller};
+use crate::tunnel::protocol;
+
+/// A local caller of a hosted pipe: its process and account.
+#[derive(Debug, Clone)]
+pub struct LocalCaller(PipeCaller);
+
+fn bare(account: &str) -> &str {
+    account.rsplit('\\').next().unwrap_or(account)
+}
+
+fn same_account(rule: &str, account: &str) -> bool {
+    if rule.contains('\\') {
+        rule.eq_ignore_ascii_case(account)
+    } else {
+        rule.eq_ignore_ascii_case(bare(account))
+    }
+}
+
+impl LocalCaller {
+    /// Whether `rules` (`allow_local`: account names, `DOMAIN\NAME`, `@group`) admit
+    /// this caller. A caller whose account could not be read matches nothing.
+    pub fn allowed(&self, rules: &[String]) -> bool {
+        let Some(user) = &self.0.user else {
+            return false;
+        };
+        rules.iter().any(|r| match r.strip_prefix('@') {
+            Some(g) => self.0.groups.iter().any(|have| same_account(g, have)),
+            None => same_account(r, user),
+        })
+    }
+
+    /// The caller's account name without its domain (for `{user}` in credential paths).
+    pub fn user_name(&self) -> Option<String> {
+        self.0.user.as_deref().map(|u| bare(u).to_string())
+    }
+}
+
+impl std::fmt::Display for LocalCaller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0.user {
+            Some(u) => write!(f, "pid {} ({u})", self.0.pid),
+            None => write!(f, "pid {}", self.0.pid),
+        }
+    }
+}
+
+/// A running forward.
+pub struct Forward {
+    server: PipeServer,
+    path: PathBuf,
+    fwd: ForwardConfig,
+    path_and_query: String,
+    opts: PipeOptions,
+}
+
+impl Forward {
+    /// Creates the first pipe instance (fails at start, not at first use).
+    pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
+        let EndpointSpec::Npipe(name) = &fwd.listen else {
+            return Err(format!(
+                "cannot host {} endpoints on Windows",
+                fwd.listen.kind()
+            ));
+        };
+        let path = PathBuf::from(windows::pipe_path(name));
+        let ctx = |e: &dyn std::fmt::Display| format!("forward {}: {e}", path.display());
+        let query = protocol::SessionQuery::parse(fwd.to.query()).map_err(|e| ctx(&e))?;
+        let mode = query.mode.unwrap_or(Mode::Byte);
+        let direction = query.direction.unwrap_or(Direction::Duplex);
+        let server = PipeServer::bind(
+            name,
+            ServerOptions {
+                mode,
+                direction,
+                max_instances: fwd.max_instances,
+                security_descriptor: fwd
+                    .security_descriptor
+                    .clone()
+                    .unwrap_or_else(|| windows::DEFAULT_SDDL.to_string()),
+                eof: fwd.npipe_eof,
+            },
+        )
+        .map_err(|e| ctx(&e))?;
+        // The bridge's reader is local → network, which for a forward is the remote
+        // session's `in` direction: flip the remote direction into the local one.
+        let local_direction = match direction {
+            Direction::In => Direction::Out,
+            Direction::Out => Direction::In,
+            Direction::Duplex => Direction::Duplex,
+        };
+        let opts = PipeOptions {
+            mode,
+            direction: local_direction,
+            max_message: client_message_limit(),
+            eof: fwd.npipe_eof,
+        };
+        let path_and_query = path_and_query(&fwd.to);
+        Ok(Forward {
+            server,
+            path,
+            fwd,
+            path_and_query,
+            opts,
+        })
+    }
+
+    /// The hosted pipe's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Accepts local callers until `shutdown`; each becomes a session to `to`.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let Forward {
+            mut server,
+            path,
+            fwd,
+            path_and_query,
+            opts,
+        } = self;
+        let with_groups = fwd.allow_local.iter().any(|r| r.starts_with('@'));
+        let fwd = Arc::new(fwd);
+        let target = Arc::new(path_and_query);
+        info!(listen = %path.display(), to = %fwd.to, "forward ready");
+        while let Some(r) = server.accept(&shutdown).await {
+            match r {
+                Ok(handle) => {
+                    let caller = pipe_caller(&handle, with_groups).map(LocalCaller);
+                    match windows::local(handle, opts) {
+                        Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
+                        Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
+                    }
+                }
+                Err(e) => accept_failed(e).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Unix: RLIMIT_NOFILE, signals, inode-based file identity, capability checks.
+
+use std::io;
+
+use rustix::thread::CapabilitySet as C;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use super::SignalAction;
+use crate::config::{self, Config};
+use crate::endpoint::EndpointSpec;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit.
+pub fn raise_nofile() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        );
+    }
+}
+
+/// The signals the gateway acts on.
+pub struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers.
+    pub fn new() -> io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal.
+    pub async fn recv(&mut self) -> SignalAction {
+        tokio::select! {
+            _ = self.term.recv() => SignalAction::Stop,
+            _ = self.int.recv() => SignalAction::Stop,
+            _ = self.hup.recv() => SignalAction::Reload,
+        }
+    }
+}
+
+/// What identifies a file's content for the watcher: device, inode, mtime, size.
+/// `metadata()` follows symlinks, so a symlink swap (Kubernetes Secrets, certbot) shows
+/// as a new inode even though the watched path is the same.
+pub type FileStamp = (u64, u64, i64, i64, u64);
+
+/// The stamp of `m`.
+pub fn file_stamp(m: &std::fs::Metadata) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.len())
+}
+
+/// Refuses a config that needs impersonation (or socket ownership changes) on a gateway
+/// lacking the capabilities for it, naming the capability and the pipe; starts the
+/// impersonation threads when needed.
+pub fn check_capabilities(cfg: &Config) -> Result<(), String> {
+    let mut any = false;
+    for p in &cfg.pipes {
+        if p.run_as == config::RunAs::Gateway {
+            continue;
+        }
+        any = true;
+        let mut need = C::SETUID | C::SETGID;
+        if matches!(p.endpoint, EndpointSpec::Exec { .. }) {
+            need |= C::KILL;
+        }
+        let missing = crate::identity::unix::missing_capabilities(need);
+        if !missing.is_empty() {
+            return Err(format!(
+                "pipe {:?}: run_as = {} needs {}, which this gateway does not have (run it as root or grant the capabilities)",
+                p.name,
+                p.run_as.describe(),
+                missing.join(", ")
+            ));
+        }
+    }
+    for f in &cfg.forwards {
+        if f.socket_owner.is_some() || f.socket_group.is_some() {
+            let missing = crate::identity::unix::missing_capabilities(C::CHOWN);
+            if !missing.is_empty() {
+                return Err(format!(
+                    "forward {}: socket_owner/socket_group need {}, which this gateway does not have",
+                    f.listen.socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
+                    missing.join(", ")
+                ));
+            }
+        }
+    }
+    if any {
+        crate::identity::unix::start().map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// TCP keepalive and TCP_USER_TIMEOUT for dead-peer detection: an idle connection is
+/// probed after `interval` (kernel probes, answered even by a peer whose application is
+/// stalled), and data left unacknowledged for `timeout` fails the connection. A slow but
+/// live peer keeps acknowledging, so it is never dropped.
+pub fn set_keepalive(
+    tcp: &tokio::net::TcpStream,
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) {
+    use rustix::net::sockopt;
+    let probes = 3u32;
+    let _ = sockopt::set_socket_keepalive(tcp, true);
+    let _ = sockopt::set_tcp_keepidle(tcp, interval.max(std::time::Duration::from_secs(1)));
+    let intvl = (timeout.saturating_sub(interval) / probes).max(std::time::Duration::from_secs(1));
+    let _ = sockopt::set_tcp_keepintvl(tcp, intvl);
+    let _ = sockopt::set_tcp_keepcnt(tcp, probes);
+    let _ =
+        sockopt::set_tcp_user_timeout(tcp, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
+}
+
+/// The signal that ended a child, if one did.
+pub fn exit_signal(status: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal()
+}
+
+/// The gateway's own account: name and home directory (`exec:` children of
+/// `run_as = "gateway"` pipes get them as `USER` and `HOME`).
+pub fn current_user() -> (String, std::path::PathBuf) {
+    let uid = nix::unistd::geteuid();
+    match nix::unistd::User::from_uid(uid).ok().flatten() {
+        Some(u) => (u.name, u.dir),
+        None => (uid.to_string(), std::path::PathBuf::from("/")),
+    }
+}
+
+/// The environment every `exec:` child starts from (before the pipe's own `env`).
+pub fn child_base_env() -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ]
+}
+
+/// The gateway's effective uid and gid (for audit lines of `run_as = "gateway"` sessions).
+pub fn current_ids() -> (u32, u32) {
+    (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+}
