@@ -244,7 +244,7 @@ fn unix_endpoint_kinds_are_config_errors_on_windows() {
     let out = run_command(cmd, fx.dir(), b"", Duration::from_secs(60));
     out.expect_code(2);
     assert!(
-        out.stderr.contains("pipe[0].endpoint")
+        out.stderr.contains("pipe \"s\".endpoint")
             && out
                 .stderr
                 .contains("unix: endpoints exist on Unix builds only"),
@@ -252,7 +252,7 @@ fn unix_endpoint_kinds_are_config_errors_on_windows() {
         out.stderr
     );
     assert!(
-        out.stderr.contains("pipe[1].run_as") && out.stderr.contains("run_as = \"gateway\""),
+        out.stderr.contains("pipe \"e\".run_as") && out.stderr.contains("run_as = \"gateway\""),
         "{}",
         out.stderr
     );

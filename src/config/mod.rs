@@ -1568,6 +1568,7 @@ groups = ["ops"]
 "#;
 
     #[test]
+    #[cfg(unix)] // unix: endpoints and uid principals
     fn minimal_pipe_parses() {
         let cfg = parse(&format!(
             "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"@ops\"]\nrun_as = \"gateway\"\n"
@@ -1598,6 +1599,7 @@ groups = ["ops"]
     }
 
     #[test]
+    #[cfg(unix)] // unix: endpoints and uid principals
     fn run_as_client_needs_a_principal() {
         let errs = parse(&format!(
             "{BASE}\n[[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/x.sock\"\nallow = [\"@ops\"]\n"

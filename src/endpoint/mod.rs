@@ -155,7 +155,7 @@ fn platform_has(kind: &str) -> Result<(), String> {
 }
 
 /// A pipe name for `\\.\pipe\NAME`: given bare or with that prefix; no NUL, at most
-/// 256 characters (the Windows limit).
+/// 246 characters (256 for the whole path).
 fn npipe_name(n: &str) -> Result<String, String> {
     let n = n.strip_prefix(r"\\.\pipe\").unwrap_or(n);
     if n.is_empty() || n.contains('\0') || n.chars().count() > 246 {
@@ -323,6 +323,32 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(windows)]
+    fn windows_kinds() {
+        assert_eq!(
+            EndpointSpec::parse_export(r"npipe:\\.\pipe\docker_engine", None).unwrap(),
+            EndpointSpec::Npipe("docker_engine".into())
+        );
+        assert_eq!(
+            EndpointSpec::parse_hosted("npipe:svc").unwrap(),
+            EndpointSpec::Npipe("svc".into())
+        );
+        for unix in ["unix:/x", "seqpacket:/x", "fifo:/x", "dotnet:svc"] {
+            let e = EndpointSpec::parse_export(unix, None).unwrap_err();
+            assert!(e.contains("Unix builds only"), "{e}");
+        }
+        assert!(EndpointSpec::parse_export("npipe:", None).is_err());
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn npipe_is_windows_only() {
+        let e = EndpointSpec::parse_export("npipe:svc", None).unwrap_err();
+        assert!(e.contains("Windows builds only"), "{e}");
+    }
+
+    #[test]
+    #[cfg(unix)]
     fn parse_kinds() {
         assert_eq!(
             EndpointSpec::parse_export("unix:/run/a.sock", None).unwrap(),
