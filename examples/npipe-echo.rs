@@ -10,7 +10,12 @@
 //!     zero-length message (the go-winio close-write), then closes. Prints "ready".
 //! npipe-echo client NAME byte|message SIZE,SIZE,...
 //!     Connects, sends one message (or chunk) per SIZE with a known pattern, reads the
-//!     echo of each and checks bytes and (message mode) boundaries. Prints "ok N".
+//!     echo of each and checks bytes and (message mode) boundaries. Prints "ok N"; exits
+//!     1 with the reason if the pipe closes early or a byte differs.
+//! npipe-echo cat
+//!     Copies stdin to stdout (anonymous pipes, for `exec:` pipes), then exits 0.
+//! npipe-echo exit N
+//!     Exits with code N.
 //! ```
 //! On other platforms it only says that it is for Windows.
 
@@ -252,12 +257,17 @@ mod imp {
                 *mode == "message",
                 rest.first().and_then(|c| c.parse().ok()),
             ),
+            ["cat"] => {
+                let r = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::stdout().lock());
+                r.map(drop)
+            }
+            ["exit", code] => std::process::exit(code.parse().unwrap_or(1)),
             ["client", name, mode, sizes] => {
                 let sizes: Vec<usize> = sizes.split(',').filter_map(|s| s.parse().ok()).collect();
                 client(name, *mode == "message", &sizes)
             }
             _ => {
-                eprintln!("usage: npipe-echo serve NAME byte|message [COUNT] | client NAME byte|message SIZES");
+                eprintln!("usage: npipe-echo serve NAME byte|message [COUNT] | client NAME byte|message SIZES | cat | exit N");
                 std::process::exit(2);
             }
         };

@@ -7,6 +7,9 @@
 //!   "zero_message"`: 2 MiB both ways and half-close carried into the pipe and back;
 //! - a pipe *hosted* by the Windows gateway (`[[forward]] listen = "npipe:..."`) reaching
 //!   a Linux export, driven by a Windows pipe client;
+//! - `allow_local` on a hosted pipe, from the caller's process token;
+//! - an `exec:` export on Windows (anonymous pipes to a child: bytes, EOF, exit code) and
+//!   the Windows `connect` (stdio) reaching a Linux export;
 //! - `run_as = "client"` on Windows failing closed (502) when no access token can be had;
 //! - Unix-only endpoint kinds being config errors on Windows.
 //!
@@ -256,4 +259,214 @@ fn unix_endpoint_kinds_are_config_errors_on_windows() {
         "{}",
         out.stderr
     );
+}
+
+/// `text` without ANSI colour sequences (Wine presents the test's pipe as a console).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The account Wine runs programs as, as the gateway reads it from a caller's token.
+fn wine_account(fx: &Fixture, bins: &WineBins) -> String {
+    let linux = fx.serve(
+        "linux-acct.toml",
+        &fx.server_config(
+            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+        ),
+    );
+    let pipe = unique("acct");
+    let mut win = windows_gateway(
+        fx,
+        bins,
+        "win-acct.toml",
+        &format!(
+            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}\"\nca = {}\ncert = {}\nkey = {}\n",
+            linux.url("cat"),
+            q(&fx.ca()),
+            q(&fx.cert("alice")),
+            q(&fx.key("alice"))
+        ),
+    );
+    let mut client = wine(&bins.echo);
+    client.args(["client", &pipe, "byte", "10"]);
+    run_command(client, fx.dir(), b"", Duration::from_secs(60)).expect_code(0);
+    // The session span names the caller: `local_caller="pid N (DOMAIN\\NAME)"`.
+    win.proc
+        .wait_until(START_TIMEOUT, |log| log.contains("forward session end"));
+    let log = strip_ansi(&win.log());
+    let start = log
+        .find("local_caller=")
+        .unwrap_or_else(|| panic!("no local_caller in the log:\n{log}"));
+    let rest = &log[start..];
+    let open = rest.find('(').expect("(") + 1;
+    let close = rest.find(')').expect(")");
+    rest[open..close].to_string()
+}
+
+#[test]
+fn allow_local_admits_the_callers_account_and_refuses_others() {
+    let Some(bins) = wine_bins() else { return };
+    let fx = Fixture::new();
+    let account = wine_account(&fx, &bins);
+    let bare = account.rsplit('\\').next().unwrap().to_string();
+    assert!(!bare.is_empty(), "{account:?}");
+    let linux = fx.serve(
+        "linux.toml",
+        &fx.server_config(
+            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+        ),
+    );
+    let ok_pipe = unique("allowed");
+    let no_pipe = unique("denied");
+    let fwd = |pipe: &str, rule: &str| {
+        format!(
+            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}\"\nca = {}\ncert = {}\nkey = {}\nallow_local = [{}]\n\n",
+            linux.url("cat"),
+            q(&fx.ca()),
+            q(&fx.cert("alice")),
+            q(&fx.key("alice")),
+            q(rule)
+        )
+    };
+    let cfg = format!(
+        "{}{}",
+        fwd(&ok_pipe, &bare.to_uppercase()),
+        fwd(&no_pipe, "somebody-else")
+    );
+    let win = windows_gateway(&fx, &bins, "win-allow.toml", &cfg);
+    let mut ok = wine(&bins.echo);
+    ok.args(["client", &ok_pipe, "byte", "1,5000"]);
+    let out = run_command(ok, fx.dir(), b"", Duration::from_secs(60));
+    out.expect_code(0);
+    let mut denied = wine(&bins.echo);
+    denied.args(["client", &no_pipe, "byte", "1,5000"]);
+    let out = run_command(denied, fx.dir(), b"", Duration::from_secs(60));
+    out.expect_code(1);
+    assert!(
+        win.log().contains("local caller not in allow_local"),
+        "{}",
+        win.log()
+    );
+}
+
+#[test]
+fn exec_pipes_and_connect_work_on_windows() {
+    let Some(bins) = wine_bins() else { return };
+    let fx = Fixture::new();
+    // As a Windows path (Wine's Z: is /): the child's working directory is on C:.
+    let echo = format!("Z:{}", bins.echo.to_string_lossy().replace('/', "\\"));
+    let gw = windows_gateway(
+        &fx,
+        &bins,
+        "win.toml",
+        &fx.server_config(&format!(
+            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec\"\nargv = [{e}, \"cat\"]\nallow = [\"alice\"]\nrun_as = \"gateway\"\n\n\
+             [[pipe]]\nname = \"seven\"\nendpoint = \"exec\"\nargv = [{e}, \"exit\", \"7\"]\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+            e = q(&echo)
+        )),
+    );
+    // Linux connect → exec: child on Windows: all bytes back, EOF, exit status 0.
+    let data = random_bytes(1 << 20);
+    let out = fx.run_env(
+        &[
+            &["connect", &gw.url("cat")][..],
+            &fx.cert_args("alice")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()[..],
+        ]
+        .concat(),
+        &[],
+        &data,
+        Duration::from_secs(60),
+    );
+    out.expect_code(0);
+    assert!(out.stdout == data, "got {} bytes back", out.stdout.len());
+    // The child's exit code comes back as connect's.
+    fx.connect(&gw.url("seven"), "alice", b"").expect_code(7);
+
+    // The Windows connect (stdio) → a Linux export.
+    let linux = fx.serve(
+        "linux.toml",
+        &fx.server_config(
+            "[[pipe]]\nname = \"wc\"\nendpoint = \"exec:wc -c\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+        ),
+    );
+    let mut c = wine(&bins.gateway);
+    c.arg("connect")
+        .arg(linux.url("wc"))
+        .args(fx.cert_args("alice"));
+    scrub(&mut c);
+    let out = run_command(c, fx.dir(), &vec![b'x'; 100_000], Duration::from_secs(60));
+    out.expect_code(0);
+    assert_eq!(out.out().trim(), "100000", "{}", out.stderr);
+}
+
+/// A SOCK_SEQPACKET echo server at `path` (threads; they end with the test process).
+fn seqpacket_echo(path: &std::path::Path) {
+    use rustix::net::{
+        accept, bind, listen, recv, send, socket, AddressFamily, RecvFlags, SendFlags,
+        SocketAddrUnix, SocketType,
+    };
+    let fd = socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).expect("socket");
+    bind(&fd, &SocketAddrUnix::new(path).expect("addr")).expect("bind");
+    listen(&fd, 16).expect("listen");
+    std::thread::spawn(move || {
+        while let Ok(c) = accept(&fd) {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 20];
+                while let Ok((n, _)) = recv(&c, &mut buf[..], RecvFlags::empty()) {
+                    if n == 0 || send(&c, &buf[..n], SendFlags::empty()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_message_pipe_hosted_by_the_windows_gateway_keeps_boundaries_to_a_linux_seqpacket() {
+    let Some(bins) = wine_bins() else { return };
+    let fx = Fixture::new();
+    let sock = fx.path("echo.seq");
+    seqpacket_echo(&sock);
+    let linux = fx.serve(
+        "linux.toml",
+        &fx.server_config(&format!(
+            "[[pipe]]\nname = \"seq\"\nendpoint = \"seqpacket:{}\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+            sock.display()
+        )),
+    );
+    let pipe = unique("hostedmsg");
+    let _win = windows_gateway(
+        &fx,
+        &bins,
+        "win-fwd.toml",
+        &format!(
+            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}?mode=message\"\nca = {}\ncert = {}\nkey = {}\n",
+            linux.url("seq"),
+            q(&fx.ca()),
+            q(&fx.cert("alice")),
+            q(&fx.key("alice"))
+        ),
+    );
+    let mut client = wine(&bins.echo);
+    client.args(["client", &pipe, "message", "1,100,3,70000,100000,2"]);
+    let out = run_command(client, fx.dir(), b"", Duration::from_secs(60));
+    out.expect_code(0);
+    assert_eq!(out.out().trim(), "ok 6", "{}", out.stderr);
 }
