@@ -721,8 +721,10 @@ fn start_pipebridge(env: &Env) -> R<Pipeline> {
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| format!("cannot parse {line:?}"))?;
     let sock = env.dir.join("pb.sock");
+    // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
+    let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
     let cli = format!(
-        "[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\n",
+        "[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n",
         q(Path::new(&format!("unix:{}", sock.display()))),
         q(&pki.join("ca.pem")),
         q(&pki.join("bench.pem")),
