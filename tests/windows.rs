@@ -71,7 +71,7 @@ async fn pair(
         .expect("not shut down")
         .expect("accept");
     let client = client.await.unwrap().expect("client open");
-    let s = windows::local(accepted, opts(mode, eof, max)).unwrap();
+    let s = windows::local_instance(accepted, opts(mode, eof, max)).unwrap();
     let c = windows::local(client, opts(mode, eof, max)).unwrap();
     (s, c)
 }
@@ -174,6 +174,37 @@ async fn message_mode_keeps_boundaries_zero_length_and_1mib() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_large_messages_are_read_whole() {
+    // Messages already waiting when a read is issued complete at once (ERROR_MORE_DATA
+    // without ERROR_IO_PENDING): their first chunk must not be lost.
+    let name = unique("queued");
+    let mut srv = server(&name, Mode::Message, 4, NpipeEof::None);
+    let (s, c) = pair(&mut srv, &name, Mode::Message, NpipeEof::None, 4 << 20).await;
+    let (mut sr, _sw) = messages(s);
+    let (_cr, mut cw) = messages(c);
+    let sizes = [300_000usize, 200_000, 0, 100_000, 70_000, 1];
+    let writer = tokio::spawn(async move {
+        for (i, &len) in sizes.iter().enumerate() {
+            cw.send(&pattern(i, len)).await.unwrap();
+        }
+        cw.flush().await.unwrap();
+        cw
+    });
+    // Let the writes queue up in the pipe before reading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, &len) in sizes.iter().enumerate() {
+        let m = tokio::time::timeout(LIMIT, sr.recv())
+            .await
+            .expect("in time")
+            .unwrap()
+            .expect("a message");
+        assert_eq!(m.len(), len, "message {i}");
+        assert!(m[..] == pattern(i, len)[..], "message {i} bytes");
+    }
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_over_the_limit_is_refused_not_split() {
     let name = unique("big");
     let mut srv = server(&name, Mode::Message, 4, NpipeEof::None);
@@ -265,8 +296,9 @@ async fn max_instances_gives_busy_and_the_busy_retry_waits_for_a_free_instance()
         .expect("busy retry in time")
         .unwrap()
         .expect("the waiting client got the freed instance");
-    let (_sr, mut sw) =
-        bytes(windows::local(accepted, opts(Mode::Byte, NpipeEof::None, 1 << 20)).unwrap());
+    let (_sr, mut sw) = bytes(
+        windows::local_instance(accepted, opts(Mode::Byte, NpipeEof::None, 1 << 20)).unwrap(),
+    );
     let (mut cr, _cw) =
         bytes(windows::local(client, opts(Mode::Byte, NpipeEof::None, 1 << 20)).unwrap());
     sw.write_all(b"second").await.unwrap();

@@ -140,9 +140,18 @@ impl Forward {
         info!(listen = %path.display(), to = %fwd.to, "forward ready");
         while let Some(r) = server.accept(&shutdown).await {
             match r {
-                Ok(handle) => {
-                    let caller = pipe_caller(&handle, with_groups).map(LocalCaller);
-                    match windows::local(handle, opts) {
+                Ok(inst) => {
+                    // Token lookups may reach a domain controller: off the async workers.
+                    let looked_up = tokio::task::spawn_blocking(move || {
+                        let caller = pipe_caller(inst.handle(), with_groups).map(LocalCaller);
+                        (inst, caller)
+                    })
+                    .await;
+                    let Ok((inst, caller)) = looked_up else {
+                        warn!("identifying the pipe's caller failed; closing the instance");
+                        continue;
+                    };
+                    match windows::local_instance(inst, opts) {
                         Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
                         Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
                     }

@@ -158,6 +158,10 @@ fn platform_has(kind: &str) -> Result<(), String> {
 /// 246 characters (256 for the whole path).
 fn npipe_name(n: &str) -> Result<String, String> {
     let n = n.strip_prefix(r"\\.\pipe\").unwrap_or(n);
+    // Win32 folds `\\.\pipe\..\X` into `\\.\X` (a device): no `.`/`..` components.
+    if n.split(['\\', '/']).any(|c| c == "." || c == "..") {
+        return Err("an npipe: name has no . or .. components".into());
+    }
     if n.is_empty() || n.contains('\0') || n.chars().count() > 246 {
         return Err(
             "npipe: needs a pipe name (without \\\\.\\pipe\\, at most 246 characters)".into(),
@@ -338,6 +342,12 @@ mod tests {
             assert!(e.contains("Unix builds only"), "{e}");
         }
         assert!(EndpointSpec::parse_export("npipe:", None).is_err());
+        assert!(EndpointSpec::parse_export(r"npipe:..\C:", None).is_err());
+        assert!(EndpointSpec::parse_export(r"npipe:a\..\b", None).is_err());
+        assert_eq!(
+            EndpointSpec::parse_export(r"npipe:MSSQL$X\sql\query", None).unwrap(),
+            EndpointSpec::Npipe(r"MSSQL$X\sql\query".into())
+        );
     }
 
     #[test]

@@ -119,13 +119,20 @@ fn os_error(code: u32) -> io::Error {
 pub struct Shared {
     handle: OwnedHandle,
     cancelled: AtomicBool,
+    /// A hosted instance's share of its server's live count (see [`PipeServer`]).
+    _instance: Option<Arc<()>>,
 }
 
 impl Shared {
     fn new(handle: OwnedHandle) -> Arc<Shared> {
+        Self::with_instance(handle, None)
+    }
+
+    fn with_instance(handle: OwnedHandle, instance: Option<Arc<()>>) -> Arc<Shared> {
         Arc::new(Shared {
             handle,
             cancelled: AtomicBool::new(false),
+            _instance: instance,
         })
     }
 
@@ -190,23 +197,37 @@ impl Overlapped {
     fn finish(&mut self, sh: &Shared, started: i32) -> (u32, u32) {
         if started == 0 {
             let e = last_error();
-            if e != ERROR_IO_PENDING {
+            // An immediate ERROR_MORE_DATA is a completed read that filled the buffer:
+            // its byte count comes from GetOverlappedResult below, like any completion.
+            if e != ERROR_IO_PENDING && e != ERROR_MORE_DATA {
                 return (0, e);
             }
-            loop {
-                // SAFETY: the event handle is valid while `self` lives.
-                let w = unsafe { WaitForSingleObject(self.ov.hEvent, CANCEL_POLL_MS) };
-                if w == WAIT_OBJECT_0 {
-                    break;
-                }
-                if sh.is_cancelled() {
-                    // SAFETY: cancels this very operation; the OVERLAPPED stays alive
-                    // until GetOverlappedResult below has waited for its completion.
-                    unsafe { CancelIoEx(sh.raw(), &*self.ov) };
-                    break;
-                }
+            if e == ERROR_IO_PENDING {
+                self.wait_or_cancel(sh);
             }
         }
+        self.result(sh)
+    }
+
+    /// Waits for the pending operation's event, cancelling it if `sh` is cancelled.
+    fn wait_or_cancel(&mut self, sh: &Shared) {
+        loop {
+            // SAFETY: the event handle is valid while `self` lives.
+            let w = unsafe { WaitForSingleObject(self.ov.hEvent, CANCEL_POLL_MS) };
+            if w == WAIT_OBJECT_0 {
+                break;
+            }
+            if sh.is_cancelled() {
+                // SAFETY: cancels this very operation; the OVERLAPPED stays alive
+                // until GetOverlappedResult below has waited for its completion.
+                unsafe { CancelIoEx(sh.raw(), &*self.ov) };
+                break;
+            }
+        }
+    }
+
+    /// The completed operation's byte count and error code (0: success).
+    fn result(&mut self, sh: &Shared) -> (u32, u32) {
         let mut n = 0u32;
         // SAFETY: the operation was started on this handle with this OVERLAPPED; waiting
         // (bWait = TRUE) returns only once the kernel no longer uses either.
@@ -307,6 +328,9 @@ fn read_message(sh: &Shared, slot: &mut Overlapped, max: usize) -> Result<Option
         buf.resize(total.max(have + 1), 0);
         let (n, e) = read_once(sh, slot, &mut buf[have..]);
         have += n as usize;
+        if have > max {
+            return Err(MsgError::TooBig { size: have, max });
+        }
         match e {
             0 => {
                 buf.truncate(have);
@@ -565,7 +589,15 @@ impl MsgOut {
 
 /// The local side of a session on an open pipe handle.
 pub fn local(handle: OwnedHandle, opts: PipeOptions) -> io::Result<Local> {
-    let sh = Shared::new(handle);
+    local_shared(Shared::new(handle), opts)
+}
+
+/// The local side of a session on a connected hosted instance.
+pub fn local_instance(inst: Instance, opts: PipeOptions) -> io::Result<Local> {
+    local_shared(Shared::with_instance(inst.handle, Some(inst.live)), opts)
+}
+
+fn local_shared(sh: Arc<Shared>, opts: PipeOptions) -> io::Result<Local> {
     let guard = Arc::new(CancelOnDrop(sh.clone()));
     let reader = if opts.direction.client_reads() {
         let rx = spawn_reader(sh.clone(), opts)?;
@@ -776,10 +808,30 @@ pub fn check_sddl(sddl: &str) -> Result<(), String> {
 }
 
 /// The server side of a hosted pipe: keeps one unconnected instance ready.
+///
+/// Whenever it creates an instance while it holds no other (the first, and again after
+/// every instance was closed, e.g. with `max_instances = 1` between sessions), it asks for
+/// `FILE_FLAG_FIRST_PIPE_INSTANCE`: if another process took the name in the gap, creation
+/// fails instead of joining that process's pipe (pipe squatting). `live` counts the
+/// instances handed out to sessions.
 pub struct PipeServer {
     name: String,
     opts: ServerOptions,
     next: Option<OwnedHandle>,
+    live: Arc<()>,
+}
+
+/// A connected hosted instance (keeps its server's live count while it exists).
+pub struct Instance {
+    handle: OwnedHandle,
+    live: Arc<()>,
+}
+
+impl Instance {
+    /// The pipe handle.
+    pub fn handle(&self) -> &OwnedHandle {
+        &self.handle
+    }
 }
 
 /// Pause before creating an instance again when all `max_instances` are in use.
@@ -793,6 +845,7 @@ impl PipeServer {
             name: name.to_string(),
             opts,
             next: None,
+            live: Arc::new(()),
         };
         s.next = Some(s.create(true)?);
         Ok(s)
@@ -851,14 +904,14 @@ impl PipeServer {
     /// Waits for the next local caller; returns its connected instance after the next
     /// instance was created (so callers arriving meanwhile find one). Ends with `None`
     /// on `shutdown`.
-    pub async fn accept(
-        &mut self,
-        shutdown: &CancellationToken,
-    ) -> Option<io::Result<OwnedHandle>> {
+    pub async fn accept(&mut self, shutdown: &CancellationToken) -> Option<io::Result<Instance>> {
         loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
             let handle = match self.next.take() {
                 Some(h) => h,
-                None => match self.create(false) {
+                None => match self.create(Arc::strong_count(&self.live) == 1) {
                     Ok(h) => h,
                     Err(e) if e.raw_os_error() == Some(ERROR_PIPE_BUSY as i32) => {
                         // All instances are connected: wait for a session to end.
@@ -904,7 +957,10 @@ impl PipeServer {
             let Ok(sh) = Arc::try_unwrap(sh) else {
                 return Some(Err(io::Error::other("pipe instance still in use")));
             };
-            return Some(Ok(sh.handle));
+            return Some(Ok(Instance {
+                handle: sh.handle,
+                live: self.live.clone(),
+            }));
         }
     }
 }

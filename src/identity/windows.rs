@@ -11,9 +11,11 @@
 //!   the pipe with its own rights instead. The open runs on a blocking worker thread that
 //!   impersonates with `ImpersonateLoggedOnUser` and reverts with `RevertToSelf`; if the
 //!   revert cannot be verified (the thread still has a token) the process aborts.
-//! - **Local callers of a hosted pipe** are identified from the client process's token
-//!   (`GetNamedPipeClientProcessId`, `OpenProcessToken`, `TokenUser`/`TokenGroups`),
-//!   which needs no data read first (unlike `ImpersonateNamedPipeClient`).
+//! - **Local callers of a hosted pipe** are identified from the token they presented on
+//!   the pipe (`ImpersonateNamedPipeClient` + `OpenThreadToken` on a blocking-pool thread,
+//!   reverted and verified at once), else from the client process's token
+//!   (`GetNamedPipeClientProcessId`, `OpenProcessToken`); `TokenUser` and the enabled,
+//!   non-deny-only `TokenGroups` give the account and groups for `allow_local`.
 //!
 //! Under Wine (the CI) every call here returns, but Wine has one user and does not enforce
 //! tokens or DACLs: what the tests show is that the code paths run and fail closed, not
@@ -35,6 +37,7 @@ use windows_sys::Win32::Security::{
     RevertToSelf, TokenGroups, TokenUser, PSID, QUOTA_LIMITS, SID_AND_ATTRIBUTES, TOKEN_QUERY,
     TOKEN_SOURCE,
 };
+use windows_sys::Win32::System::Pipes::ImpersonateNamedPipeClient;
 use windows_sys::Win32::System::Threading::{
     GetCurrentThread, OpenProcess, OpenProcessToken, OpenThreadToken,
     PROCESS_QUERY_LIMITED_INFORMATION,
@@ -43,6 +46,11 @@ use windows_sys::Win32::System::Threading::{
 use super::Principal;
 use crate::config::PrincipalSpec;
 use crate::endpoint::OpenError;
+
+/// `SE_GROUP_ENABLED` and `SE_GROUP_USE_FOR_DENY_ONLY` (winnt.h; declared here to keep
+/// windows-sys' large SystemServices module out of the build).
+const SE_GROUP_ENABLED: i32 = 0x4;
+const SE_GROUP_USE_FOR_DENY_ONLY: i32 = 0x10;
 
 /// Resolves a principal spec: Windows accounts are names.
 pub fn resolve(spec: &PrincipalSpec) -> Result<Principal, String> {
@@ -237,9 +245,19 @@ pub fn as_principal<T>(p: &Principal, f: impl FnOnce() -> io::Result<T>) -> io::
     if unsafe { ImpersonateLoggedOnUser(token.as_raw_handle()) } == 0 {
         return Err(last_error());
     }
-    let r = f();
-    revert_or_abort();
-    r
+    // Reverted when this scope ends, by return or by unwinding (the thread goes back to
+    // a pool and must never keep borrowed rights).
+    let _revert = Revert;
+    f()
+}
+
+/// Reverts the current thread's impersonation when dropped (see [`revert_or_abort`]).
+struct Revert;
+
+impl Drop for Revert {
+    fn drop(&mut self) {
+        revert_or_abort();
+    }
 }
 
 /// Reverts this thread to the process token and verifies it, or aborts.
@@ -334,7 +352,46 @@ pub struct PipeCaller {
     pub groups: Vec<String>,
 }
 
-/// Identifies the client of a connected pipe instance from its process token.
+/// The token the client presented on `pipe` (its thread's, if it was impersonating),
+/// read by impersonating it on this thread for a moment. Blocking-pool threads only.
+fn client_token(pipe: &OwnedHandle) -> Option<OwnedHandle> {
+    // SAFETY: a connected server instance; impersonation affects this thread only and is
+    // reverted (verified, or the process aborts) when `_revert` drops.
+    if unsafe { ImpersonateNamedPipeClient(pipe.as_raw_handle()) } == 0 {
+        return None;
+    }
+    let _revert = Revert;
+    let mut t: HANDLE = std::ptr::null_mut();
+    // SAFETY: asks for this thread's (the client's) token, checked as the gateway.
+    if unsafe { OpenThreadToken(GetCurrentThread(), TOKEN_QUERY, 1, &mut t) } == 0 {
+        return None;
+    }
+    // SAFETY: a fresh token handle we own.
+    Some(unsafe { OwnedHandle::from_raw_handle(t) })
+}
+
+/// The token of the process that is the pipe's client.
+fn process_token(pid: u32) -> Option<OwnedHandle> {
+    // SAFETY: plain call; the returned handle is owned below.
+    let proc = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+    if proc.is_null() {
+        return None;
+    }
+    // SAFETY: a fresh process handle we own.
+    let proc = unsafe { OwnedHandle::from_raw_handle(proc) };
+    let mut tok: HANDLE = std::ptr::null_mut();
+    // SAFETY: writes the token handle only.
+    if unsafe { OpenProcessToken(proc.as_raw_handle(), TOKEN_QUERY, &mut tok) } == 0 {
+        return None;
+    }
+    // SAFETY: a fresh token handle we own.
+    Some(unsafe { OwnedHandle::from_raw_handle(tok) })
+}
+
+/// Identifies the client of a connected pipe instance: the token it presented on the
+/// pipe (`ImpersonateNamedPipeClient`, so a reused pid or a client thread impersonating
+/// someone else cannot mislead), else its process token. Blocking: it impersonates for a
+/// moment and may reach a domain controller, so call it on a blocking-pool thread.
 pub fn pipe_caller(pipe: &OwnedHandle, with_groups: bool) -> Option<PipeCaller> {
     let pid = crate::endpoint::windows::client_process_id(pipe)?;
     let mut caller = PipeCaller {
@@ -342,20 +399,9 @@ pub fn pipe_caller(pipe: &OwnedHandle, with_groups: bool) -> Option<PipeCaller> 
         user: None,
         groups: Vec::new(),
     };
-    // SAFETY: plain call; the returned handle is owned below.
-    let proc = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
-    if proc.is_null() {
+    let Some(tok) = client_token(pipe).or_else(|| process_token(pid)) else {
         return Some(caller);
-    }
-    // SAFETY: a fresh process handle we own.
-    let proc = unsafe { OwnedHandle::from_raw_handle(proc) };
-    let mut tok: HANDLE = std::ptr::null_mut();
-    // SAFETY: writes the token handle only.
-    if unsafe { OpenProcessToken(proc.as_raw_handle(), TOKEN_QUERY, &mut tok) } == 0 {
-        return Some(caller);
-    }
-    // SAFETY: a fresh token handle we own.
-    let tok = unsafe { OwnedHandle::from_raw_handle(tok) };
+    };
     if let Ok(buf) = token_info(&tok, TokenUser) {
         // SAFETY: a TokenUser block starts with SID_AND_ATTRIBUTES (TOKEN_USER).
         let sa = unsafe { &*(buf.as_ptr() as *const SID_AND_ATTRIBUTES) };
@@ -373,7 +419,16 @@ pub fn pipe_caller(pipe: &OwnedHandle, with_groups: bool) -> Option<PipeCaller> 
                 let first = base.add(std::mem::offset_of!(TOKEN_GROUPS, Groups))
                     as *const SID_AND_ATTRIBUTES;
                 let list = std::slice::from_raw_parts(first, count);
-                caller.groups = list.iter().filter_map(|g| sid_name(g.Sid)).collect();
+                // Only groups that grant: enabled, and not deny-only (a filtered
+                // administrator's Administrators group is deny-only).
+                caller.groups = list
+                    .iter()
+                    .filter(|g| {
+                        let a = g.Attributes as i32;
+                        a & SE_GROUP_ENABLED != 0 && a & SE_GROUP_USE_FOR_DENY_ONLY == 0
+                    })
+                    .filter_map(|g| sid_name(g.Sid))
+                    .collect();
             }
         }
     }
