@@ -527,7 +527,10 @@ impl AsyncWrite for ByteWriter {
         if self.shut {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.poll_ack(cx, false))?;
+        // The ack awaited may be a pending shutdown's Eof: then the writer is shut.
+        if ready!(self.poll_ack(cx, false))? {
+            self.shut = true;
+        }
         Poll::Ready(Ok(()))
     }
 

@@ -125,10 +125,17 @@ impl Drop for Lsa {
 /// A token for `account` (`NAME`, `DOMAIN\NAME` or `NAME@DOMAIN`) by S4U logon, without
 /// its password.
 pub fn s4u_token(account: &str) -> io::Result<OwnedHandle> {
+    // A local account's domain is the computer's name.
     let (user, domain) = match account.split_once('\\') {
         Some((d, u)) => (u.to_string(), d.to_string()),
-        None => (account.to_string(), ".".to_string()),
+        None => (
+            account.to_string(),
+            std::env::var("COMPUTERNAME").unwrap_or_else(|_| ".".to_string()),
+        ),
     };
+    if user.len() > 256 || domain.len() > 256 {
+        return Err(io::Error::other("account or domain name too long"));
+    }
     let mut lsa: HANDLE = std::ptr::null_mut();
     // SAFETY: writes the connection handle only.
     let st = unsafe { LsaConnectUntrusted(&mut lsa) };
