@@ -96,6 +96,34 @@ fn windows_gateway(fx: &Fixture, bins: &WineBins, file: &str, text: &str) -> Gat
     gw
 }
 
+/// A Linux gateway exporting `cat` (`exec:cat`) to alice, its config written to `file`.
+fn linux_cat(fx: &Fixture, file: &str) -> Gateway {
+    fx.serve(
+        file,
+        &fx.server_config(
+            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
+        ),
+    )
+}
+
+/// A `[[forward]]` hosting `npipe:PIPE` towards `url` with alice's certificate, plus
+/// `extra` lines.
+fn npipe_forward(fx: &Fixture, pipe: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{url}\"\nca = {}\ncert = {}\nkey = {}\n{extra}\n",
+        q(&fx.ca()),
+        q(&fx.cert("alice")),
+        q(&fx.key("alice"))
+    )
+}
+
+/// Runs `npipe-echo.exe client PIPE MODE SIZES` under Wine.
+fn npipe_client(fx: &Fixture, bins: &WineBins, pipe: &str, mode: &str, sizes: &str) -> Output {
+    let mut client = wine(&bins.echo);
+    client.args(["client", pipe, mode, sizes]);
+    run_command(client, fx.dir(), b"", Duration::from_secs(60))
+}
+
 fn unique(tag: &str) -> String {
     format!("pbwine-{tag}-{}", std::process::id())
 }
@@ -176,28 +204,15 @@ fn linux_forward_reaches_a_byte_pipe_under_wine_and_half_close_travels() {
 fn a_pipe_hosted_by_the_windows_gateway_reaches_a_linux_export() {
     let Some(bins) = wine_bins() else { return };
     let fx = Fixture::new();
-    let linux = fx.serve(
-        "linux.toml",
-        &fx.server_config(
-            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
-        ),
-    );
+    let linux = linux_cat(&fx, "linux.toml");
     let pipe = unique("hosted");
     let _win = windows_gateway(
         &fx,
         &bins,
         "win-fwd.toml",
-        &format!(
-            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}\"\nca = {}\ncert = {}\nkey = {}\nmax_instances = 4\n",
-            linux.url("cat"),
-            q(&fx.ca()),
-            q(&fx.cert("alice")),
-            q(&fx.key("alice"))
-        ),
+        &npipe_forward(&fx, &pipe, &linux.url("cat"), "max_instances = 4"),
     );
-    let mut client = wine(&bins.echo);
-    client.args(["client", &pipe, "byte", "1,1000,70000,300000"]);
-    let out = run_command(client, fx.dir(), b"", Duration::from_secs(60));
+    let out = npipe_client(&fx, &bins, &pipe, "byte", "1,1000,70000,300000");
     out.expect_code(0);
     assert_eq!(out.out().trim(), "ok 4", "{}", out.stderr);
 }
@@ -281,28 +296,15 @@ fn strip_ansi(text: &str) -> String {
 
 /// The account Wine runs programs as, as the gateway reads it from a caller's token.
 fn wine_account(fx: &Fixture, bins: &WineBins) -> String {
-    let linux = fx.serve(
-        "linux-acct.toml",
-        &fx.server_config(
-            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
-        ),
-    );
+    let linux = linux_cat(fx, "linux-acct.toml");
     let pipe = unique("acct");
     let mut win = windows_gateway(
         fx,
         bins,
         "win-acct.toml",
-        &format!(
-            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}\"\nca = {}\ncert = {}\nkey = {}\n",
-            linux.url("cat"),
-            q(&fx.ca()),
-            q(&fx.cert("alice")),
-            q(&fx.key("alice"))
-        ),
+        &npipe_forward(fx, &pipe, &linux.url("cat"), ""),
     );
-    let mut client = wine(&bins.echo);
-    client.args(["client", &pipe, "byte", "10"]);
-    run_command(client, fx.dir(), b"", Duration::from_secs(60)).expect_code(0);
+    npipe_client(fx, bins, &pipe, "byte", "10").expect_code(0);
     // The session span names the caller: `local_caller="pid N (DOMAIN\\NAME)"`.
     win.proc
         .wait_until(START_TIMEOUT, |log| log.contains("forward session end"));
@@ -323,22 +325,15 @@ fn allow_local_admits_the_callers_account_and_refuses_others() {
     let account = wine_account(&fx, &bins);
     let bare = account.rsplit('\\').next().unwrap().to_string();
     assert!(!bare.is_empty(), "{account:?}");
-    let linux = fx.serve(
-        "linux.toml",
-        &fx.server_config(
-            "[[pipe]]\nname = \"cat\"\nendpoint = \"exec:cat\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n",
-        ),
-    );
+    let linux = linux_cat(&fx, "linux.toml");
     let ok_pipe = unique("allowed");
     let no_pipe = unique("denied");
     let fwd = |pipe: &str, rule: &str| {
-        format!(
-            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}\"\nca = {}\ncert = {}\nkey = {}\nallow_local = [{}]\n\n",
-            linux.url("cat"),
-            q(&fx.ca()),
-            q(&fx.cert("alice")),
-            q(&fx.key("alice")),
-            q(rule)
+        npipe_forward(
+            &fx,
+            pipe,
+            &linux.url("cat"),
+            &format!("allow_local = [{}]", q(rule)),
         )
     };
     let cfg = format!(
@@ -347,14 +342,8 @@ fn allow_local_admits_the_callers_account_and_refuses_others() {
         fwd(&no_pipe, "somebody-else")
     );
     let win = windows_gateway(&fx, &bins, "win-allow.toml", &cfg);
-    let mut ok = wine(&bins.echo);
-    ok.args(["client", &ok_pipe, "byte", "1,5000"]);
-    let out = run_command(ok, fx.dir(), b"", Duration::from_secs(60));
-    out.expect_code(0);
-    let mut denied = wine(&bins.echo);
-    denied.args(["client", &no_pipe, "byte", "1,5000"]);
-    let out = run_command(denied, fx.dir(), b"", Duration::from_secs(60));
-    out.expect_code(1);
+    npipe_client(&fx, &bins, &ok_pipe, "byte", "1,5000").expect_code(0);
+    npipe_client(&fx, &bins, &no_pipe, "byte", "1,5000").expect_code(1);
     assert!(
         win.log().contains("local caller not in allow_local"),
         "{}",
@@ -456,17 +445,14 @@ fn a_message_pipe_hosted_by_the_windows_gateway_keeps_boundaries_to_a_linux_seqp
         &fx,
         &bins,
         "win-fwd.toml",
-        &format!(
-            "[[forward]]\nlisten = \"npipe:{pipe}\"\nto = \"{}?mode=message\"\nca = {}\ncert = {}\nkey = {}\n",
-            linux.url("seq"),
-            q(&fx.ca()),
-            q(&fx.cert("alice")),
-            q(&fx.key("alice"))
+        &npipe_forward(
+            &fx,
+            &pipe,
+            &format!("{}?mode=message", linux.url("seq")),
+            "",
         ),
     );
-    let mut client = wine(&bins.echo);
-    client.args(["client", &pipe, "message", "1,100,3,70000,100000,2"]);
-    let out = run_command(client, fx.dir(), b"", Duration::from_secs(60));
+    let out = npipe_client(&fx, &bins, &pipe, "message", "1,100,3,70000,100000,2");
     out.expect_code(0);
     assert_eq!(out.out().trim(), "ok 6", "{}", out.stderr);
 }
