@@ -124,6 +124,11 @@ fn npipe_client(fx: &Fixture, bins: &WineBins, pipe: &str, mode: &str, sizes: &s
     run_command(client, fx.dir(), b"", Duration::from_secs(60))
 }
 
+/// A `[[pipe]]` NAME exporting `npipe:PIPE` to `allow`, plus `extra` lines.
+fn npipe_export(name: &str, pipe: &str, allow: &str, extra: &str) -> String {
+    format!("[[pipe]]\nname = \"{name}\"\nendpoint = \"npipe:{pipe}\"\nallow = [\"{allow}\"]\n{extra}\n")
+}
+
 fn unique(tag: &str) -> String {
     format!("pbwine-{tag}-{}", std::process::id())
 }
@@ -148,8 +153,11 @@ fn connect_reaches_a_message_pipe_served_under_wine() {
         &fx,
         &bins,
         "win.toml",
-        &fx.server_config(&format!(
-            "[[pipe]]\nname = \"msg\"\nendpoint = \"npipe:{pipe}\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\nmode = \"message\"\n"
+        &fx.server_config(&npipe_export(
+            "msg",
+            &pipe,
+            "alice",
+            "run_as = \"gateway\"\nmode = \"message\"",
         )),
     );
     let messages: Vec<Vec<u8>> = sizes.iter().map(|&n| random_bytes(n)).collect();
@@ -185,8 +193,11 @@ fn linux_forward_reaches_a_byte_pipe_under_wine_and_half_close_travels() {
         &fx,
         &bins,
         "win.toml",
-        &fx.server_config(&format!(
-            "[[pipe]]\nname = \"bytes\"\nendpoint = \"npipe:{pipe}\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\nnpipe_eof = \"zero_message\"\n"
+        &fx.server_config(&npipe_export(
+            "bytes",
+            &pipe,
+            "alice",
+            "run_as = \"gateway\"\nnpipe_eof = \"zero_message\"",
         )),
     );
     let sock = fx.path("fwd.sock");
@@ -228,8 +239,8 @@ fn run_as_client_on_windows_fails_closed_without_a_token() {
         &bins,
         "win.toml",
         &fx.server_config(&format!(
-            "[[identity]]\nname = \"carol\"\ncert_cn = \"carol\"\nuser = \"carol\"\n\n\
-             [[pipe]]\nname = \"imp\"\nendpoint = \"npipe:{pipe}\"\nallow = [\"carol\"]\nrun_as = \"client\"\n"
+            "[[identity]]\nname = \"carol\"\ncert_cn = \"carol\"\nuser = \"carol\"\n\n{}",
+            npipe_export("imp", &pipe, "carol", "run_as = \"client\"")
         )),
     );
     let out = fx.connect(&gw.url("imp"), "carol", b"hello");

@@ -21,3 +21,19 @@ pub enum SignalAction {
     /// Reload the config (SIGHUP; Windows has no such signal: the file watcher reloads).
     Reload,
 }
+
+/// Keepalive probes before a silent peer counts as gone.
+pub const KEEPALIVE_PROBES: u32 = 3;
+
+/// The kernel keepalive timing for `[keepalive]`: idle time before the first probe and
+/// the gap between probes, so that `KEEPALIVE_PROBES` unanswered probes fit in `timeout`
+/// (each at least 1 s).
+pub fn keepalive_timing(
+    interval: std::time::Duration,
+    timeout: std::time::Duration,
+) -> (std::time::Duration, std::time::Duration) {
+    let second = std::time::Duration::from_secs(1);
+    let idle = interval.max(second);
+    let gap = (timeout.saturating_sub(interval) / KEEPALIVE_PROBES).max(second);
+    (idle, gap)
+}

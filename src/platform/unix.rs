@@ -114,12 +114,11 @@ pub fn set_keepalive(
     timeout: std::time::Duration,
 ) {
     use rustix::net::sockopt;
-    let probes = 3u32;
+    let (idle, gap) = super::keepalive_timing(interval, timeout);
     let _ = sockopt::set_socket_keepalive(tcp, true);
-    let _ = sockopt::set_tcp_keepidle(tcp, interval.max(std::time::Duration::from_secs(1)));
-    let intvl = (timeout.saturating_sub(interval) / probes).max(std::time::Duration::from_secs(1));
-    let _ = sockopt::set_tcp_keepintvl(tcp, intvl);
-    let _ = sockopt::set_tcp_keepcnt(tcp, probes);
+    let _ = sockopt::set_tcp_keepidle(tcp, idle);
+    let _ = sockopt::set_tcp_keepintvl(tcp, gap);
+    let _ = sockopt::set_tcp_keepcnt(tcp, super::KEEPALIVE_PROBES);
     let _ =
         sockopt::set_tcp_user_timeout(tcp, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
 }

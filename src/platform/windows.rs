@@ -64,11 +64,10 @@ pub fn set_keepalive(
     interval: std::time::Duration,
     timeout: std::time::Duration,
 ) {
-    let probes = 3u32;
-    let intvl = (timeout.saturating_sub(interval) / probes).max(std::time::Duration::from_secs(1));
+    let (idle, gap) = super::keepalive_timing(interval, timeout);
     let ka = socket2::TcpKeepalive::new()
-        .with_time(interval.max(std::time::Duration::from_secs(1)))
-        .with_interval(intvl);
+        .with_time(idle)
+        .with_interval(gap);
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
 }
 
