@@ -3,15 +3,19 @@
 //! and host forwards (a local socket whose every connection becomes a session).
 
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -23,10 +27,60 @@ use crate::bridge::{self, Counters, StopSignal};
 use crate::config::secret::Secret;
 use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
 use crate::endpoint::Local;
+use crate::tunnel::h2io::H2Stream;
 use crate::tunnel::{self, protocol, tls};
 
 /// A WebSocket session to a remote gateway.
-pub type WsStream = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type WsStream = WebSocketStream<Carrier>;
+
+/// What a session's WebSocket runs on: an upgraded HTTP/1.1 connection of its own, or
+/// one stream of a pooled HTTP/2 connection.
+pub enum Carrier {
+    /// HTTP/1.1 upgrade (RFC 6455).
+    Http1(TokioIo<hyper::upgrade::Upgraded>),
+    /// HTTP/2 extended CONNECT (RFC 8441).
+    Http2(H2Stream),
+}
+
+impl AsyncRead for Carrier {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Http1(s) => Pin::new(s).poll_read(cx, buf),
+            Carrier::Http2(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Carrier {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Carrier::Http1(s) => Pin::new(s).poll_write(cx, buf),
+            Carrier::Http2(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Http1(s) => Pin::new(s).poll_flush(cx),
+            Carrier::Http2(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Carrier::Http1(s) => Pin::new(s).poll_shutdown(cx),
+            Carrier::Http2(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// Response header of a 101 naming the session's effective direction.
 pub const HEADER_DIRECTION: &str = "pipebridge-direction";
@@ -363,12 +417,12 @@ impl Dialer {
             let up = hyper::upgrade::on(resp)
                 .await
                 .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
-            Ok((up, direction, mode))
+            Ok((Carrier::Http1(TokioIo::new(up)), direction, mode))
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
         let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
+            upgraded,
             Role::Client,
             Some(tunnel::ws_config(max_message)),
         )
@@ -384,11 +438,11 @@ impl Dialer {
     fn pooled_h2(&self) -> Option<H2Sender> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let mut pool = self.h2_pool.lock().ok()?;
-        pool.retain(|s| !s.is_closed());
+        pool.retain(|s| s.alive.load(Ordering::Acquire));
         if pool.len() < H2_POOL_CONNECTIONS {
             return None;
         }
-        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % pool.len();
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % pool.len();
         Some(pool[i].clone())
     }
 
@@ -396,23 +450,41 @@ impl Dialer {
         &self,
         tls: tokio_rustls::client::TlsStream<TcpStream>,
     ) -> Result<H2Sender, ClientError> {
-        let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
             .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
-            .keep_alive_interval(self.keepalive.0)
-            .keep_alive_timeout(self.keepalive.1)
-            .keep_alive_while_idle(true);
-        let (sender, conn) = b
-            .handshake(TokioIo::new(tls))
+            .enable_push(false);
+        let (send, mut conn) = b
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|e| classify(&e, "HTTP/2 handshake failed"))?;
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut ping = conn.ping_pong();
+        let keepalive = self.keepalive;
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let still = alive.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "HTTP/2 connection ended");
+            let pings = async {
+                // The gateway's SETTINGS (with RFC 8441's ENABLE_CONNECT_PROTOCOL) come
+                // before its answer to our first ping: sessions wait for that answer.
+                if let Some(p) = ping.as_mut() {
+                    let _ = tokio::time::timeout(DIAL_TIMEOUT, p.ping(h2::Ping::opaque())).await;
+                }
+                let _ = ready_tx.send(());
+                tunnel::h2io::keepalive(ping, keepalive.0, keepalive.1).await
+            };
+            tokio::select! {
+                r = &mut conn => if let Err(e) = r {
+                    debug!(error = %e, "HTTP/2 connection ended");
+                },
+                _ = pings => debug!("the gateway did not answer HTTP/2 pings; dropping the connection"),
             }
+            still.store(false, Ordering::Release);
         });
+        // An error here means the connection already ended: the request will say so.
+        let _ = ready_rx.await;
+        let sender = H2Sender { send, alive };
         if let Ok(mut pool) = self.h2_pool.lock() {
             if pool.len() < H2_POOL_CONNECTIONS {
                 pool.push(sender.clone());
@@ -423,11 +495,19 @@ impl Dialer {
 
     async fn open_h2(
         &self,
-        mut sender: H2Sender,
+        sender: H2Sender,
         path: &str,
-    ) -> Result<(hyper::upgrade::Upgraded, Option<Direction>, Option<Mode>), H2Error> {
-        let conn_err = |e: hyper::Error| H2Error::Connection(classify(&e, "HTTP/2 request failed"));
-        sender.ready().await.map_err(conn_err)?;
+    ) -> Result<(Carrier, Option<Direction>, Option<Mode>), H2Error> {
+        let conn_err = |e: h2::Error| {
+            sender.alive.store(false, Ordering::Release);
+            H2Error::Connection(classify(&e, "HTTP/2 request failed"))
+        };
+        let mut send = sender.send.clone().ready().await.map_err(conn_err)?;
+        if !send.is_extended_connect_protocol_enabled() {
+            return Err(H2Error::Session(ClientError::Network(
+                "the gateway does not offer WebSocket over HTTP/2 (RFC 8441)".into(),
+            )));
+        }
         let authority = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -439,10 +519,10 @@ impl Dialer {
             .uri(format!("https://{authority}{path}"))
             .header(header::SEC_WEBSOCKET_VERSION, "13")
             .header(header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL)
-            .body(Empty::new())
+            .body(())
             .map_err(|e| H2Error::Session(ClientError::Setup(format!("bad request: {e}"))))?;
         req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
+            .insert(h2::ext::Protocol::from_static("websocket"));
         if let Some(t) = &self.token {
             let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose())).map_err(|_| {
                 H2Error::Session(ClientError::Setup(
@@ -452,20 +532,44 @@ impl Dialer {
             v.set_sensitive(true);
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
-        let resp = sender.send_request(req).await.map_err(conn_err)?;
-        if resp.status() != StatusCode::OK {
-            return Err(H2Error::Session(read_refusal(resp).await));
+        let (resp, stream) = send.send_request(req, false).map_err(conn_err)?;
+        let resp = resp.await.map_err(|e| {
+            if e.is_reset() && !e.is_go_away() {
+                // The gateway refused this stream (e.g. too many at once), not the connection.
+                H2Error::Session(ClientError::Network(format!("HTTP/2 stream reset: {e}")))
+            } else {
+                conn_err(e)
+            }
+        })?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            while let Some(Ok(chunk)) = body.data().await {
+                let _ = body.flow_control().release_capacity(chunk.len());
+                if got.len() + chunk.len() > MAX_REFUSAL_BODY_BYTES {
+                    break;
+                }
+                got.extend_from_slice(&chunk);
+            }
+            return Err(H2Error::Session(refusal(status, &got)));
         }
         let (direction, mode) = session_headers(&resp).map_err(H2Error::Session)?;
-        let up = hyper::upgrade::on(resp)
-            .await
-            .map_err(|e| H2Error::Session(ClientError::Network(format!("upgrade failed: {e}"))))?;
-        Ok((up, direction, mode))
+        Ok((
+            Carrier::Http2(H2Stream::new(stream, resp.into_body())),
+            direction,
+            mode,
+        ))
     }
 }
 
 /// A handle on a pooled HTTP/2 connection.
-type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+#[derive(Clone)]
+struct H2Sender {
+    send: h2::client::SendRequest<Bytes>,
+    /// Cleared when the connection ended or failed a request.
+    alive: Arc<AtomicBool>,
+}
 /// HTTP/2 connections a dialer keeps per gateway and credential set (sessions are spread
 /// over them, so both cores can carry TLS work).
 const H2_POOL_CONNECTIONS: usize = 2;

@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -439,43 +439,16 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let remaining = timeout
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(1));
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_h2(tls, conn, gw, remaining).await;
+        return;
+    }
     let gw2 = gw.clone();
     let svc = hyper::service::service_fn(move |req| {
         let gw = gw2.clone();
         let conn = conn.clone();
         async move { Ok::<_, Infallible>(handle(req, conn, gw).await) }
     });
-    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        // HTTP/2: many sessions share this connection (RFC 8441 extended CONNECT), so it
-        // lives as long as the peer keeps it; h2 pings detect a dead peer.
-        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new())
-            .enable_connect_protocol()
-            .max_header_list_size(cfg.limits.max_header_size as u32)
-            .initial_stream_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
-            .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
-            .max_concurrent_streams(tunnel::H2_MAX_STREAMS)
-            .keep_alive_interval(cfg.keepalive.interval)
-            .keep_alive_timeout(cfg.keepalive.timeout);
-        let served = h2.serve_connection(TokioIo::new(tls), svc);
-        tokio::pin!(served);
-        // A connection with no session for a while is closed (gracefully), so an idle
-        // peer cannot hold it forever just by answering pings.
-        let idle_limit = cfg.keepalive.timeout.max(timeout);
-        let r = tokio::select! {
-            r = &mut served => r,
-            _ = idle_for(&busy, idle_limit) => {
-                debug!("closing an HTTP/2 connection idle for {idle_limit:?}");
-                served.as_mut().graceful_shutdown();
-                served.await
-            }
-        };
-        if let Err(e) = r {
-            debug!(error = %e, "HTTP/2 connection ended with an error");
-        }
-        return;
-    }
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -494,6 +467,112 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(error = %e, "HTTP connection ended with an error"),
         Err(_) => debug!("HTTP phase exceeded the handshake timeout; closing"),
+    }
+}
+
+/// HTTP/2: many sessions share this connection (RFC 8441 extended CONNECT), so it lives
+/// as long as the peer keeps it; pings detect a dead peer, and a connection with no
+/// session for a while is closed (gracefully), so an idle peer cannot hold it forever
+/// just by answering pings. Sessions read and write their streams directly
+/// ([`tunnel::h2io`]).
+async fn serve_h2(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    conn: Arc<ConnInfo>,
+    gw: Arc<Gateway>,
+    remaining: Duration,
+) {
+    let cfg = gw.config();
+    let mut b = h2::server::Builder::new();
+    b.enable_connect_protocol()
+        .max_header_list_size(cfg.limits.max_header_size as u32)
+        .initial_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
+        .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
+        .max_concurrent_streams(tunnel::H2_MAX_STREAMS);
+    let mut h2c = match tokio::time::timeout(remaining, b.handshake::<_, Bytes>(tls)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(error = %e, "HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("HTTP/2 handshake timed out");
+            return;
+        }
+    };
+    let ka = tunnel::h2io::keepalive(
+        h2c.ping_pong(),
+        cfg.keepalive.interval,
+        cfg.keepalive.timeout,
+    );
+    let idle_limit = cfg.keepalive.timeout.max(cfg.limits.handshake_timeout);
+    let idle = idle_for(&conn.busy, idle_limit);
+    tokio::pin!(ka, idle);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            r = h2c.accept() => match r {
+                Some(Ok((req, respond))) => {
+                    let (conn, gw2) = (conn.clone(), gw.clone());
+                    gw.tracker.spawn(
+                        async move { handle_h2(req, respond, conn, gw2).await }
+                            .in_current_span(),
+                    );
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "HTTP/2 connection ended with an error");
+                    break;
+                }
+                None => break,
+            },
+            _ = &mut ka => {
+                debug!("the peer did not answer HTTP/2 pings; closing the connection");
+                break;
+            }
+            _ = &mut idle, if !closing => {
+                debug!("closing an HTTP/2 connection idle for {idle_limit:?}");
+                h2c.graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// One request on an HTTP/2 connection: a session (extended CONNECT), the pipe list, or
+/// a refusal.
+async fn handle_h2(
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    conn: Arc<ConnInfo>,
+    gw: Arc<Gateway>,
+) {
+    let _busy = Busy::new(&conn.busy);
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, ());
+    let (resp, start) = match route(&req, &conn, &gw).await {
+        Routed::Reply(r) => (r, None),
+        Routed::Session(r, start) => (r, Some(start)),
+    };
+    let (parts, full) = resp.into_parts();
+    let payload = http_body_util::BodyExt::collect(full)
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let empty = payload.is_empty();
+    let mut send =
+        match respond.send_response(Response::from_parts(parts, ()), empty && start.is_none()) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "could not send the HTTP/2 response");
+                return;
+            }
+        };
+    match start {
+        Some(start) => start.run(tunnel::h2io::H2Stream::new(send, body)).await,
+        None if !empty => {
+            let _ = send.send_data(payload, true);
+        }
+        None => {}
     }
 }
 
@@ -553,29 +632,58 @@ fn refuse(r: &Refusal, conn: &ConnInfo, path: &str) -> Response<Full<Bytes>> {
     json_response(r.kind.status(), r.body())
 }
 
-async fn handle(
-    mut req: Request<Incoming>,
-    conn: Arc<ConnInfo>,
-    gw: Arc<Gateway>,
-) -> Response<Full<Bytes>> {
-    let _busy = Busy::new(&conn.busy);
-    let path = req.uri().path().to_string();
+/// What a request gets: a response, or the response that opens a session and what
+/// runs it once the transport is upgraded.
+enum Routed {
+    Reply(Response<Full<Bytes>>),
+    Session(Response<Full<Bytes>>, SessionStart),
+}
+
+async fn route<B>(req: &Request<B>, conn: &Arc<ConnInfo>, gw: &Arc<Gateway>) -> Routed {
+    let path = req.uri().path();
     let result = if path == "/pipes" || path == "/pipes/" {
-        list(&req, &conn, &gw)
+        list(req, conn, gw).map(Routed::Reply)
     } else if let Some(name) = path.strip_prefix("/pipes/") {
-        let name = name.to_string();
-        session(&mut req, &name, &conn, &gw).await
+        session(req, name, conn, gw)
+            .await
+            .map(|(r, s)| Routed::Session(r, s))
     } else {
         Err(Refusal::new(
             RefusalKind::NotFound,
             "no such path: sessions are at /pipes/{name}",
         ))
     };
-    result.unwrap_or_else(|r| refuse(&r, &conn, &path))
+    result.unwrap_or_else(|r| Routed::Reply(refuse(&r, conn, path)))
 }
 
-fn authenticate(
-    req: &Request<Incoming>,
+/// One request on an HTTP/1.1 connection; a session starts once hyper hands over the
+/// upgraded connection.
+async fn handle(
+    mut req: Request<Incoming>,
+    conn: Arc<ConnInfo>,
+    gw: Arc<Gateway>,
+) -> Response<Full<Bytes>> {
+    let _busy = Busy::new(&conn.busy);
+    match route(&req, &conn, &gw).await {
+        Routed::Reply(r) => r,
+        Routed::Session(r, start) => {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            gw.tracker.spawn(
+                async move {
+                    match on_upgrade.await {
+                        Ok(u) => start.run(TokioIo::new(u)).await,
+                        Err(e) => debug!(error = %e, "upgrade failed"),
+                    }
+                }
+                .in_current_span(),
+            );
+            r
+        }
+    }
+}
+
+fn authenticate<B>(
+    req: &Request<B>,
     conn: &ConnInfo,
     cfg: &Config,
     gw: &Gateway,
@@ -589,8 +697,8 @@ fn authenticate(
     r
 }
 
-fn authenticate_inner(
-    req: &Request<Incoming>,
+fn authenticate_inner<B>(
+    req: &Request<B>,
     conn: &ConnInfo,
     cfg: &Config,
 ) -> Result<Identity, Refusal> {
@@ -602,8 +710,8 @@ fn authenticate_inner(
     auth::authenticate(&cfg.identities, conn.cert.as_ref(), bearer)
 }
 
-fn list(
-    req: &Request<Incoming>,
+fn list<B>(
+    req: &Request<B>,
     conn: &ConnInfo,
     gw: &Gateway,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
@@ -684,7 +792,7 @@ pub fn precheck<B>(req: &Request<B>, name: &str) -> Result<Precheck, Refusal> {
         let is_ws = req.method() == Method::CONNECT
             && req
                 .extensions()
-                .get::<hyper::ext::Protocol>()
+                .get::<h2::ext::Protocol>()
                 .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
         if !is_ws {
             return Err(Refusal::new(
@@ -735,12 +843,12 @@ pub fn precheck<B>(req: &Request<B>, name: &str) -> Result<Precheck, Refusal> {
     Ok(Precheck { query, key })
 }
 
-async fn session(
-    req: &mut Request<Incoming>,
+async fn session<B>(
+    req: &Request<B>,
     name: &str,
     conn: &Arc<ConnInfo>,
     gw: &Arc<Gateway>,
-) -> Result<Response<Full<Bytes>>, Refusal> {
+) -> Result<(Response<Full<Bytes>>, SessionStart), Refusal> {
     let Precheck { query, key } = precheck(req, name)?;
     let cfg = gw.config();
     let identity = authenticate(req, conn, &cfg, gw)?;
@@ -826,42 +934,21 @@ async fn session(
             return Err(Refusal::new(RefusalKind::EndpointUnavailable, e.public));
         }
     };
-    let on_upgrade = hyper::upgrade::on(req);
-    let ws_cfg = tunnel::ws_config(session_message_limit(pipe, mode));
-    let method = identity.method;
-    let accepted = conn.accepted;
-    let busy = Busy::new(&conn.busy);
-    let opts = bridge::Options {
-        idle_timeout: cfg.limits.idle_timeout,
-        keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
+    let start = SessionStart {
+        local,
+        ws_cfg: tunnel::ws_config(session_message_limit(pipe, mode)),
+        method: identity.method,
+        ids: (uid, gid),
+        accepted: conn.accepted,
+        busy: Busy::new(&conn.busy),
+        opts: bridge::Options {
+            idle_timeout: cfg.limits.idle_timeout,
+            keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
+        },
+        stop_signal,
+        admission,
+        span,
     };
-    gw.tracker.spawn(
-        async move {
-            let _busy = busy;
-            let upgraded = match on_upgrade.await {
-                Ok(u) => u,
-                Err(e) => {
-                    debug!(error = %e, "upgrade failed");
-                    return;
-                }
-            };
-            crate::metrics::get()
-                .handshake
-                .observe(accepted.elapsed().as_secs_f64());
-            let ws = WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                Role::Server,
-                Some(ws_cfg),
-            )
-            .await;
-            let entry = admission.entry.clone();
-            debug!("session started");
-            let out = bridge::run(ws, local, &entry.counters, stop_signal, opts).await;
-            audit(&entry, method.as_str(), (uid, gid), &out);
-            drop(admission);
-        }
-        .instrument(span),
-    );
     let mut resp = Response::new(Full::new(Bytes::new()));
     let h = resp.headers_mut();
     match &key {
@@ -891,7 +978,57 @@ async fn session(
         crate::client::HEADER_MODE,
         HeaderValue::from_static(mode.as_str()),
     );
-    Ok(resp)
+    Ok((resp, start))
+}
+
+/// An accepted session waiting for its transport (the upgraded HTTP/1.1 connection or
+/// the HTTP/2 stream).
+struct SessionStart {
+    local: endpoint::Local,
+    ws_cfg: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    method: auth::AuthMethod,
+    ids: (u32, u32),
+    accepted: Instant,
+    busy: Busy,
+    opts: bridge::Options,
+    stop_signal: bridge::StopSignal,
+    admission: Admission,
+    span: tracing::Span,
+}
+
+impl SessionStart {
+    /// Runs the session over `io` to its end, then writes its audit record.
+    async fn run<S>(self, io: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let SessionStart {
+            local,
+            ws_cfg,
+            method,
+            ids,
+            accepted,
+            busy,
+            opts,
+            stop_signal,
+            admission,
+            span,
+        } = self;
+        let _busy = busy;
+        async move {
+            crate::metrics::get()
+                .handshake
+                .observe(accepted.elapsed().as_secs_f64());
+            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_cfg)).await;
+            let entry = admission.entry.clone();
+            debug!("session started");
+            let out = bridge::run(ws, local, &entry.counters, stop_signal, opts).await;
+            audit(&entry, method.as_str(), ids, &out);
+            drop(admission);
+        }
+        .instrument(span)
+        .await
+    }
 }
 
 fn audit(entry: &SessionEntry, method: &str, (uid, gid): (u32, u32), out: &bridge::Outcome) {

@@ -1,6 +1,7 @@
 //! The carrier: TLS configs ([`tls`]), the `pipebridge.v1` frames ([`protocol`]) and
 //! the WebSocket settings both sides use.
 
+pub mod h2io;
 pub mod protocol;
 pub mod tls;
 

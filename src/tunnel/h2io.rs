@@ -1,0 +1,156 @@
+//! WebSocket over one HTTP/2 stream (RFC 8441 extended CONNECT), read and written
+//! straight from the session's task.
+//!
+//! hyper's upgraded HTTP/2 stream hands every write to a task of its own through a
+//! channel (a copy and a wake-up per message, a task per session); this adapter writes
+//! into the h2 stream directly, with h2's flow control as the backpressure: a write
+//! takes only the capacity the peer's windows grant, so a stalled peer never makes a
+//! session buffer more than the stream window ([`super::H2_STREAM_WINDOW_BYTES`]).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One HTTP/2 stream as a byte stream (the WebSocket's transport).
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The part of the last DATA frame not read yet.
+    buf: Bytes,
+    /// END_STREAM sent.
+    shut: bool,
+}
+
+impl H2Stream {
+    /// The stream whose halves are `send` and `recv`.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            buf: Bytes::new(),
+            shut: false,
+        }
+    }
+
+    /// The error for a write the peer's reset (or a dead connection) refused.
+    fn write_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(Reason::NO_ERROR | Reason::CANCEL | Reason::STREAM_CLOSED) => {
+                io::ErrorKind::BrokenPipe.into()
+            }
+            Ok(reason) => io::Error::other(h2::Error::from(reason)),
+            Err(e) => to_io(e),
+        })
+    }
+}
+
+fn to_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io()
+            .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(())),
+                Some(Ok(b)) => self.buf = b,
+                Some(Err(e)) => {
+                    return Poll::Ready(match e.reason() {
+                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
+                        Some(Reason::STREAM_CLOSED) => {
+                            Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
+                        }
+                        _ => Err(to_io(e)),
+                    })
+                }
+            }
+        }
+        let n = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
+        // Give the window back as the data is consumed (h2 sends WINDOW_UPDATE in bulk).
+        let _ = self.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if self.shut {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        self.send.reserve_capacity(data.len());
+        loop {
+            let granted = self.send.capacity();
+            if granted > 0 {
+                let n = granted.min(data.len());
+                return match self
+                    .send
+                    .send_data(Bytes::copy_from_slice(&data[..n]), false)
+                {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(_) => self.write_error(cx).map(Err),
+                };
+            }
+            // No capacity yet (windows full, or granted to other streams first): wait.
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return self.write_error(cx).map(Err),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The connection's task writes queued frames out as soon as it runs.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.shut {
+            return Poll::Ready(Ok(()));
+        }
+        match self.send.send_data(Bytes::new(), true) {
+            Ok(()) => {
+                self.shut = true;
+                Poll::Ready(Ok(()))
+            }
+            Err(_) => self.write_error(cx).map(Err),
+        }
+    }
+}
+
+/// HTTP/2 keepalive: pings the peer every `interval`; completes when a ping went
+/// unanswered for `timeout` (the connection is dead). Never completes without pings.
+pub async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+    }
+}
