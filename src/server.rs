@@ -636,7 +636,7 @@ fn refuse(r: &Refusal, conn: &ConnInfo, path: &str) -> Response<Full<Bytes>> {
 /// runs it once the transport is upgraded.
 enum Routed {
     Reply(Response<Full<Bytes>>),
-    Session(Response<Full<Bytes>>, SessionStart),
+    Session(Response<Full<Bytes>>, Box<SessionStart>),
 }
 
 async fn route<B>(req: &Request<B>, conn: &Arc<ConnInfo>, gw: &Arc<Gateway>) -> Routed {
@@ -646,7 +646,7 @@ async fn route<B>(req: &Request<B>, conn: &Arc<ConnInfo>, gw: &Arc<Gateway>) -> 
     } else if let Some(name) = path.strip_prefix("/pipes/") {
         session(req, name, conn, gw)
             .await
-            .map(|(r, s)| Routed::Session(r, s))
+            .map(|(r, s)| Routed::Session(r, Box::new(s)))
     } else {
         Err(Refusal::new(
             RefusalKind::NotFound,
