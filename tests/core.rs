@@ -1481,3 +1481,81 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
     let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));
     assert_eq!(String::from_utf8_lossy(&reply), sha_hex(&data));
 }
+
+#[test]
+fn forward_over_http2_refusals_leave_the_shared_connection_usable() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let gw = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe(
+            "echo",
+            &format!("unix:{}", fx.p("echo.sock")),
+            &["alice"],
+            "max_instances = 1",
+        )),
+    );
+    let fwd_sock = fx.path("fwd.sock");
+    let mut b = fx.serve(
+        "b.toml",
+        &forward(&fx, &fwd_sock, &gw.url("echo"), "alice", ""),
+    );
+    // Session 1 holds the pipe's only instance; its first echo proves it is open.
+    let mut held = unix_connect(&fwd_sock);
+    held.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    held.write_all(b"first\n").expect("write session 1");
+    let mut got = [0u8; 6];
+    held.read_exact(&mut got).expect("session 1 echo");
+    assert_eq!(&got, b"first\n");
+    // Session 2, on the same pooled HTTP/2 connection, is refused with 503 busy: the
+    // forward closes the local connection and logs the gateway's refusal.
+    let mut refused = unix_connect(&fwd_sock);
+    refused
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = refused.read_to_end(&mut got);
+    assert!(got.is_empty(), "a refused session carried data: {got:?}");
+    b.proc
+        .wait_until(Duration::from_secs(10), |l| l.contains("refused: 503 busy"));
+    // Session 1 is unaffected: more data both ways, then a clean half-close.
+    let more = random_bytes(200_000);
+    let mut w = held.try_clone().expect("clone");
+    let sent = more.clone();
+    let writer = thread::spawn(move || {
+        w.write_all(&sent).expect("write session 1");
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut reply = Vec::new();
+    held.read_to_end(&mut reply).expect("read session 1");
+    writer.join().expect("writer");
+    assert!(reply == more, "session 1 echoed {} bytes", reply.len());
+    // And the shared connection carries the next session once the slot is free.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let data = random_bytes(3000);
+        // Write errors are expected while the slot is taken (the forward closes).
+        let mut s = unix_connect(&fwd_sock);
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let _ = s.write_all(&data);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        if reply == data {
+            break;
+        }
+        assert!(
+            reply.is_empty(),
+            "unexpected reply of {} bytes",
+            reply.len()
+        );
+        assert!(Instant::now() < deadline, "the pipe's slot was never freed");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        established_to(gw.port) <= 2,
+        "refusals must not cost the pooled connections"
+    );
+}
