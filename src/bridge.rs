@@ -4,27 +4,26 @@
 //! a received `eof` half-closes the local writer, and the opposite direction keeps
 //! flowing. When both directions are done (or on error) a Close frame ends the session.
 //!
-//! Memory per session is bounded: one read buffer of [`READ_CHUNK_BYTES`], tungstenite's
-//! read and write buffers, and at most one incoming message (the session's message
-//! limit) while the local writer is slow.
+//! Memory per session is bounded: one local read buffer of [`READ_CHUNK_BYTES`] (framed
+//! in place, [`crate::tunnel::ws`]), the WebSocket reader's buffer (one frame at most),
+//! and at most one incoming message (the session's message limit) while the local
+//! writer is slow.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::endpoint::message::MsgError;
 use crate::endpoint::{Local, Reader, Writer};
 use crate::tunnel::protocol::{self, Control, ErrorKind};
+use crate::tunnel::ws::{WebSocket, WsSink, WsSource, HEADROOM};
 
 /// Largest local read (one binary message at most this big in byte mode): 128 KiB less
 /// the largest WebSocket header (14 bytes, masked), so a full frame fills whole TLS
@@ -191,7 +190,7 @@ impl Activity {
 
 /// Runs a session until both directions are done or it fails; returns how it ended.
 pub async fn run<S>(
-    ws: WebSocketStream<S>,
+    ws: WebSocket<S>,
     local: Local,
     counters: &Counters,
     mut stop: StopSignal,
@@ -221,6 +220,7 @@ where
         let up = upstream(reader, child.as_mut(), &sink, counters, &activity);
         let down = downstream(
             &mut stream,
+            &sink,
             &mut writer,
             counters,
             &eof_seen,
@@ -295,8 +295,8 @@ where
 }
 
 async fn finish<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut stream: SplitStream<WebSocketStream<S>>,
+    mut sink: WsSink<S>,
+    mut stream: WsSource<S>,
     failure: Option<Failure>,
     exit: Option<Control>,
     peer_error: Option<(String, String)>,
@@ -360,7 +360,7 @@ where
             (None, None)
         }
         Some(Failure::PeerClosed(frame)) => {
-            match frame {
+            match &frame {
                 Some(f) => {
                     out.code = u16::from(f.code);
                     out.reason = format!("peer closed early: {} {}", out.code, f.reason);
@@ -370,8 +370,8 @@ where
                     out.reason = "peer closed early".into();
                 }
             }
-            // tungstenite queued the Close reply; flush it.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.flush()).await;
+            // Answer the peer's Close with its own code (RFC 6455 5.5.1).
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(frame))).await;
             (None, None)
         }
     };
@@ -403,8 +403,7 @@ where
     // connection of its own, END_STREAM on an HTTP/2 stream; then wait (bounded) for the
     // peer's end, so an HTTP/2 stream is closed cleanly rather than reset (resets are
     // rate-limited per connection by peers).
-    if let Ok(ws) = sink.reunite(stream) {
-        let mut io = ws.into_inner();
+    if let Some(mut io) = sink.reunite(stream) {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             io.shutdown().await?;
             let mut scratch = [0u8; 1024];
@@ -420,7 +419,7 @@ where
 async fn upstream<S>(
     reader: Option<Reader>,
     child: Option<&mut tokio::process::Child>,
-    sink: &tokio::sync::Mutex<SplitSink<WebSocketStream<S>, Message>>,
+    sink: &tokio::sync::Mutex<WsSink<S>>,
     counters: &Counters,
     activity: &Activity,
 ) -> Result<(), Failure>
@@ -429,9 +428,12 @@ where
 {
     match reader {
         Some(Reader::Bytes(mut r)) => {
+            // Reads land behind room for the frame header, so the sink frames them in
+            // place; the buffer is reused for every read.
             let mut want = FIRST_READ_BYTES;
             let mut buf = BytesMut::new();
             loop {
+                buf.resize(HEADROOM, 0);
                 buf.reserve(want);
                 let n = r
                     .read_buf(&mut bytes::BufMut::limit(&mut buf, want))
@@ -443,10 +445,9 @@ where
                 if n == want && want < READ_CHUNK_BYTES {
                     want = (want * 2).min(READ_CHUNK_BYTES);
                 }
-                let data = buf.split().freeze();
                 activity.touch();
                 activity
-                    .blocking(async { sink.lock().await.send(Message::Binary(data)).await })
+                    .blocking(async { sink.lock().await.send_framed(&mut buf).await })
                     .await
                     .map_err(ws_failure)?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
@@ -506,7 +507,8 @@ fn exit_control(status: std::process::ExitStatus) -> Control {
 /// `eof_seen`/`eof_notify` and keeps reading (so a Close or error after it is seen).
 #[allow(clippy::too_many_arguments)]
 async fn downstream<S>(
-    stream: &mut SplitStream<WebSocketStream<S>>,
+    stream: &mut WsSource<S>,
+    sink: &tokio::sync::Mutex<WsSink<S>>,
     writer: &mut Option<Writer>,
     counters: &Counters,
     eof_seen: &AtomicBool,
@@ -610,7 +612,14 @@ where
                 Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
             },
             Message::Close(frame) => return Failure::PeerClosed(frame),
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            Message::Ping(p) => {
+                // Answered when the sink is free: a busy sink is sending data, which
+                // tells the peer as much as a Pong would.
+                if let Ok(mut g) = sink.try_lock() {
+                    let _ = tokio::time::timeout(PING_SEND_TIMEOUT, g.send(Message::Pong(p))).await;
+                }
+            }
+            Message::Pong(_) | Message::Frame(_) => {}
         }
     }
 }

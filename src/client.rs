@@ -19,7 +19,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
@@ -28,10 +27,11 @@ use crate::config::secret::Secret;
 use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
 use crate::endpoint::Local;
 use crate::tunnel::h2io::H2Stream;
+use crate::tunnel::ws::WebSocket;
 use crate::tunnel::{self, protocol, tls};
 
 /// A WebSocket session to a remote gateway.
-pub type WsStream = WebSocketStream<Carrier>;
+pub type WsStream = WebSocket<Carrier>;
 
 /// What a session's WebSocket runs on: an upgraded HTTP/1.1 connection of its own, or
 /// one stream of a pooled HTTP/2 connection.
@@ -421,12 +421,7 @@ impl Dialer {
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
-        let ws = WebSocketStream::from_raw_socket(
-            upgraded,
-            Role::Client,
-            Some(tunnel::ws_config(max_message)),
-        )
-        .await;
+        let ws = WebSocket::new(upgraded, Role::Client, max_message);
         Ok(Session {
             ws,
             direction,

@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -936,7 +935,7 @@ async fn session<B>(
     };
     let start = SessionStart {
         local,
-        ws_cfg: tunnel::ws_config(session_message_limit(pipe, mode)),
+        max_message: session_message_limit(pipe, mode),
         method: identity.method,
         ids: (uid, gid),
         accepted: conn.accepted,
@@ -985,7 +984,7 @@ async fn session<B>(
 /// the HTTP/2 stream).
 struct SessionStart {
     local: endpoint::Local,
-    ws_cfg: tokio_tungstenite::tungstenite::protocol::WebSocketConfig,
+    max_message: usize,
     method: auth::AuthMethod,
     ids: (u32, u32),
     accepted: Instant,
@@ -1004,7 +1003,7 @@ impl SessionStart {
     {
         let SessionStart {
             local,
-            ws_cfg,
+            max_message,
             method,
             ids,
             accepted,
@@ -1019,7 +1018,7 @@ impl SessionStart {
             crate::metrics::get()
                 .handshake
                 .observe(accepted.elapsed().as_secs_f64());
-            let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_cfg)).await;
+            let ws = tunnel::ws::WebSocket::new(io, Role::Server, max_message);
             let entry = admission.entry.clone();
             debug!("session started");
             let out = bridge::run(ws, local, &entry.counters, stop_signal, opts).await;

@@ -1673,7 +1673,6 @@ async fn raw_session(fx: &Fx, url: &str) -> pipebridge::client::Session {
 
 /// Sends one binary message and returns (the text messages, the close code) that follow.
 async fn send_data_expect_close(mut s: pipebridge::client::Session) -> (Vec<String>, Option<u16>) {
-    use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     s.ws.send(Message::Binary(bytes::Bytes::from_static(b"forbidden")))
         .await

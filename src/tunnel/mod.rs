@@ -4,23 +4,7 @@
 pub mod h2io;
 pub mod protocol;
 pub mod tls;
-
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-
-/// tungstenite's read buffer (one TLS record).
-pub const READ_BUFFER_BYTES: usize = 4 * 1024;
-
-/// WebSocket settings for a session whose incoming messages may be `max_message` bytes.
-pub fn ws_config(max_message: usize) -> WebSocketConfig {
-    WebSocketConfig::default()
-        // tungstenite zero-fills its read buffer before each read: keep it one TLS
-        // record big (the 128 KiB default cost 30% CPU on small messages and 128 KiB
-        // of memory per idle session).
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-        .write_buffer_size(0)
-}
+pub mod ws;
 
 /// HTTP/2: per-stream flow-control window (bounds what one stalled session buffers).
 pub const H2_STREAM_WINDOW_BYTES: u32 = 2 << 20;

@@ -1,0 +1,597 @@
+//! The WebSocket data path of a session (RFC 6455 framing after the upgrade).
+//!
+//! tungstenite does the HTTP/1.1 handshake's key derivation and supplies the frame header
+//! parser/formatter and the message types; this module moves the frames. It exists
+//! because the generic async wrapper cost more than the crypto on small messages (a
+//! lock per half, a proxy waker per poll, a zero-filled read buffer per read, a copy of
+//! every outgoing payload into a write buffer): here the reader reserves a whole frame
+//! once its header is known and hands the payload on without copying, and the writer
+//! frames local data in place ([`WsSink::send_framed`]).
+//!
+//! Validation follows tungstenite's (the previous data path): reserved bits, opcodes,
+//! masking by role, control-frame size and fragmentation, continuation order, UTF-8 of
+//! text and close reasons, close codes, and the message limit (checked on the declared
+//! length, before any payload is buffered).
+
+use std::io::Cursor;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{FrameHeader, Utf8Bytes};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Room a buffer passed to [`WsSink::send_framed`] keeps in front of its payload for the
+/// frame header (the longest header: 64-bit length and a mask).
+pub const HEADROOM: usize = 14;
+/// Smallest read from the transport.
+const MIN_READ: usize = 2 * 1024;
+/// Largest single buffer reservation while a big frame arrives.
+const MAX_RESERVE: usize = 1 << 20;
+/// Outgoing buffers above this are freed after use rather than kept per session.
+const KEEP_OUT_BYTES: usize = 16 * 1024;
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// A WebSocket over the transport `S`, after the handshake.
+pub struct WebSocket<S> {
+    sink: WsSink<S>,
+    source: WsSource<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite> WebSocket<S> {
+    /// `io` as a WebSocket speaking as `role`, accepting messages of at most
+    /// `max_message` bytes.
+    pub fn new(io: S, role: Role, max_message: usize) -> WebSocket<S> {
+        let (r, w) = tokio::io::split(io);
+        WebSocket {
+            sink: WsSink {
+                io: w,
+                role,
+                out: BytesMut::new(),
+                sent_close: false,
+            },
+            source: WsSource {
+                io: r,
+                role,
+                max: max_message,
+                buf: BytesMut::new(),
+                want: 0,
+                frag: None,
+                got_close: false,
+            },
+        }
+    }
+
+    /// The writing and the reading half.
+    pub fn split(self) -> (WsSink<S>, WsSource<S>) {
+        (self.sink, self.source)
+    }
+
+    /// Sends one message (see [`WsSink::send`]).
+    pub async fn send(&mut self, msg: Message) -> Result<()> {
+        self.sink.send(msg).await
+    }
+
+    /// The next message (see [`WsSource::next`]).
+    pub async fn next(&mut self) -> Option<Result<Message>> {
+        self.source.next().await
+    }
+}
+
+/// The sending half.
+pub struct WsSink<S> {
+    io: WriteHalf<S>,
+    role: Role,
+    out: BytesMut,
+    sent_close: bool,
+}
+
+/// The receiving half.
+pub struct WsSource<S> {
+    io: ReadHalf<S>,
+    role: Role,
+    max: usize,
+    buf: BytesMut,
+    /// Bytes still missing for the frame at the front of `buf`.
+    want: usize,
+    /// A fragmented message being assembled: text or not, and its data so far.
+    frag: Option<(bool, BytesMut)>,
+    got_close: bool,
+}
+
+/// Applies (or removes) a WebSocket mask; `offset` is the payload position of `buf[0]`.
+pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= mask[i & 3];
+    }
+}
+
+fn header_for(role: Role, opcode: OpCode) -> FrameHeader {
+    FrameHeader {
+        is_final: true,
+        opcode,
+        mask: match role {
+            // RFC 6455 5.3: a client masks every frame, with a fresh unpredictable key.
+            Role::Client => Some(rand::random()),
+            Role::Server => None,
+        },
+        ..FrameHeader::default()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite> WsSink<S> {
+    /// Sends one message (a whole frame) and flushes it.
+    pub async fn send(&mut self, msg: Message) -> Result<()> {
+        let (opcode, payload) = match msg {
+            Message::Binary(b) => (OpCode::Data(Data::Binary), b),
+            Message::Text(t) => (OpCode::Data(Data::Text), Bytes::from(t)),
+            Message::Ping(p) => (OpCode::Control(Control::Ping), p),
+            Message::Pong(p) => (OpCode::Control(Control::Pong), p),
+            Message::Close(c) => {
+                let mut p = Vec::new();
+                if let Some(CloseFrame { code, reason }) = c {
+                    p.extend_from_slice(&u16::from(code).to_be_bytes());
+                    p.extend_from_slice(reason.as_bytes());
+                }
+                (OpCode::Control(Control::Close), Bytes::from(p))
+            }
+            Message::Frame(_) => return Ok(()),
+        };
+        let closing = opcode == OpCode::Control(Control::Close);
+        if self.sent_close {
+            return Err(Error::Protocol(ProtocolError::SendAfterClosing));
+        }
+        self.sent_close = closing;
+        let header = header_for(self.role, opcode);
+        let len = payload.len() as u64;
+        let mut head = [0u8; HEADROOM];
+        header.format(len, &mut &mut head[..])?;
+        self.out.clear();
+        self.out.extend_from_slice(&head[..header.len(len)]);
+        let start = self.out.len();
+        self.out.extend_from_slice(&payload);
+        if let Some(m) = header.mask {
+            apply_mask(&mut self.out[start..], m);
+        }
+        let r = write_out(&mut self.io, &self.out).await;
+        if self.out.capacity() > KEEP_OUT_BYTES {
+            self.out = BytesMut::new();
+        }
+        r
+    }
+
+    /// Sends `buf[HEADROOM..]` as one binary message, writing the frame header into the
+    /// headroom and masking in place: no copy of the payload. `buf` is left as it was
+    /// before the payload (cleared to its headroom) for the next read.
+    pub async fn send_framed(&mut self, buf: &mut BytesMut) -> Result<()> {
+        if self.sent_close {
+            return Err(Error::Protocol(ProtocolError::SendAfterClosing));
+        }
+        let len = buf.len() - HEADROOM;
+        let header = header_for(self.role, OpCode::Data(Data::Binary));
+        let hlen = header.len(len as u64);
+        let start = HEADROOM - hlen;
+        let mut head = [0u8; HEADROOM];
+        header.format(len as u64, &mut &mut head[..])?;
+        buf[start..HEADROOM].copy_from_slice(&head[..hlen]);
+        if let Some(m) = header.mask {
+            apply_mask(&mut buf[HEADROOM..], m);
+        }
+        let r = write_out(&mut self.io, &buf[start..]).await;
+        buf.truncate(HEADROOM);
+        r
+    }
+
+    /// Flushes the transport.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.io.flush().await.map_err(Error::Io)
+    }
+
+    /// The transport again, from both halves (`None` if they are not a pair).
+    pub fn reunite(self, source: WsSource<S>) -> Option<S>
+    where
+        S: Unpin,
+    {
+        source
+            .io
+            .is_pair_of(&self.io)
+            .then(|| source.io.unsplit(self.io))
+    }
+}
+
+async fn write_out<W: AsyncWrite>(io: &mut WriteHalf<W>, data: &[u8]) -> Result<()> {
+    io.write_all(data).await?;
+    io.flush().await?;
+    Ok(())
+}
+
+impl<S: AsyncRead + AsyncWrite> WsSource<S> {
+    /// The next message; `None` once the peer's Close was received, or when the transport
+    /// ended after it.
+    pub async fn next(&mut self) -> Option<Result<Message>> {
+        if self.got_close {
+            return None;
+        }
+        loop {
+            match self.parse() {
+                Ok(Some(m)) => return Some(Ok(m)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            if self.want > 0 {
+                let room = self.buf.capacity() - self.buf.len();
+                if room < self.want.min(MAX_RESERVE) {
+                    self.buf.reserve(self.want.clamp(MIN_READ, MAX_RESERVE));
+                }
+            }
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => {
+                    return Some(Err(Error::Protocol(
+                        ProtocolError::ResetWithoutClosingHandshake,
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Some(Err(Error::Io(e))),
+            }
+        }
+    }
+
+    /// One complete frame from the buffer turned into a message, if there is one.
+    fn parse(&mut self) -> Result<Option<Message>> {
+        loop {
+            let mut cur = Cursor::new(&self.buf[..]);
+            let Some((header, len)) = FrameHeader::parse(&mut cur)? else {
+                self.want = MIN_READ;
+                return Ok(None);
+            };
+            let hlen = cur.position() as usize;
+            self.check(&header, len)?;
+            let len = len as usize;
+            if self.buf.len() < hlen + len {
+                self.want = hlen + len - self.buf.len();
+                return Ok(None);
+            }
+            self.want = 0;
+            let mut payload = self.buf.split_to(hlen + len);
+            payload.advance(hlen);
+            if let Some(m) = header.mask {
+                apply_mask(&mut payload, m);
+            }
+            if let Some(m) = self.message(header, payload)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Rejects a frame header before its payload is buffered.
+    fn check(&self, h: &FrameHeader, len: u64) -> Result<()> {
+        if h.rsv1 || h.rsv2 || h.rsv3 {
+            return Err(Error::Protocol(ProtocolError::NonZeroReservedBits));
+        }
+        match (self.role, h.mask.is_some()) {
+            (Role::Server, false) => {
+                return Err(Error::Protocol(ProtocolError::UnmaskedFrameFromClient))
+            }
+            (Role::Client, true) => {
+                return Err(Error::Protocol(ProtocolError::MaskedFrameFromServer))
+            }
+            _ => {}
+        }
+        match h.opcode {
+            OpCode::Control(_) => {
+                if !h.is_final {
+                    return Err(Error::Protocol(ProtocolError::FragmentedControlFrame));
+                }
+                if len > 125 {
+                    return Err(Error::Protocol(ProtocolError::ControlFrameTooBig));
+                }
+            }
+            OpCode::Data(_) => {
+                let so_far = self.frag.as_ref().map_or(0, |(_, b)| b.len()) as u64;
+                let size = so_far.saturating_add(len);
+                if size > self.max as u64 {
+                    return Err(Error::Capacity(CapacityError::MessageTooLong {
+                        size: usize::try_from(size).unwrap_or(usize::MAX),
+                        max_size: self.max,
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn message(&mut self, h: FrameHeader, payload: BytesMut) -> Result<Option<Message>> {
+        let payload = payload.freeze();
+        match h.opcode {
+            OpCode::Control(Control::Ping) => Ok(Some(Message::Ping(payload))),
+            OpCode::Control(Control::Pong) => Ok(Some(Message::Pong(payload))),
+            OpCode::Control(Control::Close) => {
+                let frame = match payload.len() {
+                    0 => None,
+                    1 => return Err(Error::Protocol(ProtocolError::InvalidCloseSequence)),
+                    _ => {
+                        let code = CloseCode::from(u16::from_be_bytes([payload[0], payload[1]]));
+                        let reason = utf8(payload.slice(2..))?;
+                        Some(if code.is_allowed() {
+                            CloseFrame { code, reason }
+                        } else {
+                            CloseFrame {
+                                code: CloseCode::Protocol,
+                                reason: Utf8Bytes::from_static("Protocol violation"),
+                            }
+                        })
+                    }
+                };
+                self.got_close = true;
+                Ok(Some(Message::Close(frame)))
+            }
+            OpCode::Control(Control::Reserved(i)) => {
+                Err(Error::Protocol(ProtocolError::UnknownControlFrameType(i)))
+            }
+            OpCode::Data(d) => {
+                let text = match (d, self.frag.as_mut()) {
+                    (Data::Continue, None) => {
+                        return Err(Error::Protocol(ProtocolError::UnexpectedContinueFrame))
+                    }
+                    (Data::Continue, Some((_, so_far))) => {
+                        so_far.extend_from_slice(&payload);
+                        if !h.is_final {
+                            return Ok(None);
+                        }
+                        let (text, data) = self.frag.take().unwrap_or_default();
+                        return whole(text, data.freeze()).map(Some);
+                    }
+                    (_, Some(_)) => {
+                        return Err(Error::Protocol(ProtocolError::ExpectedFragment(d)))
+                    }
+                    (Data::Text, None) => true,
+                    (Data::Binary, None) => false,
+                    (Data::Reserved(i), None) => {
+                        return Err(Error::Protocol(ProtocolError::UnknownDataFrameType(i)))
+                    }
+                };
+                if h.is_final {
+                    whole(text, payload).map(Some)
+                } else {
+                    self.frag = Some((text, BytesMut::from(payload)));
+                    Ok(None)
+                }
+            }
+        }
+    }
+}
+
+fn utf8(b: Bytes) -> Result<Utf8Bytes> {
+    Utf8Bytes::try_from(b).map_err(|e| Error::Utf8(e.to_string()))
+}
+
+fn whole(text: bool, data: Bytes) -> Result<Message> {
+    Ok(if text {
+        Message::Text(utf8(data)?)
+    } else {
+        Message::Binary(data)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair(
+        max: usize,
+    ) -> (
+        WebSocket<tokio::io::DuplexStream>,
+        WebSocket<tokio::io::DuplexStream>,
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        (
+            WebSocket::new(a, Role::Client, max),
+            WebSocket::new(b, Role::Server, max),
+        )
+    }
+
+    #[test]
+    fn mask_matches_the_bytewise_definition() {
+        for len in [0usize, 1, 3, 7, 8, 9, 64, 1000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let mask = [0x12, 0x34, 0x56, 0x78];
+            let mut fast = data.clone();
+            apply_mask(&mut fast, mask);
+            let slow: Vec<u8> = data
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i & 3])
+                .collect();
+            assert_eq!(fast, slow, "len {len}");
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_cross_both_ways_intact() {
+        let (c, s) = pair(1 << 20).await;
+        let (mut cs, mut cr) = c.split();
+        let (mut ss, mut sr) = s.split();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut framed = BytesMut::new();
+        framed.resize(HEADROOM, 0);
+        framed.extend_from_slice(&big[..70_000]);
+        cs.send_framed(&mut framed).await.expect("send framed");
+        assert_eq!(framed.len(), HEADROOM);
+        cs.send(Message::Binary(Bytes::new())).await.expect("empty");
+        cs.send(Message::text("{\"type\":\"eof\"}"))
+            .await
+            .expect("text");
+        ss.send(Message::Binary(Bytes::from(big[..300_000].to_vec())))
+            .await
+            .expect("big");
+        match sr.next().await {
+            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], &big[..70_000]),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(sr.next().await, Some(Ok(Message::Binary(b))) if b.is_empty()));
+        assert!(
+            matches!(sr.next().await, Some(Ok(Message::Text(t))) if t.as_str() == "{\"type\":\"eof\"}")
+        );
+        match cr.next().await {
+            Some(Ok(Message::Binary(b))) => assert!(b[..] == big[..]),
+            other => panic!("{other:?}"),
+        }
+        ss.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "done".into(),
+        })))
+        .await
+        .expect("close");
+        assert!(
+            ss.send(Message::Ping(Bytes::new())).await.is_err(),
+            "send after close"
+        );
+        match cr.next().await {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(f.code, CloseCode::Normal);
+                assert_eq!(f.reason.as_str(), "done");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(cr.next().await.is_none(), "nothing after Close");
+        assert!(cs.reunite(cr).is_some());
+    }
+
+    /// Raw frames against a server-side source: each must fail the way tungstenite did.
+    async fn server_reads(raw: &[u8], max: usize) -> Option<Result<Message>> {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(raw).await.expect("write");
+        drop(a);
+        let (_, mut r) = WebSocket::new(b, Role::Server, max).split();
+        r.next().await
+    }
+
+    fn masked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1, 2, 3, 4];
+        let mut v = vec![first];
+        if payload.len() < 126 {
+            v.push(0x80 | payload.len() as u8);
+        } else {
+            v.push(0x80 | 126);
+            v.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        v.extend_from_slice(&mask);
+        let mut p = payload.to_vec();
+        apply_mask(&mut p, mask);
+        v.extend_from_slice(&p);
+        v
+    }
+
+    #[tokio::test]
+    async fn bad_frames_are_protocol_errors() {
+        use ProtocolError as P;
+        type Check = fn(&Error) -> bool;
+        let cases: Vec<(Vec<u8>, Check)> = vec![
+            (vec![0x82, 0x01, b'x'], |e| {
+                matches!(e, Error::Protocol(P::UnmaskedFrameFromClient))
+            }),
+            (masked(0xC2, b"x"), |e| {
+                matches!(e, Error::Protocol(P::NonZeroReservedBits))
+            }),
+            (masked(0x83, b"x"), |e| {
+                matches!(e, Error::Protocol(P::InvalidOpcode(3)))
+            }),
+            (masked(0x8B, b"x"), |e| {
+                matches!(e, Error::Protocol(P::InvalidOpcode(11)))
+            }),
+            (masked(0x80, b"x"), |e| {
+                matches!(e, Error::Protocol(P::UnexpectedContinueFrame))
+            }),
+            (masked(0x09, b"x"), |e| {
+                matches!(e, Error::Protocol(P::FragmentedControlFrame))
+            }),
+            (masked(0x89, &[0u8; 126]), |e| {
+                matches!(e, Error::Protocol(P::ControlFrameTooBig))
+            }),
+            (masked(0x88, b"x"), |e| {
+                matches!(e, Error::Protocol(P::InvalidCloseSequence))
+            }),
+            (masked(0x81, &[0xff, 0xfe]), |e| matches!(e, Error::Utf8(_))),
+            (masked(0x82, &[7u8; 200]), |e| {
+                matches!(
+                    e,
+                    Error::Capacity(CapacityError::MessageTooLong {
+                        size: 200,
+                        max_size: 100
+                    })
+                )
+            }),
+            (
+                [masked(0x02, &[1u8; 60]), masked(0x80, &[2u8; 60])].concat(),
+                |e| {
+                    matches!(
+                        e,
+                        Error::Capacity(CapacityError::MessageTooLong {
+                            size: 120,
+                            max_size: 100
+                        })
+                    )
+                },
+            ),
+            ([masked(0x02, b"ab"), masked(0x82, b"cd")].concat(), |e| {
+                matches!(e, Error::Protocol(P::ExpectedFragment(Data::Binary)))
+            }),
+            (masked(0x82, b"abc")[..5].to_vec(), |e| {
+                matches!(e, Error::Protocol(P::ResetWithoutClosingHandshake))
+            }),
+        ];
+        for (i, (raw, ok)) in cases.iter().enumerate() {
+            match server_reads(raw, 100).await {
+                Some(Err(e)) => assert!(ok(&e), "case {i}: {e:?}"),
+                other => panic!("case {i}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn fragments_interleaved_with_control_frames_assemble() {
+        let raw = [
+            masked(0x01, "héllo ".as_bytes()),
+            masked(0x89, b"p"),
+            masked(0x80, "wörld".as_bytes()),
+        ]
+        .concat();
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&raw).await.expect("write");
+        let (_, mut r) = WebSocket::new(b, Role::Server, 100).split();
+        assert!(matches!(r.next().await, Some(Ok(Message::Ping(p))) if &p[..] == b"p"));
+        assert!(
+            matches!(r.next().await, Some(Ok(Message::Text(t))) if t.as_str() == "héllo wörld")
+        );
+        // A close code nobody may send becomes 1002, as tungstenite reported it.
+        a.write_all(&masked(0x88, &1005u16.to_be_bytes()))
+            .await
+            .expect("write");
+        assert!(matches!(
+            r.next().await,
+            Some(Ok(Message::Close(Some(f)))) if f.code == CloseCode::Protocol
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_client_rejects_masked_frames() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        a.write_all(&masked(0x82, b"x")).await.expect("write");
+        let (_, mut r) = WebSocket::new(b, Role::Client, 100).split();
+        assert!(matches!(
+            r.next().await,
+            Some(Err(Error::Protocol(ProtocolError::MaskedFrameFromServer)))
+        ));
+    }
+}
