@@ -248,7 +248,9 @@ where
                     }
                     break Some(f);
                 }
-                _ = eof_notify.notified() => {}
+                // Only once our direction is done does the peer's eof end the loop (notify_one
+                // keeps a permit, so an eof seen earlier is not missed).
+                _ = eof_notify.notified(), if up_done => {}
                 s = stop.wait() => break Some(Failure::Stopped(s.0, s.1)),
                 _ = activity.idle(opts.idle_timeout) => break Some(Failure::Idle),
                 _ = keepalive_tick(opts.keepalive) => {
