@@ -41,6 +41,29 @@ fn forward(fx: &Fixture, listen: &Path, to: &str, client: &str, extra: &str) -> 
     )
 }
 
+/// Gateway A exporting `name` (the test server's Unix socket `sock`, with `extra` pipe
+/// settings) to alice, and gateway B with one `[[forward]]` to it; `prefix` starts both
+/// configs. Returns A, B and B's forward socket.
+fn exported_and_forwarded(
+    fx: &Fixture,
+    name: &str,
+    sock: &str,
+    extra: &str,
+    prefix: &str,
+) -> (Gateway, Gateway, std::path::PathBuf) {
+    let pipe_cfg = pipe(name, &format!("unix:{}", fx.p(sock)), &["alice"], extra);
+    let a = fx.serve(
+        "a.toml",
+        &format!("{prefix}{}", fx.server_config(&pipe_cfg)),
+    );
+    let fwd = fx.path("fwd.sock");
+    let b = fx.serve(
+        "b.toml",
+        &format!("{prefix}{}", forward(fx, &fwd, &a.url(name), "alice", "")),
+    );
+    (a, b, fwd)
+}
+
 /// The non-empty lines of `s`.
 fn lines(s: &str) -> Vec<&str> {
     s.lines().filter(|l| !l.trim().is_empty()).collect()
@@ -192,22 +215,8 @@ fn unix_echo_and_half_close_through_connect() {
 fn half_close_through_forward_config_and_forward_verb() {
     let fx = Fixture::new();
     let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
-    let gw = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe(
-            "sha",
-            &format!("unix:{}", fx.p("sha.sock")),
-            &["alice"],
-            "",
-        )),
-    );
-
     // A second gateway with only a [[forward]].
-    let fwd_sock = fx.path("fwd-cfg.sock");
-    let _b = fx.serve(
-        "b.toml",
-        &forward(&fx, &fwd_sock, &gw.url("sha"), "alice", ""),
-    );
+    let (gw, _b, fwd_sock) = exported_and_forwarded(&fx, "sha", "sha.sock", "", "");
     for size in [0usize, 1, 100_000, 2 << 20] {
         let data = random_bytes(size);
         let reply = unix_request(&fwd_sock, &data, Duration::from_secs(60));
@@ -1425,26 +1434,7 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
     let fx = Fixture::new();
     let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
     let keepalive = "[keepalive]\ninterval = \"1s\"\ntimeout = \"2s\"\n";
-    let gw = fx.serve(
-        "a.toml",
-        &format!(
-            "{keepalive}{}",
-            fx.server_config(&pipe(
-                "sha",
-                &format!("unix:{}", fx.p("sha.sock")),
-                &["alice"],
-                "",
-            ))
-        ),
-    );
-    let fwd_sock = fx.path("fwd.sock");
-    let _b = fx.serve(
-        "b.toml",
-        &format!(
-            "{keepalive}{}",
-            forward(&fx, &fwd_sock, &gw.url("sha"), "alice", "")
-        ),
-    );
+    let (gw, _b, fwd_sock) = exported_and_forwarded(&fx, "sha", "sha.sock", "", keepalive);
     // Twenty sessions, one after the other: they share the forward's pooled HTTP/2
     // connections instead of dialling twenty.
     for i in 0..20usize {
@@ -1486,20 +1476,8 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
 fn forward_over_http2_refusals_leave_the_shared_connection_usable() {
     let fx = Fixture::new();
     let _echo = UnixServer::echo(&fx.path("echo.sock"));
-    let gw = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe(
-            "echo",
-            &format!("unix:{}", fx.p("echo.sock")),
-            &["alice"],
-            "max_instances = 1",
-        )),
-    );
-    let fwd_sock = fx.path("fwd.sock");
-    let mut b = fx.serve(
-        "b.toml",
-        &forward(&fx, &fwd_sock, &gw.url("echo"), "alice", ""),
-    );
+    let (gw, mut b, fwd_sock) =
+        exported_and_forwarded(&fx, "echo", "echo.sock", "max_instances = 1", "");
     // Session 1 holds the pipe's only instance; its first echo proves it is open.
     let mut held = unix_connect(&fwd_sock);
     held.set_read_timeout(Some(Duration::from_secs(30)))
