@@ -3,10 +3,8 @@
 //! and host forwards (a local socket whose every connection becomes a session).
 
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +13,6 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -33,54 +30,9 @@ use crate::tunnel::{self, protocol, tls};
 /// A WebSocket session to a remote gateway.
 pub type WsStream = WebSocket<Carrier>;
 
-/// What a session's WebSocket runs on: an upgraded HTTP/1.1 connection of its own, or
-/// one stream of a pooled HTTP/2 connection.
-pub enum Carrier {
-    /// HTTP/1.1 upgrade (RFC 6455).
-    Http1(TokioIo<hyper::upgrade::Upgraded>),
-    /// HTTP/2 extended CONNECT (RFC 8441).
-    Http2(H2Stream),
-}
-
-impl AsyncRead for Carrier {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Http1(s) => Pin::new(s).poll_read(cx, buf),
-            Carrier::Http2(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Carrier {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Carrier::Http1(s) => Pin::new(s).poll_write(cx, buf),
-            Carrier::Http2(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Http1(s) => Pin::new(s).poll_flush(cx),
-            Carrier::Http2(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Carrier::Http1(s) => Pin::new(s).poll_shutdown(cx),
-            Carrier::Http2(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
+/// What a session's WebSocket runs on: an upgraded HTTP/1.1 connection of its own
+/// (`Left`, RFC 6455), or one stream of a pooled HTTP/2 connection (`Right`, RFC 8441).
+pub type Carrier = tokio_util::either::Either<TokioIo<hyper::upgrade::Upgraded>, H2Stream>;
 
 /// Response header of a 101 naming the session's effective direction.
 pub const HEADER_DIRECTION: &str = "pipebridge-direction";
@@ -417,7 +369,7 @@ impl Dialer {
             let up = hyper::upgrade::on(resp)
                 .await
                 .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
-            Ok((Carrier::Http1(TokioIo::new(up)), direction, mode))
+            Ok((Carrier::Left(TokioIo::new(up)), direction, mode))
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
@@ -551,7 +503,7 @@ impl Dialer {
         }
         let (direction, mode) = session_headers(&resp).map_err(H2Error::Session)?;
         Ok((
-            Carrier::Http2(H2Stream::new(stream, resp.into_body())),
+            Carrier::Right(H2Stream::new(stream, resp.into_body())),
             direction,
             mode,
         ))

@@ -1,5 +1,6 @@
-//! The carrier: TLS configs ([`tls`]), the `pipebridge.v1` frames ([`protocol`]) and
-//! the WebSocket settings both sides use.
+//! The carrier: TLS configs ([`tls`]), the `pipebridge.v1` control messages
+//! ([`protocol`]), the WebSocket data path ([`ws`]), HTTP/2 streams as its transport
+//! ([`h2io`]) and the HTTP/2 settings both sides use.
 
 pub mod h2io;
 pub mod protocol;

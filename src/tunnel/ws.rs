@@ -102,7 +102,7 @@ pub struct WsSource<S> {
     got_close: bool,
 }
 
-/// Applies (or removes) a WebSocket mask; `offset` is the payload position of `buf[0]`.
+/// Applies (or removes) a WebSocket mask to a payload that starts at `buf[0]`.
 pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
     let word = u64::from_ne_bytes([
         mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
