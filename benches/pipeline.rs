@@ -17,6 +17,10 @@
 //! if the pipeline is broken. Every process started is ended by pid at the end (Drop
 //! guards, also on panic); every loop is bounded in count and time; only loopback and
 //! Unix sockets are used. Nothing is installed unless `--install-competitors` is given.
+//!
+//! A/B runs of a change: `PIPEBRIDGE_BASELINE_BIN=/path/to/old/pipebridge` adds the tool
+//! `baseline` (that build, set up like `pipebridge`), interleaved with the others, so
+//! both builds are measured under the same machine load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -79,7 +83,7 @@ struct Opts {
 }
 
 const USAGE: &str = "usage: cargo bench --bench pipeline -- [--rounds N] [--smoke] \
-[--only pipebridge,socat,stunnel,ssh,websocat,direct] [--install-competitors] [--bulk-mib N] \
+[--only pipebridge,baseline,socat,stunnel,ssh,websocat,direct] [--install-competitors] [--bulk-mib N] \
 [--secs S] [--idle N] [--phases bulk,echo,c64,c512,new,idle]";
 
 fn parse_opts() -> R<Opts> {
@@ -183,11 +187,14 @@ enum Tool {
     Stunnel,
     Ssh,
     Websocat,
+    /// Another pipebridge build (`PIPEBRIDGE_BASELINE_BIN`), for A/B runs of a change.
+    Baseline,
 }
 
-const ALL_TOOLS: [Tool; 6] = [
+const ALL_TOOLS: [Tool; 7] = [
     Tool::Direct,
     Tool::Pipebridge,
+    Tool::Baseline,
     Tool::Socat,
     Tool::Stunnel,
     Tool::Ssh,
@@ -203,10 +210,11 @@ impl Tool {
             Tool::Stunnel => "stunnel",
             Tool::Ssh => "ssh",
             Tool::Websocat => "websocat",
+            Tool::Baseline => "baseline",
         }
     }
     fn competitor(self) -> bool {
-        !matches!(self, Tool::Direct | Tool::Pipebridge)
+        !matches!(self, Tool::Direct | Tool::Pipebridge | Tool::Baseline)
     }
     /// Idle sessions held for this tool at most (socat forks two processes per session).
     fn idle_cap(self) -> usize {
@@ -231,6 +239,7 @@ fn which(prog: &str) -> Option<PathBuf> {
 fn available(t: Tool) -> bool {
     match t {
         Tool::Direct | Tool::Pipebridge => true,
+        Tool::Baseline => baseline_bin().is_some(),
         Tool::Socat => which("socat").is_some(),
         Tool::Stunnel => which("stunnel4").or_else(|| which("stunnel")).is_some(),
         Tool::Ssh => {
@@ -654,6 +663,13 @@ fn pipebridge_bin() -> R<PathBuf> {
     Err("cannot find the pipebridge binary: run scripts/bench.sh (cargo build --release), or set PIPEBRIDGE_BIN".into())
 }
 
+/// The other pipebridge build an A/B run compares against.
+fn baseline_bin() -> Option<PathBuf> {
+    std::env::var_os("PIPEBRIDGE_BASELINE_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+}
+
 fn start(tool: Tool, env: &Env) -> R<Pipeline> {
     let p = match tool {
         Tool::Direct => Pipeline {
@@ -661,7 +677,12 @@ fn start(tool: Tool, env: &Env) -> R<Pipeline> {
             sock: env.target.clone(),
             procs: vec![],
         },
-        Tool::Pipebridge => start_pipebridge(env)?,
+        Tool::Pipebridge => start_pipebridge(env, tool, &env.bin)?,
+        Tool::Baseline => start_pipebridge(
+            env,
+            tool,
+            &baseline_bin().ok_or("PIPEBRIDGE_BASELINE_BIN is not set")?,
+        )?,
         Tool::Socat => start_socat(env)?,
         Tool::Stunnel => start_stunnel(env)?,
         Tool::Ssh => start_ssh(env)?,
@@ -685,8 +706,9 @@ fn start(tool: Tool, env: &Env) -> R<Pipeline> {
     ))
 }
 
-fn start_pipebridge(env: &Env) -> R<Pipeline> {
+fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let pki = &env.pki;
+    let name = tool.name();
     let srv = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
          [limits]\nmax_sessions = 100000\nmax_sessions_per_identity = 100000\n\n\
@@ -698,15 +720,15 @@ fn start_pipebridge(env: &Env) -> R<Pipeline> {
         q(&pki.join("ca.pem")),
         q(Path::new(&format!("unix:{}", env.target.display()))),
     );
-    let srv_cfg = env.dir.join("pb-server.toml");
+    let srv_cfg = env.dir.join(format!("{name}-server.toml"));
     std::fs::write(&srv_cfg, srv).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(&env.bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("serve").arg("--config").arg(&srv_cfg);
     let mut server = Proc::spawn(
-        "pipebridge server",
+        &format!("{name} server"),
         cmd,
         &env.dir,
-        env.dir.join("pb-server.log"),
+        env.dir.join(format!("{name}-server.log")),
     )?;
     let line = server.wait_log("pipebridge: listening on ", START_TIMEOUT)?;
     let addr = line
@@ -720,7 +742,7 @@ fn start_pipebridge(env: &Env) -> R<Pipeline> {
         .next()
         .and_then(|p| p.parse().ok())
         .ok_or_else(|| format!("cannot parse {line:?}"))?;
-    let sock = env.dir.join("pb.sock");
+    let sock = env.dir.join(format!("{name}.sock"));
     // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
     let cli = format!(
@@ -730,25 +752,26 @@ fn start_pipebridge(env: &Env) -> R<Pipeline> {
         q(&pki.join("bench.pem")),
         q(&pki.join("bench.key")),
     );
-    let cli_cfg = env.dir.join("pb-client.toml");
+    let cli_cfg = env.dir.join(format!("{name}-client.toml"));
     std::fs::write(&cli_cfg, cli).map_err(|e| e.to_string())?;
-    let mut cmd = Command::new(&env.bin);
+    let mut cmd = Command::new(bin);
     cmd.arg("serve").arg("--config").arg(&cli_cfg);
     let mut client = Proc::spawn(
-        "pipebridge client",
+        &format!("{name} client"),
         cmd,
         &env.dir,
-        env.dir.join("pb-client.log"),
+        env.dir.join(format!("{name}-client.log")),
     )?;
     client.wait_log("pipebridge: forwarding ", START_TIMEOUT)?;
     eprintln!(
-        "bench: pipebridge server pid {} (port {port}), client pid {} ({})",
+        "bench: {name} ({}) server pid {} (port {port}), client pid {} ({})",
+        bin.display(),
         server.pid(),
         client.pid(),
         sock.display()
     );
     Ok(Pipeline {
-        tool: Tool::Pipebridge,
+        tool,
         sock,
         procs: vec![server, client],
     })

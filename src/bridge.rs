@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::endpoint::message::MsgError;
 use crate::endpoint::{Local, Reader, Writer};
 use crate::tunnel::protocol::{self, Control, ErrorKind};
-use crate::tunnel::ws::{WebSocket, WsSink, WsSource, HEADROOM};
+use crate::tunnel::ws::{OwnedWrite, Transport, WebSocket, WsSink, WsSource, HEADROOM};
 
 /// Largest local read (one binary message at most this big in byte mode): 128 KiB less
 /// the largest WebSocket header (14 bytes, masked), so a full frame fills whole TLS
@@ -189,16 +189,13 @@ impl Activity {
 }
 
 /// Runs a session until both directions are done or it fails; returns how it ended.
-pub async fn run<S>(
+pub async fn run<S: Transport>(
     ws: WebSocket<S>,
     local: Local,
     counters: &Counters,
     mut stop: StopSignal,
     opts: Options,
-) -> Outcome
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Outcome {
     let (sink, mut stream) = ws.split();
     // Shared by the upstream and keepalive pings; the upstream holds it only per send.
     let sink = tokio::sync::Mutex::new(sink);
@@ -296,16 +293,13 @@ where
     finish(sink.into_inner(), stream, failure, exit, peer_error).await
 }
 
-async fn finish<S>(
-    mut sink: WsSink<S>,
-    mut stream: WsSource<S>,
+async fn finish<W: OwnedWrite, R: AsyncRead + Unpin>(
+    mut sink: WsSink<W>,
+    mut stream: WsSource<R>,
     failure: Option<Failure>,
     exit: Option<Control>,
     peer_error: Option<(String, String)>,
-) -> Outcome
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Outcome {
     let mut out = Outcome {
         code: protocol::CLOSE_NORMAL,
         reason: "done".into(),
@@ -405,29 +399,22 @@ where
     // connection of its own, END_STREAM on an HTTP/2 stream; then wait (bounded) for the
     // peer's end, so an HTTP/2 stream is closed cleanly rather than reset (resets are
     // rate-limited per connection by peers).
-    if let Some(mut io) = sink.reunite(stream) {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            io.shutdown().await?;
-            let mut scratch = [0u8; 1024];
-            while io.read(&mut scratch).await? > 0 {}
-            Ok::<(), std::io::Error>(())
-        })
-        .await;
-    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        sink.shutdown().await?;
+        stream.drain().await
+    })
+    .await;
     out
 }
 
 /// Local → network: read chunks, send binary messages; then the child's `exit`, then `eof`.
-async fn upstream<S>(
+async fn upstream<W: OwnedWrite>(
     reader: Option<Reader>,
     child: Option<&mut tokio::process::Child>,
-    sink: &tokio::sync::Mutex<WsSink<S>>,
+    sink: &tokio::sync::Mutex<WsSink<W>>,
     counters: &Counters,
     activity: &Activity,
-) -> Result<(), Failure>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Result<(), Failure> {
     match reader {
         Some(Reader::Bytes(mut r)) => {
             // Reads land behind room for the frame header, so the sink frames them in
@@ -435,8 +422,10 @@ where
             let mut want = FIRST_READ_BYTES;
             let mut buf = BytesMut::new();
             loop {
+                // One reservation for header room and read (after a big frame went to
+                // the transport by value, `buf` is empty and reclaims or reallocates).
+                buf.reserve(HEADROOM + want);
                 buf.resize(HEADROOM, 0);
-                buf.reserve(want);
                 let n = r
                     .read_buf(&mut bytes::BufMut::limit(&mut buf, want))
                     .await
@@ -508,9 +497,9 @@ fn exit_control(status: std::process::ExitStatus) -> Control {
 /// Network → local. Returns only on failure or the peer's Close; signals `eof` through
 /// `eof_seen`/`eof_notify` and keeps reading (so a Close or error after it is seen).
 #[allow(clippy::too_many_arguments)]
-async fn downstream<S>(
-    stream: &mut WsSource<S>,
-    sink: &tokio::sync::Mutex<WsSink<S>>,
+async fn downstream<W: OwnedWrite, R: AsyncRead + Unpin>(
+    stream: &mut WsSource<R>,
+    sink: &tokio::sync::Mutex<WsSink<W>>,
     writer: &mut Option<Writer>,
     counters: &Counters,
     eof_seen: &AtomicBool,
@@ -519,10 +508,7 @@ async fn downstream<S>(
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
     discard_on_epipe: bool,
-) -> Failure
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> Failure {
     let mut discarding = false;
     loop {
         let msg = match stream.next().await {

@@ -997,10 +997,7 @@ struct SessionStart {
 
 impl SessionStart {
     /// Runs the session over `io` to its end, then writes its audit record.
-    async fn run<S>(self, io: S)
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    {
+    async fn run<S: tunnel::ws::Transport>(self, io: S) {
         let SessionStart {
             local,
             max_message,

@@ -16,27 +16,54 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// One HTTP/2 stream as a byte stream (the WebSocket's transport).
+use super::ws::{OwnedWrite, Transport};
+
+/// One HTTP/2 stream, the transport of a WebSocket ([`super::ws::Transport`]): its
+/// halves are h2's own, so reading and writing share no lock.
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
-    /// The part of the last DATA frame not read yet.
-    buf: Bytes,
-    /// END_STREAM sent.
-    shut: bool,
 }
 
 impl H2Stream {
     /// The stream whose halves are `send` and `recv`.
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream {
-            send,
-            recv,
-            buf: Bytes::new(),
-            shut: false,
-        }
+        H2Stream { send, recv }
     }
+}
 
+impl Transport for H2Stream {
+    type Read = H2Recv;
+    type Write = H2Send;
+    fn into_halves(self) -> (H2Recv, H2Send) {
+        (
+            H2Recv {
+                recv: self.recv,
+                buf: Bytes::new(),
+            },
+            H2Send {
+                send: self.send,
+                shut: false,
+            },
+        )
+    }
+}
+
+/// The reading half of an [`H2Stream`].
+pub struct H2Recv {
+    recv: RecvStream,
+    /// The part of the last DATA frame not read yet.
+    buf: Bytes,
+}
+
+/// The writing half of an [`H2Stream`].
+pub struct H2Send {
+    send: SendStream<Bytes>,
+    /// END_STREAM sent.
+    shut: bool,
+}
+
+impl H2Send {
     /// The error for a write the peer's reset (or a dead connection) refused.
     fn write_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
@@ -46,6 +73,35 @@ impl H2Stream {
             Ok(reason) => io::Error::other(h2::Error::from(reason)),
             Err(e) => to_io(e),
         })
+    }
+
+    /// Sends up to `want` bytes that `take` cuts off its input once h2 grants
+    /// capacity: the peer's windows are the backpressure. Returns how many went.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+        take: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
+        if self.shut {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        self.send.reserve_capacity(want);
+        loop {
+            let granted = self.send.capacity();
+            if granted > 0 {
+                let n = granted.min(want);
+                return match self.send.send_data(take(n), false) {
+                    Ok(()) => Poll::Ready(Ok(n)),
+                    Err(_) => self.write_error(cx).map(Err),
+                };
+            }
+            // No capacity yet (windows full, or granted to other streams first): wait.
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return self.write_error(cx).map(Err),
+            }
+        }
     }
 }
 
@@ -58,7 +114,7 @@ fn to_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Stream {
+impl AsyncRead for H2Recv {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -88,37 +144,17 @@ impl AsyncRead for H2Stream {
     }
 }
 
-impl AsyncWrite for H2Stream {
+impl AsyncWrite for H2Send {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if self.shut {
-            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-        }
-        self.send.reserve_capacity(data.len());
-        loop {
-            let granted = self.send.capacity();
-            if granted > 0 {
-                let n = granted.min(data.len());
-                return match self
-                    .send
-                    .send_data(Bytes::copy_from_slice(&data[..n]), false)
-                {
-                    Ok(()) => Poll::Ready(Ok(n)),
-                    Err(_) => self.write_error(cx).map(Err),
-                };
-            }
-            // No capacity yet (windows full, or granted to other streams first): wait.
-            match ready!(self.send.poll_capacity(cx)) {
-                Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return self.write_error(cx).map(Err),
-            }
-        }
+        self.get_mut()
+            .poll_send(cx, data.len(), |n| Bytes::copy_from_slice(&data[..n]))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -137,6 +173,21 @@ impl AsyncWrite for H2Stream {
             }
             Err(_) => self.write_error(cx).map(Err),
         }
+    }
+}
+
+/// Buffers go into DATA frames as they are: no copy.
+impl OwnedWrite for H2Send {
+    fn poll_write_owned(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while !data.is_empty() {
+            ready!(this.poll_send(cx, data.len(), |n| data.split_to(n)))?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

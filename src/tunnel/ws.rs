@@ -13,15 +13,19 @@
 //! text and close reasons, close codes, and the message limit (checked on the declared
 //! length, before any payload is buffered).
 
-use std::io::Cursor;
+use std::io::{self, Cursor};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::{FrameHeader, Utf8Bytes};
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::either::Either;
 
 /// Room a buffer passed to [`WsSink::send_framed`] keeps in front of its payload for the
 /// frame header (the longest header: 64-bit length and a mask).
@@ -32,20 +36,103 @@ const MIN_READ: usize = 2 * 1024;
 const MAX_RESERVE: usize = 1 << 20;
 /// Outgoing buffers above this are freed after use rather than kept per session.
 const KEEP_OUT_BYTES: usize = 16 * 1024;
+/// Frames from this size on are handed to the transport by value ([`OwnedWrite`]);
+/// smaller ones are copied (cheaper than a fresh buffer per message).
+const OWNED_WRITE_MIN: usize = 16 * 1024;
 
 type Result<T> = std::result::Result<T, Error>;
 
-/// A WebSocket over the transport `S`, after the handshake.
-pub struct WebSocket<S> {
-    sink: WsSink<S>,
-    source: WsSource<S>,
+/// A session's transport as a reading and a writing half that share no lock.
+pub trait Transport {
+    /// The reading half.
+    type Read: AsyncRead + Unpin;
+    /// The writing half.
+    type Write: OwnedWrite;
+    /// Splits the transport.
+    fn into_halves(self) -> (Self::Read, Self::Write);
 }
 
-impl<S: AsyncRead + AsyncWrite> WebSocket<S> {
+/// A writer that can take an outgoing buffer by value: a transport that queues buffers
+/// (an HTTP/2 stream's DATA frames) keeps it instead of copying it.
+pub trait OwnedWrite: AsyncWrite + Unpin {
+    /// Writes all of `data`, consuming it; the default copies it through `poll_write`.
+    fn poll_write_owned(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        while !data.is_empty() {
+            let n = ready!(self.as_mut().poll_write(cx, data))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            data.advance(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> OwnedWrite for WriteHalf<T> {}
+
+/// An upgraded HTTP/1.1 connection (one session per TLS connection).
+impl Transport for TokioIo<hyper::upgrade::Upgraded> {
+    type Read = ReadHalf<Self>;
+    type Write = WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// In-memory pipes (tests).
+impl Transport for tokio::io::DuplexStream {
+    type Read = ReadHalf<Self>;
+    type Write = WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+impl<A: Transport, B: Transport> Transport for Either<A, B> {
+    type Read = Either<A::Read, B::Read>;
+    type Write = Either<A::Write, B::Write>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        match self {
+            Either::Left(a) => {
+                let (r, w) = a.into_halves();
+                (Either::Left(r), Either::Left(w))
+            }
+            Either::Right(b) => {
+                let (r, w) = b.into_halves();
+                (Either::Right(r), Either::Right(w))
+            }
+        }
+    }
+}
+
+impl<A: OwnedWrite, B: OwnedWrite> OwnedWrite for Either<A, B> {
+    fn poll_write_owned(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Either::Left(a) => Pin::new(a).poll_write_owned(cx, data),
+            Either::Right(b) => Pin::new(b).poll_write_owned(cx, data),
+        }
+    }
+}
+
+/// A WebSocket over the transport `S`, after the handshake.
+pub struct WebSocket<S: Transport> {
+    sink: WsSink<S::Write>,
+    source: WsSource<S::Read>,
+}
+
+impl<S: Transport> WebSocket<S> {
     /// `io` as a WebSocket speaking as `role`, accepting messages of at most
     /// `max_message` bytes.
     pub fn new(io: S, role: Role, max_message: usize) -> WebSocket<S> {
-        let (r, w) = tokio::io::split(io);
+        let (r, w) = io.into_halves();
         WebSocket {
             sink: WsSink {
                 io: w,
@@ -66,7 +153,7 @@ impl<S: AsyncRead + AsyncWrite> WebSocket<S> {
     }
 
     /// The writing and the reading half.
-    pub fn split(self) -> (WsSink<S>, WsSource<S>) {
+    pub fn split(self) -> (WsSink<S::Write>, WsSource<S::Read>) {
         (self.sink, self.source)
     }
 
@@ -82,16 +169,16 @@ impl<S: AsyncRead + AsyncWrite> WebSocket<S> {
 }
 
 /// The sending half.
-pub struct WsSink<S> {
-    io: WriteHalf<S>,
+pub struct WsSink<W> {
+    io: W,
     role: Role,
     out: BytesMut,
     sent_close: bool,
 }
 
 /// The receiving half.
-pub struct WsSource<S> {
-    io: ReadHalf<S>,
+pub struct WsSource<R> {
+    io: R,
     role: Role,
     max: usize,
     buf: BytesMut,
@@ -130,7 +217,7 @@ fn header_for(role: Role, opcode: OpCode) -> FrameHeader {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite> WsSink<S> {
+impl<W: OwnedWrite> WsSink<W> {
     /// Sends one message (a whole frame) and flushes it.
     pub async fn send(&mut self, msg: Message) -> Result<()> {
         let (opcode, payload) = match msg {
@@ -164,7 +251,12 @@ impl<S: AsyncRead + AsyncWrite> WsSink<S> {
         if let Some(m) = header.mask {
             apply_mask(&mut self.out[start..], m);
         }
-        let r = write_out(&mut self.io, &self.out).await;
+        let r = if self.out.len() >= OWNED_WRITE_MIN {
+            let frame = self.out.split().freeze();
+            self.write_owned(frame).await
+        } else {
+            write_out(&mut self.io, &self.out).await
+        };
         if self.out.capacity() > KEEP_OUT_BYTES {
             self.out = BytesMut::new();
         }
@@ -172,8 +264,8 @@ impl<S: AsyncRead + AsyncWrite> WsSink<S> {
     }
 
     /// Sends `buf[HEADROOM..]` as one binary message, writing the frame header into the
-    /// headroom and masking in place: no copy of the payload. `buf` is left as it was
-    /// before the payload (cleared to its headroom) for the next read.
+    /// headroom and masking in place: no copy of the payload. `buf` is left empty for the
+    /// next read (a big frame's buffer goes to the transport by value).
     pub async fn send_framed(&mut self, buf: &mut BytesMut) -> Result<()> {
         if self.sent_close {
             return Err(Error::Protocol(ProtocolError::SendAfterClosing));
@@ -188,9 +280,22 @@ impl<S: AsyncRead + AsyncWrite> WsSink<S> {
         if let Some(m) = header.mask {
             apply_mask(&mut buf[HEADROOM..], m);
         }
+        if buf.len() - start >= OWNED_WRITE_MIN {
+            // Big frames go by value; the buffer's next reservation reclaims the
+            // allocation once the transport is done with it, or starts a fresh one.
+            buf.advance(start);
+            return self.write_owned(buf.split().freeze()).await;
+        }
         let r = write_out(&mut self.io, &buf[start..]).await;
-        buf.truncate(HEADROOM);
+        buf.clear();
         r
+    }
+
+    /// Writes a whole frame by value and flushes.
+    async fn write_owned(&mut self, mut frame: Bytes) -> Result<()> {
+        std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write_owned(cx, &mut frame)).await?;
+        self.io.flush().await?;
+        Ok(())
     }
 
     /// Flushes the transport.
@@ -198,25 +303,20 @@ impl<S: AsyncRead + AsyncWrite> WsSink<S> {
         self.io.flush().await.map_err(Error::Io)
     }
 
-    /// The transport again, from both halves (`None` if they are not a pair).
-    pub fn reunite(self, source: WsSource<S>) -> Option<S>
-    where
-        S: Unpin,
-    {
-        source
-            .io
-            .is_pair_of(&self.io)
-            .then(|| source.io.unsplit(self.io))
+    /// Ends the transport's sending side (TLS close_notify, or END_STREAM on an HTTP/2
+    /// stream).
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
     }
 }
 
-async fn write_out<W: AsyncWrite>(io: &mut WriteHalf<W>, data: &[u8]) -> Result<()> {
+async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, data: &[u8]) -> Result<()> {
     io.write_all(data).await?;
     io.flush().await?;
     Ok(())
 }
 
-impl<S: AsyncRead + AsyncWrite> WsSource<S> {
+impl<R: AsyncRead + Unpin> WsSource<R> {
     /// The next message; `None` once the peer's Close was received, or when the transport
     /// ended after it.
     pub async fn next(&mut self) -> Option<Result<Message>> {
@@ -245,6 +345,13 @@ impl<S: AsyncRead + AsyncWrite> WsSource<S> {
                 Err(e) => return Some(Err(Error::Io(e))),
             }
         }
+    }
+
+    /// Reads the transport to its end, discarding what arrives.
+    pub async fn drain(&mut self) -> io::Result<()> {
+        let mut scratch = [0u8; 1024];
+        while self.io.read(&mut scratch).await? > 0 {}
+        Ok(())
     }
 
     /// One complete frame from the buffer turned into a message, if there is one.
@@ -423,11 +530,14 @@ mod tests {
         let (mut cs, mut cr) = c.split();
         let (mut ss, mut sr) = s.split();
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        // A small frame (copied into the transport) and a big one (handed over by value).
         let mut framed = BytesMut::new();
-        framed.resize(HEADROOM, 0);
-        framed.extend_from_slice(&big[..70_000]);
-        cs.send_framed(&mut framed).await.expect("send framed");
-        assert_eq!(framed.len(), HEADROOM);
+        for part in [&big[..100], &big[..70_000]] {
+            framed.resize(HEADROOM, 0);
+            framed.extend_from_slice(part);
+            cs.send_framed(&mut framed).await.expect("send framed");
+            assert!(framed.is_empty());
+        }
         cs.send(Message::Binary(Bytes::new())).await.expect("empty");
         cs.send(Message::text("{\"type\":\"eof\"}"))
             .await
@@ -435,9 +545,11 @@ mod tests {
         ss.send(Message::Binary(Bytes::from(big[..300_000].to_vec())))
             .await
             .expect("big");
-        match sr.next().await {
-            Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], &big[..70_000]),
-            other => panic!("{other:?}"),
+        for want in [&big[..100], &big[..70_000]] {
+            match sr.next().await {
+                Some(Ok(Message::Binary(b))) => assert_eq!(&b[..], want),
+                other => panic!("{other:?}"),
+            }
         }
         assert!(matches!(sr.next().await, Some(Ok(Message::Binary(b))) if b.is_empty()));
         assert!(
@@ -465,7 +577,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(cr.next().await.is_none(), "nothing after Close");
-        assert!(cs.reunite(cr).is_some());
+        // Ending the transport: each side's shutdown is the other's end of input.
+        cs.shutdown().await.expect("client shutdown");
+        ss.shutdown().await.expect("server shutdown");
+        cr.drain().await.expect("client drain");
+        sr.drain().await.expect("server drain");
     }
 
     /// Raw frames against a server-side source: each must fail the way tungstenite did.
