@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::endpoint::message::MsgError;
 use crate::endpoint::{Local, Reader, Writer};
 use crate::tunnel::protocol::{self, Control, ErrorKind};
-use crate::tunnel::ws::{OwnedWrite, Transport, WebSocket, WsSink, WsSource, HEADROOM};
+use crate::tunnel::ws::{ChunkRead, OwnedWrite, Transport, WebSocket, WsSink, WsSource, HEADROOM};
 
 /// Largest local read (one binary message at most this big in byte mode): 128 KiB less
 /// the largest WebSocket header (14 bytes, masked), so a full frame fills whole TLS
@@ -293,7 +293,7 @@ pub async fn run<S: Transport>(
     finish(sink.into_inner(), stream, failure, exit, peer_error).await
 }
 
-async fn finish<W: OwnedWrite, R: AsyncRead + Unpin>(
+async fn finish<W: OwnedWrite, R: ChunkRead>(
     mut sink: WsSink<W>,
     mut stream: WsSource<R>,
     failure: Option<Failure>,
@@ -497,7 +497,7 @@ fn exit_control(status: std::process::ExitStatus) -> Control {
 /// Network → local. Returns only on failure or the peer's Close; signals `eof` through
 /// `eof_seen`/`eof_notify` and keeps reading (so a Close or error after it is seen).
 #[allow(clippy::too_many_arguments)]
-async fn downstream<W: OwnedWrite, R: AsyncRead + Unpin>(
+async fn downstream<W: OwnedWrite, R: ChunkRead>(
     stream: &mut WsSource<R>,
     sink: &tokio::sync::Mutex<WsSink<W>>,
     writer: &mut Option<Writer>,

@@ -16,7 +16,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::ws::{OwnedWrite, Transport};
+use super::ws::{ChunkRead, OwnedWrite, Transport};
 
 /// One HTTP/2 stream, the transport of a WebSocket ([`super::ws::Transport`]): its
 /// halves are h2's own, so reading and writing share no lock.
@@ -114,19 +114,17 @@ fn to_io(e: h2::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for H2Recv {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+impl H2Recv {
+    /// Fills `buf` with the next DATA frame if it is empty; `false` at the end of the
+    /// stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.buf.is_empty() {
             match ready!(self.recv.poll_data(cx)) {
-                None => return Poll::Ready(Ok(())),
+                None => return Poll::Ready(Ok(false)),
                 Some(Ok(b)) => self.buf = b,
                 Some(Err(e)) => {
                     return Poll::Ready(match e.reason() {
-                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
+                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(false),
                         Some(Reason::STREAM_CLOSED) => {
                             Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
                         }
@@ -135,12 +133,47 @@ impl AsyncRead for H2Recv {
                 }
             }
         }
-        let n = self.buf.len().min(out.remaining());
-        out.put_slice(&self.buf[..n]);
-        self.buf.advance(n);
-        // Give the window back as the data is consumed (h2 sends WINDOW_UPDATE in bulk).
+        Poll::Ready(Ok(true))
+    }
+
+    /// Gives the window back as data is consumed (h2 sends WINDOW_UPDATE in bulk).
+    fn consumed(&mut self, n: usize) {
         let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
+impl AsyncRead for H2Recv {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !ready!(this.poll_fill(cx))? {
+            return Poll::Ready(Ok(()));
+        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
+        this.consumed(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// DATA frames go on as they are: no copy.
+impl ChunkRead for H2Recv {
+    fn has_chunks(&self) -> bool {
+        true
+    }
+
+    fn poll_chunk(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        let this = self.get_mut();
+        if !ready!(this.poll_fill(cx))? {
+            return Poll::Ready(Ok(None));
+        }
+        let b = std::mem::take(&mut this.buf);
+        this.consumed(b.len());
+        Poll::Ready(Ok(Some(b)))
     }
 }
 

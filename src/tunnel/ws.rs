@@ -45,7 +45,7 @@ type Result<T> = std::result::Result<T, Error>;
 /// A session's transport as a reading and a writing half that share no lock.
 pub trait Transport {
     /// The reading half.
-    type Read: AsyncRead + Unpin;
+    type Read: ChunkRead;
     /// The writing half.
     type Write: OwnedWrite;
     /// Splits the transport.
@@ -73,6 +73,22 @@ pub trait OwnedWrite: AsyncWrite + Unpin {
 }
 
 impl<T: AsyncWrite> OwnedWrite for WriteHalf<T> {}
+
+/// A reader that can also hand over what it received by value: a transport that
+/// receives into buffers of its own (HTTP/2 DATA frames) gives them on without a copy.
+pub trait ChunkRead: AsyncRead + Unpin {
+    /// Whether [`ChunkRead::poll_chunk`] works (the default: no, use `poll_read`).
+    fn has_chunks(&self) -> bool {
+        false
+    }
+
+    /// The next received buffer; `None` at the end of the stream.
+    fn poll_chunk(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+impl<T: AsyncRead> ChunkRead for ReadHalf<T> {}
 
 /// An upgraded HTTP/1.1 connection (one session per TLS connection).
 impl Transport for TokioIo<hyper::upgrade::Upgraded> {
@@ -105,6 +121,22 @@ impl<A: Transport, B: Transport> Transport for Either<A, B> {
                 let (r, w) = b.into_halves();
                 (Either::Right(r), Either::Right(w))
             }
+        }
+    }
+}
+
+impl<A: ChunkRead, B: ChunkRead> ChunkRead for Either<A, B> {
+    fn has_chunks(&self) -> bool {
+        match self {
+            Either::Left(a) => a.has_chunks(),
+            Either::Right(b) => b.has_chunks(),
+        }
+    }
+
+    fn poll_chunk(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        match self.get_mut() {
+            Either::Left(a) => Pin::new(a).poll_chunk(cx),
+            Either::Right(b) => Pin::new(b).poll_chunk(cx),
         }
     }
 }
@@ -146,6 +178,7 @@ impl<S: Transport> WebSocket<S> {
                 max: max_message,
                 buf: BytesMut::new(),
                 want: 0,
+                chunk: Bytes::new(),
                 frag: None,
                 got_close: false,
             },
@@ -184,6 +217,8 @@ pub struct WsSource<R> {
     buf: BytesMut,
     /// Bytes still missing for the frame at the front of `buf`.
     want: usize,
+    /// A received chunk whose frames are parsed in place (`buf` is empty meanwhile).
+    chunk: Bytes,
     /// A fragmented message being assembled: text or not, and its data so far.
     frag: Option<(bool, BytesMut)>,
     got_close: bool,
@@ -316,18 +351,42 @@ async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, data: &[u8]) -> Result<()>
     Ok(())
 }
 
-impl<R: AsyncRead + Unpin> WsSource<R> {
+impl<R: ChunkRead> WsSource<R> {
     /// The next message; `None` once the peer's Close was received, or when the transport
     /// ended after it.
     pub async fn next(&mut self) -> Option<Result<Message>> {
         if self.got_close {
             return None;
         }
+        // Unmasked frames (a client's input) that arrive whole in one of the transport's
+        // own buffers go on as slices of it; masked ones need a copy to unmask anyway.
+        let chunks = self.role == Role::Client && self.io.has_chunks();
         loop {
-            match self.parse() {
+            let parsed = if self.buf.is_empty() {
+                self.parse_chunk()
+            } else {
+                Ok(None)
+            };
+            match parsed.and_then(|m| m.map_or_else(|| self.parse(), |m| Ok(Some(m)))) {
                 Ok(Some(m)) => return Some(Ok(m)),
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
+            }
+            if chunks {
+                match std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_chunk(cx)).await {
+                    Ok(Some(c)) if self.buf.is_empty() => self.chunk = c,
+                    Ok(Some(c)) => {
+                        self.buf.reserve(self.want.min(MAX_RESERVE));
+                        self.buf.extend_from_slice(&c);
+                    }
+                    Ok(None) => {
+                        return Some(Err(Error::Protocol(
+                            ProtocolError::ResetWithoutClosingHandshake,
+                        )))
+                    }
+                    Err(e) => return Some(Err(Error::Io(e))),
+                }
+                continue;
             }
             if self.want > 0 {
                 let room = self.buf.capacity() - self.buf.len();
@@ -345,6 +404,36 @@ impl<R: AsyncRead + Unpin> WsSource<R> {
                 Err(e) => return Some(Err(Error::Io(e))),
             }
         }
+    }
+
+    /// One complete frame from the received chunk turned into a message, if there is
+    /// one; a frame the chunk holds only the start of moves to `buf`.
+    fn parse_chunk(&mut self) -> Result<Option<Message>> {
+        while !self.chunk.is_empty() {
+            let mut cur = Cursor::new(&self.chunk[..]);
+            let Some((header, len)) = FrameHeader::parse(&mut cur)? else {
+                break;
+            };
+            let hlen = cur.position() as usize;
+            self.check(&header, len)?;
+            let end = hlen + len as usize;
+            if self.chunk.len() < end {
+                break;
+            }
+            let mut payload = self.chunk.split_to(end);
+            payload.advance(hlen);
+            if let Some(m) = header.mask {
+                let mut owned = BytesMut::from(&payload[..]);
+                apply_mask(&mut owned, m);
+                payload = owned.freeze();
+            }
+            if let Some(m) = self.message(header, payload)? {
+                return Ok(Some(m));
+            }
+        }
+        self.buf.extend_from_slice(&self.chunk);
+        self.chunk.clear();
+        Ok(None)
     }
 
     /// Reads the transport to its end, discarding what arrives.
@@ -375,7 +464,7 @@ impl<R: AsyncRead + Unpin> WsSource<R> {
             if let Some(m) = header.mask {
                 apply_mask(&mut payload, m);
             }
-            if let Some(m) = self.message(header, payload)? {
+            if let Some(m) = self.message(header, payload.freeze())? {
                 return Ok(Some(m));
             }
         }
@@ -418,8 +507,7 @@ impl<R: AsyncRead + Unpin> WsSource<R> {
         Ok(())
     }
 
-    fn message(&mut self, h: FrameHeader, payload: BytesMut) -> Result<Option<Message>> {
-        let payload = payload.freeze();
+    fn message(&mut self, h: FrameHeader, payload: Bytes) -> Result<Option<Message>> {
         match h.opcode {
             OpCode::Control(Control::Ping) => Ok(Some(Message::Ping(payload))),
             OpCode::Control(Control::Pong) => Ok(Some(Message::Pong(payload))),
@@ -708,6 +796,134 @@ mod tests {
         assert!(matches!(
             r.next().await,
             Some(Err(Error::Protocol(ProtocolError::MaskedFrameFromServer)))
+        ));
+    }
+
+    /// A transport that receives in buffers of its own (like an HTTP/2 stream), cut
+    /// where the test says.
+    struct Chunked(std::collections::VecDeque<Bytes>);
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(front) = self.0.front_mut() {
+                let n = front.len().min(out.remaining());
+                out.put_slice(&front.split_to(n));
+                if front.is_empty() {
+                    self.0.pop_front();
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ChunkRead for Chunked {
+        fn has_chunks(&self) -> bool {
+            true
+        }
+        fn poll_chunk(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<io::Result<Option<Bytes>>> {
+            Poll::Ready(Ok(self.0.pop_front()))
+        }
+    }
+
+    impl OwnedWrite for tokio::io::Sink {}
+
+    impl Transport for Chunked {
+        type Read = Chunked;
+        type Write = tokio::io::Sink;
+        fn into_halves(self) -> (Chunked, tokio::io::Sink) {
+            (self, tokio::io::sink())
+        }
+    }
+
+    fn unmasked(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![first];
+        match payload.len() {
+            n if n < 126 => v.push(n as u8),
+            n if n <= 0xffff => {
+                v.push(126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// A client's source taking the transport's own buffers: frames whole in a buffer,
+    /// frames cut anywhere across buffers, and several frames in one buffer all come
+    /// out intact and in order.
+    #[tokio::test]
+    async fn frames_from_received_buffers_come_out_intact_however_they_are_cut() {
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let frames = [
+            unmasked(0x82, b"first"),
+            unmasked(0x81, b"{\"type\":\"eof\"}"),
+            unmasked(0x82, &big),
+            unmasked(0x02, b"frag-"),
+            unmasked(0x89, b"ping"),
+            unmasked(0x80, b"ment"),
+            unmasked(0x82, b""),
+            unmasked(0x88, &1000u16.to_be_bytes()),
+        ];
+        let raw = frames.concat();
+        let cuts: [&[usize]; 5] = [
+            &[],
+            &[1],
+            &[frames[0].len(), frames[0].len() + frames[1].len() + 3],
+            &[2, 9, 100, 40_000, 70_030, 70_045, 70_046],
+            &[raw.len() - 1],
+        ];
+        for cut in cuts {
+            let mut chunks = std::collections::VecDeque::new();
+            let mut at = 0;
+            for &c in cut.iter().chain(std::iter::once(&raw.len())) {
+                chunks.push_back(Bytes::copy_from_slice(&raw[at..c]));
+                at = c;
+            }
+            let (_, mut r) = WebSocket::new(Chunked(chunks), Role::Client, 1 << 20).split();
+            let mut got = Vec::new();
+            while let Some(m) = r.next().await {
+                got.push(m.unwrap_or_else(|e| panic!("cut {cut:?}: {e}")));
+            }
+            let want = vec![
+                Message::Binary(Bytes::from_static(b"first")),
+                Message::text("{\"type\":\"eof\"}"),
+                Message::Binary(Bytes::from(big.clone())),
+                Message::Ping(Bytes::from_static(b"ping")),
+                Message::Binary(Bytes::from_static(b"frag-ment")),
+                Message::Binary(Bytes::new()),
+                Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                })),
+            ];
+            assert_eq!(got, want, "cut {cut:?}");
+        }
+        // A masked frame from the server is refused on this path too, and a stream that
+        // ends inside a frame is a reset.
+        let chunks = [Bytes::from(masked(0x82, b"x"))].into();
+        let (_, mut r) = WebSocket::new(Chunked(chunks), Role::Client, 100).split();
+        assert!(matches!(
+            r.next().await,
+            Some(Err(Error::Protocol(ProtocolError::MaskedFrameFromServer)))
+        ));
+        let chunks = [Bytes::copy_from_slice(&unmasked(0x82, b"cut short")[..5])].into();
+        let (_, mut r) = WebSocket::new(Chunked(chunks), Role::Client, 100).split();
+        assert!(matches!(
+            r.next().await,
+            Some(Err(Error::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+            )))
         ));
     }
 }
