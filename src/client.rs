@@ -23,7 +23,7 @@ use crate::bridge::{self, Counters, StopSignal};
 use crate::config::secret::Secret;
 use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
 use crate::endpoint::Local;
-use crate::tunnel::h2io::H2Stream;
+use crate::tunnel::h2io::{H2Stream, InFlight};
 use crate::tunnel::ws::WebSocket;
 use crate::tunnel::{self, protocol, tls};
 
@@ -411,27 +411,37 @@ impl Dialer {
         let keepalive = self.keepalive;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let still = alive.clone();
-        tokio::spawn(async move {
-            let pings = async {
-                // The gateway's SETTINGS (with RFC 8441's ENABLE_CONNECT_PROTOCOL) come
-                // before its answer to our first ping: sessions wait for that answer.
-                if let Some(p) = ping.as_mut() {
-                    let _ = tokio::time::timeout(DIAL_TIMEOUT, p.ping(h2::Ping::opaque())).await;
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = in_flight.clone();
+        tokio::spawn(tunnel::h2io::batched(
+            async move {
+                let pings = async {
+                    // The gateway's SETTINGS (with RFC 8441's ENABLE_CONNECT_PROTOCOL) come
+                    // before its answer to our first ping: sessions wait for that answer.
+                    if let Some(p) = ping.as_mut() {
+                        let _ =
+                            tokio::time::timeout(DIAL_TIMEOUT, p.ping(h2::Ping::opaque())).await;
+                    }
+                    let _ = ready_tx.send(());
+                    tunnel::h2io::keepalive(ping, keepalive.0, keepalive.1).await
+                };
+                tokio::select! {
+                    r = &mut conn => if let Err(e) = r {
+                        debug!(error = %e, "HTTP/2 connection ended");
+                    },
+                    _ = pings => debug!("the gateway did not answer HTTP/2 pings; dropping the connection"),
                 }
-                let _ = ready_tx.send(());
-                tunnel::h2io::keepalive(ping, keepalive.0, keepalive.1).await
-            };
-            tokio::select! {
-                r = &mut conn => if let Err(e) = r {
-                    debug!(error = %e, "HTTP/2 connection ended");
-                },
-                _ = pings => debug!("the gateway did not answer HTTP/2 pings; dropping the connection"),
-            }
-            still.store(false, Ordering::Release);
-        });
+                still.store(false, Ordering::Release);
+            },
+            counted,
+        ));
         // An error here means the connection already ended: the request will say so.
         let _ = ready_rx.await;
-        let sender = H2Sender { send, alive };
+        let sender = H2Sender {
+            send,
+            alive,
+            in_flight,
+        };
         if let Ok(mut pool) = self.h2_pool.lock() {
             if pool.len() < H2_POOL_CONNECTIONS {
                 pool.push(sender.clone());
@@ -445,6 +455,7 @@ impl Dialer {
         sender: H2Sender,
         path: &str,
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), H2Error> {
+        let in_flight = InFlight::new(&sender.in_flight);
         let conn_err = |e: h2::Error| {
             sender.alive.store(false, Ordering::Release);
             H2Error::Connection(classify(&e, "HTTP/2 request failed"))
@@ -503,7 +514,7 @@ impl Dialer {
         }
         let (direction, mode) = session_headers(&resp).map_err(H2Error::Session)?;
         Ok((
-            Carrier::Right(H2Stream::new(stream, resp.into_body())),
+            Carrier::Right(H2Stream::new(stream, resp.into_body(), Some(in_flight))),
             direction,
             mode,
         ))
@@ -516,6 +527,8 @@ struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
     /// Cleared when the connection ended or failed a request.
     alive: Arc<AtomicBool>,
+    /// Sessions (and their requests) in flight on the connection.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 /// HTTP/2 connections a dialer keeps per gateway and credential set (sessions are spread
 /// over them, so both cores can carry TLS work).

@@ -32,6 +32,7 @@ use crate::config::{
 };
 use crate::endpoint::{self, OpenContext};
 use crate::error::{Refusal, RefusalKind};
+use crate::tunnel::h2io::InFlight;
 use crate::tunnel::{self, protocol};
 
 /// The state one exporting gateway shares between connections.
@@ -439,7 +440,8 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .saturating_sub(started.elapsed())
         .max(Duration::from_millis(1));
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
-        serve_h2(tls, conn, gw, remaining).await;
+        let in_flight = conn.busy.clone();
+        tunnel::h2io::batched(serve_h2(tls, conn, gw, remaining), in_flight).await;
         return;
     }
     let gw2 = gw.clone();
@@ -545,7 +547,7 @@ async fn handle_h2(
     conn: Arc<ConnInfo>,
     gw: Arc<Gateway>,
 ) {
-    let _busy = Busy::new(&conn.busy);
+    let _busy = InFlight::new(&conn.busy);
     let (parts, body) = req.into_parts();
     let req = Request::from_parts(parts, ());
     let (resp, start) = match route(&req, &conn, &gw).await {
@@ -567,7 +569,11 @@ async fn handle_h2(
             }
         };
     match start {
-        Some(start) => start.run(tunnel::h2io::H2Stream::new(send, body)).await,
+        Some(start) => {
+            start
+                .run(tunnel::h2io::H2Stream::new(send, body, None))
+                .await
+        }
         None if !empty => {
             let _ = send.send_data(payload, true);
         }
@@ -581,22 +587,6 @@ struct ConnInfo {
     accepted: Instant,
     /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
     busy: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// Counts one request or session as in flight on its connection while alive.
-struct Busy(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Busy {
-    fn new(c: &Arc<std::sync::atomic::AtomicUsize>) -> Busy {
-        c.fetch_add(1, Ordering::Relaxed);
-        Busy(c.clone())
-    }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Completes once `busy` has been zero for `limit` (checked every second).
@@ -662,7 +652,7 @@ async fn handle(
     conn: Arc<ConnInfo>,
     gw: Arc<Gateway>,
 ) -> Response<Full<Bytes>> {
-    let _busy = Busy::new(&conn.busy);
+    let _busy = InFlight::new(&conn.busy);
     match route(&req, &conn, &gw).await {
         Routed::Reply(r) => r,
         Routed::Session(r, start) => {
@@ -939,7 +929,7 @@ async fn session<B>(
         method: identity.method,
         ids: (uid, gid),
         accepted: conn.accepted,
-        busy: Busy::new(&conn.busy),
+        busy: InFlight::new(&conn.busy),
         opts: bridge::Options {
             idle_timeout: cfg.limits.idle_timeout,
             keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
@@ -988,7 +978,7 @@ struct SessionStart {
     method: auth::AuthMethod,
     ids: (u32, u32),
     accepted: Instant,
-    busy: Busy,
+    busy: InFlight,
     opts: bridge::Options,
     stop_signal: bridge::StopSignal,
     admission: Admission,

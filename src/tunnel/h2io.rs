@@ -9,6 +9,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -23,12 +25,18 @@ use super::ws::{ChunkRead, OwnedWrite, Transport};
 pub struct H2Stream {
     send: SendStream<Bytes>,
     recv: RecvStream,
+    in_flight: Option<InFlight>,
 }
 
 impl H2Stream {
-    /// The stream whose halves are `send` and `recv`.
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> H2Stream {
-        H2Stream { send, recv }
+    /// The stream whose halves are `send` and `recv`, counted in `in_flight` (if given)
+    /// as long as its writing half lives.
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream, in_flight: Option<InFlight>) -> H2Stream {
+        H2Stream {
+            send,
+            recv,
+            in_flight,
+        }
     }
 }
 
@@ -44,6 +52,7 @@ impl Transport for H2Stream {
             H2Send {
                 send: self.send,
                 shut: false,
+                _in_flight: self.in_flight,
             },
         )
     }
@@ -61,6 +70,7 @@ pub struct H2Send {
     send: SendStream<Bytes>,
     /// END_STREAM sent.
     shut: bool,
+    _in_flight: Option<InFlight>,
 }
 
 impl H2Send {
@@ -222,6 +232,44 @@ impl OwnedWrite for H2Send {
         }
         Poll::Ready(Ok(()))
     }
+}
+
+/// Counts one request or session as in flight on its HTTP/2 connection while alive.
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// One more in flight on `count`.
+    pub fn new(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Drives an HTTP/2 connection's future so that, while at least two sessions are in
+/// flight on it (`in_flight`), each wake-up first lets the worker's other ready tasks
+/// run (a self-wake puts the task at the back of the run queue): sessions woken in the
+/// same round queue their frames first, and the connection writes them out together,
+/// one TLS write instead of one per frame. With one session there is nothing to batch
+/// and the wake-up is served at once (latency).
+pub async fn batched<F: std::future::Future>(fut: F, in_flight: Arc<AtomicUsize>) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut deferred = false;
+    std::future::poll_fn(|cx| {
+        if !deferred && in_flight.load(Ordering::Relaxed) >= 2 {
+            deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        deferred = false;
+        fut.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// HTTP/2 keepalive: pings the peer every `interval`; completes when a ping went
