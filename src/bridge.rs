@@ -85,13 +85,13 @@ pub struct Outcome {
 #[derive(Clone)]
 pub struct StopHandle(watch::Sender<Option<(ErrorKind, String)>>);
 
-/// The receiving end of a [`StopHandle`].
-pub struct StopSignal(watch::Receiver<Option<(ErrorKind, String)>>);
+/// The receiving end of a [`StopHandle`] (`None`: a signal that never fires).
+pub struct StopSignal(Option<watch::Receiver<Option<(ErrorKind, String)>>>);
 
 /// A new stop handle and its signal.
 pub fn stop_pair() -> (StopHandle, StopSignal) {
     let (tx, rx) = watch::channel(None);
-    (StopHandle(tx), StopSignal(rx))
+    (StopHandle(tx), StopSignal(Some(rx)))
 }
 
 impl StopHandle {
@@ -102,15 +102,17 @@ impl StopHandle {
 }
 
 impl StopSignal {
-    /// A signal that never fires.
+    /// A signal that never fires (no channel: a forgotten sender would leak one per
+    /// session).
     pub fn never() -> StopSignal {
-        let (tx, rx) = watch::channel(None);
-        std::mem::forget(tx);
-        StopSignal(rx)
+        StopSignal(None)
     }
 
     async fn wait(&mut self) -> (ErrorKind, String) {
-        let got = self.0.wait_for(|v| v.is_some()).await.map(|v| v.clone());
+        let Some(rx) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let got = rx.wait_for(|v| v.is_some()).await.map(|v| v.clone());
         match got {
             Ok(v) => v.unwrap_or((ErrorKind::Draining, String::new())),
             Err(_) => std::future::pending().await,
