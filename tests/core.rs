@@ -1547,14 +1547,6 @@ fn forward_memory_does_not_grow_with_the_sessions_it_carried() {
     let _echo = UnixServer::echo(&fx.path("echo.sock"));
     let (_a, b, fwd_sock) = exported_and_forwarded(&fx, "echo", "echo.sock", "", "");
     let pid = b.proc.pid();
-    let rss_kib = || -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .expect("forward status")
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    };
     // `n` sessions, 8 at a time: each echoes its bytes back and half-closes.
     let sessions = |n: usize| {
         let workers: Vec<_> = (0..8)
@@ -1581,9 +1573,9 @@ fn forward_memory_does_not_grow_with_the_sessions_it_carried() {
     };
     // Warm-up: the HTTP/2 pool, buffers and allocator arenas reach their working size.
     sessions(2_000);
-    let warm = rss_kib();
+    let warm = rss_kb(pid);
     sessions(12_000);
-    let end = rss_kib();
+    let end = rss_kb(pid);
     assert!(
         end < warm + 2_048,
         "the forward grew from {warm} to {end} KiB over 12,000 sessions"

@@ -37,17 +37,6 @@ const KEEPALIVE_BOUND: Duration = Duration::from_secs(3 + 1 + 2);
 
 // === helpers ===
 
-/// VmRSS of `pid` in KiB.
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// A `[[pipe]]` run as the gateway's own account.
 fn pipe(name: &str, endpoint: &str, extra: &str) -> String {
     format!(

@@ -38,16 +38,6 @@ const BYTE_LIMIT: u64 = pipebridge::config::MAX_BYTE_MODE_MESSAGE_BYTES as u64;
 
 // === /proc ===
 
-/// VmRSS of `pid` in KiB.
-fn rss_kb(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc status")
-}
-
 /// Open file descriptors of `pid`.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

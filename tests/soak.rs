@@ -64,17 +64,10 @@ fn usage(pid: u32) -> Usage {
             .map(|d| d.count())
             .unwrap_or(0)
     };
-    let rss_kb = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
     Usage {
         fds: count("fd"),
         threads: count("task"),
-        rss_kb,
+        rss_kb: rss_kb(pid),
     }
 }
 

@@ -362,12 +362,16 @@ impl<R: ChunkRead> WsSource<R> {
         // own buffers go on as slices of it; masked ones need a copy to unmask anyway.
         let chunks = self.role == Role::Client && self.io.has_chunks();
         loop {
-            let parsed = if self.buf.is_empty() {
+            let from_chunk = if self.buf.is_empty() {
                 self.parse_chunk()
             } else {
                 Ok(None)
             };
-            match parsed.and_then(|m| m.map_or_else(|| self.parse(), |m| Ok(Some(m)))) {
+            let parsed = match from_chunk {
+                Ok(None) => self.parse(),
+                other => other,
+            };
+            match parsed {
                 Ok(Some(m)) => return Some(Ok(m)),
                 Ok(None) => {}
                 Err(e) => return Some(Err(e)),
@@ -407,26 +411,15 @@ impl<R: ChunkRead> WsSource<R> {
     }
 
     /// One complete frame from the received chunk turned into a message, if there is
-    /// one; a frame the chunk holds only the start of moves to `buf`.
+    /// one; a frame the chunk holds only the start of moves to `buf`. Used in the client
+    /// role only, where [`WsSource::check`] refuses masked frames: payloads are slices.
     fn parse_chunk(&mut self) -> Result<Option<Message>> {
-        while !self.chunk.is_empty() {
-            let mut cur = Cursor::new(&self.chunk[..]);
-            let Some((header, len)) = FrameHeader::parse(&mut cur)? else {
-                break;
-            };
-            let hlen = cur.position() as usize;
-            self.check(&header, len)?;
-            let end = hlen + len as usize;
+        while let Some((header, hlen, end)) = self.frame_head(&self.chunk)? {
             if self.chunk.len() < end {
                 break;
             }
             let mut payload = self.chunk.split_to(end);
             payload.advance(hlen);
-            if let Some(m) = header.mask {
-                let mut owned = BytesMut::from(&payload[..]);
-                apply_mask(&mut owned, m);
-                payload = owned.freeze();
-            }
             if let Some(m) = self.message(header, payload)? {
                 return Ok(Some(m));
             }
@@ -434,6 +427,18 @@ impl<R: ChunkRead> WsSource<R> {
         self.buf.extend_from_slice(&self.chunk);
         self.chunk.clear();
         Ok(None)
+    }
+
+    /// The checked header of the frame at the start of `data` (once `data` holds all of
+    /// the header), the header's length and where the frame ends.
+    fn frame_head(&self, data: &[u8]) -> Result<Option<(FrameHeader, usize, usize)>> {
+        let mut cur = Cursor::new(data);
+        let Some((header, len)) = FrameHeader::parse(&mut cur)? else {
+            return Ok(None);
+        };
+        let hlen = cur.position() as usize;
+        self.check(&header, len)?;
+        Ok(Some((header, hlen, hlen + len as usize)))
     }
 
     /// Reads the transport to its end, discarding what arrives.
@@ -446,20 +451,16 @@ impl<R: ChunkRead> WsSource<R> {
     /// One complete frame from the buffer turned into a message, if there is one.
     fn parse(&mut self) -> Result<Option<Message>> {
         loop {
-            let mut cur = Cursor::new(&self.buf[..]);
-            let Some((header, len)) = FrameHeader::parse(&mut cur)? else {
+            let Some((header, hlen, end)) = self.frame_head(&self.buf)? else {
                 self.want = MIN_READ;
                 return Ok(None);
             };
-            let hlen = cur.position() as usize;
-            self.check(&header, len)?;
-            let len = len as usize;
-            if self.buf.len() < hlen + len {
-                self.want = hlen + len - self.buf.len();
+            if self.buf.len() < end {
+                self.want = end - self.buf.len();
                 return Ok(None);
             }
             self.want = 0;
-            let mut payload = self.buf.split_to(hlen + len);
+            let mut payload = self.buf.split_to(end);
             payload.advance(hlen);
             if let Some(m) = header.mask {
                 apply_mask(&mut payload, m);
