@@ -33,9 +33,19 @@ fn file_err(path: &Path, message: impl Into<String>) -> TlsError {
     }
 }
 
-/// The crypto provider used everywhere (ring).
+/// The crypto provider used everywhere (ring), with AES-128-GCM preferred over
+/// AES-256-GCM: both gateways are ours, and at the same security level for a session
+/// key it does 10 AES rounds per block instead of 14, the largest single cost of bulk
+/// transfer (BENCHMARKS.md). ChaCha20-Poly1305 stays last; peers choose among all three.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| match s.suite() {
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256 => 0,
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384 => 1,
+        rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256 => 2,
+        _ => 3,
+    });
+    Arc::new(p)
 }
 
 /// Reads a PEM certificate chain.
@@ -164,3 +174,86 @@ pub fn revoked_serials(paths: &[PathBuf]) -> std::collections::HashSet<Vec<u8>> 
 }
 
 pub use crate::platform::set_keepalive;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives a handshake between `client` and `server` in memory; returns the suite.
+    fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> rustls::CipherSuite {
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        for _ in 0..20 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+            }
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+            }
+            c.process_new_packets().unwrap();
+        }
+        assert!(
+            !c.is_handshaking() && !s.is_handshaking(),
+            "handshake stuck"
+        );
+        let cs = c.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(s.negotiated_cipher_suite().unwrap().suite(), cs);
+        cs
+    }
+
+    #[test]
+    fn gateways_agree_on_aes_128_gcm_and_still_accept_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::pki::ensure_dev_pki(dir.path()).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let server = server_config(
+            &p("server.pem"),
+            &p("server.key"),
+            Some(&p("ca.pem")),
+            &[],
+            false,
+        )
+        .unwrap();
+        let client =
+            client_config(Some(&p("ca.pem")), Some((&p("dev.pem"), &p("dev.key")))).unwrap();
+        assert_eq!(
+            handshake(client.clone(), server.clone()),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        // A peer that offers only AES-256-GCM or ChaCha20 still gets it (the server
+        // follows the client's order among the suites both have).
+        for only in [
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let mut prov = (*provider()).clone();
+            prov.cipher_suites.retain(|s| s.suite() == only);
+            let roots = load_roots(&p("ca.pem")).unwrap();
+            let narrow = ClientConfig::builder_with_provider(Arc::new(prov))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    load_certs(&p("dev.pem")).unwrap(),
+                    load_key(&p("dev.key")).unwrap(),
+                )
+                .unwrap();
+            assert_eq!(handshake(Arc::new(narrow), server.clone()), only);
+        }
+    }
+}
