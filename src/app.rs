@@ -132,6 +132,18 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         Err(code) => return code,
     };
     platform::raise_nofile();
+    match crate::shard::configured() {
+        Ok(n) => {
+            if let Err(e) = crate::shard::start(n) {
+                eprintln!("pipebridge: cannot start the shard threads: {e}");
+                return EXIT_RUNTIME;
+            }
+        }
+        Err(e) => {
+            eprintln!("pipebridge: {e}");
+            return EXIT_USAGE;
+        }
+    }
     if let Err(e) = check_message_limits(&cfg).and_then(|()| platform::check_capabilities(&cfg)) {
         eprintln!("pipebridge: {e}");
         return EXIT_USAGE;

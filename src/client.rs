@@ -338,8 +338,9 @@ impl Dialer {
                     match self.open_h2(sender, path).await {
                         Err(H2Error::Connection(e)) => {
                             debug!(error = %e, "pooled HTTP/2 connection failed; dropping the pool");
+                            let shard = crate::shard::current();
                             if let Ok(mut pool) = self.h2_pool.lock() {
-                                pool.clear();
+                                pool.retain(|s| s.shard != shard);
                             }
                         }
                         Err(H2Error::Session(e)) => return Err(e),
@@ -384,13 +385,15 @@ impl Dialer {
     /// A pooled HTTP/2 connection to use, or `None` when the pool should grow.
     fn pooled_h2(&self) -> Option<H2Sender> {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let shard = crate::shard::current();
         let mut pool = self.h2_pool.lock().ok()?;
         pool.retain(|s| s.alive.load(Ordering::Acquire));
-        if pool.len() < H2_POOL_CONNECTIONS {
+        let mine = pool.iter().filter(|s| s.shard == shard).count();
+        if mine < h2_pool_connections() {
             return None;
         }
-        let i = NEXT.fetch_add(1, Ordering::Relaxed) % pool.len();
-        Some(pool[i].clone())
+        let i = NEXT.fetch_add(1, Ordering::Relaxed) % mine;
+        pool.iter().filter(|s| s.shard == shard).nth(i).cloned()
     }
 
     async fn new_h2(
@@ -441,9 +444,10 @@ impl Dialer {
             send,
             alive,
             in_flight,
+            shard: crate::shard::current(),
         };
         if let Ok(mut pool) = self.h2_pool.lock() {
-            if pool.len() < H2_POOL_CONNECTIONS {
+            if pool.iter().filter(|s| s.shard == sender.shard).count() < h2_pool_connections() {
                 pool.push(sender.clone());
             }
         }
@@ -529,10 +533,21 @@ struct H2Sender {
     alive: Arc<AtomicBool>,
     /// Sessions (and their requests) in flight on the connection.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The shard whose runtime drives the connection (`None`: the main runtime). Sessions
+    /// use their own shard's connections, so a session and its connection share a thread.
+    shard: Option<usize>,
 }
-/// HTTP/2 connections a dialer keeps per gateway and credential set (sessions are spread
-/// over them, so both cores can carry TLS work).
-const H2_POOL_CONNECTIONS: usize = 2;
+
+/// HTTP/2 connections a dialer keeps per gateway and credential set, per shard: one per
+/// shard (shards spread the TLS work over the cores), or two on the main runtime when
+/// shards are off (sessions are spread over them, so both cores can carry TLS work).
+fn h2_pool_connections() -> usize {
+    if crate::shard::enabled() {
+        1
+    } else {
+        2
+    }
+}
 
 /// An HTTP/2 session attempt failed because of its connection (retry on another) or
 /// because of the session itself (a refusal: report it).
@@ -779,8 +794,13 @@ fn spawn_session(
 ) {
     let fwd = fwd.clone();
     let target = target.clone();
-    let span = tracing::info_span!("forward", to = %fwd.to, local_caller = caller.as_ref().map(|c| c.to_string()));
+    let span = session_span(&fwd, caller.as_ref());
     tracker.spawn(async move { forward_one(local, caller, &fwd, &target).await }.instrument(span));
+}
+
+/// The tracing span of one forwarded session.
+fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::Span {
+    tracing::info_span!("forward", to = %fwd.to, local_caller = caller.map(|c| c.to_string()))
 }
 
 async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardConfig, target: &str) {

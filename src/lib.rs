@@ -36,4 +36,5 @@ pub mod pki;
 pub mod platform;
 pub mod sd_notify;
 pub mod server;
+pub mod shard;
 pub mod tunnel;

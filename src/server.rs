@@ -396,10 +396,25 @@ pub async fn run(listener: TcpListener, gw: Arc<Gateway>, shutdown: Cancellation
             tunnel::tls::set_keepalive(&tcp, cfg.keepalive.interval, cfg.keepalive.timeout);
         }
         let gw2 = gw.clone();
-        gw.tracker.spawn(
-            async move { connection(tcp, peer, gw2).await }
-                .instrument(tracing::debug_span!("conn", %peer)),
-        );
+        let span = tracing::debug_span!("conn", %peer);
+        if !crate::shard::enabled() {
+            gw.tracker
+                .spawn(async move { connection(tcp, peer, gw2).await }.instrument(span));
+            continue;
+        }
+        // The connection moves to a shard and registers with that shard's reactor.
+        match tcp.into_std() {
+            Ok(std) => crate::shard::spawn(&gw.tracker, std, move |std| {
+                async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(tcp) => connection(tcp, peer, gw2).await,
+                        Err(e) => warn!(error = %e, "cannot register the connection"),
+                    }
+                }
+                .instrument(span)
+            }),
+            Err(e) => warn!(error = %e, "cannot hand the connection to a shard"),
+        }
     }
 }
 

@@ -1581,3 +1581,98 @@ fn forward_memory_does_not_grow_with_the_sessions_it_carried() {
         "the forward grew from {warm} to {end} KiB over 12,000 sessions"
     );
 }
+
+/// Per-thread CPU ticks (utime + stime) of `pid`, by thread name.
+fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let dir = format!("/proc/{pid}/task");
+    for e in std::fs::read_dir(&dir).expect("task dir").flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let (head, rest) = stat.rsplit_once(')').expect("stat comm");
+        let name = head.split_once('(').expect("stat comm").1.to_string();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the comm: state is field 3, utime 14 and stime 15 (1-based).
+        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        out.push((name, ticks));
+    }
+    out
+}
+
+/// Both gateways carry their sessions on the shard threads (`PIPEBRIDGE_SHARDS`, one
+/// single-threaded runtime each), not on the main runtime that accepts; with shards
+/// off the same transfer still works and no shard thread exists; a bad value is refused.
+#[test]
+fn sessions_run_on_the_shard_threads_and_shards_can_be_turned_off() {
+    let fx = Fixture::new();
+    let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
+    let data = random_bytes(96 << 20);
+    let want = sha_hex(&data);
+    for shards in ["2", "0"] {
+        let env = [("PIPEBRIDGE_SHARDS", shards)];
+        let pipe_cfg = pipe("sha", &format!("unix:{}", fx.p("sha.sock")), &["alice"], "");
+        let a = fx.serve_env(
+            &format!("a{shards}.toml"),
+            &fx.server_config(&pipe_cfg),
+            &env,
+        );
+        let fwd = fx.path(&format!("fwd{shards}.sock"));
+        let b = fx.serve_env(
+            &format!("b{shards}.toml"),
+            &forward(&fx, &fwd, &a.url("sha"), "alice", ""),
+            &env,
+        );
+        // Two sessions, so that with two shards the exporting side may use both.
+        for _ in 0..2 {
+            let got = unix_request(&fwd, &data, Duration::from_secs(120));
+            assert_eq!(String::from_utf8_lossy(&got), want, "shards={shards}");
+        }
+        for (side, gw) in [("exporting", &a), ("dialling", &b)] {
+            let threads = thread_ticks(gw.proc.pid());
+            let shard: Vec<_> = threads
+                .iter()
+                .filter(|(n, _)| n.starts_with("pb-shard-"))
+                .collect();
+            let on_shards: u64 = shard.iter().map(|(_, t)| t).sum();
+            let all: u64 = threads.iter().map(|(_, t)| t).sum();
+            if shards == "0" {
+                assert!(
+                    shard.is_empty(),
+                    "{side}: shard threads with shards off: {threads:?}"
+                );
+                continue;
+            }
+            assert_eq!(shard.len(), 2, "{side}: {threads:?}");
+            // 192 MiB through TLS takes well over a second of CPU: most of it must
+            // have been spent on the shard threads.
+            assert!(all >= 20, "{side}: too little CPU measured: {threads:?}");
+            assert!(
+                on_shards * 10 >= all * 8,
+                "{side}: {on_shards} of {all} ticks on the shards: {threads:?}"
+            );
+        }
+    }
+    let gw = fx.write(
+        "bad.toml",
+        &forward(
+            &fx,
+            &fx.path("x.sock"),
+            "wss://127.0.0.1:1/pipes/x",
+            "alice",
+            "",
+        ),
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pipebridge"));
+    cmd.arg("serve").arg("--config").arg(&gw);
+    scrub(&mut cmd);
+    cmd.env("PIPEBRIDGE_SHARDS", "lots");
+    let out = run_command(cmd, fx.dir(), b"", Duration::from_secs(20));
+    out.expect_code(2);
+    assert!(
+        out.stderr
+            .contains("PIPEBRIDGE_SHARDS=\"lots\": expected a number from 0 (off) to 256"),
+        "{}",
+        out.stderr
+    );
+}

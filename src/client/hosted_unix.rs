@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use super::{accept_failed, forward_one, path_and_query, spawn_session};
+use super::{accept_failed, forward_one, path_and_query, session_span, spawn_session};
 use crate::config::{Direction, ForwardConfig, Mode};
 use crate::endpoint::unix::{self, HostedFile};
 use crate::endpoint::{fifo, seqpacket, BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
@@ -148,13 +148,33 @@ impl Forward {
                             uid: c.uid(),
                             gid: c.gid(),
                         });
-                        let (r, w) = stream.into_split();
-                        let local = Local {
-                            reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
-                            writer: Some(Writer::Bytes(Box::new(w) as BoxWrite)),
-                            child: None,
-                        };
-                        spawn_session(&tracker, &fwd, &target, local, caller);
+                        if !crate::shard::enabled() {
+                            spawn_session(&tracker, &fwd, &target, stream_local(stream), caller);
+                            continue;
+                        }
+                        // The caller moves to a shard and registers with its reactor; the
+                        // session then uses that shard's pooled HTTP/2 connection.
+                        match stream.into_std() {
+                            Ok(std) => {
+                                let (fwd, target) = (fwd.clone(), target.clone());
+                                let span = session_span(&fwd, caller.as_ref());
+                                crate::shard::spawn(&tracker, std, move |std| {
+                                    async move {
+                                        match tokio::net::UnixStream::from_std(std) {
+                                            Ok(s) => {
+                                                forward_one(stream_local(s), caller, &fwd, &target)
+                                                    .await
+                                            }
+                                            Err(e) => {
+                                                warn!(error = %e, "cannot register the local caller")
+                                            }
+                                        }
+                                    }
+                                    .instrument(span)
+                                });
+                            }
+                            Err(e) => warn!(error = %e, "cannot hand the local caller to a shard"),
+                        }
                     }
                     Err(e) => accept_failed(e).await,
                 }
@@ -188,6 +208,16 @@ impl Forward {
             }
         }
         drop(file);
+    }
+}
+
+/// A local caller's stream as a session's local side.
+fn stream_local(stream: tokio::net::UnixStream) -> Local {
+    let (r, w) = stream.into_split();
+    Local {
+        reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
+        writer: Some(Writer::Bytes(Box::new(w) as BoxWrite)),
+        child: None,
     }
 }
 

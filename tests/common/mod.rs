@@ -30,6 +30,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "PIPEBRIDGE_TOKEN",
     "PIPEBRIDGE_LOG",
     "PIPEBRIDGE_CONFIG",
+    "PIPEBRIDGE_SHARDS",
     "HTTPS_PROXY",
     "https_proxy",
     "HTTP_PROXY",

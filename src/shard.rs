@@ -1,0 +1,126 @@
+//! Shards: one single-threaded tokio runtime per core for the data path.
+//!
+//! A session's tasks (its bridge, its HTTP/2 connection, its local socket) wake each
+//! other for every message. On the multi-threaded runtime they land on different
+//! workers, and each wake-up is a futex call and a cache-line transfer: a profile of
+//! new sessions showed about seven futex calls per session per gateway, and a single
+//! bulk transfer ran 30–50% faster with one worker than with two (BENCHMARKS.md). So
+//! accepted connections (a gateway's TLS connections, a forward's local Unix-socket
+//! callers) are handed to the least-loaded shard, and everything they spawn runs on
+//! that shard's thread; the dialling side keeps its pooled HTTP/2 connections per
+//! shard, so a forwarded session and its connection share a thread too. Accept loops,
+//! the admin listener, reloads and signals stay on the main runtime.
+//!
+//! `PIPEBRIDGE_SHARDS=N` sets the number (default: the available cores);
+//! `PIPEBRIDGE_SHARDS=0` turns shards off (everything on the main runtime, as before).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use tokio::runtime::Handle;
+use tokio_util::task::TaskTracker;
+
+/// The most shards started, whatever the core count or `PIPEBRIDGE_SHARDS` says.
+const MAX_SHARDS: usize = 256;
+
+struct Shard {
+    handle: Handle,
+    /// Connections (and their tasks' roots) now running on it.
+    load: AtomicUsize,
+}
+
+static SHARDS: OnceLock<Vec<Shard>> = OnceLock::new();
+
+thread_local! {
+    /// The shard index of this thread (`usize::MAX`: not a shard thread).
+    static CURRENT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// The number of shards `PIPEBRIDGE_SHARDS` asks for (default: the available cores).
+pub fn configured() -> Result<usize, String> {
+    match std::env::var("PIPEBRIDGE_SHARDS") {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n <= MAX_SHARDS => Ok(n),
+            _ => Err(format!(
+                "PIPEBRIDGE_SHARDS={v:?}: expected a number from 0 (off) to {MAX_SHARDS}"
+            )),
+        },
+        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+/// Starts `n` shard threads (once per process; later calls do nothing). `0` starts none.
+pub fn start(n: usize) -> std::io::Result<()> {
+    if SHARDS.get().is_some() || n == 0 {
+        return Ok(());
+    }
+    let mut shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            // The shard's blocking pool (impersonated opens, FIFO waits).
+            .thread_name(format!("pb-blocking-{i}"))
+            .build()?;
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name(format!("pb-shard-{i}"))
+            .spawn(move || {
+                CURRENT.with(|c| c.set(i));
+                // Runs the shard's tasks until the process exits.
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        shards.push(Shard {
+            handle,
+            load: AtomicUsize::new(0),
+        });
+    }
+    let _ = SHARDS.set(shards);
+    Ok(())
+}
+
+/// The shard this thread runs (`None` off the shard threads): keys per-shard pools.
+pub fn current() -> Option<usize> {
+    let i = CURRENT.with(Cell::get);
+    (i != usize::MAX).then_some(i)
+}
+
+/// Whether shards run (else [`spawn`] runs tasks on the caller's runtime).
+pub fn enabled() -> bool {
+    SHARDS.get().is_some_and(|s| !s.is_empty())
+}
+
+/// Runs `make(io)` as a task tracked by `tracker` on the least-loaded shard (or on the
+/// caller's runtime when shards are off). `io` is moved there before `make` runs, so
+/// sockets can be registered with the shard's own reactor inside `make`.
+pub fn spawn<T, F, Fut>(tracker: &TaskTracker, io: T, make: F)
+where
+    T: Send + 'static,
+    F: FnOnce(T) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(shards) = SHARDS.get().filter(|s| !s.is_empty()) else {
+        tracker.spawn(async move { make(io).await });
+        return;
+    };
+    let (i, shard) = shards
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, s)| s.load.load(Ordering::Relaxed))
+        .expect("at least one shard");
+    shard.load.fetch_add(1, Ordering::Relaxed);
+    let task = tracker.track_future(async move {
+        struct Done(usize);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                if let Some(s) = SHARDS.get().and_then(|s| s.get(self.0)) {
+                    s.load.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let _done = Done(i);
+        make(io).await
+    });
+    shard.handle.spawn(task);
+}
