@@ -20,6 +20,8 @@
 # when the check ends, failed or not. Network traffic goes only to the containers and
 # namespaces the checks create.
 set -euo pipefail
+# Never `... | grep -q` here: under pipefail, grep -q exits at the first match and the
+# writer's SIGPIPE fails the pipeline (a flaky false failure); grep >/dev/null reads all.
 CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -366,9 +368,9 @@ start_held_session() {
 
 held_ended() { ! kill -0 "$HELD_PID" 2>/dev/null; }
 
-hosta_session_ended() { logs_after "$HOSTA" "$1" | grep -q 'session end'; }
+hosta_session_ended() { logs_after "$HOSTA" "$1" | grep 'session end' >/dev/null; }
 # The held session is the one that carried 17 bytes each way ("held-session-ping").
-hostb_session_ended() { logs_after "$HOSTB" "$1" | grep -q 'forward session end bytes_in=17 bytes_out=17 '; }
+hostb_session_ended() { logs_after "$HOSTB" "$1" | grep 'forward session end bytes_in=17 bytes_out=17 ' >/dev/null; }
 
 # After a dead peer on the path, within the keepalive bound: the exporting side (hosta)
 # ends the session, and the forward (hostb) reports it.
@@ -410,12 +412,12 @@ check_compose() {
     wait_for 60 "the demo service to finish" sh -c "[ \"\$(docker inspect -f '{{.State.Status}}' $demo)\" = exited ]"
     logs_of "$demo" >&2
     [ "$(docker inspect -f '{{.State.ExitCode}}' "$demo")" = 0 ] || die "the demo service failed"
-    logs_of "$demo" | grep -qx 'demo: hostname pipe via hostb -> hosta' || die "demo: no answer from hosta"
-    logs_of "$demo" | grep -qx 'demo: echo pipe via hostb -> hello through hostb and hosta' || die "demo: echo"
-    logs_of "$demo" | grep -qx 'demo: wc pipe via hostb -> 12' || die "demo: wc"
+    logs_of "$demo" | grep -x 'demo: hostname pipe via hostb -> hosta' >/dev/null || die "demo: no answer from hosta"
+    logs_of "$demo" | grep -x 'demo: echo pipe via hostb -> hello through hostb and hosta' >/dev/null || die "demo: echo"
+    logs_of "$demo" | grep -x 'demo: wc pipe via hostb -> 12' >/dev/null || die "demo: wc"
 
     # PID 1 in hosta is the gateway itself (no init): it must drain on SIGTERM (below).
-    docker exec "$HOSTA" cat /proc/1/cmdline | tr '\0' ' ' | grep -q '^/usr/local/bin/pipebridge serve' ||
+    docker exec "$HOSTA" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/usr/local/bin/pipebridge serve' >/dev/null ||
         die "PID 1 in hosta is not the gateway"
     docker exec "$HOSTA" pipebridge check-config --config /etc/pipebridge/pipebridge.toml >/dev/null
     [ "$(docker exec "$HOSTA" id -u)" = 10001 ] || die "hosta does not run as uid 10001"
@@ -441,7 +443,7 @@ check_compose() {
     # Admin: status and metrics from inside hosta.
     docker exec "$HOSTA" pipebridge status >/dev/null
     docker exec "$HOSTA" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9443; printf "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n" >&3; cat <&3' |
-        grep -q '^pipebridge_sessions_total' || die "hosta's /metrics has no pipebridge_sessions_total"
+        grep '^pipebridge_sessions_total' >/dev/null || die "hosta's /metrics has no pipebridge_sessions_total"
 
     # --- Fault: hosta leaves the network mid-session. ---
     start_held_session
@@ -475,9 +477,9 @@ check_compose() {
     log "hosta stopped in ${stop_t}s, exit code $code"
     [ "$code" = 0 ] || die "hosta exited $code on SIGTERM (137 = killed: the signal did not drain it)"
     awk -v t="$stop_t" 'BEGIN { exit !(t < 12) }' || die "hosta took ${stop_t}s to stop (grace 5s)"
-    logs_after "$HOSTA" "$na" | grep -q 'draining' || die "hosta did not log its drain"
+    logs_after "$HOSTA" "$na" | grep 'draining' >/dev/null || die "hosta did not log its drain"
     wait_for 10 "hostb's forward to report the drained session" hostb_session_ended "$nb"
-    logs_after "$HOSTB" "$nb" | grep 'forward session end bytes_in=17 bytes_out=17 ' | grep -q 'close_code=1001' ||
+    logs_after "$HOSTB" "$nb" | grep 'forward session end bytes_in=17 bytes_out=17 ' | grep 'close_code=1001' >/dev/null ||
         die "the drained session did not end with 1001"
     wait_for 10 "the held session's client to see the end" held_ended
     log "drained session ended with 1001 at hostb"
@@ -523,7 +525,7 @@ EOF
     local out
     out=$(timeout 60 docker run --rm --network none -v "$t/pipebridge.toml:/etc/pipebridge/pipebridge.toml:ro" \
         -v "$t/pki:/etc/pipebridge/pki:ro" "$IMAGE" serve 2>&1) && die "the non-root image started an impersonating config"
-    echo "$out" | grep -q 'CAP_SET' || die "the refusal does not name the capability: $out"
+    echo "$out" | grep 'CAP_SET' >/dev/null || die "the refusal does not name the capability: $out"
     log "non-root default refuses run_as = client: $(echo "$out" | tail -1)"
     # The documented settings: uid 0, every capability dropped but SETUID SETGID KILL
     # CHOWN, never privileged, the host's /etc/passwd and /etc/group read-only.
@@ -535,14 +537,14 @@ EOF
         -v /etc/passwd:/etc/passwd:ro -v /etc/group:/etc/group:ro \
         -v "$t/pipebridge.toml:/etc/pipebridge/pipebridge.toml:ro" -v "$t/pki:/etc/pipebridge/pki:ro" \
         "$IMAGE" serve >/dev/null
-    wait_for 20 "the impersonating gateway to listen" sh -c "docker logs $c 2>&1 | grep -q 'listening on'"
+    wait_for 20 "the impersonating gateway to listen" sh -c "docker logs $c 2>&1 | grep 'listening on' >/dev/null"
     docker exec "$c" grep -E '^Cap(Eff|Bnd)' /proc/1/status >&2
     out=$(timeout 30 docker exec "$c" pipebridge connect wss://localhost:8443/pipes/id \
         --ca /etc/pipebridge/pki/ca.pem --cert /etc/pipebridge/pki/alice.pem --key /etc/pipebridge/pki/alice.key </dev/null)
     log "exec pipe as alice's principal: $out"
     local nobody
     nobody=$(id -u nobody)
-    echo "$out" | grep -q "^uid=$nobody(nobody)" || die "the pipe did not run as nobody: $out"
+    echo "$out" | grep "^uid=$nobody(nobody)" >/dev/null || die "the pipe did not run as nobody: $out"
 }
 
 # === two hosts without containers: network namespaces ===
@@ -649,8 +651,8 @@ PY
     log "ip link set down (B's end of the veth) with a session open"
     t0=$(now)
     ip -n "$NS_B" link set "veth-$NS_B" down
-    a_ended() { tail -n +"$((na + 1))" "$t/a.log" | plain | grep -q 'session end'; }
-    b_ended() { tail -n +"$((nb + 1))" "$t/b.log" | plain | grep -q 'forward session end bytes_in=17 bytes_out=17 '; }
+    a_ended() { tail -n +"$((na + 1))" "$t/a.log" | plain | grep 'session end' >/dev/null; }
+    b_ended() { tail -n +"$((nb + 1))" "$t/b.log" | plain | grep 'forward session end bytes_in=17 bytes_out=17 ' >/dev/null; }
     wait_for "$bound" "gateway A to end the session (keepalive bound ${KEEPALIVE_TIMEOUT}s)" a_ended
     log "A ended the session $(elapsed "$t0")s after the cut"
     local rest

@@ -40,7 +40,7 @@ build() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive timeout 900 apt-get install -y -qq "${need[@]}" >/dev/null
   fi
-  rustup target list --installed | grep -qx "$TARGET" || rustup target add "$TARGET"
+  rustup target list --installed | grep -x "$TARGET" >/dev/null || rustup target add "$TARGET"
   cargo build --locked --target "$TARGET" --bins --examples
   cargo clippy --locked --target "$TARGET" --lib --bins --tests --examples -- -D warnings
   mkdir -p target/wine-shim
