@@ -17,7 +17,9 @@ use crate::tunnel::protocol;
 
 /// The local endpoint a forward hosts.
 enum Hosted {
-    Stream(tokio::net::UnixListener),
+    /// A stream socket; callers are accepted without registering them with this
+    /// runtime's reactor (see [`accept_caller`]).
+    Stream(tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>),
     Seqpacket(tokio_seqpacket::UnixSeqpacketListener),
     /// A FIFO; `direction` is the remote session's (from our point of view as client).
     Fifo(Direction),
@@ -84,7 +86,12 @@ impl Forward {
                 unix::prepare_socket_path(&path)
                     .await
                     .map_err(|e| ctx(&e))?;
-                Hosted::Stream(tokio::net::UnixListener::bind(&path).map_err(|e| ctx(&e))?)
+                // tokio's bind (backlog 1024, non-blocking), then a plain readiness handle.
+                let listener = tokio::net::UnixListener::bind(&path)
+                    .and_then(|l| l.into_std())
+                    .and_then(readiness)
+                    .map_err(|e| ctx(&e))?;
+                Hosted::Stream(listener)
             }
         };
         let file = HostedFile::new(&path);
@@ -140,41 +147,25 @@ impl Forward {
             Hosted::Stream(listener) => loop {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    r = listener.accept() => r,
+                    r = accept_caller(&listener) => r,
                 };
                 match r {
-                    Ok((stream, _)) => {
-                        let caller = stream.peer_cred().ok().map(|c| LocalCaller {
-                            uid: c.uid(),
-                            gid: c.gid(),
-                        });
-                        if !crate::shard::enabled() {
-                            spawn_session(&tracker, &fwd, &target, stream_local(stream), caller);
-                            continue;
-                        }
-                        // The caller moves to a shard and registers with its reactor; the
-                        // session then uses that shard's pooled HTTP/2 connection.
-                        match stream.into_std() {
-                            Ok(std) => {
-                                let (fwd, target) = (fwd.clone(), target.clone());
-                                let span = session_span(&fwd, caller.as_ref());
-                                crate::shard::spawn(&tracker, std, move |std| {
-                                    async move {
-                                        match tokio::net::UnixStream::from_std(std) {
-                                            Ok(s) => {
-                                                forward_one(stream_local(s), caller, &fwd, &target)
-                                                    .await
-                                            }
-                                            Err(e) => {
-                                                warn!(error = %e, "cannot register the local caller")
-                                            }
-                                        }
+                    Ok((stream, caller)) => {
+                        // The session runs on a shard (or here when shards are off) and
+                        // registers the caller's socket with that runtime's reactor.
+                        let (fwd, target) = (fwd.clone(), target.clone());
+                        let span = session_span(&fwd, caller.as_ref());
+                        crate::shard::spawn(&tracker, stream, move |stream| {
+                            async move {
+                                match tokio::net::UnixStream::from_std(stream) {
+                                    Ok(s) => {
+                                        forward_one(stream_local(s), caller, &fwd, &target).await
                                     }
-                                    .instrument(span)
-                                });
+                                    Err(e) => warn!(error = %e, "cannot register the local caller"),
+                                }
                             }
-                            Err(e) => warn!(error = %e, "cannot hand the local caller to a shard"),
-                        }
+                            .instrument(span)
+                        });
                     }
                     Err(e) => accept_failed(e).await,
                 }
@@ -208,6 +199,43 @@ impl Forward {
             }
         }
         drop(file);
+    }
+}
+
+/// Registers a listening socket with this runtime's reactor, for readiness only.
+#[allow(unsafe_code)]
+fn readiness(
+    l: std::os::unix::net::UnixListener,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>> {
+    // SAFETY: the listener owns its descriptor, which stays open and the same until the
+    // AsyncFd (which owns the listener) is dropped; nothing else closes or replaces it.
+    unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(std::io::Error::from)
+}
+
+/// Accepts one local caller (non-blocking, close-on-exec) with its SO_PEERCRED, without
+/// registering it with this runtime's reactor: its session may run on a shard, which
+/// registers it there (a registration here would cost an `epoll_ctl` to add and another
+/// to remove per session).
+async fn accept_caller(
+    listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
+) -> std::io::Result<(std::os::unix::net::UnixStream, Option<LocalCaller>)> {
+    use rustix::net::SocketFlags;
+    loop {
+        let mut guard = listener.readable().await?;
+        let accepted = guard.try_io(|l| {
+            rustix::net::accept_with(l.get_ref(), SocketFlags::NONBLOCK | SocketFlags::CLOEXEC)
+                .map_err(std::io::Error::from)
+        });
+        if let Ok(r) = accepted {
+            let fd = r?;
+            let caller = rustix::net::sockopt::socket_peercred(&fd)
+                .ok()
+                .map(|c| LocalCaller {
+                    uid: c.uid.as_raw(),
+                    gid: c.gid.as_raw(),
+                });
+            return Ok((std::os::unix::net::UnixStream::from(fd), caller));
+        }
     }
 }
 
