@@ -147,10 +147,16 @@ pub fn child_base_env() -> Vec<(String, String)> {
     ]
 }
 
-/// The gateway's effective uid and gid (for audit lines of `run_as = "gateway"` sessions).
+/// The gateway's effective uid and gid (for audit lines of `run_as = "gateway"` sessions),
+/// read once: the process never changes its own credentials (impersonation changes only
+/// the credentials of the thread doing an open), and every session would pay two
+/// syscalls otherwise.
 pub fn current_ids() -> (u32, u32) {
-    (
-        nix::unistd::geteuid().as_raw(),
-        nix::unistd::getegid().as_raw(),
-    )
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    })
 }
