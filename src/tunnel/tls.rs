@@ -179,33 +179,30 @@ pub use crate::platform::set_keepalive;
 mod tests {
     use super::*;
 
+    /// Moves what `from` has to send into `to`, and lets `to` process it.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+        }
+        to.process_new_packets().unwrap();
+    }
+
     /// Drives a handshake between `client` and `server` in memory; returns the suite.
     fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> rustls::CipherSuite {
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        let mut c = rustls::ClientConnection::new(client, name).unwrap();
-        let mut s = rustls::ServerConnection::new(server).unwrap();
+        let mut c: rustls::Connection = rustls::ClientConnection::new(client, name).unwrap().into();
+        let mut s: rustls::Connection = rustls::ServerConnection::new(server).unwrap().into();
         for _ in 0..20 {
             if !c.is_handshaking() && !s.is_handshaking() {
                 break;
             }
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-            }
-            s.process_new_packets().unwrap();
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-            }
-            c.process_new_packets().unwrap();
+            pump(&mut c, &mut s);
+            pump(&mut s, &mut c);
         }
         assert!(
             !c.is_handshaking() && !s.is_handshaking(),
