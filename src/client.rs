@@ -335,12 +335,12 @@ impl Dialer {
             if self.http2 {
                 // A warm connection first; if it turns out dead, start the pool afresh.
                 if let Some(sender) = self.pooled_h2() {
+                    let failed = sender.alive.clone();
                     match self.open_h2(sender, path).await {
                         Err(H2Error::Connection(e)) => {
-                            debug!(error = %e, "pooled HTTP/2 connection failed; dropping the pool");
-                            let shard = crate::shard::current();
+                            debug!(error = %e, "pooled HTTP/2 connection failed; dropping it");
                             if let Ok(mut pool) = self.h2_pool.lock() {
-                                pool.retain(|s| s.shard != shard);
+                                pool.retain(|s| !Arc::ptr_eq(&s.alive, &failed));
                             }
                         }
                         Err(H2Error::Session(e)) => return Err(e),
@@ -389,7 +389,7 @@ impl Dialer {
         let mut pool = self.h2_pool.lock().ok()?;
         pool.retain(|s| s.alive.load(Ordering::Acquire));
         let mine = pool.iter().filter(|s| s.shard == shard).count();
-        if mine < h2_pool_connections() {
+        if mine < h2_pool_connections(shard) {
             return None;
         }
         let i = NEXT.fetch_add(1, Ordering::Relaxed) % mine;
@@ -447,7 +447,8 @@ impl Dialer {
             shard: crate::shard::current(),
         };
         if let Ok(mut pool) = self.h2_pool.lock() {
-            if pool.iter().filter(|s| s.shard == sender.shard).count() < h2_pool_connections() {
+            let mine = pool.iter().filter(|s| s.shard == sender.shard).count();
+            if mine < h2_pool_connections(sender.shard) {
                 pool.push(sender.clone());
             }
         }
@@ -538,11 +539,12 @@ struct H2Sender {
     shard: Option<usize>,
 }
 
-/// HTTP/2 connections a dialer keeps per gateway and credential set, per shard: one per
-/// shard (shards spread the TLS work over the cores), or two on the main runtime when
-/// shards are off (sessions are spread over them, so both cores can carry TLS work).
-fn h2_pool_connections() -> usize {
-    if crate::shard::enabled() {
+/// HTTP/2 connections a dialer keeps per gateway and credential set for sessions on
+/// `shard`: one per shard (the shards spread the TLS work over the cores), two for
+/// sessions on the main multi-threaded runtime (shards off, or a kind of forward that
+/// does not use them), spread so that two cores can carry TLS work.
+fn h2_pool_connections(shard: Option<usize>) -> usize {
+    if shard.is_some() {
         1
     } else {
         2

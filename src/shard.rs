@@ -25,13 +25,11 @@ use tokio_util::task::TaskTracker;
 /// The most shards started, whatever the core count or `PIPEBRIDGE_SHARDS` says.
 const MAX_SHARDS: usize = 256;
 
-struct Shard {
-    handle: Handle,
-    /// Connections (and their tasks' roots) now running on it.
-    load: AtomicUsize,
-}
+static SHARDS: OnceLock<Vec<Handle>> = OnceLock::new();
 
-static SHARDS: OnceLock<Vec<Shard>> = OnceLock::new();
+/// Where the next tie between equally loaded shards starts looking (spreads sessions
+/// that arrive while all shards are idle).
+static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// The shard index of this thread (`usize::MAX`: not a shard thread).
@@ -52,29 +50,41 @@ pub fn configured() -> Result<usize, String> {
 }
 
 /// Starts `n` shard threads (once per process; later calls do nothing). `0` starts none.
+/// Each runtime is built and dropped on its own thread (a runtime dropped on an async
+/// worker would panic), and hands its handle back once it runs.
 pub fn start(n: usize) -> std::io::Result<()> {
     if SHARDS.get().is_some() || n == 0 {
         return Ok(());
     }
     let mut shards = Vec::with_capacity(n);
     for i in 0..n {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            // The shard's blocking pool (impersonated opens, FIFO waits).
-            .thread_name(format!("pb-blocking-{i}"))
-            .build()?;
-        let handle = rt.handle().clone();
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name(format!("pb-shard-{i}"))
             .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    // The shard's blocking pool (impersonated opens, FIFO waits).
+                    .thread_name(format!("pb-blocking-{i}"))
+                    .build();
+                let rt = match rt {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        rt
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
                 CURRENT.with(|c| c.set(i));
                 // Runs the shard's tasks until the process exits.
                 rt.block_on(std::future::pending::<()>());
             })?;
-        shards.push(Shard {
-            handle,
-            load: AtomicUsize::new(0),
-        });
+        let handle = rx.recv().map_err(|_| {
+            std::io::Error::other(format!("shard {i} ended before its runtime started"))
+        })??;
+        shards.push(handle);
     }
     let _ = SHARDS.set(shards);
     Ok(())
@@ -91,9 +101,10 @@ pub fn enabled() -> bool {
     SHARDS.get().is_some_and(|s| !s.is_empty())
 }
 
-/// Runs `make(io)` as a task tracked by `tracker` on the least-loaded shard (or on the
-/// caller's runtime when shards are off). `io` is moved there before `make` runs, so
-/// sockets can be registered with the shard's own reactor inside `make`.
+/// Runs `make(io)` as a task tracked by `tracker` on the least-loaded shard (fewest
+/// tasks alive: connections, sessions, HTTP/2 connections alike), or on the caller's
+/// runtime when shards are off. `io` is moved there before `make` runs, so sockets can be
+/// registered with the shard's own reactor inside `make`.
 pub fn spawn<T, F, Fut>(tracker: &TaskTracker, io: T, make: F)
 where
     T: Send + 'static,
@@ -104,23 +115,10 @@ where
         tracker.spawn(async move { make(io).await });
         return;
     };
-    let (i, shard) = shards
-        .iter()
-        .enumerate()
-        .min_by_key(|(_, s)| s.load.load(Ordering::Relaxed))
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
+    let handle = (0..shards.len())
+        .map(|k| &shards[(first + k) % shards.len()])
+        .min_by_key(|h| h.metrics().num_alive_tasks())
         .expect("at least one shard");
-    shard.load.fetch_add(1, Ordering::Relaxed);
-    let task = tracker.track_future(async move {
-        struct Done(usize);
-        impl Drop for Done {
-            fn drop(&mut self) {
-                if let Some(s) = SHARDS.get().and_then(|s| s.get(self.0)) {
-                    s.load.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        }
-        let _done = Done(i);
-        make(io).await
-    });
-    shard.handle.spawn(task);
+    handle.spawn(tracker.track_future(async move { make(io).await }));
 }

@@ -1633,6 +1633,38 @@ fn sessions_run_on_the_shard_threads_and_shards_can_be_turned_off() {
             &fx.server_config(&pipe_cfg),
             &env,
         );
+        if shards == "2" {
+            // Two HTTP/1.1 sessions (the connect verb: a connection each, whose handler
+            // ends once upgraded), the second started while the first streams: they run
+            // on different shards (a shard's load is its live tasks, sessions included).
+            let per_shard = |pid: u32| -> Vec<u64> {
+                let mut t: Vec<(String, u64)> = thread_ticks(pid)
+                    .into_iter()
+                    .filter(|(n, _)| n.starts_with("pb-shard-"))
+                    .collect();
+                t.sort();
+                t.into_iter().map(|(_, v)| v).collect()
+            };
+            let before = per_shard(a.proc.pid());
+            let part = &data[..48 << 20];
+            thread::scope(|sc| {
+                let first = sc.spawn(|| fx.connect(&a.url("sha"), "alice", &data));
+                thread::sleep(Duration::from_millis(300));
+                let second = sc.spawn(|| fx.connect(&a.url("sha"), "alice", part));
+                for (r, input) in [(first, &data[..]), (second, part)] {
+                    let out = r.join().expect("connect thread");
+                    out.expect_code(0);
+                    assert_eq!(String::from_utf8_lossy(&out.stdout), sha_hex(input));
+                }
+            });
+            let after = per_shard(a.proc.pid());
+            let delta: Vec<u64> = after.iter().zip(&before).map(|(x, y)| x - y).collect();
+            let total: u64 = delta.iter().sum();
+            assert!(
+                total >= 10 && delta.iter().all(|d| d * 5 >= total),
+                "two HTTP/1.1 sessions should use both shards: ticks {delta:?}"
+            );
+        }
         let fwd = fx.path(&format!("fwd{shards}.sock"));
         let b = fx.serve_env(
             &format!("b{shards}.toml"),
