@@ -132,6 +132,11 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         Err(code) => return code,
     };
     platform::raise_nofile();
+    if let Err(e) = check_message_limits(&cfg).and_then(|()| platform::check_capabilities(&cfg)) {
+        eprintln!("pipebridge: {e}");
+        return EXIT_USAGE;
+    }
+    // Shard threads only once the config is known to be usable.
     match crate::shard::configured() {
         Ok(n) => {
             if let Err(e) = crate::shard::start(n) {
@@ -143,10 +148,6 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
             eprintln!("pipebridge: {e}");
             return EXIT_USAGE;
         }
-    }
-    if let Err(e) = check_message_limits(&cfg).and_then(|()| platform::check_capabilities(&cfg)) {
-        eprintln!("pipebridge: {e}");
-        return EXIT_USAGE;
     }
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();

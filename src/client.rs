@@ -333,7 +333,7 @@ impl Dialer {
     pub async fn open(&self, path: &str, max_message: usize) -> Result<Session, ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
             if self.http2 {
-                // A warm connection first; if it turns out dead, start the pool afresh.
+                // A warm connection first; if it turns out dead, drop it from the pool.
                 if let Some(sender) = self.pooled_h2() {
                     let failed = sender.alive.clone();
                     match self.open_h2(sender, path).await {

@@ -98,7 +98,7 @@ pub fn current() -> Option<usize> {
 
 /// Whether shards run (else [`spawn`] runs tasks on the caller's runtime).
 pub fn enabled() -> bool {
-    SHARDS.get().is_some_and(|s| !s.is_empty())
+    SHARDS.get().is_some()
 }
 
 /// Runs `make(io)` as a task tracked by `tracker` on the least-loaded shard (fewest
@@ -111,7 +111,8 @@ where
     F: FnOnce(T) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let Some(shards) = SHARDS.get().filter(|s| !s.is_empty()) else {
+    // `start` never stores an empty set.
+    let Some(shards) = SHARDS.get() else {
         tracker.spawn(async move { make(io).await });
         return;
     };
