@@ -24,6 +24,7 @@ use crate::config::secret::Secret;
 use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES};
 use crate::endpoint::Local;
 use crate::tunnel::h2io::{H2Stream, InFlight};
+use crate::tunnel::readahead::ReadAhead;
 use crate::tunnel::ws::WebSocket;
 use crate::tunnel::{self, protocol, tls};
 
@@ -240,7 +241,7 @@ impl Dialer {
     async fn tls(
         &self,
         h2: bool,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, ClientError> {
         let tcp = match proxy_for(&self.host) {
             Some(proxy) => connect_via_proxy(&proxy, &self.host, self.port).await?,
             None => TcpStream::connect((self.host.as_str(), self.port))
@@ -257,7 +258,7 @@ impl Dialer {
             &self.connector
         };
         connector
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.server_name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(|e| classify(&e, "TLS handshake failed"))
     }
@@ -398,7 +399,7 @@ impl Dialer {
 
     async fn new_h2(
         &self,
-        tls: tokio_rustls::client::TlsStream<TcpStream>,
+        tls: tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
     ) -> Result<H2Sender, ClientError> {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(tunnel::H2_STREAM_WINDOW_BYTES)

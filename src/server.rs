@@ -33,6 +33,7 @@ use crate::config::{
 use crate::endpoint::{self, OpenContext};
 use crate::error::{Refusal, RefusalKind};
 use crate::tunnel::h2io::InFlight;
+use crate::tunnel::readahead::ReadAhead;
 use crate::tunnel::{self, protocol};
 
 /// The state one exporting gateway shares between connections.
@@ -427,7 +428,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .read()
         .map(|a| a.clone())
         .unwrap_or_else(|p| p.into_inner().clone());
-    let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(timeout, acceptor.accept(ReadAhead::new(tcp))).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             debug!(error = %e, "TLS handshake failed");
@@ -492,7 +493,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
 /// just by answering pings. Sessions read and write their streams directly
 /// ([`tunnel::h2io`]).
 async fn serve_h2(
-    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    tls: tokio_rustls::server::TlsStream<ReadAhead<tokio::net::TcpStream>>,
     conn: Arc<ConnInfo>,
     gw: Arc<Gateway>,
     remaining: Duration,

@@ -1,9 +1,10 @@
 //! The carrier: TLS configs ([`tls`]), the `pipebridge.v1` control messages
 //! ([`protocol`]), the WebSocket data path ([`ws`]), HTTP/2 streams as its transport
-//! ([`h2io`]) and the HTTP/2 settings both sides use.
+//! ([`h2io`]), batched TLS reads ([`readahead`]) and the HTTP/2 settings both sides use.
 
 pub mod h2io;
 pub mod protocol;
+pub mod readahead;
 pub mod tls;
 pub mod ws;
 
