@@ -23,6 +23,7 @@ fn init_tracing(cli: &Cli) {
 }
 
 fn main() {
+    pipebridge::platform::tune_allocator();
     let cli = Cli::parse();
     init_tracing(&cli);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -24,6 +24,32 @@ pub fn raise_nofile() {
     }
 }
 
+/// glibc malloc, unless `GLIBC_TUNABLES` sets malloc parameters itself: buffers of up to
+/// 1 MiB come from the heap instead of a fresh `mmap` each (the data path's read buffers
+/// and frames of 128–256 KiB are freed and allocated again at the rate data flows), and
+/// a heap gives memory back to the system only beyond 4 MiB free at its top, not at
+/// every dip. Both are off by default because glibc's dynamic thresholds let them drift:
+/// in a bulk transfer the gateways page-faulted freshly mapped or trimmed memory on
+/// every frame. Measured in BENCHMARKS.md (bulk +18–25%, a few MiB more RSS). Called
+/// before any other thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+pub fn tune_allocator() {
+    if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+        return;
+    }
+    // SAFETY: mallopt only changes the allocator's parameters (it takes the arena lock
+    // itself); no pointer is passed.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+    }
+}
+
+/// Other C libraries keep their defaults.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
+
 /// The signals the gateway acts on.
 pub struct Signals {
     term: Signal,

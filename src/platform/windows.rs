@@ -12,6 +12,9 @@ use crate::config::Config;
 /// Windows has no soft descriptor limit to raise.
 pub fn raise_nofile() {}
 
+/// The Windows heap keeps its defaults.
+pub fn tune_allocator() {}
+
 /// The console events the gateway acts on (all mean stop; a reload follows a change of
 /// the config or credential files).
 pub struct Signals {
