@@ -186,3 +186,42 @@ pub fn current_ids() -> (u32, u32) {
         )
     })
 }
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+mod tests {
+    /// Blocks malloc currently holds as mappings of their own.
+    fn mapped_blocks() -> usize {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        unsafe { libc::mallinfo2() }.hblks
+    }
+
+    #[test]
+    fn buffers_of_up_to_a_mebibyte_come_from_the_heap_after_tune_allocator() {
+        if std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
+            panic!("GLIBC_TUNABLES sets malloc parameters: tune_allocator leaves them alone");
+        }
+        super::tune_allocator();
+        // After tuning, 768 KiB comes from the heap and 4 MiB is mapped on its own. Other tests run alongside and may map or unmap blocks meanwhile, so
+        // each check passes on the first of a few attempts that sees no interference.
+        let grows_by = |size: usize| {
+            let before = mapped_blocks();
+            let v: Vec<u8> = Vec::with_capacity(size);
+            let during = mapped_blocks();
+            drop(std::hint::black_box(v));
+            during as isize - before as isize
+        };
+        assert!(
+            (0..20).any(|_| grows_by(768 << 10) == 0),
+            "a 768 KiB buffer got a mapping of its own every time"
+        );
+        // With glibc's floating default, freeing a mapped block raises the threshold to
+        // its size, so a second 4 MiB buffer would come from the heap: tuned thresholds
+        // are fixed, and it keeps its own mapping.
+        grows_by(4 << 20);
+        assert!(
+            (0..20).any(|_| grows_by(4 << 20) == 1),
+            "a 4 MiB buffer no longer gets a mapping of its own: the threshold floats"
+        );
+    }
+}
