@@ -5,14 +5,16 @@
 //! `recvfrom` per `sendto` (`strace -c`, BENCHMARKS.md). [`ReadAhead`] sits between
 //! rustls and the TCP socket: while reads keep filling what was asked for (so more is
 //! waiting in the socket), it reads up to [`READ_AHEAD_BYTES`] at once into a buffer of
-//! its own and serves rustls from it; once a read comes back short (the peer has gone
-//! quiet) it drops the buffer and reads straight into the caller's buffer again, so an
-//! idle connection holds no buffer. Writes pass through untouched.
+//! its own and serves rustls from it; once a read comes back short or has to wait (the
+//! reader caught up with the peer) it drops the buffer and reads straight into the
+//! caller's buffer again, so a connection waiting for data holds no buffer. Writes pass
+//! through untouched.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The most one read takes from the socket while data streams in (also the buffer's size,
@@ -20,14 +22,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub const READ_AHEAD_BYTES: usize = 64 << 10;
 
 /// An I/O object whose reads are batched while data streams in (module docs).
-#[derive(Debug)]
 pub struct ReadAhead<T> {
     io: T,
-    /// Empty while reads go straight to the caller.
-    buf: Vec<u8>,
-    /// Buffered bytes not yet handed out: `buf[pos..end]`.
-    pos: usize,
-    end: usize,
+    /// Bytes read from the socket and not yet handed out; no allocation while reads go
+    /// straight to the caller.
+    buf: BytesMut,
+    /// Whether the last direct read filled the caller's buffer: read ahead next time.
+    ahead: bool,
 }
 
 impl<T> ReadAhead<T> {
@@ -35,9 +36,8 @@ impl<T> ReadAhead<T> {
     pub fn new(io: T) -> ReadAhead<T> {
         ReadAhead {
             io,
-            buf: Vec::new(),
-            pos: 0,
-            end: 0,
+            buf: BytesMut::new(),
+            ahead: false,
         }
     }
 
@@ -46,9 +46,19 @@ impl<T> ReadAhead<T> {
         &self.io
     }
 
-    /// Bytes read from the socket and not yet handed out.
-    fn buffered(&self) -> &[u8] {
-        &self.buf[self.pos..self.end]
+    /// Back to direct reads, holding no buffer (nothing is buffered when this is called).
+    fn quiet(&mut self) {
+        self.buf = BytesMut::new();
+        self.ahead = false;
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for ReadAhead<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("io", &self.io)
+            .field("buffered", &self.buf.len())
+            .finish()
     }
 }
 
@@ -59,39 +69,39 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.pos == this.end && out.remaining() > 0 {
+        if this.buf.is_empty() && out.remaining() > 0 {
             let wanted = out.remaining();
-            if this.buf.is_empty() {
+            if !this.ahead {
                 // Straight into the caller's buffer; a read that fills it says more is
-                // probably waiting, so the next ones go through a buffer of our own.
+                // probably waiting, so the next one goes through a buffer of our own.
                 let before = out.filled().len();
-                ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
-                if out.filled().len() - before == wanted && wanted < READ_AHEAD_BYTES {
-                    this.buf = vec![0; READ_AHEAD_BYTES];
+                let r = Pin::new(&mut this.io).poll_read(cx, out);
+                if let Poll::Ready(Ok(())) = r {
+                    this.ahead = out.filled().len() - before == wanted && wanted < READ_AHEAD_BYTES;
                 }
-                return Poll::Ready(Ok(()));
+                return r;
             }
-            let mut rb = ReadBuf::new(&mut this.buf);
-            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
-            let n = rb.filled().len();
-            this.pos = 0;
-            this.end = n;
-            if n <= wanted {
-                // No more than a direct read would have got: the stream has gone quiet,
-                // stop holding a buffer once this is handed out.
-                out.put_slice(&this.buf[..n]);
-                this.buf = Vec::new();
-                this.end = 0;
-                return Poll::Ready(Ok(()));
+            // Reserving on an empty buffer reuses its allocation once nothing else holds it.
+            this.buf.reserve(READ_AHEAD_BYTES);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                Poll::Ready(Ok(n)) if n > wanted => {}
+                Poll::Ready(Ok(_)) => {
+                    // No more than a direct read would have got (or the end of the
+                    // stream): the stream has gone quiet.
+                    out.put_slice(&this.buf);
+                    this.quiet();
+                    return Poll::Ready(Ok(()));
+                }
+                // Caught up with the socket, or failed: hold no buffer while waiting.
+                other => {
+                    this.quiet();
+                    return other.map_ok(|_| ());
+                }
             }
         }
-        let n = this.buffered().len().min(out.remaining());
-        out.put_slice(&this.buf[this.pos..this.pos + n]);
-        this.pos += n;
-        if this.pos == this.end {
-            this.pos = 0;
-            this.end = 0;
-        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf[..n]);
+        this.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
@@ -162,7 +172,10 @@ mod tests {
             sizes[..sizes.len() - 1].iter().all(|&n| n == 4096),
             "{sizes:?}"
         );
-        assert!(r.buf.is_empty(), "the end of the stream drops the buffer");
+        assert!(
+            r.buf.capacity() == 0 && !r.ahead,
+            "the end of the stream drops the buffer"
+        );
     }
 
     #[tokio::test]
@@ -173,18 +186,37 @@ mod tests {
         // A burst that fills the first read: the next read goes through the buffer.
         tx.write_all(&[1u8; 10_000]).await.unwrap();
         assert_eq!(r.read(&mut b).await.unwrap(), 4096);
+        assert!(r.ahead, "a full read switches to read-ahead");
+        assert_eq!(r.read(&mut b).await.unwrap(), 4096);
         assert_eq!(
             r.buf.len(),
-            READ_AHEAD_BYTES,
-            "a full read switches to read-ahead"
+            10_000 - 8192,
+            "the rest was read ahead at once"
         );
-        assert_eq!(r.read(&mut b).await.unwrap(), 4096);
         assert_eq!(r.read(&mut b).await.unwrap(), 10_000 - 8192);
-        // The buffered burst is used up; a small message then comes in alone.
+        // The burst is used up and nothing more is waiting: the read is pending, and the
+        // connection holds no buffer while it waits.
+        let mut rb = ReadBuf::new(&mut b);
+        let waker = std::task::Waker::noop();
+        let pending = Pin::new(&mut r).poll_read(&mut Context::from_waker(waker), &mut rb);
+        assert!(pending.is_pending());
+        assert!(
+            r.buf.capacity() == 0 && !r.ahead,
+            "a waiting read drops the buffer"
+        );
+        // A small message then comes in alone, straight into the caller's buffer.
         tx.write_all(b"ping").await.unwrap();
         assert_eq!(r.read(&mut b).await.unwrap(), 4);
         assert_eq!(&b[..4], b"ping");
-        assert!(r.buf.is_empty(), "a short read drops the buffer");
+        assert!(r.buf.capacity() == 0 && !r.ahead);
+        // A burst after a full direct read, cut short: the short read drops it too.
+        tx.write_all(&[2u8; 4096 + 100]).await.unwrap();
+        assert_eq!(r.read(&mut b).await.unwrap(), 4096);
+        assert_eq!(r.read(&mut b).await.unwrap(), 100);
+        assert!(
+            r.buf.capacity() == 0 && !r.ahead,
+            "a short read drops the buffer"
+        );
         // And writes pass through.
         let (mut a, b2) = tokio::io::duplex(64);
         let mut w = ReadAhead::new(b2);
