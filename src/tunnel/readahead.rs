@@ -92,10 +92,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
                     this.quiet();
                     return Poll::Ready(Ok(()));
                 }
-                // Caught up with the socket, or failed: hold no buffer while waiting.
-                other => {
+                // Caught up with the socket: hold no buffer while waiting (it may be a
+                // long wait), but read ahead again when data comes: it is likely the rest
+                // of a stream, and a small message then ends read-ahead (above).
+                Poll::Pending => {
+                    this.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => {
                     this.quiet();
-                    return other.map_ok(|_| ());
+                    return Poll::Ready(Err(e));
                 }
             }
         }
@@ -200,11 +206,8 @@ mod tests {
         let waker = std::task::Waker::noop();
         let pending = Pin::new(&mut r).poll_read(&mut Context::from_waker(waker), &mut rb);
         assert!(pending.is_pending());
-        assert!(
-            r.buf.capacity() == 0 && !r.ahead,
-            "a waiting read drops the buffer"
-        );
-        // A small message then comes in alone, straight into the caller's buffer.
+        assert_eq!(r.buf.capacity(), 0, "a waiting read drops the buffer");
+        // A small message then comes in alone: read-ahead ends.
         tx.write_all(b"ping").await.unwrap();
         assert_eq!(r.read(&mut b).await.unwrap(), 4);
         assert_eq!(&b[..4], b"ping");
