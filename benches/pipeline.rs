@@ -8,6 +8,10 @@
 //! load client (this process), which talks to the client side's socket. Rounds interleave
 //! the tools (round 1 all tools, round 2 all tools, ...) and the table reports medians
 //! over rounds and the ratios pipebridge / best competitor measured in the same run.
+//! Beside rates, latencies and memory it reports each tool's CPU time per unit of work
+//! (per GB of bulk data, per message at the larger concurrency, per new session), read
+//! from /proc for the tool's processes: on a machine whose cores the load client and the
+//! target share, that is the gateways' own efficiency, apart from the rest.
 //!
 //! ```text
 //! cargo bench --bench pipeline -- [--rounds N] [--smoke] [--only pipebridge,socat,...]
@@ -448,6 +452,29 @@ fn pss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system, of live threads and of reaped children) of `roots` and
+/// their descendants: what the tool's processes spent, apart from the load client and
+/// the target, which share the same cores.
+fn cpu_secs(roots: &[u32]) -> f64 {
+    // Linux reports these in USER_HZ, which is 100 on every architecture it runs on.
+    const USER_HZ: f64 = 100.0;
+    let ticks: u64 = process_tree(roots)
+        .into_iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // After "pid (comm)": utime, stime, cutime, cstime are fields 14-17 (1-based).
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(
+                (11..15)
+                    .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+                    .sum::<u64>(),
+            )
+        })
+        .sum();
+    ticks as f64 / USER_HZ
 }
 
 /// Resets VmHWM to the current RSS (clear_refs 5).
@@ -1272,13 +1299,16 @@ enum Metric {
     C2P99,
     NewSeq,
     NewConc,
+    CpuBulk,
+    CpuMsg,
+    CpuNew,
     PeakRss,
     PssOpen,
     IdleKib,
     IdleRssKib,
 }
 
-const METRICS: [Metric; 14] = [
+const METRICS: [Metric; 17] = [
     Metric::Up,
     Metric::Down,
     Metric::EchoP50,
@@ -1289,6 +1319,9 @@ const METRICS: [Metric; 14] = [
     Metric::C2P99,
     Metric::NewSeq,
     Metric::NewConc,
+    Metric::CpuBulk,
+    Metric::CpuMsg,
+    Metric::CpuNew,
     Metric::PeakRss,
     Metric::PssOpen,
     Metric::IdleKib,
@@ -1308,6 +1341,9 @@ impl Metric {
             Metric::C2P99 => format!("{} conns, p99 µs", o.conc[1]),
             Metric::NewSeq => "new sessions/s, sequential".into(),
             Metric::NewConc => format!("new sessions/s, {} at once", o.new_conc),
+            Metric::CpuBulk => "gateway CPU s per GB (bulk, both ways)".into(),
+            Metric::CpuMsg => format!("gateway CPU µs per msg ({} conns)", o.conc[1]),
+            Metric::CpuNew => format!("gateway CPU µs per new session ({} at once)", o.new_conc),
             Metric::PeakRss => format!("gateway peak RSS, MiB ({} conns)", o.conc[1]),
             Metric::PssOpen => format!("gateway PSS, MiB ({} conns open)", o.conc[1]),
             Metric::IdleKib => "KiB per idle session (PSS)".into(),
@@ -1337,13 +1373,20 @@ impl Metric {
             }
             Metric::NewSeq | Metric::NewConc => ("≥ 2× ssh", Check::SshAtLeast(2.0)),
             Metric::IdleRssKib => ("≤ 32 KiB", Check::ValueAtMost(32.0)),
-            Metric::IdleKib | Metric::PssOpen => return None,
+            Metric::IdleKib
+            | Metric::PssOpen
+            | Metric::CpuBulk
+            | Metric::CpuMsg
+            | Metric::CpuNew => return None,
         })
     }
     fn fmt(self, v: f64) -> String {
         match self {
             Metric::PeakRss | Metric::PssOpen => format!("{v:.1}"),
-            Metric::IdleKib | Metric::IdleRssKib => format!("{v:.1}"),
+            Metric::IdleKib | Metric::IdleRssKib | Metric::CpuMsg | Metric::CpuNew => {
+                format!("{v:.1}")
+            }
+            Metric::CpuBulk => format!("{v:.2}"),
             _ if v >= 1000.0 => group(v.round() as u64),
             _ => format!("{v:.0}"),
         }
@@ -1416,8 +1459,15 @@ fn run_round(p: &mut Pipeline, o: &Opts, rt: &tokio::runtime::Runtime, res: &mut
         Err(e) => res.err(t, &m.label(o), e),
     };
     if o.phase("bulk") {
-        rec(res, Metric::Up, bulk_up(&sock, o.bulk_bytes));
-        rec(res, Metric::Down, bulk_down(&sock, o.bulk_bytes));
+        let roots = p.roots();
+        let cpu0 = cpu_secs(&roots);
+        let (up, down) = (bulk_up(&sock, o.bulk_bytes), bulk_down(&sock, o.bulk_bytes));
+        if up.is_ok() && down.is_ok() && !roots.is_empty() {
+            let gb = 2.0 * o.bulk_bytes as f64 / 1e9;
+            rec(res, Metric::CpuBulk, Ok((cpu_secs(&roots) - cpu0) / gb));
+        }
+        rec(res, Metric::Up, up);
+        rec(res, Metric::Down, down);
     }
     if o.phase("echo") {
         match echo_latency(&sock, o.echo_msgs, o.dur()) {
@@ -1447,14 +1497,25 @@ fn run_round(p: &mut Pipeline, o: &Opts, rt: &tokio::runtime::Runtime, res: &mut
                 reset_hwm(pid);
             }
         }
+        // The gateways' CPU is measured over the echo exchange only, not the opening.
+        let mut cpu = (0.0, Instant::now());
         let r = rt.block_on(async {
             let streams = open_many(&sock, n, IO_TIMEOUT).await?;
+            cpu = (cpu_secs(&roots), Instant::now());
             conc_echo(streams, o.dur()).await
         });
         match r {
             Ok((rate, p99, streams)) => {
+                let (spent, wall) = (cpu_secs(&roots) - cpu.0, cpu.1.elapsed());
                 rec(res, mrate, Ok(rate));
                 rec(res, mp99, Ok(p99));
+                if i == 1 && !roots.is_empty() && rate > 0.0 {
+                    rec(
+                        res,
+                        Metric::CpuMsg,
+                        Ok(spent * 1e6 / (rate * wall.as_secs_f64())),
+                    );
+                }
                 if measure_rss {
                     // VmHWM of every gateway process (reset before the connections were
                     // opened), and PSS (shared pages divided among their users: fair to
@@ -1472,11 +1533,20 @@ fn run_round(p: &mut Pipeline, o: &Opts, rt: &tokio::runtime::Runtime, res: &mut
     }
     if o.phase("new") {
         rec(res, Metric::NewSeq, new_sessions_seq(&sock, o.dur()));
-        rec(
-            res,
-            Metric::NewConc,
-            rt.block_on(new_sessions(&sock, o.new_conc, o.dur())),
-        );
+        let roots = p.roots();
+        let (cpu0, t0) = (cpu_secs(&roots), Instant::now());
+        let r = rt.block_on(new_sessions(&sock, o.new_conc, o.dur()));
+        let (spent, wall) = (cpu_secs(&roots) - cpu0, t0.elapsed());
+        if let Ok(rate) = r.as_ref().copied() {
+            if !roots.is_empty() && rate > 0.0 {
+                rec(
+                    res,
+                    Metric::CpuNew,
+                    Ok(spent * 1e6 / (rate * wall.as_secs_f64())),
+                );
+            }
+        }
+        rec(res, Metric::NewConc, r);
     }
     if let Err(e) = p.check_alive() {
         res.err(t, "liveness", e);
