@@ -382,6 +382,14 @@ fn tail(s: &str, n: usize) -> &str {
     &s[start..]
 }
 
+/// The fields of /proc/PID/stat after "pid (comm)" (comm may hold spaces and
+/// parentheses): state is `[0]`, ppid `[1]`, utime..cstime `[11..15]`.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// pid → parent pid of every process.
 fn parents() -> HashMap<u32, u32> {
     let mut m = HashMap::new();
@@ -392,15 +400,7 @@ fn parents() -> HashMap<u32, u32> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        if let Some(ppid) = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-        {
+        if let Some(ppid) = stat_fields(pid).and_then(|f| f.get(1)?.parse().ok()) {
             m.insert(pid, ppid);
         }
     }
@@ -462,19 +462,24 @@ fn cpu_secs(roots: &[u32]) -> f64 {
     const USER_HZ: f64 = 100.0;
     let ticks: u64 = process_tree(roots)
         .into_iter()
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // After "pid (comm)": utime, stime, cutime, cstime are fields 14-17 (1-based).
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(
-                (11..15)
-                    .filter_map(|i| f.get(i)?.parse::<u64>().ok())
-                    .sum::<u64>(),
-            )
+        .filter_map(stat_fields)
+        .map(|f| {
+            (11..15)
+                .filter_map(|i| f.get(i)?.parse::<u64>().ok())
+                .sum::<u64>()
         })
         .sum();
     ticks as f64 / USER_HZ
+}
+
+/// CPU µs per unit of work: `spent` CPU seconds over `wall` at `rate` units per second.
+fn cpu_us_per_unit(spent: f64, rate: f64, wall: Duration) -> R<f64> {
+    let units = rate * wall.as_secs_f64();
+    if units > 0.0 {
+        Ok(spent * 1e6 / units)
+    } else {
+        Err("no work done".into())
+    }
 }
 
 /// Resets VmHWM to the current RSS (clear_refs 5).
@@ -1497,25 +1502,29 @@ fn run_round(p: &mut Pipeline, o: &Opts, rt: &tokio::runtime::Runtime, res: &mut
                 reset_hwm(pid);
             }
         }
-        // The gateways' CPU is measured over the echo exchange only, not the opening.
+        // The gateways' CPU is measured over the echo exchange only, not the opening,
+        // and at the larger concurrency only.
+        let measure_cpu = i == 1 && !roots.is_empty();
         let mut cpu = (0.0, Instant::now());
         let r = rt.block_on(async {
             let streams = open_many(&sock, n, IO_TIMEOUT).await?;
-            cpu = (cpu_secs(&roots), Instant::now());
+            if measure_cpu {
+                cpu = (cpu_secs(&roots), Instant::now());
+            }
             conc_echo(streams, o.dur()).await
         });
         match r {
             Ok((rate, p99, streams)) => {
-                let (spent, wall) = (cpu_secs(&roots) - cpu.0, cpu.1.elapsed());
-                rec(res, mrate, Ok(rate));
-                rec(res, mp99, Ok(p99));
-                if i == 1 && !roots.is_empty() && rate > 0.0 {
+                if measure_cpu {
+                    let spent = cpu_secs(&roots) - cpu.0;
                     rec(
                         res,
                         Metric::CpuMsg,
-                        Ok(spent * 1e6 / (rate * wall.as_secs_f64())),
+                        cpu_us_per_unit(spent, rate, cpu.1.elapsed()),
                     );
                 }
+                rec(res, mrate, Ok(rate));
+                rec(res, mp99, Ok(p99));
                 if measure_rss {
                     // VmHWM of every gateway process (reset before the connections were
                     // opened), and PSS (shared pages divided among their users: fair to
@@ -1537,14 +1546,8 @@ fn run_round(p: &mut Pipeline, o: &Opts, rt: &tokio::runtime::Runtime, res: &mut
         let (cpu0, t0) = (cpu_secs(&roots), Instant::now());
         let r = rt.block_on(new_sessions(&sock, o.new_conc, o.dur()));
         let (spent, wall) = (cpu_secs(&roots) - cpu0, t0.elapsed());
-        if let Ok(rate) = r.as_ref().copied() {
-            if !roots.is_empty() && rate > 0.0 {
-                rec(
-                    res,
-                    Metric::CpuNew,
-                    Ok(spent * 1e6 / (rate * wall.as_secs_f64())),
-                );
-            }
+        if let (Ok(rate), false) = (r.as_ref().copied(), roots.is_empty()) {
+            rec(res, Metric::CpuNew, cpu_us_per_unit(spent, rate, wall));
         }
         rec(res, Metric::NewConc, r);
     }
