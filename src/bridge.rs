@@ -214,6 +214,8 @@ pub async fn run<S: Transport>(
     let eof_notify = Notify::new();
     let mut exit: Option<Control> = None;
     let mut peer_error = None;
+    // The peer's Close came after both directions were done: answered, not waited for.
+    let mut peer_closed = false;
 
     let failure = {
         let up = upstream(reader, child.as_mut(), &sink, counters, &activity);
@@ -243,6 +245,7 @@ pub async fn run<S: Transport>(
                 f = &mut down => {
                     // Both directions done and then the peer's Close: orderly.
                     if up_done && eof_seen.load(Ordering::Acquire) && matches!(f, Failure::PeerClosed(_)) {
+                        peer_closed = true;
                         break None;
                     }
                     break Some(f);
@@ -292,13 +295,22 @@ pub async fn run<S: Transport>(
     if let Some(c) = child.as_mut() {
         let _ = c.start_kill();
     }
-    finish(sink.into_inner(), stream, failure, exit, peer_error).await
+    finish(
+        sink.into_inner(),
+        stream,
+        failure,
+        peer_closed,
+        exit,
+        peer_error,
+    )
+    .await
 }
 
 async fn finish<W: OwnedWrite, R: ChunkRead>(
     mut sink: WsSink<W>,
     mut stream: WsSource<R>,
     failure: Option<Failure>,
+    peer_closed: bool,
     exit: Option<Control>,
     peer_error: Option<(String, String)>,
 ) -> Outcome {
@@ -373,6 +385,7 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
             (None, None)
         }
     };
+    let mut shut = false;
     if let Some((code, reason)) = send_close {
         let sent = tokio::time::timeout(CLOSE_TIMEOUT, async {
             if let Some(e) = error_msg {
@@ -386,15 +399,22 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
         })
         .await;
         if matches!(sent, Ok(Ok(()))) {
-            // Wait (bounded) for the peer's Close so the last bytes are not cut off.
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while let Some(Ok(m)) = stream.next().await {
-                    if let Message::Close(_) = m {
-                        break;
+            // Nothing follows a Close: end the sending side at once (END_STREAM goes out
+            // with the Close, TLS close_notify right after it), so the peer can answer
+            // with its Close and its own end together: one round trip, not two.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.shutdown()).await;
+            shut = true;
+            if !peer_closed {
+                // Wait (bounded) for the peer's Close so the last bytes are not cut off.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                    while let Some(Ok(m)) = stream.next().await {
+                        if let Message::Close(_) = m {
+                            break;
+                        }
                     }
-                }
-            })
-            .await;
+                })
+                .await;
+            }
         }
     }
     // End the transport properly now that the WebSocket is closed: TLS close_notify on a
@@ -402,7 +422,9 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
     // peer's end, so an HTTP/2 stream is closed cleanly rather than reset (resets are
     // rate-limited per connection by peers).
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        sink.shutdown().await?;
+        if !shut {
+            sink.shutdown().await?;
+        }
         stream.drain().await
     })
     .await;

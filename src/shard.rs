@@ -5,11 +5,12 @@
 //! workers, and each wake-up is a futex call and a cache-line transfer: a profile of
 //! new sessions showed about seven futex calls per session per gateway, and a single
 //! bulk transfer ran 30–50% faster with one worker than with two (BENCHMARKS.md). So
-//! accepted connections (a gateway's TLS connections, a forward's local Unix-socket
-//! callers) are handed to the least-loaded shard, and everything they spawn runs on
-//! that shard's thread; the dialling side keeps its pooled HTTP/2 connections per
-//! shard, so a forwarded session and its connection share a thread too. Accept loops,
-//! the admin listener, reloads and signals stay on the main runtime.
+//! a gateway's accepted TLS connections are handed to the least-loaded shard (a
+//! forward's local Unix-socket callers are accepted on the first shard itself, which
+//! keeps a caller unless another shard is less loaded), and everything they spawn runs
+//! on that shard's thread; the dialling side keeps its pooled HTTP/2 connections per
+//! shard, so a forwarded session and its connection share a thread too. The other
+//! accept loops, the admin listener, reloads and signals stay on the main runtime.
 //!
 //! `PIPEBRIDGE_SHARDS=N` sets the number (default: the available cores);
 //! `PIPEBRIDGE_SHARDS=0` turns shards off (everything on the main runtime, as before).
@@ -90,6 +91,11 @@ pub fn start(n: usize) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The shards' runtimes (`None` when shards are off).
+pub fn handles() -> Option<&'static [Handle]> {
+    SHARDS.get().map(Vec::as_slice)
+}
+
 /// The shard this thread runs (`None` off the shard threads): keys per-shard pools.
 pub fn current() -> Option<usize> {
     let i = CURRENT.with(Cell::get);
@@ -116,10 +122,20 @@ where
         tracker.spawn(async move { make(io).await });
         return;
     };
+    // The least loaded (not counting the calling task on its own shard); on a tie the
+    // calling shard itself (a spawn there needs no wake-up of another thread), else the
+    // next in turn.
     let first = NEXT.fetch_add(1, Ordering::Relaxed);
-    let handle = (0..shards.len())
-        .map(|k| &shards[(first + k) % shards.len()])
-        .min_by_key(|h| h.metrics().num_alive_tasks())
+    let here = current();
+    let pick = (0..shards.len())
+        .map(|k| (first + k) % shards.len())
+        .min_by_key(|&i| {
+            let alive = shards[i].metrics().num_alive_tasks();
+            match Some(i) == here {
+                true => (alive.saturating_sub(1), false),
+                false => (alive, true),
+            }
+        })
         .expect("at least one shard");
-    handle.spawn(tracker.track_future(async move { make(io).await }));
+    shards[pick].spawn(tracker.track_future(async move { make(io).await }));
 }

@@ -1851,6 +1851,34 @@ async fn repeated_bad_tokens_are_rate_limited_per_address_and_counted() {
     t.assert_healthy("bad tokens, after the window").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_session_ends_its_stream_right_after_its_close() {
+    let t = Target::standard();
+    let mut raw = Raw::open(&t, "/pipes/echo").await;
+    let data = random_bytes(1000);
+    let mut bytes = binary(&data);
+    bytes.extend(text(r#"{"type":"eof"}"#));
+    raw.send(&bytes).await;
+    let (end, close) = read_until_close(&mut raw.r, &mut raw.buf, Duration::from_secs(10)).await;
+    assert_eq!(end.code(), Some(1000), "echo session: {end:?}");
+    assert!(end.data == data, "echo of {} bytes", end.data.len());
+    assert!(close.is_some());
+    // Our Close is not sent yet. The gateway has nothing to send after its Close, so
+    // the end of its stream (TLS close_notify) follows at once: a peer can answer with
+    // its Close and its own end together (one round trip, not two).
+    let mut rest = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), raw.r.read(&mut rest))
+        .await
+        .expect("no end of stream within 3 s of the gateway's Close (it waited for ours)")
+        .expect("read after the Close");
+    assert_eq!(n, 0, "bytes after the Close: {:?}", &rest[..n]);
+    // Our Close still goes through (the gateway reads on after its end of stream).
+    raw.send(&frame(true, 0, OP_CLOSE, KEY, &1000u16.to_be_bytes()))
+        .await;
+    t.assert_healthy("a session that ended with a Close and an end of stream")
+        .await;
+}
+
 // === 8. pipelined frames, a reader that never reads ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

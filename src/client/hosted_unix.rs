@@ -144,31 +144,56 @@ impl Forward {
         let target = Arc::new(path_and_query);
         info!(listen = %file.path().display(), to = %fwd.to, "forward ready");
         match hosted {
-            Hosted::Stream(listener) => loop {
-                let r = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = accept_caller(&listener) => r,
-                };
-                match r {
-                    Ok((stream, caller)) => {
-                        // The session runs on a shard (or here when shards are off) and
-                        // registers the caller's socket with that runtime's reactor.
-                        let (fwd, target) = (fwd.clone(), target.clone());
-                        let span = session_span(&fwd, caller.as_ref());
-                        crate::shard::spawn(&tracker, stream, move |stream| {
-                            async move {
-                                match tokio::net::UnixStream::from_std(stream) {
-                                    Ok(s) => {
-                                        forward_one(stream_local(s), caller, &fwd, &target).await
+            Hosted::Stream(listener) => match crate::shard::handles() {
+                // The first shard accepts (on the listening socket registered with its
+                // own reactor) and keeps a caller's session unless another shard is less
+                // loaded: no hop through the main runtime's thread per caller, and no
+                // hand-off to another thread while this one keeps up.
+                Some(shards) => {
+                    let listener = listener.into_inner();
+                    let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
+                    let acceptor = shards[0].spawn(
+                        async move {
+                            let l = match readiness(listener) {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    warn!(error = %e, "cannot register the forward's socket with a shard");
+                                    return;
+                                }
+                            };
+                            loop {
+                                let r = tokio::select! {
+                                    _ = shutdown.cancelled() => break,
+                                    r = accept_caller(&l) => r,
+                                };
+                                match r {
+                                    Ok((stream, caller)) => {
+                                        let (fwd, target) = (fwd.clone(), target.clone());
+                                        crate::shard::spawn(&tracker, stream, move |stream| {
+                                            caller_session(stream, caller, fwd, target)
+                                        });
                                     }
-                                    Err(e) => warn!(error = %e, "cannot register the local caller"),
+                                    Err(e) => accept_failed(e).await,
                                 }
                             }
-                            .instrument(span)
-                        });
-                    }
-                    Err(e) => accept_failed(e).await,
+                        }
+                        .in_current_span(),
+                    );
+                    let _ = acceptor.await;
                 }
+                None => loop {
+                    let r = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        r = accept_caller(&listener) => r,
+                    };
+                    match r {
+                        Ok((stream, caller)) => {
+                            let (fwd, target) = (fwd.clone(), target.clone());
+                            tracker.spawn(caller_session(stream, caller, fwd, target));
+                        }
+                        Err(e) => accept_failed(e).await,
+                    }
+                },
             },
             Hosted::Seqpacket(mut listener) => loop {
                 let r = tokio::select! {
@@ -213,9 +238,7 @@ fn readiness(
 }
 
 /// Accepts one local caller (non-blocking, close-on-exec) with its SO_PEERCRED, without
-/// registering it with this runtime's reactor: its session may run on a shard, which
-/// registers it there (a registration here would cost an `epoll_ctl` to add and another
-/// to remove per session).
+/// registering it with a reactor yet (its session does, on the runtime it runs on).
 async fn accept_caller(
     listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
 ) -> std::io::Result<(std::os::unix::net::UnixStream, Option<LocalCaller>)> {
@@ -237,6 +260,24 @@ async fn accept_caller(
             return Ok((std::os::unix::net::UnixStream::from(fd), caller));
         }
     }
+}
+
+/// The session of an accepted local caller; registers the caller's socket with the
+/// reactor of the runtime it runs on.
+fn caller_session(
+    stream: std::os::unix::net::UnixStream,
+    caller: Option<LocalCaller>,
+    fwd: Arc<ForwardConfig>,
+    target: Arc<String>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let span = session_span(&fwd, caller.as_ref());
+    async move {
+        match tokio::net::UnixStream::from_std(stream) {
+            Ok(s) => forward_one(stream_local(s), caller, &fwd, &target).await,
+            Err(e) => warn!(error = %e, "cannot register the local caller"),
+        }
+    }
+    .instrument(span)
 }
 
 /// A local caller's stream as a session's local side.
