@@ -131,9 +131,10 @@ where
         .map(|k| (first + k) % shards.len())
         .min_by_key(|&i| {
             let alive = shards[i].metrics().num_alive_tasks();
-            match Some(i) == here {
-                true => (alive.saturating_sub(1), false),
-                false => (alive, true),
+            if Some(i) == here {
+                (alive.saturating_sub(1), false)
+            } else {
+                (alive, true)
             }
         })
         .expect("at least one shard");

@@ -154,26 +154,10 @@ impl Forward {
                     let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
                     let acceptor = shards[0].spawn(
                         async move {
-                            let l = match readiness(listener) {
-                                Ok(l) => l,
+                            match readiness(listener) {
+                                Ok(l) => accept_loop(&l, &shutdown, &tracker, &fwd, &target).await,
                                 Err(e) => {
-                                    warn!(error = %e, "cannot register the forward's socket with a shard");
-                                    return;
-                                }
-                            };
-                            loop {
-                                let r = tokio::select! {
-                                    _ = shutdown.cancelled() => break,
-                                    r = accept_caller(&l) => r,
-                                };
-                                match r {
-                                    Ok((stream, caller)) => {
-                                        let (fwd, target) = (fwd.clone(), target.clone());
-                                        crate::shard::spawn(&tracker, stream, move |stream| {
-                                            caller_session(stream, caller, fwd, target)
-                                        });
-                                    }
-                                    Err(e) => accept_failed(e).await,
+                                    warn!(error = %e, "cannot register the forward's socket with a shard")
                                 }
                             }
                         }
@@ -181,19 +165,7 @@ impl Forward {
                     );
                     let _ = acceptor.await;
                 }
-                None => loop {
-                    let r = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        r = accept_caller(&listener) => r,
-                    };
-                    match r {
-                        Ok((stream, caller)) => {
-                            let (fwd, target) = (fwd.clone(), target.clone());
-                            tracker.spawn(caller_session(stream, caller, fwd, target));
-                        }
-                        Err(e) => accept_failed(e).await,
-                    }
-                },
+                None => accept_loop(&listener, &shutdown, &tracker, &fwd, &target).await,
             },
             Hosted::Seqpacket(mut listener) => loop {
                 let r = tokio::select! {
@@ -235,6 +207,33 @@ fn readiness(
     // SAFETY: the listener owns its descriptor, which stays open and the same until the
     // AsyncFd (which owns the listener) is dropped; nothing else closes or replaces it.
     unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(std::io::Error::from)
+}
+
+/// Accepts local callers on `listener` until `shutdown`; each caller's session runs on
+/// a shard ([`crate::shard::spawn`]: this one unless another is less loaded), or on
+/// this runtime when shards are off.
+async fn accept_loop(
+    listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+    fwd: &Arc<ForwardConfig>,
+    target: &Arc<String>,
+) {
+    loop {
+        let r = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = accept_caller(listener) => r,
+        };
+        match r {
+            Ok((stream, caller)) => {
+                let (fwd, target) = (fwd.clone(), target.clone());
+                crate::shard::spawn(tracker, stream, move |stream| {
+                    caller_session(stream, caller, fwd, target)
+                });
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
 }
 
 /// Accepts one local caller (non-blocking, close-on-exec) with its SO_PEERCRED, without
