@@ -25,7 +25,7 @@ use crate::config::{Direction, ForwardConfig, Mode, MAX_BYTE_MODE_MESSAGE_BYTES}
 use crate::endpoint::Local;
 use crate::tunnel::h2io::{H2Stream, InFlight};
 use crate::tunnel::readahead::ReadAhead;
-use crate::tunnel::ws::WebSocket;
+use crate::tunnel::ws::{self, WebSocket};
 use crate::tunnel::{self, protocol, tls};
 
 /// A WebSocket session to a remote gateway.
@@ -332,12 +332,31 @@ impl Dialer {
 
     /// Opens a session at `path` (path and query); `max_message` bounds incoming messages.
     pub async fn open(&self, path: &str, max_message: usize) -> Result<Session, ClientError> {
+        self.open_early(path, max_message, &Bytes::new())
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// Opens a session like [`Dialer::open`], with `early`: data the local caller already
+    /// sent. Over HTTP/2 it goes out as the session's first binary message right behind
+    /// the request, without waiting for the gateway's answer: one round trip less
+    /// before the first reply. The stream confines it, so a refused session's early
+    /// data is discarded with the stream and never read as anything else (unlike an
+    /// HTTP/1.1 upgrade, where data sent before the 101 would be read as a request,
+    /// RFC 9931: there it is never sent early). Returns whether `early` was sent; if
+    /// not, the caller sends it as its first data.
+    pub async fn open_early(
+        &self,
+        path: &str,
+        max_message: usize,
+        early: &Bytes,
+    ) -> Result<(Session, bool), ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
             if self.http2 {
                 // A warm connection first; if it turns out dead, drop it from the pool.
                 if let Some(sender) = self.pooled_h2() {
                     let failed = sender.alive.clone();
-                    match self.open_h2(sender, path).await {
+                    match self.open_h2(sender, path, early).await {
                         Err(H2Error::Connection(e)) => {
                             debug!(error = %e, "pooled HTTP/2 connection failed; dropping it");
                             if let Ok(mut pool) = self.h2_pool.lock() {
@@ -352,7 +371,7 @@ impl Dialer {
             let tls = self.tls(self.http2).await?;
             if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
                 let sender = self.new_h2(tls).await?;
-                return match self.open_h2(sender, path).await {
+                return match self.open_h2(sender, path, early).await {
                     Ok(v) => Ok(v),
                     Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
                 };
@@ -375,12 +394,16 @@ impl Dialer {
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
+        let sent = matches!(upgraded, Carrier::Right(_)) && !early.is_empty();
         let ws = WebSocket::new(upgraded, Role::Client, max_message);
-        Ok(Session {
-            ws,
-            direction,
-            mode,
-        })
+        Ok((
+            Session {
+                ws,
+                direction,
+                mode,
+            },
+            sent,
+        ))
     }
 
     /// A pooled HTTP/2 connection to use, or `None` when the pool should grow.
@@ -460,6 +483,7 @@ impl Dialer {
         &self,
         sender: H2Sender,
         path: &str,
+        early: &Bytes,
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), H2Error> {
         let in_flight = InFlight::new(&sender.in_flight);
         let conn_err = |e: h2::Error| {
@@ -496,11 +520,25 @@ impl Dialer {
             v.set_sensitive(true);
             req.headers_mut().insert(header::AUTHORIZATION, v);
         }
-        let (resp, stream) = send.send_request(req, false).map_err(conn_err)?;
+        let (resp, mut stream) = send.send_request(req, false).map_err(conn_err)?;
+        if !early.is_empty() {
+            // Queued behind the request's HEADERS, flushed with them; within the
+            // stream's initial window, so it needs no capacity reservation.
+            stream
+                .send_data(ws::binary_frame(Role::Client, early), false)
+                .map_err(conn_err)?;
+        }
         let resp = resp.await.map_err(|e| {
             if e.is_reset() && !e.is_go_away() {
                 // The gateway refused this stream (e.g. too many at once), not the connection.
                 H2Error::Session(ClientError::Network(format!("HTTP/2 stream reset: {e}")))
+            } else if !early.is_empty() && !e.is_go_away() {
+                // The gateway may have opened the pipe and passed the early data on before
+                // the connection failed: never send it again on another connection.
+                sender.alive.store(false, Ordering::Release);
+                H2Error::Session(ClientError::Network(format!(
+                    "HTTP/2 connection failed after the session's first data was sent: {e}"
+                )))
             } else {
                 conn_err(e)
             }
@@ -798,7 +836,10 @@ fn spawn_session(
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&fwd, caller.as_ref());
-    tracker.spawn(async move { forward_one(local, caller, &fwd, &target).await }.instrument(span));
+    tracker.spawn(
+        async move { forward_one(local, Bytes::new(), caller, &fwd, &target).await }
+            .instrument(span),
+    );
 }
 
 /// The tracing span of one forwarded session.
@@ -806,7 +847,15 @@ fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::S
     tracing::info_span!("forward", to = %fwd.to, local_caller = caller.map(|c| c.to_string()))
 }
 
-async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardConfig, target: &str) {
+/// One forwarded session: `local` (whose first data, already read, is `early`) bridged
+/// to a session opened on `target`.
+async fn forward_one(
+    local: Local,
+    early: Bytes,
+    caller: Option<LocalCaller>,
+    fwd: &ForwardConfig,
+    target: &str,
+) {
     if !fwd.allow_local.is_empty() && !caller.as_ref().is_some_and(|c| c.allowed(&fwd.allow_local))
     {
         warn!("local caller not in allow_local; closing");
@@ -824,18 +873,26 @@ async fn forward_one(local: Local, caller: Option<LocalCaller>, fwd: &ForwardCon
         .and_then(|c| c.user_name());
     let creds = substitute_user(&fwd.credentials, user.as_deref());
     let session = match cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2) {
-        Ok(d) => d.open(target, client_message_limit()).await,
+        Ok(d) => d.open_early(target, client_message_limit(), &early).await,
         Err(e) => Err(e),
     };
     crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
-    let ws = match session {
-        Ok(s) => s.ws,
+    let (ws, sent) = match session {
+        Ok((s, sent)) => (s.ws, sent),
         Err(e) => {
             warn!(error = %e, "forward could not open the remote session; closing the local connection");
             return;
         }
     };
     let counters = Counters::default();
+    let local = if sent {
+        counters
+            .from_local
+            .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        local
+    } else {
+        local.prepend(early)
+    };
     let out = bridge::run(
         ws,
         local,

@@ -19,6 +19,7 @@ use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -80,7 +81,7 @@ pub fn start(n: usize) -> std::io::Result<()> {
                 };
                 CURRENT.with(|c| c.set(i));
                 // Runs the shard's tasks until the process exits.
-                rt.block_on(std::future::pending::<()>());
+                rt.block_on(anchor());
             })?;
         let handle = rx.recv().map_err(|_| {
             std::io::Error::other(format!("shard {i} ended before its runtime started"))
@@ -89,6 +90,24 @@ pub fn start(n: usize) -> std::io::Result<()> {
     }
     let _ = SHARDS.set(shards);
     Ok(())
+}
+
+/// Period of a shard's anchor timer ([`anchor`]).
+const ANCHOR_PERIOD: Duration = Duration::from_secs(1);
+
+/// Keeps a timer due within [`ANCHOR_PERIOD`] on the shard at all times. tokio's time
+/// driver wakes its own thread (an `eventfd` write, then one more turn of the event
+/// loop) whenever a timer is set that is due sooner than every timer it had when it
+/// last parked: with none pending, each new session's first bound (the dial timeout of
+/// a forward) did that, a system call and a wake-up per session (`strace` of the
+/// new-session phase). With this timer always due sooner, timeouts of a second or more
+/// never do; it costs one wake-up a second.
+async fn anchor() {
+    let mut tick = tokio::time::interval(ANCHOR_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// The shards' runtimes (`None` when shards are off).

@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -1723,4 +1724,203 @@ fn sessions_run_on_the_shard_threads_and_shards_can_be_turned_off() {
         "{}",
         out.stderr
     );
+}
+
+// === early data: a forward's first bytes go out with its HTTP/2 request ===
+
+/// What a fake exporting gateway saw on one HTTP/2 stream: the connection it came on
+/// and the first WebSocket payload that had arrived *before* it answered.
+#[derive(Debug, Clone)]
+struct EarlyStream {
+    conn: usize,
+    early: Option<Vec<u8>>,
+}
+
+/// A fake exporting gateway: real TLS with the fixture's server certificate, HTTP/2
+/// with RFC 8441. Before answering each stream it waits up to 2 s for the first DATA;
+/// then it answers 200 and sends `reply:` + that payload back, unless `kill_conn(n)`
+/// for the n-th stream (from 0) says to drop the whole connection instead.
+async fn fake_h2_gateway(
+    fx: &Fixture,
+    kill_conn: fn(usize) -> bool,
+) -> (u16, Arc<Mutex<Vec<EarlyStream>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<_> = CertificateDer::pem_file_iter(fx.p("pki/server.pem"))
+        .expect("server cert")
+        .map(|c| c.expect("cert PEM"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(fx.p("pki/server.key")).expect("server key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let seen: Arc<Mutex<Vec<EarlyStream>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        for conn in 0..10 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, log) = (acceptor.clone(), log.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut b = h2::server::Builder::new();
+                b.enable_connect_protocol();
+                let Ok(mut h2c) = b.handshake::<_, bytes::Bytes>(tls).await else {
+                    return;
+                };
+                let (kill_tx, mut kill_rx) = tokio::sync::mpsc::channel::<()>(1);
+                loop {
+                    let (req, mut respond) = tokio::select! {
+                        r = h2c.accept() => match r {
+                            Some(Ok(v)) => v,
+                            _ => return,
+                        },
+                        // Drops the connection: TCP closed under every stream.
+                        _ = kill_rx.recv() => return,
+                    };
+                    let (log, kill_tx) = (log.clone(), kill_tx.clone());
+                    tokio::spawn(async move {
+                        let mut body = req.into_body();
+                        let first = tokio::time::timeout(Duration::from_secs(2), body.data())
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(Result::ok);
+                        let early = first.as_deref().map(unmask_client_frame);
+                        let n = {
+                            let mut l = log.lock().expect("log");
+                            l.push(EarlyStream {
+                                conn,
+                                early: early.clone(),
+                            });
+                            l.len() - 1
+                        };
+                        if kill_conn(n) {
+                            let _ = kill_tx.send(()).await;
+                            return;
+                        }
+                        let resp = hyper::Response::builder()
+                            .status(200)
+                            .header("sec-websocket-protocol", "pipebridge.v1")
+                            .body(())
+                            .expect("resp");
+                        let Ok(mut send) = respond.send_response(resp, false) else {
+                            return;
+                        };
+                        let mut reply = b"reply:".to_vec();
+                        reply.extend_from_slice(&early.unwrap_or_default());
+                        let mut frame = vec![0x82, reply.len() as u8];
+                        frame.extend_from_slice(&reply);
+                        let _ = send.send_data(frame.into(), false);
+                        // Hold the stream open until the client ends it.
+                        while let Some(Ok(_)) = body.data().await {}
+                    });
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// The payload of one whole masked WebSocket binary frame (a client's) of under 126
+/// bytes; panics on anything else.
+fn unmask_client_frame(f: &[u8]) -> Vec<u8> {
+    assert_eq!(f[0], 0x82, "not a final binary frame: {f:?}");
+    assert!(f[1] & 0x80 != 0, "a client's frame must be masked: {f:?}");
+    let len = (f[1] & 0x7f) as usize;
+    assert!(
+        len < 126 && f.len() == 6 + len,
+        "one short frame expected: {f:?}"
+    );
+    let mask = &f[2..6];
+    f[6..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ mask[i % 4])
+        .collect()
+}
+
+/// Connects to the forward socket, writes `msg` and reads until the forward closes or
+/// `want` bytes came; returns what came.
+fn caller_exchange(sock: &Path, msg: &[u8], want: usize) -> Vec<u8> {
+    let mut s = unix_connect(sock);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(msg).expect("write to the forward");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < want {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_sends_its_callers_first_bytes_with_the_http2_request_and_never_twice() {
+    let fx = Fixture::new();
+    // Stream 0 is answered; stream 1's connection is dropped after its early data came.
+    let (port, seen) = fake_h2_gateway(&fx, |n| n == 1).await;
+    let sock = fx.path("fwd.sock");
+    let url = format!("wss://localhost:{port}/pipes/echo");
+    // One shard: every session uses the shard's one pooled connection.
+    let b = fx.serve_env(
+        "b.toml",
+        &forward(&fx, &sock, &url, "alice", ""),
+        &[("PIPEBRIDGE_SHARDS", "1")],
+    );
+    let sock2 = sock.clone();
+    // The caller speaks first; the fake gateway answers only with what had arrived
+    // before its answer: the reply proves the bytes came with the request.
+    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock2, b"ping-1", 12))
+        .await
+        .expect("caller");
+    assert_eq!(got, b"reply:ping-1", "forward log:\n{}", b.log());
+    // The second session goes out on the pooled connection, which dies after the gateway
+    // got the early data: the forward must not send that data again on a new connection
+    // (the pipe may already have acted on it); its caller is closed instead.
+    let sock3 = sock.clone();
+    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock3, b"ping-2", 12))
+        .await
+        .expect("caller");
+    assert!(got.is_empty(), "the failed session answered: {got:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let streams = seen.lock().expect("log").clone();
+    assert_eq!(streams.len(), 2, "{streams:?}\nforward log:\n{}", b.log());
+    assert_eq!(
+        streams[0].early.as_deref(),
+        Some(&b"ping-1"[..]),
+        "{streams:?}"
+    );
+    assert_eq!(
+        streams[1].early.as_deref(),
+        Some(&b"ping-2"[..]),
+        "{streams:?}"
+    );
+    assert_eq!(streams[1].conn, streams[0].conn, "not pooled: {streams:?}");
+    // A new session afterwards works on a new connection.
+    let sock4 = sock.clone();
+    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock4, b"ping-3", 12))
+        .await
+        .expect("caller");
+    assert_eq!(got, b"reply:ping-3", "forward log:\n{}", b.log());
+    let streams = seen.lock().expect("log").clone();
+    assert_eq!(streams.len(), 3, "{streams:?}");
+    assert_ne!(streams[2].conn, streams[0].conn, "{streams:?}");
 }

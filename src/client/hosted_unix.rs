@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
@@ -271,12 +272,29 @@ fn caller_session(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let span = session_span(&fwd, caller.as_ref());
     async move {
+        let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
-            Ok(s) => forward_one(stream_local(s), caller, &fwd, &target).await,
+            Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target).await,
             Err(e) => warn!(error = %e, "cannot register the local caller"),
         }
     }
     .instrument(span)
+}
+
+/// Most data taken from a new caller before its session opens ([`read_early`]).
+const EARLY_BYTES: usize = 16 * 1024;
+
+/// What a new caller has already sent (most callers speak first: a request), read
+/// without waiting: it goes out with the session's request. Empty when nothing is
+/// there yet, at end of stream (which the session's reads see again) or on an error
+/// (likewise).
+fn read_early(stream: &std::os::unix::net::UnixStream) -> Bytes {
+    use std::io::Read;
+    let mut buf = [0u8; EARLY_BYTES];
+    match (&*stream).read(&mut buf) {
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+        Err(_) => Bytes::new(),
+    }
 }
 
 /// A local caller's stream as a session's local side.
@@ -333,7 +351,9 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
             }
         };
         let span = tracing::info_span!("forward", to = %fwd.to);
-        forward_one(local, None, fwd, target).instrument(span).await;
+        forward_one(local, Bytes::new(), None, fwd, target)
+            .instrument(span)
+            .await;
         if direction == Direction::Out {
             // The writer closed after readers drained the pipe; give them a moment to
             // read the EOF before the next round opens a writer again.

@@ -251,6 +251,21 @@ pub struct OpenContext {
     pub mode: Mode,
 }
 
+impl Local {
+    /// This side with `first` read ahead of its byte stream: the session sends it
+    /// first. Empty `first`, or a side that reads no bytes, stays as it is.
+    pub fn prepend(mut self, first: bytes::Bytes) -> Local {
+        use tokio::io::AsyncReadExt;
+        self.reader = match self.reader {
+            Some(Reader::Bytes(r)) if !first.is_empty() => Some(Reader::Bytes(Box::new(
+                std::io::Cursor::new(first).chain(r),
+            ))),
+            other => other,
+        };
+        self
+    }
+}
+
 impl OpenContext {
     /// The deadline of waits inside the open.
     pub fn deadline(&self) -> std::time::Instant {

@@ -239,6 +239,24 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
     }
 }
 
+/// `payload` as one whole binary frame of `role` (masked for a client), for a message
+/// sent before the session's [`WebSocket`] exists (a forward's early data).
+pub fn binary_frame(role: Role, payload: &[u8]) -> Bytes {
+    let header = header_for(role, OpCode::Data(Data::Binary));
+    let len = payload.len() as u64;
+    let mut head = [0u8; HEADROOM];
+    let hlen = header.len(len);
+    // Cannot fail: the header's longest form fits HEADROOM.
+    let _ = header.format(len, &mut &mut head[..]);
+    let mut out = BytesMut::with_capacity(hlen + payload.len());
+    out.extend_from_slice(&head[..hlen]);
+    out.extend_from_slice(payload);
+    if let Some(m) = header.mask {
+        apply_mask(&mut out[hlen..], m);
+    }
+    out.freeze()
+}
+
 fn header_for(role: Role, opcode: OpCode) -> FrameHeader {
     FrameHeader {
         is_final: true,
