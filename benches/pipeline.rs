@@ -475,10 +475,13 @@ fn cpu_secs(roots: &[u32]) -> f64 {
 /// CPU µs per unit of work: `spent` CPU seconds over `wall` at `rate` units per second.
 fn cpu_us_per_unit(spent: f64, rate: f64, wall: Duration) -> R<f64> {
     let units = rate * wall.as_secs_f64();
-    if units > 0.0 {
-        Ok(spent * 1e6 / units)
-    } else {
+    if units <= 0.0 {
         Err("no work done".into())
+    } else if spent <= 0.0 {
+        // Seen with socat (a process per connection): not a figure to compare.
+        Err("no CPU time measured".into())
+    } else {
+        Ok(spent * 1e6 / units)
     }
 }
 

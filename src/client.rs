@@ -889,6 +889,8 @@ async fn forward_one(
         counters
             .from_local
             .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // Not held for the session's life.
+        drop(early);
         local
     } else {
         local.prepend(early)
