@@ -242,19 +242,25 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4]) {
 /// `payload` as one whole binary frame of `role` (masked for a client), for a message
 /// sent before the session's [`WebSocket`] exists (a forward's early data).
 pub fn binary_frame(role: Role, payload: &[u8]) -> Bytes {
-    let header = header_for(role, OpCode::Data(Data::Binary));
+    let mut out = BytesMut::with_capacity(HEADROOM + payload.len());
+    encode(&mut out, role, OpCode::Data(Data::Binary), payload);
+    out.freeze()
+}
+
+/// Appends `payload` to `out` as one whole frame of `role` (masked for a client).
+fn encode(out: &mut BytesMut, role: Role, opcode: OpCode, payload: &[u8]) {
+    let header = header_for(role, opcode);
     let len = payload.len() as u64;
     let mut head = [0u8; HEADROOM];
     let hlen = header.len(len);
     // Cannot fail: the header's longest form fits HEADROOM.
     let _ = header.format(len, &mut &mut head[..]);
-    let mut out = BytesMut::with_capacity(hlen + payload.len());
     out.extend_from_slice(&head[..hlen]);
+    let start = out.len();
     out.extend_from_slice(payload);
     if let Some(m) = header.mask {
-        apply_mask(&mut out[hlen..], m);
+        apply_mask(&mut out[start..], m);
     }
-    out.freeze()
 }
 
 fn header_for(role: Role, opcode: OpCode) -> FrameHeader {
@@ -293,17 +299,8 @@ impl<W: OwnedWrite> WsSink<W> {
             return Err(Error::Protocol(ProtocolError::SendAfterClosing));
         }
         self.sent_close = closing;
-        let header = header_for(self.role, opcode);
-        let len = payload.len() as u64;
-        let mut head = [0u8; HEADROOM];
-        header.format(len, &mut &mut head[..])?;
         self.out.clear();
-        self.out.extend_from_slice(&head[..header.len(len)]);
-        let start = self.out.len();
-        self.out.extend_from_slice(&payload);
-        if let Some(m) = header.mask {
-            apply_mask(&mut self.out[start..], m);
-        }
+        encode(&mut self.out, self.role, opcode, &payload);
         let r = if self.out.len() >= OWNED_WRITE_MIN {
             let frame = self.out.split().freeze();
             self.write_owned(frame).await
