@@ -1854,13 +1854,28 @@ fn unmask_client_frame(f: &[u8]) -> Vec<u8> {
         .collect()
 }
 
-/// Connects to the forward socket, writes `msg` and reads until the forward closes or
-/// `want` bytes came; returns what came.
-fn caller_exchange(sock: &Path, msg: &[u8], want: usize) -> Vec<u8> {
-    let mut s = unix_connect(sock);
+/// Sends `sig` (`-STOP`, `-CONT`) to `pid`.
+fn signal(pid: u32, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill {sig} {pid} failed");
+}
+
+/// Connects to the forward socket (of the gateway `pid`), writes `msg` and reads until
+/// the forward closes or `want` bytes came; returns what came. The gateway is stopped
+/// while the caller connects and writes (the connection waits in the listen backlog),
+/// so `msg` is there when the gateway accepts: the caller speaks first, every time.
+fn caller_exchange(pid: u32, sock: &Path, msg: &[u8], want: usize) -> Vec<u8> {
+    signal(pid, "-STOP");
+    let r = std::os::unix::net::UnixStream::connect(sock)
+        .and_then(|mut s| s.write_all(msg).map(|()| s));
+    signal(pid, "-CONT");
+    let mut s = r.expect("connect and write to the forward");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    s.write_all(msg).expect("write to the forward");
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
     while got.len() < want {
@@ -1885,10 +1900,11 @@ async fn a_forward_sends_its_callers_first_bytes_with_the_http2_request_and_neve
         &forward(&fx, &sock, &url, "alice", ""),
         &[("PIPEBRIDGE_SHARDS", "1")],
     );
+    let pid = b.proc.pid();
     let sock2 = sock.clone();
     // The caller speaks first; the fake gateway answers only with what had arrived
     // before its answer: the reply proves the bytes came with the request.
-    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock2, b"ping-1", 12))
+    let got = tokio::task::spawn_blocking(move || caller_exchange(pid, &sock2, b"ping-1", 12))
         .await
         .expect("caller");
     assert_eq!(got, b"reply:ping-1", "forward log:\n{}", b.log());
@@ -1896,7 +1912,7 @@ async fn a_forward_sends_its_callers_first_bytes_with_the_http2_request_and_neve
     // got the early data: the forward must not send that data again on a new connection
     // (the pipe may already have acted on it); its caller is closed instead.
     let sock3 = sock.clone();
-    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock3, b"ping-2", 12))
+    let got = tokio::task::spawn_blocking(move || caller_exchange(pid, &sock3, b"ping-2", 12))
         .await
         .expect("caller");
     assert!(got.is_empty(), "the failed session answered: {got:?}");
@@ -1916,7 +1932,7 @@ async fn a_forward_sends_its_callers_first_bytes_with_the_http2_request_and_neve
     assert_eq!(streams[1].conn, streams[0].conn, "not pooled: {streams:?}");
     // A new session afterwards works on a new connection.
     let sock4 = sock.clone();
-    let got = tokio::task::spawn_blocking(move || caller_exchange(&sock4, b"ping-3", 12))
+    let got = tokio::task::spawn_blocking(move || caller_exchange(pid, &sock4, b"ping-3", 12))
         .await
         .expect("caller");
     assert_eq!(got, b"reply:ping-3", "forward log:\n{}", b.log());
