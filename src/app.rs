@@ -149,6 +149,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
             return EXIT_USAGE;
         }
     }
+    crate::shard::set_busy_poll(cfg.tuning.busy_poll);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut gateway = None;
@@ -323,6 +324,7 @@ fn reload_inner(gw: &Gateway, config_path: Option<&Path>) {
     match Config::load(&path) {
         Ok(new) => match platform::check_capabilities(&new).and_then(|()| server_tls(&new)) {
             Ok(tls) => {
+                crate::shard::set_busy_poll(new.tuning.busy_poll);
                 let ended = gw.replace(Arc::new(new), tls);
                 crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);
                 info!(sessions_ended = ended, "reloaded the config");

@@ -17,9 +17,9 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
@@ -65,6 +65,8 @@ pub fn start(n: usize) -> std::io::Result<()> {
             .name(format!("pb-shard-{i}"))
             .spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
+                    .on_thread_park(before_park)
+                    .on_thread_unpark(after_unpark)
                     .enable_all()
                     // The shard's blocking pool (impersonated opens, FIFO waits).
                     .thread_name(format!("pb-blocking-{i}"))
@@ -108,6 +110,120 @@ async fn anchor() {
     loop {
         tick.tick().await;
     }
+}
+
+/// `[tuning] busy_poll` in microseconds (0: off); read at every park, so a reload applies
+/// at once.
+static BUSY_POLL_US: AtomicU64 = AtomicU64::new(0);
+
+/// Sets how long an idle shard keeps polling before it sleeps (`None`: never polls).
+pub fn set_busy_poll(d: Option<Duration>) {
+    let us = d.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    BUSY_POLL_US.store(us, Ordering::Relaxed);
+}
+
+/// A turn of the event loop that took longer than this between waking and running out
+/// of tasks did some work (an empty polling turn takes well under a microsecond).
+const WORK_SEEN: Duration = Duration::from_micros(2);
+
+/// A polling turn that took longer than this (`sched_yield` included) gave the core to
+/// another thread.
+const OTHERS_RAN: Duration = Duration::from_micros(20);
+
+/// How long a shard does not poll after polling gave way to another thread.
+const QUIET: Duration = Duration::from_millis(1);
+
+/// A shard's busy-poll state (its own thread only).
+#[derive(Clone, Copy)]
+struct Poll {
+    /// When the shard last ran out of work (the start of the current idle stretch).
+    idle_since: Option<Instant>,
+    /// When the event loop last came back from the driver.
+    unparked: Option<Instant>,
+    /// Whether the driver is being polled (not slept in) this turn.
+    polling: bool,
+    /// Whether the last idle stretch was short enough that polling would have caught its
+    /// end: polling only then, so sparse traffic never polls at all.
+    armed: bool,
+    /// No polling before this: a `sched_yield` while polling ran another thread, so this
+    /// core has other work and polling would take time from it.
+    quiet_until: Option<Instant>,
+}
+
+thread_local! {
+    static POLL: Cell<Poll> = const {
+        Cell::new(Poll {
+            idle_since: None,
+            unparked: None,
+            polling: false,
+            armed: false,
+            quiet_until: None,
+        })
+    };
+}
+
+/// tokio calls this each time the shard runs out of tasks, before it waits for the driver
+/// (epoll, timers). While busy polling, it defers a no-op waker: tokio then polls the
+/// driver without blocking (`epoll_wait` with a zero timeout) instead of sleeping, and
+/// `sched_yield` lets any other runnable thread on this core go first.
+///
+/// Why: a sleeping thread's wake-up is the largest part of a small message's round trip
+/// on a virtual machine (the profile of the echo phase: two thirds of the gateway's
+/// samples in the scheduler's wake-up path). While traffic is steady (each idle stretch
+/// shorter than the window), a shard that polls catches the next message without that
+/// wake-up. The cost is CPU time while idle, bounded by the window per idle stretch, and
+/// only while the stretches stay short.
+fn before_park() {
+    let window = BUSY_POLL_US.load(Ordering::Relaxed);
+    if window == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let mut p = POLL.with(Cell::get);
+    // Work ran since the driver last returned: a new idle stretch starts now.
+    let worked = p
+        .unparked
+        .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
+    if worked || p.idle_since.is_none() || !p.polling {
+        p.idle_since = Some(now);
+    }
+    let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
+    p.polling =
+        p.armed && idle < Duration::from_micros(window) && p.quiet_until.is_none_or(|q| now >= q);
+    let polling = p.polling;
+    POLL.with(|c| c.set(p));
+    if polling {
+        let mut turn = std::pin::pin!(tokio::task::yield_now());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = turn.as_mut().poll(&mut cx);
+        std::thread::yield_now();
+        let after = Instant::now();
+        if after - now > OTHERS_RAN {
+            POLL.with(|c| {
+                let mut p = c.get();
+                p.quiet_until = Some(after + QUIET);
+                c.set(p);
+            });
+        }
+    }
+}
+
+/// tokio calls this when the driver returns. After a real sleep it re-arms polling if the
+/// idle stretch that just ended was shorter than the window.
+fn after_unpark() {
+    let window = BUSY_POLL_US.load(Ordering::Relaxed);
+    if window == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let mut p = POLL.with(Cell::get);
+    if !p.polling {
+        p.armed = p
+            .idle_since
+            .is_some_and(|s| now - s < Duration::from_micros(window));
+    }
+    p.unparked = Some(now);
+    POLL.with(|c| c.set(p));
 }
 
 /// The shards' runtimes (`None` when shards are off).

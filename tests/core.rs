@@ -1617,6 +1617,80 @@ fn thread_ticks(pid: u32) -> Vec<(String, u64)> {
     out
 }
 
+/// CPU ticks (utime + stime) of `pid`'s shard threads together.
+fn shard_ticks(pid: u32) -> u64 {
+    thread_ticks(pid)
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("pb-shard-"))
+        .map(|(_, t)| t)
+        .sum()
+}
+
+/// Busy polling (`[tuning] busy_poll`, on by default) lasts only while traffic is
+/// steady: after thousands of back-to-back round trips through a forward, with the
+/// session still open, both gateways' shard threads go back to sleep and use almost no
+/// CPU over two idle seconds (a shard that kept polling would use a whole core). The
+/// same holds at the largest window, and with polling off the traffic flows the same.
+#[test]
+fn busy_polling_stops_once_traffic_does() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    for (label, tuning) in [
+        ("default", String::new()),
+        ("off", "[tuning]\nbusy_poll = \"off\"\n".to_string()),
+        ("largest", "[tuning]\nbusy_poll = \"10ms\"\n".to_string()),
+    ] {
+        let pipe_cfg = pipe(
+            "echo",
+            &format!("unix:{}", fx.p("echo.sock")),
+            &["alice"],
+            "",
+        );
+        let a = fx.serve(
+            &format!("a-{label}.toml"),
+            &format!("{tuning}{}", fx.server_config(&pipe_cfg)),
+        );
+        let sock = fx.path(&format!("fwd-{label}.sock"));
+        let b = fx.serve(
+            &format!("b-{label}.toml"),
+            &format!(
+                "{tuning}{}",
+                forward(&fx, &sock, &a.url("echo"), "alice", "")
+            ),
+        );
+        let mut s = unix_connect(&sock);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut got = [0u8; 64];
+        for i in 0..3000u32 {
+            let msg = [(i % 251) as u8; 64];
+            s.write_all(&msg).unwrap();
+            s.read_exact(&mut got)
+                .unwrap_or_else(|e| panic!("{label}: round trip {i}: {e}"));
+            assert_eq!(got, msg, "{label}: round trip {i}");
+        }
+        thread::sleep(Duration::from_millis(300));
+        let before = [shard_ticks(a.proc.pid()), shard_ticks(b.proc.pid())];
+        thread::sleep(Duration::from_secs(2));
+        let after = [shard_ticks(a.proc.pid()), shard_ticks(b.proc.pid())];
+        for (side, (x, y)) in ["exporting", "dialling"]
+            .iter()
+            .zip(after.iter().zip(before))
+        {
+            // 10 ticks = 100 ms of CPU in 2 s; a polling shard would use about 200.
+            assert!(
+                x - y <= 10,
+                "{label}: the {side} gateway's shards used {} ticks while idle",
+                x - y
+            );
+        }
+        // The idle session still works.
+        s.write_all(b"still there").unwrap();
+        let mut back = [0u8; 11];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(&back, b"still there", "{label}");
+    }
+}
+
 /// Both gateways carry their sessions on the shard threads (`PIPEBRIDGE_SHARDS`, one
 /// single-threaded runtime each), not on the main runtime that accepts; with shards
 /// off the same transfer still works and no shard thread exists; a bad value is refused.

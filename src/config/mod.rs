@@ -41,6 +41,10 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default `shutdown.grace_period`.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
+/// Default `tuning.busy_poll`.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+/// The largest `tuning.busy_poll`.
+pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// Default per-pipe `max_instances`.
 pub const DEFAULT_MAX_INSTANCES: u32 = 64;
 /// Default `socket_mode` of hosted socket files.
@@ -128,6 +132,8 @@ pub struct Config {
     pub keepalive: Keepalive,
     /// `[shutdown]`.
     pub shutdown: ShutdownSection,
+    /// `[tuning]`.
+    pub tuning: Tuning,
     /// `[[identity]]`.
     pub identities: Vec<IdentityConfig>,
     /// `[[pipe]]`.
@@ -210,6 +216,14 @@ pub struct Keepalive {
 pub struct ShutdownSection {
     /// How long live sessions may run after a drain starts.
     pub grace_period: Duration,
+}
+
+/// `[tuning]`: speed against CPU time.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// How long a data-path thread whose traffic is steady keeps polling for the next
+    /// event before it sleeps (`None`: it sleeps at once). See `shard::set_busy_poll`.
+    pub busy_poll: Option<Duration>,
 }
 
 /// `[[identity]]`.
@@ -529,6 +543,7 @@ struct RawConfig {
     limits: Option<RawLimits>,
     keepalive: Option<RawKeepalive>,
     shutdown: Option<RawShutdown>,
+    tuning: Option<RawTuning>,
     #[serde(default)]
     identity: Vec<S<RawIdentity>>,
     #[serde(default)]
@@ -578,6 +593,12 @@ struct RawLimits {
 struct RawKeepalive {
     interval: Option<S<String>>,
     timeout: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTuning {
+    busy_poll: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -700,6 +721,7 @@ impl Validator<'_> {
                 .and_then(|d| self.duration(&d, "shutdown.grace_period"))
                 .unwrap_or(DEFAULT_GRACE_PERIOD),
         };
+        let tuning = self.tuning(raw.tuning);
         let identities = self.identities(raw.identity);
         let pipes = self.pipes(raw.pipe, &identities, &limits);
         let mut forwards = raw
@@ -726,6 +748,7 @@ impl Validator<'_> {
             limits,
             keepalive,
             shutdown,
+            tuning,
             identities,
             pipes,
             forwards,
@@ -935,6 +958,24 @@ impl Validator<'_> {
             l.auth_failure_window = v;
         }
         l
+    }
+
+    fn tuning(&mut self, raw: Option<RawTuning>) -> Tuning {
+        let mut t = Tuning {
+            busy_poll: Some(DEFAULT_BUSY_POLL),
+        };
+        if let Some(d) = raw.and_then(|r| r.busy_poll) {
+            match units::parse_optional_duration(d.get_ref()) {
+                Ok(Some(v)) if v > MAX_BUSY_POLL => self.err(
+                    d.span(),
+                    "tuning.busy_poll",
+                    format!("must be \"off\" or at most {}us", MAX_BUSY_POLL.as_micros()),
+                ),
+                Ok(v) => t.busy_poll = v,
+                Err(m) => self.err(d.span(), "tuning.busy_poll", m),
+            }
+        }
+        t
     }
 
     fn keepalive(&mut self, raw: Option<RawKeepalive>) -> Keepalive {
@@ -1580,6 +1621,34 @@ groups = ["ops"]
         assert_eq!(p.max_instances, DEFAULT_MAX_INSTANCES);
         assert_eq!(p.allow, vec![AllowRule::Group("ops".into())]);
         assert_eq!(cfg.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    }
+
+    #[test]
+    fn tuning_busy_poll_defaults_parses_and_refuses_bad_values() {
+        let cfg = parse(BASE).unwrap();
+        assert_eq!(cfg.tuning.busy_poll, Some(DEFAULT_BUSY_POLL));
+        for (v, want) in [
+            ("off", None),
+            ("50us", Some(Duration::from_micros(50))),
+            ("1ms", Some(Duration::from_millis(1))),
+            ("10ms", Some(MAX_BUSY_POLL)),
+        ] {
+            let cfg = parse(&format!("{BASE}[tuning]\nbusy_poll = \"{v}\"\n")).unwrap();
+            assert_eq!(cfg.tuning.busy_poll, want, "{v}");
+        }
+        for (v, says) in [
+            ("11ms", "must be \"off\" or at most 10000us"),
+            ("0us", "use \"off\" to disable"),
+            ("fast", "invalid duration"),
+            ("5ns", "the unit must be us, ms, s, m, h or d"),
+        ] {
+            let text = format!("{BASE}[tuning]\nbusy_poll = \"{v}\"\n");
+            let errs = parse(&text).unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{v}: {errs:?}");
+            assert_eq!(errs[0].key, "tuning.busy_poll");
+            assert_eq!(errs[0].line, Some(text.lines().count()), "{v}");
+            assert!(errs[0].message.contains(says), "{v}: {}", errs[0]);
+        }
     }
 
     #[test]

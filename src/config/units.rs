@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`. Returns a message saying what
+/// Parses `"200us"`, `"250ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`. Returns a message saying what
 /// would be valid on error.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
@@ -14,6 +14,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit such as \"30s\", \"5m\" or \"250ms\""))?;
     let d = match unit.trim() {
+        "us" | "µs" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
@@ -21,8 +22,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => Duration::from_secs(n.saturating_mul(86400)),
         _ => {
             return Err(format!(
-                "invalid duration {s:?}: the unit must be ms, s, m, h or d (for example \"30s\")"
-            ))
+            "invalid duration {s:?}: the unit must be us, ms, s, m, h or d (for example \"30s\")"
+        ))
         }
     };
     Ok(d)
