@@ -25,6 +25,10 @@
 //! A/B runs of a change: `PIPEBRIDGE_BASELINE_BIN=/path/to/old/pipebridge` adds the tool
 //! `baseline` (that build, set up like `pipebridge`), interleaved with the others, so
 //! both builds are measured under the same machine load.
+//! `PIPEBRIDGE_BENCH_BUSY_POLL=200us` (and `PIPEBRIDGE_BASELINE_BUSY_POLL` for the
+//! baseline) sets `[tuning] busy_poll` in both gateways' configs; with
+//! `PIPEBRIDGE_BASELINE_BIN` pointing at the same build, one run compares polling
+//! against none.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -744,8 +748,18 @@ fn start(tool: Tool, env: &Env) -> R<Pipeline> {
 fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let pki = &env.pki;
     let name = tool.name();
+    // `[tuning] busy_poll` for both gateways of this build, only when asked (a baseline
+    // build may predate the key): PIPEBRIDGE_BENCH_BUSY_POLL for `pipebridge`,
+    // PIPEBRIDGE_BASELINE_BUSY_POLL for `baseline`.
+    let var = match tool {
+        Tool::Baseline => "PIPEBRIDGE_BASELINE_BUSY_POLL",
+        _ => "PIPEBRIDGE_BENCH_BUSY_POLL",
+    };
+    let tuning = std::env::var(var)
+        .map(|v| format!("[tuning]\nbusy_poll = {}\n\n", q(Path::new(&v))))
+        .unwrap_or_default();
     let srv = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
+        "{tuning}[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
          [limits]\nmax_sessions = 100000\nmax_sessions_per_identity = 100000\n\n\
          [[identity]]\nname = \"bench\"\ncert_cn = \"bench\"\n\n\
          [[pipe]]\nname = \"target\"\nendpoint = {}\nallow = [\"bench\"]\nrun_as = \"gateway\"\n\
@@ -781,7 +795,7 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
     let cli = format!(
-        "[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n",
+        "{tuning}[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n",
         q(Path::new(&format!("unix:{}", sock.display()))),
         q(&pki.join("ca.pem")),
         q(&pki.join("bench.pem")),

@@ -41,8 +41,6 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Default `shutdown.grace_period`.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
-/// Default `tuning.busy_poll`.
-pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 /// The largest `tuning.busy_poll`.
 pub const MAX_BUSY_POLL: Duration = Duration::from_millis(10);
 /// Default per-pipe `max_instances`.
@@ -961,9 +959,7 @@ impl Validator<'_> {
     }
 
     fn tuning(&mut self, raw: Option<RawTuning>) -> Tuning {
-        let mut t = Tuning {
-            busy_poll: Some(DEFAULT_BUSY_POLL),
-        };
+        let mut t = Tuning { busy_poll: None };
         if let Some(d) = raw.and_then(|r| r.busy_poll) {
             match units::parse_optional_duration(d.get_ref()) {
                 Ok(Some(v)) if v > MAX_BUSY_POLL => self.err(
@@ -1626,7 +1622,7 @@ groups = ["ops"]
     #[test]
     fn tuning_busy_poll_defaults_parses_and_refuses_bad_values() {
         let cfg = parse(BASE).unwrap();
-        assert_eq!(cfg.tuning.busy_poll, Some(DEFAULT_BUSY_POLL));
+        assert_eq!(cfg.tuning.busy_poll, None, "off by default");
         for (v, want) in [
             ("off", None),
             ("50us", Some(Duration::from_micros(50))),
