@@ -126,16 +126,48 @@ pub fn set_busy_poll(d: Option<Duration>) {
 /// of tasks did some work (an empty polling turn takes well under a microsecond).
 const WORK_SEEN: Duration = Duration::from_micros(2);
 
-/// A polling turn that took longer than this (`sched_yield` included) gave the core to
-/// another thread (a turn that does not takes about a microsecond). Measured on the
-/// benchmark: at 20 µs, polling took up to a fifth of the 64-connection throughput (the
-/// core had other work, in shorter runs than that); at 5 µs it costs nothing there.
-const OTHERS_RAN: Duration = Duration::from_micros(5);
+/// How often a polling shard checks that no thread waits for a core.
+const RECHECK: Duration = Duration::from_micros(20);
 
-/// How long a shard does not poll after polling gave way to another thread (5 ms lost
-/// all of the echo gain: in a round trip the other processes of the chain run briefly
-/// on the polling core too).
-const QUIET: Duration = Duration::from_millis(1);
+/// Whether more threads are runnable on the host than it has cores (the fourth field of
+/// `/proc/loadavg`, which counts this thread and any other polling thread too). A polling
+/// core looks busy to the kernel, so a thread woken while it polls queues behind a
+/// running one instead of taking an idle core: with all cores taken, polling would slow
+/// the rest of the host down. Where the count cannot be read (no `/proc`), the answer is
+/// yes: no polling.
+fn threads_wait_for_a_core() -> bool {
+    static LOADAVG: OnceLock<Option<(std::fs::File, usize)>> = OnceLock::new();
+    let Some((f, cores)) = LOADAVG.get_or_init(|| {
+        let f = std::fs::File::open("/proc/loadavg").ok()?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some((f, cores))
+    }) else {
+        return true;
+    };
+    let mut buf = [0u8; 128];
+    let Ok(n) = read_at(f, &mut buf) else {
+        return true;
+    };
+    loadavg_runnable(&buf[..n]).is_none_or(|r| r > *cores)
+}
+
+/// The runnable-thread count of a `/proc/loadavg` text: `"0.42 0.30 0.25 2/134 17975"`
+/// gives 2.
+fn loadavg_runnable(text: &[u8]) -> Option<usize> {
+    let field = text.split(|&b| b == b' ').nth(3)?;
+    let runnable = field.split(|&b| b == b'/').next()?;
+    std::str::from_utf8(runnable).ok()?.parse().ok()
+}
+
+#[cfg(unix)]
+fn read_at(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(f, buf, 0)
+}
+
+#[cfg(not(unix))]
+fn read_at(_: &std::fs::File, _: &mut [u8]) -> std::io::Result<usize> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
 
 /// A shard's busy-poll state (its own thread only).
 #[derive(Clone, Copy)]
@@ -149,9 +181,8 @@ struct Poll {
     /// Whether the last idle stretch was short enough that polling would have caught its
     /// end: polling only then, so sparse traffic never polls at all.
     armed: bool,
-    /// No polling before this: a `sched_yield` while polling ran another thread, so this
-    /// core has other work and polling would take time from it.
-    quiet_until: Option<Instant>,
+    /// When this shard last found every runnable thread of the host on a core of its own.
+    cores_free_at: Option<Instant>,
 }
 
 thread_local! {
@@ -161,7 +192,7 @@ thread_local! {
             unparked: None,
             polling: false,
             armed: false,
-            quiet_until: None,
+            cores_free_at: None,
         })
     };
 }
@@ -176,7 +207,10 @@ thread_local! {
 /// samples in the scheduler's wake-up path). While traffic is steady (each idle stretch
 /// shorter than the window), a shard that polls catches the next message without that
 /// wake-up. The cost is CPU time while idle, bounded by the window per idle stretch, and
-/// only while the stretches stay short.
+/// only while the stretches stay short. A shard never polls while more threads are
+/// runnable on the host than it has cores ([`threads_wait_for_a_core`], checked every
+/// [`RECHECK`] while polling): then polling would delay them, and it did, by up to a
+/// quarter of the 64-connection throughput before the check (BENCHMARKS.md).
 fn before_park() {
     let window = BUSY_POLL_US.load(Ordering::Relaxed);
     if window == 0 {
@@ -192,8 +226,13 @@ fn before_park() {
         p.idle_since = Some(now);
     }
     let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
-    p.polling =
-        p.armed && idle < Duration::from_micros(window) && p.quiet_until.is_none_or(|q| now >= q);
+    p.polling = p.armed && idle < Duration::from_micros(window);
+    if p.polling && p.cores_free_at.is_none_or(|t| now - t > RECHECK) {
+        p.polling = !threads_wait_for_a_core();
+        if p.polling {
+            p.cores_free_at = Some(now);
+        }
+    }
     let polling = p.polling;
     POLL.with(|c| c.set(p));
     if polling {
@@ -201,14 +240,6 @@ fn before_park() {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         let _ = turn.as_mut().poll(&mut cx);
         std::thread::yield_now();
-        let after = Instant::now();
-        if after - now > OTHERS_RAN {
-            POLL.with(|c| {
-                let mut p = c.get();
-                p.quiet_until = Some(after + QUIET);
-                c.set(p);
-            });
-        }
     }
 }
 
@@ -278,4 +309,24 @@ where
         })
         .expect("at least one shard");
     shards[pick].spawn(tracker.track_future(async move { make(io).await }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loadavg_runnable_reads_the_fourth_field() {
+        assert_eq!(loadavg_runnable(b"0.42 0.30 0.25 2/134 17975\n"), Some(2));
+        assert_eq!(loadavg_runnable(b"12.00 9.1 3.0 17/2048 1"), Some(17));
+        assert_eq!(loadavg_runnable(b"0.42 0.30 0.25"), None);
+        assert_eq!(loadavg_runnable(b"0.42 0.30 0.25 x/134 1"), None);
+        assert_eq!(loadavg_runnable(b""), None);
+        #[cfg(target_os = "linux")]
+        {
+            // This test's own thread is running.
+            let text = std::fs::read("/proc/loadavg").expect("/proc/loadavg");
+            assert!(loadavg_runnable(&text).is_some_and(|r| r >= 1), "{text:?}");
+        }
+    }
 }
