@@ -212,29 +212,24 @@ thread_local! {
 /// [`RECHECK`] while polling): then polling would delay them, and it did, by up to a
 /// quarter of the 64-connection throughput before the check (BENCHMARKS.md).
 fn before_park() {
-    let window = BUSY_POLL_US.load(Ordering::Relaxed);
-    if window == 0 {
-        return;
-    }
-    let now = Instant::now();
-    let mut p = POLL.with(Cell::get);
-    // Work ran since the driver last returned: a new idle stretch starts now.
-    let worked = p
-        .unparked
-        .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
-    if worked || p.idle_since.is_none() || !p.polling {
-        p.idle_since = Some(now);
-    }
-    let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
-    p.polling = p.armed && idle < Duration::from_micros(window);
-    if p.polling && p.cores_free_at.is_none_or(|t| now - t > RECHECK) {
-        p.polling = !threads_wait_for_a_core();
-        if p.polling {
-            p.cores_free_at = Some(now);
+    let polling = update_poll(|p, now, window| {
+        // Work ran since the driver last returned: a new idle stretch starts now.
+        let worked = p
+            .unparked
+            .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
+        if worked || p.idle_since.is_none() || !p.polling {
+            p.idle_since = Some(now);
         }
-    }
-    let polling = p.polling;
-    POLL.with(|c| c.set(p));
+        let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
+        p.polling = p.armed && idle < window;
+        if p.polling && p.cores_free_at.is_none_or(|t| now - t > RECHECK) {
+            p.polling = !threads_wait_for_a_core();
+            if p.polling {
+                p.cores_free_at = Some(now);
+            }
+        }
+        p.polling
+    });
     if polling {
         let mut turn = std::pin::pin!(tokio::task::yield_now());
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -246,19 +241,26 @@ fn before_park() {
 /// tokio calls this when the driver returns. After a real sleep it re-arms polling if the
 /// idle stretch that just ended was shorter than the window.
 fn after_unpark() {
+    update_poll(|p, now, window| {
+        if !p.polling {
+            p.armed = p.idle_since.is_some_and(|s| now - s < window);
+        }
+        p.unparked = Some(now);
+        false
+    });
+}
+
+/// Runs `f` on this shard's busy-poll state with the time and the window, when busy
+/// polling is on; returns what `f` returns (`false` when off).
+fn update_poll(f: impl FnOnce(&mut Poll, Instant, Duration) -> bool) -> bool {
     let window = BUSY_POLL_US.load(Ordering::Relaxed);
     if window == 0 {
-        return;
+        return false;
     }
-    let now = Instant::now();
     let mut p = POLL.with(Cell::get);
-    if !p.polling {
-        p.armed = p
-            .idle_since
-            .is_some_and(|s| now - s < Duration::from_micros(window));
-    }
-    p.unparked = Some(now);
+    let out = f(&mut p, Instant::now(), Duration::from_micros(window));
     POLL.with(|c| c.set(p));
+    out
 }
 
 /// The shards' runtimes (`None` when shards are off).
