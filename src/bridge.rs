@@ -457,8 +457,12 @@ async fn upstream<W: OwnedWrite>(
                 if n == 0 {
                     break;
                 }
-                if n == want && want < READ_CHUNK_BYTES {
-                    want = (want * 2).min(READ_CHUNK_BYTES);
+                if n == want {
+                    if want < READ_CHUNK_BYTES {
+                        want = (want * 2).min(READ_CHUNK_BYTES);
+                    } else {
+                        crate::shard::note_streaming();
+                    }
                 }
                 activity.touch();
                 activity

@@ -139,7 +139,13 @@ fn threads_wait_for_a_core() -> bool {
     static LOADAVG: OnceLock<Option<(std::fs::File, usize)>> = OnceLock::new();
     let Some((f, cores)) = LOADAVG.get_or_init(|| {
         let f = std::fs::File::open("/proc/loadavg").ok()?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // The host's cores, not this process's share of them (affinity, cgroup quota):
+        // the count is the host's too.
+        let cores = std::fs::read_to_string("/sys/devices/system/cpu/online")
+            .ok()
+            .and_then(|t| cpu_list_len(&t))
+            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+            .unwrap_or(1);
         Some((f, cores))
     }) else {
         return true;
@@ -159,6 +165,23 @@ fn loadavg_runnable(text: &[u8]) -> Option<usize> {
     std::str::from_utf8(runnable).ok()?.parse().ok()
 }
 
+/// The number of CPUs in a kernel CPU list such as `/sys/devices/system/cpu/online`:
+/// `"0-3,6,8-9\n"` gives 7.
+fn cpu_list_len(text: &str) -> Option<usize> {
+    let mut n = 0usize;
+    for part in text.trim().split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (lo.parse::<usize>().ok()?, hi.parse::<usize>().ok()?),
+            None => {
+                let c = part.parse::<usize>().ok()?;
+                (c, c)
+            }
+        };
+        n += hi.checked_sub(lo)? + 1;
+    }
+    (n > 0).then_some(n)
+}
+
 #[cfg(unix)]
 fn read_at(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     std::os::unix::fs::FileExt::read_at(f, buf, 0)
@@ -167,6 +190,23 @@ fn read_at(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(not(unix))]
 fn read_at(_: &std::fs::File, _: &mut [u8]) -> std::io::Result<usize> {
     Err(std::io::ErrorKind::Unsupported.into())
+}
+
+/// After a read that says data streams in ([`note_streaming`]), a shard does not poll for
+/// this long: a bulk transfer keeps every process of its pipeline busy, and a polling
+/// shard takes core time they need (bulk was 7–16% slower with polling, BENCHMARKS.md).
+const STREAM_QUIET: Duration = Duration::from_millis(2);
+
+thread_local! {
+    /// Whether a read on this thread filled a big buffer since the last park.
+    static STREAMING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Says that a read on this thread filled a big buffer (more data was waiting: a bulk
+/// stream): the shard then does not busy-poll for [`STREAM_QUIET`]. Cheap enough for every
+/// such read (a thread-local store).
+pub fn note_streaming() {
+    STREAMING.with(|s| s.set(true));
 }
 
 /// A shard's busy-poll state (its own thread only).
@@ -183,6 +223,8 @@ struct Poll {
     armed: bool,
     /// When this shard last found every runnable thread of the host on a core of its own.
     cores_free_at: Option<Instant>,
+    /// When a read last said data streams in ([`note_streaming`]).
+    streamed_at: Option<Instant>,
 }
 
 thread_local! {
@@ -193,6 +235,7 @@ thread_local! {
             polling: false,
             armed: false,
             cores_free_at: None,
+            streamed_at: None,
         })
     };
 }
@@ -212,23 +255,9 @@ thread_local! {
 /// [`RECHECK`] while polling): then polling would delay them, and it did, by up to a
 /// quarter of the 64-connection throughput before the check (BENCHMARKS.md).
 fn before_park() {
+    let streaming = STREAMING.with(|s| s.replace(false));
     let polling = update_poll(|p, now, window| {
-        // Work ran since the driver last returned: a new idle stretch starts now.
-        let worked = p
-            .unparked
-            .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
-        if worked || p.idle_since.is_none() || !p.polling {
-            p.idle_since = Some(now);
-        }
-        let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
-        p.polling = p.armed && idle < window;
-        if p.polling && p.cores_free_at.is_none_or(|t| now - t > RECHECK) {
-            p.polling = !threads_wait_for_a_core();
-            if p.polling {
-                p.cores_free_at = Some(now);
-            }
-        }
-        p.polling
+        park_turn(p, now, window, streaming, || !threads_wait_for_a_core())
     });
     if polling {
         let mut turn = std::pin::pin!(tokio::task::yield_now());
@@ -236,6 +265,37 @@ fn before_park() {
         let _ = turn.as_mut().poll(&mut cx);
         std::thread::yield_now();
     }
+}
+
+/// Decides whether the shard polls (rather than sleeps) as it runs out of work at `now`:
+/// `streaming` says a read since the last park found a data stream, `cores_free` checks
+/// that no thread waits for a core (called at most every [`RECHECK`]).
+fn park_turn(
+    p: &mut Poll,
+    now: Instant,
+    window: Duration,
+    streaming: bool,
+    cores_free: impl FnOnce() -> bool,
+) -> bool {
+    // Work ran since the driver last returned: a new idle stretch starts now.
+    let worked = p
+        .unparked
+        .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
+    if worked || p.idle_since.is_none() || !p.polling {
+        p.idle_since = Some(now);
+    }
+    if streaming {
+        p.streamed_at = Some(now);
+    }
+    let idle = p.idle_since.map_or(Duration::ZERO, |s| now - s);
+    p.polling = p.armed && idle < window && p.streamed_at.is_none_or(|t| now - t > STREAM_QUIET);
+    if p.polling && p.cores_free_at.is_none_or(|t| now - t > RECHECK) {
+        p.polling = cores_free();
+        if p.polling {
+            p.cores_free_at = Some(now);
+        }
+    }
+    p.polling
 }
 
 /// tokio calls this when the driver returns. After a real sleep it re-arms polling if the
@@ -316,6 +376,97 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const IDLE: Poll = Poll {
+        idle_since: None,
+        unparked: None,
+        polling: false,
+        armed: false,
+        cores_free_at: None,
+        streamed_at: None,
+    };
+
+    /// One turn of the event loop: the driver returns at `at`, work runs for `work`, and
+    /// the shard runs out of it; returns whether it polls.
+    fn turn(p: &mut Poll, at: Instant, work: Duration, streaming: bool) -> bool {
+        let window = Duration::from_micros(200);
+        if !p.polling {
+            p.armed = p.idle_since.is_some_and(|s| at - s < window);
+        }
+        p.unparked = Some(at);
+        park_turn(p, at + work, window, streaming, || true)
+    }
+
+    #[test]
+    fn polls_for_steady_traffic_not_sparse_traffic_nor_streams() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        // Steady traffic: each idle stretch ends within the window, so the shard polls.
+        let mut p = IDLE;
+        assert!(!turn(&mut p, t0, us(10), false), "not armed yet");
+        p.polling = false;
+        assert!(
+            turn(&mut p, t0 + us(60), us(10), false),
+            "armed by a 50 us stretch"
+        );
+        // Polling turns without work keep the idle stretch going until the window ends.
+        assert!(turn(&mut p, t0 + us(150), Duration::ZERO, false));
+        assert!(turn(&mut p, t0 + us(260), Duration::ZERO, false));
+        assert!(
+            !turn(&mut p, t0 + us(280), Duration::ZERO, false),
+            "window over"
+        );
+        // Sparse traffic: a 5 ms stretch disarms.
+        let mut p = IDLE;
+        turn(&mut p, t0, us(10), false);
+        p.polling = false;
+        assert!(!turn(&mut p, t0 + us(5_000), us(10), false));
+        // A stream: no polling from a streaming read until STREAM_QUIET has passed.
+        let mut p = IDLE;
+        turn(&mut p, t0, us(10), false);
+        p.polling = false;
+        assert!(!turn(&mut p, t0 + us(60), us(10), true), "a streaming read");
+        assert!(
+            !turn(&mut p, t0 + us(120), us(10), false),
+            "still within the quiet time"
+        );
+        let later = t0 + STREAM_QUIET + us(200);
+        p.idle_since = Some(later - us(50));
+        assert!(
+            turn(&mut p, later, us(10), false),
+            "polls again after the quiet time"
+        );
+        // Cores taken: no polling.
+        let mut p = IDLE;
+        turn(&mut p, t0, us(10), false);
+        p.polling = false;
+        p.armed = true;
+        p.unparked = Some(t0 + us(60));
+        let window = us(200);
+        assert!(!park_turn(&mut p, t0 + us(70), window, false, || false));
+    }
+
+    #[test]
+    fn cpu_list_len_counts_ranges_and_single_cpus() {
+        assert_eq!(cpu_list_len("0-1\n"), Some(2));
+        assert_eq!(cpu_list_len("0"), Some(1));
+        assert_eq!(cpu_list_len("0-3,6,8-9\n"), Some(7));
+        assert_eq!(cpu_list_len(""), None);
+        assert_eq!(cpu_list_len("3-1"), None);
+        assert_eq!(cpu_list_len("0-x"), None);
+        #[cfg(target_os = "linux")]
+        {
+            let text = std::fs::read_to_string("/sys/devices/system/cpu/online")
+                .expect("/sys/devices/system/cpu/online");
+            let n = cpu_list_len(&text).expect("a CPU list");
+            // This process may be limited to fewer CPUs than the host has, never more.
+            let mine = std::thread::available_parallelism().map_or(1, |n| n.get());
+            assert!(
+                n >= mine,
+                "{n} online CPUs, {mine} available to this process"
+            );
+        }
+    }
 
     #[test]
     fn loadavg_runnable_reads_the_fourth_field() {

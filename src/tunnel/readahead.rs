@@ -84,7 +84,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
             // Reserving on an empty buffer reuses its allocation once nothing else holds it.
             this.buf.reserve(READ_AHEAD_BYTES);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
-                Poll::Ready(Ok(n)) if n > wanted => {}
+                Poll::Ready(Ok(n)) if n > wanted => crate::shard::note_streaming(),
                 Poll::Ready(Ok(_)) => {
                     // No more than a direct read would have got (or the end of the
                     // stream): the stream has gone quiet.
