@@ -190,19 +190,23 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         tracker.spawn(server::run(listener, gw.clone(), shutdown.clone()));
         gateway = Some(gw);
     }
-    let mut forwards = Vec::new();
+    let mut bound = Vec::new();
     for f in &cfg.forwards {
         match Forward::bind(f.clone()).await {
-            Ok(fw) => forwards.push(fw),
+            Ok(fw) => bound.push((fw, f.clone())),
             Err(e) => {
                 eprintln!("pipebridge: {e}");
                 return EXIT_RUNTIME;
             }
         }
     }
-    for fw in forwards {
-        eprintln!("pipebridge: forwarding {}", fw.path().display());
-        tracker.spawn(fw.run(shutdown.clone(), tracker.clone()));
+    let mut forwards = Forwards {
+        running: Vec::new(),
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    };
+    for (fw, f) in bound {
+        forwards.start(fw, f);
     }
     if cfg.server.is_none() && cfg.forwards.is_empty() {
         eprintln!("pipebridge: the config has neither a [server] nor a [[forward]]: nothing to do");
@@ -227,21 +231,24 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         eprintln!("pipebridge: admin on {addr}");
         tracker.spawn(crate::admin::run(listener, st, shutdown.clone()));
     }
-    if let Some(gw) = &gateway {
-        let path = config_path
+    let reloader = Arc::new(Reloader {
+        config_path: config_path
             .map(Path::to_path_buf)
-            .unwrap_or_else(config::default_path);
-        tracker.spawn(watch_files(gw.clone(), path, shutdown.clone()));
-    }
+            .unwrap_or_else(config::default_path),
+        current: std::sync::RwLock::new(cfg.clone()),
+        gateway,
+        forwards: tokio::sync::Mutex::new(forwards),
+    });
+    tracker.spawn(watch_files(reloader.clone(), shutdown.clone()));
     crate::sd_notify::ready();
-    let code = wait_for_signals(gateway.as_deref(), &cfg, config_path).await;
+    let code = wait_for_signals(&reloader).await;
     shutdown.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     code
 }
 
-async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Option<&Path>) -> i32 {
+async fn wait_for_signals(r: &Reloader) -> i32 {
     let Ok(mut signals) = platform::Signals::new() else {
         error!("cannot install signal handlers");
         return EXIT_RUNTIME;
@@ -249,20 +256,14 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
     loop {
         match signals.recv().await {
             SignalAction::Stop => break,
-            SignalAction::Reload => {
-                if let Some(gw) = gw {
-                    reload(gw, config_path);
-                }
-            }
+            SignalAction::Reload => reload(r).await,
         }
     }
     crate::sd_notify::stopping();
     // The grace period of the config in force (it may have been reloaded).
-    let grace = gw
-        .map(|g| g.config().shutdown.grace_period)
-        .unwrap_or(cfg.shutdown.grace_period);
+    let grace = r.current().shutdown.grace_period;
     info!(grace = ?grace, "draining: new sessions are refused");
-    if let Some(gw) = gw {
+    if let Some(gw) = &r.gateway {
         let second_stop = async { while signals.recv().await != SignalAction::Stop {} };
         tokio::select! {
             _ = gw.drain(grace) => {}
@@ -271,6 +272,113 @@ async fn wait_for_signals(gw: Option<&Gateway>, cfg: &Config, config_path: Optio
     }
     info!("stopped");
     EXIT_OK
+}
+
+/// What a reload changes: the gateway's config and TLS, the running forwards, tuning.
+struct Reloader {
+    config_path: PathBuf,
+    /// The config in force.
+    current: std::sync::RwLock<Arc<Config>>,
+    gateway: Option<Arc<Gateway>>,
+    /// Also serializes reloads (SIGHUP and the file watcher).
+    forwards: tokio::sync::Mutex<Forwards>,
+}
+
+impl Reloader {
+    fn current(&self) -> Arc<Config> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+}
+
+/// How long a reload waits for a removed or changed forward to stop accepting (and its
+/// hosted file to go) before it binds the new one.
+const FORWARD_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The running `[[forward]]`s, brought in line with the config at each reload.
+struct Forwards {
+    running: Vec<RunningForward>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+struct RunningForward {
+    cfg: ForwardConfig,
+    /// Stops this forward's accepting (its live sessions go on).
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwards {
+    fn start(&mut self, fw: Forward, cfg: ForwardConfig) {
+        eprintln!("pipebridge: forwarding {}", fw.path().display());
+        let stop = self.shutdown.child_token();
+        let task = self
+            .tracker
+            .spawn(fw.run(stop.clone(), self.tracker.clone()));
+        self.running.push(RunningForward { cfg, stop, task });
+    }
+
+    /// Brings the running forwards in line with `wanted`: a forward whose settings did not
+    /// change keeps running untouched; a removed one stops accepting (its hosted file
+    /// goes; its live sessions go on); a changed one is stopped and bound again with its
+    /// new settings, or, if those cannot be bound, with its old ones; a new one is bound.
+    /// Returns what could not be bound.
+    async fn reconcile(&mut self, wanted: &[ForwardConfig]) -> Vec<String> {
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|r| wanted.contains(&r.cfg));
+        self.running = keep;
+        let mut stopped = Vec::new();
+        for r in gone {
+            r.stop.cancel();
+            if tokio::time::timeout(FORWARD_STOP_TIMEOUT, r.task)
+                .await
+                .is_err()
+            {
+                warn!(listen = ?r.cfg.listen, "a forward did not stop in time");
+            }
+            stopped.push(r.cfg);
+        }
+        let mut errors = Vec::new();
+        for cfg in wanted {
+            if self.running.iter().any(|r| &r.cfg == cfg) {
+                continue;
+            }
+            let old = stopped
+                .iter()
+                .position(|o| o.listen == cfg.listen)
+                .map(|i| stopped.swap_remove(i));
+            match Forward::bind(cfg.clone()).await {
+                Ok(fw) => {
+                    info!(listen = ?cfg.listen, to = %cfg.to, changed = old.is_some(), "forward (re)bound by the reload");
+                    self.start(fw, cfg.clone());
+                }
+                Err(e) => {
+                    if let Some(old) = old {
+                        match Forward::bind(old.clone()).await {
+                            Ok(fw) => {
+                                warn!(error = %e, "the changed forward cannot be bound; it goes on with its old settings");
+                                self.start(fw, old);
+                            }
+                            Err(e2) => {
+                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor its old settings; it is stopped")
+                            }
+                        }
+                    } else {
+                        error!(error = %e, "the new forward cannot be bound");
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        for o in stopped {
+            info!(listen = ?o.listen, "forward removed by the reload");
+        }
+        errors
+    }
 }
 
 /// How often watched files are checked.
@@ -288,8 +396,8 @@ fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
 }
 
 /// Reloads when the config, certificates, CA, CRLs or token files change.
-async fn watch_files(gw: Arc<Gateway>, config_path: PathBuf, shutdown: CancellationToken) {
-    let mut paths = gw.config().watched_files();
+async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
+    let mut paths = r.current().watched_files();
     let mut last = fingerprint(&paths);
     loop {
         tokio::select! {
@@ -305,40 +413,65 @@ async fn watch_files(gw: Arc<Gateway>, config_path: PathBuf, shutdown: Cancellat
             continue; // still changing: look again next round
         }
         info!("a watched file changed; reloading");
-        reload(&gw, Some(&config_path));
-        paths = gw.config().watched_files();
+        reload(&r).await;
+        paths = r.current().watched_files();
         last = fingerprint(&paths);
     }
 }
 
-fn reload(gw: &Gateway, config_path: Option<&Path>) {
+async fn reload(r: &Reloader) {
     crate::sd_notify::reloading();
-    reload_inner(gw, config_path);
+    let ok = match reload_inner(r).await {
+        Ok((ended, unbound)) if unbound.is_empty() => {
+            info!(sessions_ended = ended, "reloaded the config");
+            true
+        }
+        Ok((ended, unbound)) => {
+            warn!(sessions_ended = ended, error = %unbound.join("; "), "reloaded the config, but not every forward could be bound");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "reload rejected; keeping the old config");
+            false
+        }
+    };
+    crate::metrics::Metrics::result(&crate::metrics::get().reloads, ok);
     crate::sd_notify::ready();
 }
 
-fn reload_inner(gw: &Gateway, config_path: Option<&Path>) {
-    let path = config_path
-        .map(Path::to_path_buf)
-        .unwrap_or_else(config::default_path);
-    match Config::load(&path) {
-        Ok(new) => match platform::check_capabilities(&new).and_then(|()| server_tls(&new)) {
-            Ok(tls) => {
-                crate::shard::set_busy_poll(new.tuning.busy_poll);
-                let ended = gw.replace(Arc::new(new), tls);
-                crate::metrics::Metrics::result(&crate::metrics::get().reloads, true);
-                info!(sessions_ended = ended, "reloaded the config");
-            }
-            Err(e) => {
-                crate::metrics::Metrics::result(&crate::metrics::get().reloads, false);
-                warn!(error = %e, "reload rejected; keeping the old config")
-            }
-        },
-        Err(errs) => {
-            crate::metrics::Metrics::result(&crate::metrics::get().reloads, false);
-            warn!(error = %errs, "reload rejected; keeping the old config")
+/// Loads and checks the config, then applies it; returns the number of sessions whose
+/// access it withdrew and the forwards that could not be bound. Nothing changes unless
+/// the whole config validates.
+async fn reload_inner(r: &Reloader) -> Result<(usize, Vec<String>), String> {
+    let mut forwards = r.forwards.lock().await;
+    let new = Config::load(&r.config_path).map_err(|e| e.to_string())?;
+    platform::check_capabilities(&new)?;
+    check_message_limits(&new)?;
+    let tls = match (&r.gateway, &new.server) {
+        (Some(_), Some(_)) => Some(server_tls(&new)?),
+        (None, None) => None,
+        (Some(_), None) => return Err("the [server] was removed: that takes a restart".into()),
+        (None, Some(_)) => return Err("a [server] was added: that takes a restart".into()),
+    };
+    if new.forwards.is_empty() && new.server.is_none() {
+        return Err("the config has neither a [server] nor a [[forward]]".into());
+    }
+    if let (Some(old), Some(now)) = (&r.current().server, &new.server) {
+        if old.listen != now.listen {
+            warn!(listen = %old.listen, new_listen = %now.listen, "a new [server] listen address takes a restart; still listening on the old one");
         }
     }
+    let new = Arc::new(new);
+    crate::shard::set_busy_poll(new.tuning.busy_poll);
+    let ended = match (&r.gateway, tls) {
+        (Some(gw), Some(tls)) => gw.replace(new.clone(), tls),
+        _ => 0,
+    };
+    match r.current.write() {
+        Ok(mut c) => *c = new.clone(),
+        Err(e) => *e.into_inner() = new.clone(),
+    }
+    Ok((ended, forwards.reconcile(&new.forwards).await))
 }
 
 fn print_client_error(e: &ClientError) {

@@ -59,7 +59,7 @@ const MAX_REFUSAL_BODY_BYTES: usize = 64 * 1024;
 
 /// Credential settings of a client (CLI flags or a `[[forward]]`); paths may hold
 /// `{user}`, replaced by the local caller's user name.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CredentialPaths {
     /// CA bundle to verify the server (absent: the system trust store).
     pub ca: Option<String>,

@@ -870,6 +870,114 @@ fn sighup_reload_adds_a_pipe_without_dropping_a_live_transfer_and_rejects_a_brok
     stream.finish(&mut live);
 }
 
+/// Sends `data` over a connected Unix socket and reads until `want` bytes came back.
+fn echo_over(sock: &mut UnixStream, data: &[u8], want: usize) -> Vec<u8> {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    sock.write_all(data).expect("write to the forward");
+    let mut got = vec![0u8; want];
+    sock.read_exact(&mut got)
+        .expect("the reply through the forward");
+    got
+}
+
+#[test]
+fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
+    let fx = Fixture::new();
+    let remote = fx.serve(
+        "remote.toml",
+        &fx.server_config(&format!(
+            "{}{}",
+            pipe("cat", "exec:cat", &["alice"], ""),
+            pipe("upper", "exec:tr a-z A-Z", &["alice"], "")
+        )),
+    );
+    let (a, b, c) = (fx.path("a.sock"), fx.path("b.sock"), fx.path("c.sock"));
+    let v1 = format!(
+        "{ADMIN}{}{}",
+        forward(&fx, &a, &remote.url("cat"), "alice"),
+        forward(&fx, &b, &remote.url("cat"), "alice")
+    );
+    let (local, admin) = serve_admin(&fx, "local.toml", &padded(&v1));
+    let cfg = fx.path("local.toml");
+    assert_eq!(unix_request(&b, b"abc\n", CLIENT_TIMEOUT), b"abc\n");
+    // A live session through forward a, which the reload removes.
+    let mut live = unix_connect(&a);
+    assert_eq!(echo_over(&mut live, b"before\n", 7), b"before\n");
+
+    // a removed, b pointed at another pipe, c added: SIGHUP alone loads it.
+    let m0 = scrape(&admin);
+    let ok0 = metric(&m0, "pipebridge_reloads_total", &[("result", "ok")]);
+    let err0 = metric(&m0, "pipebridge_reloads_total", &[("result", "error")]);
+    let v2 = format!(
+        "{ADMIN}{}{}",
+        forward(&fx, &b, &remote.url("upper"), "alice"),
+        forward(&fx, &c, &remote.url("cat"), "alice")
+    );
+    rewrite_unnoticed(&cfg, &v2);
+    signal(local.proc.pid(), rustix::process::Signal::HUP);
+    wait_metrics(&admin, Duration::from_secs(10), "the SIGHUP reload", |m| {
+        metric(m, "pipebridge_reloads_total", &[("result", "ok")]) > ok0
+    });
+    assert!(
+        !a.exists(),
+        "the removed forward's socket file is still there"
+    );
+    assert_eq!(
+        echo_over(&mut live, b"after\n", 6),
+        b"after\n",
+        "the live session of the removed forward ended"
+    );
+    assert_eq!(unix_request(&b, b"abc\n", CLIENT_TIMEOUT), b"ABC\n");
+    assert_eq!(unix_request(&c, b"new\n", CLIENT_TIMEOUT), b"new\n");
+    drop(live);
+
+    // A changed forward whose new settings cannot be bound (no such owner) goes on with
+    // its old ones; the reload counts as failed and says why.
+    let v3 = v2.replace(
+        &format!("listen = {}\n", q(&format!("unix:{}", c.display()))),
+        &format!(
+            "listen = {}\nsocket_owner = \"no-such-user-pb\"\n",
+            q(&format!("unix:{}", c.display()))
+        ),
+    );
+    assert_ne!(v3, v2);
+    rewrite_unnoticed(&cfg, &v3);
+    signal(local.proc.pid(), rustix::process::Signal::HUP);
+    wait_metrics(
+        &admin,
+        Duration::from_secs(10),
+        "the partly failed reload",
+        |m| metric(m, "pipebridge_reloads_total", &[("result", "error")]) > err0,
+    );
+    let log = local.log();
+    assert!(
+        log.contains("goes on with its old settings") && log.contains("no-such-user-pb"),
+        "the log does not say the old forward goes on, nor why:\n{log}"
+    );
+    assert_eq!(unix_request(&c, b"kept\n", CLIENT_TIMEOUT), b"kept\n");
+    assert_eq!(unix_request(&b, b"b too\n", CLIENT_TIMEOUT), b"B TOO\n");
+
+    // A config that does not validate changes nothing.
+    let err1 = metric(
+        &scrape(&admin),
+        "pipebridge_reloads_total",
+        &[("result", "error")],
+    );
+    rewrite_unnoticed(&cfg, &format!("{v2}[[forward]]\nlisten = \"bogus:x\"\n"));
+    signal(local.proc.pid(), rustix::process::Signal::HUP);
+    wait_metrics(
+        &admin,
+        Duration::from_secs(10),
+        "the rejected reload",
+        |m| metric(m, "pipebridge_reloads_total", &[("result", "error")]) > err1,
+    );
+    assert!(local.log().contains("reload rejected"), "{}", local.log());
+    assert_eq!(unix_request(&b, b"xyz\n", CLIENT_TIMEOUT), b"XYZ\n");
+    assert_eq!(unix_request(&c, b"xyz\n", CLIENT_TIMEOUT), b"xyz\n");
+    assert!(!a.exists());
+}
+
 // === 3. reload on file change, certificate symlink swap ===
 
 #[test]

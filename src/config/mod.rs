@@ -429,7 +429,7 @@ pub struct PipeConfig {
 }
 
 /// `[[forward]]`: a local endpoint this gateway hosts, bridged to a remote pipe.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ForwardConfig {
     /// The local endpoint to host.
     pub listen: EndpointSpec,
