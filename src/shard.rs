@@ -129,12 +129,21 @@ const WORK_SEEN: Duration = Duration::from_micros(2);
 /// How often a polling shard checks that no thread waits for a core.
 const RECHECK: Duration = Duration::from_micros(20);
 
-/// Whether more threads are runnable on the host than it has cores (the fourth field of
-/// `/proc/loadavg`, which counts this thread and any other polling thread too). A polling
-/// core looks busy to the kernel, so a thread woken while it polls queues behind a
-/// running one instead of taking an idle core: with all cores taken, polling would slow
-/// the rest of the host down. Where the count cannot be read (no `/proc`), the answer is
-/// yes: no polling.
+/// Runnable threads beyond the core count that still let a shard poll. The count includes
+/// the polling thread itself, which hands its core to a waiting thread at its next
+/// `sched_yield` (within microseconds), so one thread more than there are cores does not
+/// wait long. Measured on 2 cores (BENCHMARKS.md, eleventh session): with no slack the
+/// polling shards of the echo pipeline (load client, two gateways, target) counted each
+/// other and stopped, and echo p50 fell only from 269 to 209 µs; with a slack of 1 it fell
+/// to 163 µs, with bulk, 64 and 512 connections level or better; a slack of 2 did no
+/// better.
+const RUNNABLE_SLACK: usize = 1;
+
+/// Whether threads wait for a core on the host: more runnable threads (the fourth field
+/// of `/proc/loadavg`) than [`RUNNABLE_SLACK`] allows. A polling core looks busy to the
+/// kernel, so a thread woken while it polls queues behind a running one instead of
+/// taking an idle core: with all cores taken, polling would slow the rest of the host
+/// down. Where the count cannot be read (no `/proc`), the answer is yes: no polling.
 fn threads_wait_for_a_core() -> bool {
     static LOADAVG: OnceLock<Option<(std::fs::File, usize)>> = OnceLock::new();
     let Some((f, cores)) = LOADAVG.get_or_init(|| {
@@ -154,7 +163,7 @@ fn threads_wait_for_a_core() -> bool {
     let Ok(n) = read_at(f, &mut buf) else {
         return true;
     };
-    loadavg_runnable(&buf[..n]).is_none_or(|r| r > *cores)
+    loadavg_runnable(&buf[..n]).is_none_or(|r| r > *cores + RUNNABLE_SLACK)
 }
 
 /// The runnable-thread count of a `/proc/loadavg` text: `"0.42 0.30 0.25 2/134 17975"`
