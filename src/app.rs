@@ -238,6 +238,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         current: std::sync::RwLock::new(cfg.clone()),
         gateway,
         forwards: tokio::sync::Mutex::new(forwards),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     tracker.spawn(watch_files(reloader.clone(), shutdown.clone()));
     crate::sd_notify::ready();
@@ -256,9 +257,20 @@ async fn wait_for_signals(r: &Reloader) -> i32 {
     loop {
         match signals.recv().await {
             SignalAction::Stop => break,
-            SignalAction::Reload => reload(r).await,
+            SignalAction::Reload => {
+                // A reload may wait (for one in progress, for forwards to stop): a stop
+                // signal meanwhile is not held up by it.
+                let stop = tokio::select! {
+                    _ = reload(r) => false,
+                    s = signals.recv() => s == SignalAction::Stop,
+                };
+                if stop {
+                    break;
+                }
+            }
         }
     }
+    r.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     crate::sd_notify::stopping();
     // The grace period of the config in force (it may have been reloaded).
     let grace = r.current().shutdown.grace_period;
@@ -282,6 +294,8 @@ struct Reloader {
     gateway: Option<Arc<Gateway>>,
     /// Also serializes reloads (SIGHUP and the file watcher).
     forwards: tokio::sync::Mutex<Forwards>,
+    /// Set once a stop signal came: no more reloads.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Reloader {
@@ -305,46 +319,75 @@ struct Forwards {
 }
 
 struct RunningForward {
+    /// The settings it runs with.
     cfg: ForwardConfig,
+    settings: Arc<client::ForwardSettings>,
     /// Stops this forward's accepting (its live sessions go on).
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// Settings a reload asked for that could not be bound, and why: while the config
+    /// asks for the same, later reloads leave this forward alone.
+    refused: Option<(ForwardConfig, String)>,
 }
 
 impl Forwards {
-    fn start(&mut self, fw: Forward, cfg: ForwardConfig) {
+    fn start(&mut self, fw: Forward, cfg: ForwardConfig) -> &mut RunningForward {
         eprintln!("pipebridge: forwarding {}", fw.path().display());
         let stop = self.shutdown.child_token();
+        let settings = fw.settings();
         let task = self
             .tracker
             .spawn(fw.run(stop.clone(), self.tracker.clone()));
-        self.running.push(RunningForward { cfg, stop, task });
+        self.running.push(RunningForward {
+            cfg,
+            settings,
+            stop,
+            task,
+            refused: None,
+        });
+        self.running.last_mut().expect("just pushed")
     }
 
-    /// Brings the running forwards in line with `wanted`: a forward whose settings did not
-    /// change keeps running untouched; a removed one stops accepting (its hosted file
-    /// goes; its live sessions go on); a changed one is stopped and bound again with its
-    /// new settings, or, if those cannot be bound, with its old ones; a new one is bound.
-    /// Returns what could not be bound.
+    /// Brings the running forwards in line with `wanted` (whose endpoints are distinct:
+    /// the config checks that), matching them by endpoint. An unchanged forward runs on
+    /// untouched. One whose endpoint is bound alike takes its new settings in place for
+    /// new callers ([`client::ForwardSettings::replace`]). Any other change stops it and
+    /// binds it again with its new settings, or, if those cannot be bound, with its old
+    /// ones. A removed one stops. Stopping ends the accepting and removes the hosted file;
+    /// live sessions go on. Returns what could not be bound.
     async fn reconcile(&mut self, wanted: &[ForwardConfig]) -> Vec<String> {
-        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|r| wanted.contains(&r.cfg));
-        self.running = keep;
-        let mut stopped = Vec::new();
-        for r in gone {
-            r.stop.cancel();
-            if tokio::time::timeout(FORWARD_STOP_TIMEOUT, r.task)
-                .await
-                .is_err()
-            {
-                warn!(listen = ?r.cfg.listen, "a forward did not stop in time");
-            }
-            stopped.push(r.cfg);
-        }
         let mut errors = Vec::new();
+        let mut keep = Vec::new();
+        let mut stopped = Vec::new();
+        for mut r in std::mem::take(&mut self.running) {
+            let Some(w) = wanted.iter().find(|w| w.listen == r.cfg.listen) else {
+                stopped.push(stop_forward(r).await);
+                continue;
+            };
+            if *w == r.cfg {
+                r.refused = None;
+            } else if r.refused.as_ref().is_some_and(|(f, _)| f == w) {
+                let why = r
+                    .refused
+                    .as_ref()
+                    .map(|(_, e)| e.clone())
+                    .unwrap_or_default();
+                errors.push(format!(
+                    "{why} (still; the forward runs with its old settings)"
+                ));
+            } else if r.settings.replace(w) {
+                info!(listen = ?w.listen, to = %w.to, "forward settings replaced by the reload");
+                r.cfg = w.clone();
+                r.refused = None;
+            } else {
+                stopped.push(stop_forward(r).await);
+                continue;
+            }
+            keep.push(r);
+        }
+        self.running = keep;
         for cfg in wanted {
-            if self.running.iter().any(|r| &r.cfg == cfg) {
+            if self.running.iter().any(|r| r.cfg.listen == cfg.listen) {
                 continue;
             }
             let old = stopped
@@ -353,7 +396,7 @@ impl Forwards {
                 .map(|i| stopped.swap_remove(i));
             match Forward::bind(cfg.clone()).await {
                 Ok(fw) => {
-                    info!(listen = ?cfg.listen, to = %cfg.to, changed = old.is_some(), "forward (re)bound by the reload");
+                    info!(listen = ?cfg.listen, to = %cfg.to, changed = old.is_some(), "forward bound by the reload");
                     self.start(fw, cfg.clone());
                 }
                 Err(e) => {
@@ -361,10 +404,10 @@ impl Forwards {
                         match Forward::bind(old.clone()).await {
                             Ok(fw) => {
                                 warn!(error = %e, "the changed forward cannot be bound; it goes on with its old settings");
-                                self.start(fw, old);
+                                self.start(fw, old).refused = Some((cfg.clone(), e.clone()));
                             }
                             Err(e2) => {
-                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor its old settings; it is stopped")
+                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor with its old settings; it is stopped")
                             }
                         }
                     } else {
@@ -379,6 +422,21 @@ impl Forwards {
         }
         errors
     }
+}
+
+/// Stops a forward's accepting and waits (bounded) until its hosted file is gone; returns
+/// its settings.
+async fn stop_forward(mut r: RunningForward) -> ForwardConfig {
+    r.stop.cancel();
+    if tokio::time::timeout(FORWARD_STOP_TIMEOUT, &mut r.task)
+        .await
+        .is_err()
+    {
+        warn!(listen = ?r.cfg.listen, "a forward did not stop in time; aborting it");
+        r.task.abort();
+        let _ = r.task.await;
+    }
+    r.cfg
 }
 
 /// How often watched files are checked.
@@ -420,8 +478,12 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
 }
 
 async fn reload(r: &Reloader) {
+    let mut forwards = r.forwards.lock().await;
+    if r.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
     crate::sd_notify::reloading();
-    let ok = match reload_inner(r).await {
+    let ok = match reload_inner(r, &mut forwards).await {
         Ok((ended, unbound)) if unbound.is_empty() => {
             info!(sessions_ended = ended, "reloaded the config");
             true
@@ -436,14 +498,18 @@ async fn reload(r: &Reloader) {
         }
     };
     crate::metrics::Metrics::result(&crate::metrics::get().reloads, ok);
-    crate::sd_notify::ready();
+    if !r.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        crate::sd_notify::ready();
+    }
 }
 
 /// Loads and checks the config, then applies it; returns the number of sessions whose
 /// access it withdrew and the forwards that could not be bound. Nothing changes unless
 /// the whole config validates.
-async fn reload_inner(r: &Reloader) -> Result<(usize, Vec<String>), String> {
-    let mut forwards = r.forwards.lock().await;
+async fn reload_inner(
+    r: &Reloader,
+    forwards: &mut Forwards,
+) -> Result<(usize, Vec<String>), String> {
     let new = Config::load(&r.config_path).map_err(|e| e.to_string())?;
     platform::check_capabilities(&new)?;
     check_message_limits(&new)?;

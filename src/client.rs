@@ -820,6 +820,77 @@ mod hosted;
 mod hosted;
 pub use hosted::{Forward, LocalCaller};
 
+/// A running forward's settings, which a reload may replace without binding its local
+/// endpoint again when only the remote side changed (the URL's host and path,
+/// credentials, `allow_local`, keepalive, HTTP/2): each new caller's session takes the
+/// settings in force when it arrives; live sessions keep theirs.
+pub struct ForwardSettings {
+    /// Query parameters the bind added to the remote URL's (`mode=message` for a
+    /// seqpacket forward).
+    extra: Vec<&'static str>,
+    /// The forward's config and the path and query its sessions request.
+    now: std::sync::RwLock<(Arc<ForwardConfig>, Arc<String>)>,
+}
+
+impl ForwardSettings {
+    fn new(fwd: ForwardConfig, extra: Vec<&'static str>) -> Arc<ForwardSettings> {
+        let target = Arc::new(target_of(&fwd.to, &extra));
+        Arc::new(ForwardSettings {
+            extra,
+            now: std::sync::RwLock::new((Arc::new(fwd), target)),
+        })
+    }
+
+    /// The settings in force: the config and the path and query sessions request.
+    pub fn get(&self) -> (Arc<ForwardConfig>, Arc<String>) {
+        match self.now.read() {
+            Ok(g) => g.clone(),
+            Err(e) => e.into_inner().clone(),
+        }
+    }
+
+    /// Takes `fwd` as the settings for new callers if its local endpoint is bound just
+    /// like the current one ([`same_endpoint`]); else changes nothing and returns false.
+    pub fn replace(&self, fwd: &ForwardConfig) -> bool {
+        if !same_endpoint(&self.get().0, fwd) {
+            return false;
+        }
+        let new = (
+            Arc::new(fwd.clone()),
+            Arc::new(target_of(&fwd.to, &self.extra)),
+        );
+        match self.now.write() {
+            Ok(mut g) => *g = new,
+            Err(e) => *e.into_inner() = new,
+        }
+        true
+    }
+}
+
+/// Whether two forwards bind their local endpoints alike: the same endpoint, file owner,
+/// group and mode, named-pipe settings, and remote URL query (which sets the mode and
+/// direction a seqpacket socket, FIFO or named pipe is bound with).
+fn same_endpoint(a: &ForwardConfig, b: &ForwardConfig) -> bool {
+    a.listen == b.listen
+        && a.socket_owner == b.socket_owner
+        && a.socket_group == b.socket_group
+        && a.socket_mode == b.socket_mode
+        && a.max_instances == b.max_instances
+        && a.security_descriptor == b.security_descriptor
+        && a.npipe_eof == b.npipe_eof
+        && a.to.query() == b.to.query()
+}
+
+/// The path and query a forward's sessions request: `to`'s, plus `extra` parameters.
+fn target_of(to: &Uri, extra: &[&str]) -> String {
+    let mut target = path_and_query(to);
+    for e in extra {
+        target.push(if target.contains('?') { '&' } else { '?' });
+        target.push_str(e);
+    }
+    target
+}
+
 /// Pause after a failed accept (e.g. out of file descriptors) before the next.
 async fn accept_failed(e: std::io::Error) {
     warn!(error = %e, "forward accept failed");
@@ -932,7 +1003,7 @@ fn cached_dialer(
     type Cache = std::sync::Mutex<std::collections::HashMap<String, (Dialer, std::time::Instant)>>;
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let key = format!(
-        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}",
+        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
         creds.ca,
         creds.cert,
         creds.key,

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use super::{accept_failed, forward_one, path_and_query, session_span, spawn_session};
+use super::{accept_failed, forward_one, session_span, spawn_session, ForwardSettings};
 use crate::config::{Direction, ForwardConfig, Mode};
 use crate::endpoint::unix::{self, HostedFile};
 use crate::endpoint::{fifo, seqpacket, BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
@@ -39,8 +39,7 @@ pub struct LocalCaller {
 pub struct Forward {
     hosted: Hosted,
     file: HostedFile,
-    fwd: ForwardConfig,
-    path_and_query: String,
+    settings: Arc<ForwardSettings>,
 }
 
 impl Forward {
@@ -110,21 +109,16 @@ impl Forward {
                 .map_err(|e| ctx(&format!("chown: {e}")))?;
             unix::set_mode(&path, fwd.socket_mode).map_err(|e| ctx(&e))?;
         }
-        let mut path_and_query = path_and_query(&fwd.to);
-        for e in extra {
-            path_and_query.push(if path_and_query.contains('?') {
-                '&'
-            } else {
-                '?'
-            });
-            path_and_query.push_str(e);
-        }
         Ok(Forward {
             hosted,
             file,
-            fwd,
-            path_and_query,
+            settings: ForwardSettings::new(fwd, extra),
         })
+    }
+
+    /// Its settings, which a reload may replace ([`ForwardSettings::replace`]).
+    pub fn settings(&self) -> Arc<ForwardSettings> {
+        self.settings.clone()
     }
 
     /// The hosted file's path.
@@ -133,17 +127,14 @@ impl Forward {
     }
 
     /// Accepts local callers until `shutdown`; each becomes a session to `to`. The hosted
-    /// file is removed when this returns.
+    /// file is removed when this returns; live sessions go on.
     pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
         let Forward {
             hosted,
             file,
-            fwd,
-            path_and_query,
+            settings,
         } = self;
-        let fwd = Arc::new(fwd);
-        let target = Arc::new(path_and_query);
-        info!(listen = %file.path().display(), to = %fwd.to, "forward ready");
+        info!(listen = %file.path().display(), to = %settings.get().0.to, "forward ready");
         match hosted {
             Hosted::Stream(listener) => match crate::shard::handles() {
                 // The first shard accepts (on the listening socket registered with its
@@ -156,7 +147,7 @@ impl Forward {
                     let acceptor = shards[0].spawn(
                         async move {
                             match readiness(listener) {
-                                Ok(l) => accept_loop(&l, &shutdown, &tracker, &fwd, &target).await,
+                                Ok(l) => accept_loop(&l, &shutdown, &tracker, &settings).await,
                                 Err(e) => {
                                     warn!(error = %e, "cannot register the forward's socket with a shard")
                                 }
@@ -166,7 +157,7 @@ impl Forward {
                     );
                     let _ = acceptor.await;
                 }
-                None => accept_loop(&listener, &shutdown, &tracker, &fwd, &target).await,
+                None => accept_loop(&listener, &shutdown, &tracker, &settings).await,
             },
             Hosted::Seqpacket(mut listener) => loop {
                 let r = tokio::select! {
@@ -180,7 +171,10 @@ impl Forward {
                             gid: c.gid(),
                         });
                         match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
-                            Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
+                            Ok(local) => {
+                                let (fwd, target) = settings.get();
+                                spawn_session(&tracker, &fwd, &target, local, caller)
+                            }
                             Err(e) => {
                                 warn!(error = %e, "cannot set up the accepted seqpacket socket")
                             }
@@ -190,10 +184,7 @@ impl Forward {
                 }
             },
             Hosted::Fifo(direction) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = fifo_loop(file.path(), direction, &fwd, &target) => {}
-                }
+                fifo_loop(file.path(), direction, &settings, &shutdown, &tracker).await
             }
         }
         drop(file);
@@ -217,8 +208,7 @@ async fn accept_loop(
     listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-    fwd: &Arc<ForwardConfig>,
-    target: &Arc<String>,
+    settings: &ForwardSettings,
 ) {
     loop {
         let r = tokio::select! {
@@ -227,7 +217,7 @@ async fn accept_loop(
         };
         match r {
             Ok((stream, caller)) => {
-                let (fwd, target) = (fwd.clone(), target.clone());
+                let (fwd, target) = settings.get();
                 crate::shard::spawn(tracker, stream, move |stream| {
                     caller_session(stream, caller, fwd, target)
                 });
@@ -310,8 +300,17 @@ fn stream_local(stream: tokio::net::UnixStream) -> Local {
 /// Pause between two rounds of a hosted `out` FIFO.
 const FIFO_ROUND_GAP: Duration = Duration::from_millis(200);
 
-/// A hosted FIFO serves one local writer group (or reader) at a time, sequentially.
-async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, target: &str) {
+/// A hosted FIFO serves one local writer group (or reader) at a time, sequentially, until
+/// `shutdown`. Each round's session runs as a task of its own (tracked by `tracker`), so
+/// a stop (a reload that removes or changes the forward, or the gateway's shutdown)
+/// ends the waiting for the next round, never a live session.
+async fn fifo_loop(
+    path: &Path,
+    direction: Direction,
+    settings: &ForwardSettings,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) {
     loop {
         let local = if direction == Direction::In {
             // Local writers feed the remote pipe: wait for the first writer's data or close.
@@ -319,11 +318,17 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
                 Ok(rx) => rx,
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
                 }
             };
-            if let Err(e) = rx.readable().await {
+            let ready = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.readable() => r,
+            };
+            if let Err(e) = ready {
                 warn!(error = %e, "hosted FIFO failed");
                 continue;
             }
@@ -335,7 +340,11 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
         } else {
             // The remote pipe feeds local readers: wait for a reader.
             let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
-            match fifo::open_writer(path, far).await {
+            let opened = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = fifo::open_writer(path, far) => r,
+            };
+            match opened {
                 Ok(tx) => Local {
                     reader: None,
                     writer: Some(Writer::Bytes(
@@ -345,22 +354,34 @@ async fn fifo_loop(path: &Path, direction: Direction, fwd: &ForwardConfig, targe
                 },
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
                 }
             }
         };
+        let (fwd, target) = settings.get();
         let span = tracing::info_span!("forward", to = %fwd.to);
-        forward_one(local, Bytes::new(), None, fwd, target)
-            .instrument(span)
-            .await;
+        let session = tracker.spawn(
+            async move { forward_one(local, Bytes::new(), None, &fwd, &target).await }
+                .instrument(span),
+        );
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = session => {}
+        }
         if direction == Direction::Out {
             // The writer closed after readers drained the pipe; give them a moment to
             // read the EOF before the next round opens a writer again.
-            tokio::time::sleep(FIFO_ROUND_GAP).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(FIFO_ROUND_GAP) => {}
+            }
         }
     }
 }
+
 fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(nix::unistd::Uid::from_raw(n));

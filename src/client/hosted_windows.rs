@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use super::{accept_failed, client_message_limit, path_and_query, spawn_session};
+use super::{accept_failed, client_message_limit, spawn_session, ForwardSettings};
 use crate::config::{Direction, ForwardConfig, Mode};
 use crate::endpoint::windows::{self, PipeOptions, PipeServer, ServerOptions};
 use crate::endpoint::EndpointSpec;
@@ -64,8 +64,7 @@ impl std::fmt::Display for LocalCaller {
 pub struct Forward {
     server: PipeServer,
     path: PathBuf,
-    fwd: ForwardConfig,
-    path_and_query: String,
+    settings: Arc<ForwardSettings>,
     opts: PipeOptions,
 }
 
@@ -110,14 +109,17 @@ impl Forward {
             max_message: client_message_limit(),
             eof: fwd.npipe_eof,
         };
-        let path_and_query = path_and_query(&fwd.to);
         Ok(Forward {
             server,
             path,
-            fwd,
-            path_and_query,
+            settings: ForwardSettings::new(fwd, Vec::new()),
             opts,
         })
+    }
+
+    /// Its settings, which a reload may replace ([`ForwardSettings::replace`]).
+    pub fn settings(&self) -> Arc<ForwardSettings> {
+        self.settings.clone()
     }
 
     /// The hosted pipe's path.
@@ -130,17 +132,15 @@ impl Forward {
         let Forward {
             mut server,
             path,
-            fwd,
-            path_and_query,
+            settings,
             opts,
         } = self;
-        let with_groups = fwd.allow_local.iter().any(|r| r.starts_with('@'));
-        let fwd = Arc::new(fwd);
-        let target = Arc::new(path_and_query);
-        info!(listen = %path.display(), to = %fwd.to, "forward ready");
+        info!(listen = %path.display(), to = %settings.get().0.to, "forward ready");
         while let Some(r) = server.accept(&shutdown).await {
             match r {
                 Ok(inst) => {
+                    let (fwd, target) = settings.get();
+                    let with_groups = fwd.allow_local.iter().any(|r| r.starts_with('@'));
                     // Token lookups may reach a domain controller: off the async workers.
                     let looked_up = tokio::task::spawn_blocking(move || {
                         let caller = pipe_caller(inst.handle(), with_groups).map(LocalCaller);

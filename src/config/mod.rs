@@ -722,12 +722,24 @@ impl Validator<'_> {
         let tuning = self.tuning(raw.tuning);
         let identities = self.identities(raw.identity);
         let pipes = self.pipes(raw.pipe, &identities, &limits);
-        let mut forwards = raw
-            .forward
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, f)| self.forward(i, f))
-            .collect::<Vec<_>>();
+        let mut forwards: Vec<ForwardConfig> = Vec::new();
+        for (i, f) in raw.forward.into_iter().enumerate() {
+            let listen = f.get_ref().listen.clone();
+            if let Some(f) = self.forward(i, f) {
+                if forwards.iter().any(|o| o.listen == f.listen) {
+                    // A reload matches forwards by their endpoint, and two cannot both
+                    // bind one.
+                    let span = listen.map_or(0..0, |l| l.span());
+                    self.err(
+                        span,
+                        format!("forward[{i}].listen"),
+                        "another [[forward]] already hosts this endpoint",
+                    );
+                } else {
+                    forwards.push(f);
+                }
+            }
+        }
         for f in &mut forwards {
             f.keepalive = (keepalive.interval, keepalive.timeout);
         }
