@@ -236,17 +236,18 @@ struct Poll {
     streamed_at: Option<Instant>,
 }
 
+/// A shard's busy-poll state before its first park.
+const FRESH: Poll = Poll {
+    idle_since: None,
+    unparked: None,
+    polling: false,
+    armed: false,
+    cores_free_at: None,
+    streamed_at: None,
+};
+
 thread_local! {
-    static POLL: Cell<Poll> = const {
-        Cell::new(Poll {
-            idle_since: None,
-            unparked: None,
-            polling: false,
-            armed: false,
-            cores_free_at: None,
-            streamed_at: None,
-        })
-    };
+    static POLL: Cell<Poll> = const { Cell::new(FRESH) };
 }
 
 /// tokio calls this each time the shard runs out of tasks, before it waits for the driver
@@ -386,15 +387,6 @@ where
 mod tests {
     use super::*;
 
-    const IDLE: Poll = Poll {
-        idle_since: None,
-        unparked: None,
-        polling: false,
-        armed: false,
-        cores_free_at: None,
-        streamed_at: None,
-    };
-
     /// One turn of the event loop: the driver returns at `at`, work runs for `work`, and
     /// the shard runs out of it; returns whether it polls.
     fn turn(p: &mut Poll, at: Instant, work: Duration, streaming: bool) -> bool {
@@ -411,7 +403,7 @@ mod tests {
         let t0 = Instant::now();
         let us = Duration::from_micros;
         // Steady traffic: each idle stretch ends within the window, so the shard polls.
-        let mut p = IDLE;
+        let mut p = FRESH;
         assert!(!turn(&mut p, t0, us(10), false), "not armed yet");
         p.polling = false;
         assert!(
@@ -426,12 +418,12 @@ mod tests {
             "window over"
         );
         // Sparse traffic: a 5 ms stretch disarms.
-        let mut p = IDLE;
+        let mut p = FRESH;
         turn(&mut p, t0, us(10), false);
         p.polling = false;
         assert!(!turn(&mut p, t0 + us(5_000), us(10), false));
         // A stream: no polling from a streaming read until STREAM_QUIET has passed.
-        let mut p = IDLE;
+        let mut p = FRESH;
         turn(&mut p, t0, us(10), false);
         p.polling = false;
         assert!(!turn(&mut p, t0 + us(60), us(10), true), "a streaming read");
@@ -446,7 +438,7 @@ mod tests {
             "polls again after the quiet time"
         );
         // Cores taken: no polling.
-        let mut p = IDLE;
+        let mut p = FRESH;
         turn(&mut p, t0, us(10), false);
         p.polling = false;
         p.armed = true;

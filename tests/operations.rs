@@ -904,6 +904,21 @@ fn fifo_lines(path: &Path) -> std::sync::mpsc::Receiver<Option<String>> {
     rx
 }
 
+/// Rewrites `cfg` with `text` unnoticed by the file watcher, sends SIGHUP to `gw` and
+/// waits until the reloads counted with `result` ("ok" or "error") went up.
+fn reload_by_sighup(gw: &Gateway, admin: &str, cfg: &Path, text: &str, result: &str) {
+    let before = metric(
+        &scrape(admin),
+        "pipebridge_reloads_total",
+        &[("result", result)],
+    );
+    rewrite_unnoticed(cfg, text);
+    signal(gw.proc.pid(), rustix::process::Signal::HUP);
+    wait_metrics(admin, Duration::from_secs(10), "the SIGHUP reload", |m| {
+        metric(m, "pipebridge_reloads_total", &[("result", result)]) > before
+    });
+}
+
 #[test]
 fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     let fx = Fixture::new();
@@ -950,19 +965,12 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     assert_eq!(first.as_deref(), Some("tick0"));
 
     // a and the FIFO removed, b pointed at another pipe, c added: SIGHUP alone loads it.
-    let m0 = scrape(&admin);
-    let ok0 = metric(&m0, "pipebridge_reloads_total", &[("result", "ok")]);
-    let err0 = metric(&m0, "pipebridge_reloads_total", &[("result", "error")]);
     let v2 = format!(
         "{ADMIN}{}{}",
         forward(&fx, &b, &remote.url("upper"), "alice"),
         forward(&fx, &c, &remote.url("cat"), "alice")
     );
-    rewrite_unnoticed(&cfg, &v2);
-    signal(local.proc.pid(), rustix::process::Signal::HUP);
-    wait_metrics(&admin, Duration::from_secs(10), "the SIGHUP reload", |m| {
-        metric(m, "pipebridge_reloads_total", &[("result", "ok")]) > ok0
-    });
+    reload_by_sighup(&local, &admin, &cfg, &v2, "ok");
     assert!(
         !a.exists(),
         "the removed forward's socket file is still there"
@@ -1010,14 +1018,7 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
             ),
         );
         assert_ne!(v3, v2);
-        rewrite_unnoticed(&cfg, &v3);
-        signal(local.proc.pid(), rustix::process::Signal::HUP);
-        wait_metrics(
-            &admin,
-            Duration::from_secs(10),
-            "the partly failed reload",
-            |m| metric(m, "pipebridge_reloads_total", &[("result", "error")]) > err0,
-        );
+        reload_by_sighup(&local, &admin, &cfg, &v3, "error");
         local.proc.wait_until(Duration::from_secs(10), |log| {
             log.contains("goes on with its old settings") && log.contains("no-such-user-pb")
         });
@@ -1030,19 +1031,8 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     }
 
     // A config that does not validate changes nothing.
-    let err1 = metric(
-        &scrape(&admin),
-        "pipebridge_reloads_total",
-        &[("result", "error")],
-    );
-    rewrite_unnoticed(&cfg, &format!("{v2}[[forward]]\nlisten = \"bogus:x\"\n"));
-    signal(local.proc.pid(), rustix::process::Signal::HUP);
-    wait_metrics(
-        &admin,
-        Duration::from_secs(10),
-        "the rejected reload",
-        |m| metric(m, "pipebridge_reloads_total", &[("result", "error")]) > err1,
-    );
+    let broken = format!("{v2}[[forward]]\nlisten = \"bogus:x\"\n");
+    reload_by_sighup(&local, &admin, &cfg, &broken, "error");
     local.proc.wait_until(Duration::from_secs(10), |log| {
         log.contains("reload rejected")
     });
