@@ -242,14 +242,14 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
     });
     tracker.spawn(watch_files(reloader.clone(), shutdown.clone()));
     crate::sd_notify::ready();
-    let code = wait_for_signals(&reloader).await;
+    let code = wait_for_signals(reloader).await;
     shutdown.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     code
 }
 
-async fn wait_for_signals(r: &Reloader) -> i32 {
+async fn wait_for_signals(r: Arc<Reloader>) -> i32 {
     let Ok(mut signals) = platform::Signals::new() else {
         error!("cannot install signal handlers");
         return EXIT_RUNTIME;
@@ -258,15 +258,11 @@ async fn wait_for_signals(r: &Reloader) -> i32 {
         match signals.recv().await {
             SignalAction::Stop => break,
             SignalAction::Reload => {
-                // A reload may wait (for one in progress, for forwards to stop): a stop
-                // signal meanwhile is not held up by it.
-                let stop = tokio::select! {
-                    _ = reload(r) => false,
-                    s = signals.recv() => s == SignalAction::Stop,
-                };
-                if stop {
-                    break;
-                }
+                // A task of its own: a reload may wait (for one in progress, for forwards
+                // to stop), and neither a stop signal nor another SIGHUP meanwhile may be
+                // held up by it or cut it short. Reloads run one at a time, in order.
+                let r = r.clone();
+                tokio::spawn(async move { reload(&r, Trigger::Signal).await });
             }
         }
     }
@@ -326,7 +322,8 @@ struct RunningForward {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     /// Settings a reload asked for that could not be bound, and why: while the config
-    /// asks for the same, later reloads leave this forward alone.
+    /// asks for the same, later reloads by the file watcher leave this forward alone
+    /// (SIGHUP tries them again).
     refused: Option<(ForwardConfig, String)>,
 }
 
@@ -354,8 +351,9 @@ impl Forwards {
     /// new callers ([`client::ForwardSettings::replace`]). Any other change stops it and
     /// binds it again with its new settings, or, if those cannot be bound, with its old
     /// ones. A removed one stops. Stopping ends the accepting and removes the hosted file;
-    /// live sessions go on. Returns what could not be bound.
-    async fn reconcile(&mut self, wanted: &[ForwardConfig]) -> Vec<String> {
+    /// live sessions go on. Settings that could not be bound before are tried again only
+    /// if `retry_refused`. Returns what could not be bound.
+    async fn reconcile(&mut self, wanted: &[ForwardConfig], retry_refused: bool) -> Vec<String> {
         let mut errors = Vec::new();
         let mut keep = Vec::new();
         let mut stopped = Vec::new();
@@ -366,7 +364,7 @@ impl Forwards {
             };
             if *w == r.cfg {
                 r.refused = None;
-            } else if r.refused.as_ref().is_some_and(|(f, _)| f == w) {
+            } else if !retry_refused && r.refused.as_ref().is_some_and(|(f, _)| f == w) {
                 let why = r
                     .refused
                     .as_ref()
@@ -434,7 +432,7 @@ async fn stop_forward(mut r: RunningForward) -> ForwardConfig {
     {
         warn!(listen = ?r.cfg.listen, "a forward did not stop in time; aborting it");
         r.task.abort();
-        let _ = r.task.await;
+        let _ = tokio::time::timeout(FORWARD_STOP_TIMEOUT, r.task).await;
     }
     r.cfg
 }
@@ -471,19 +469,29 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
             continue; // still changing: look again next round
         }
         info!("a watched file changed; reloading");
-        reload(&r).await;
+        reload(&r, Trigger::FileChange).await;
         paths = r.current().watched_files();
         last = fingerprint(&paths);
     }
 }
 
-async fn reload(r: &Reloader) {
+/// What asked for a reload.
+#[derive(Clone, Copy, PartialEq)]
+enum Trigger {
+    /// SIGHUP: an operator's request, which also retries forward settings that could not
+    /// be bound before.
+    Signal,
+    /// The file watcher.
+    FileChange,
+}
+
+async fn reload(r: &Reloader, trigger: Trigger) {
     let mut forwards = r.forwards.lock().await;
     if r.stopping.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
     crate::sd_notify::reloading();
-    let ok = match reload_inner(r, &mut forwards).await {
+    let ok = match reload_inner(r, &mut forwards, trigger).await {
         Ok((ended, unbound)) if unbound.is_empty() => {
             info!(sessions_ended = ended, "reloaded the config");
             true
@@ -509,6 +517,7 @@ async fn reload(r: &Reloader) {
 async fn reload_inner(
     r: &Reloader,
     forwards: &mut Forwards,
+    trigger: Trigger,
 ) -> Result<(usize, Vec<String>), String> {
     let new = Config::load(&r.config_path).map_err(|e| e.to_string())?;
     platform::check_capabilities(&new)?;
@@ -537,7 +546,8 @@ async fn reload_inner(
         Ok(mut c) => *c = new.clone(),
         Err(e) => *e.into_inner() = new.clone(),
     }
-    Ok((ended, forwards.reconcile(&new.forwards).await))
+    let retry = trigger == Trigger::Signal;
+    Ok((ended, forwards.reconcile(&new.forwards, retry).await))
 }
 
 fn print_client_error(e: &ClientError) {

@@ -922,8 +922,10 @@ fn reload_by_sighup(gw: &Gateway, admin: &str, cfg: &Path, text: &str, result: &
 #[test]
 fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     let fx = Fixture::new();
+    // About 5 s of numbered lines, so the test can see the FIFO session outlive the
+    // reload, then its end (by itself: no process left behind).
     let ticks =
-        "exec:sh -c 'i=0; while [ $i -lt 500 ]; do echo tick$i; i=$((i+1)); sleep 0.02; done'";
+        "exec:sh -c 'i=0; while [ $i -lt 250 ]; do echo tick$i; i=$((i+1)); sleep 0.02; done'";
     let remote = fx.serve(
         "remote.toml",
         &fx.server_config(&format!(
@@ -994,16 +996,32 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     );
     assert_eq!(echo_over(&mut live_b, b"after\n", 6), b"after\n");
     assert_eq!(unix_request(&c, b"new\n", CLIENT_TIMEOUT), b"new\n");
-    // The removed FIFO forward's live session goes on.
-    let mut later = Vec::new();
-    for _ in 0..5 {
-        match ticks_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(Some(l)) => later.push(l),
-            other => panic!(
-                "the FIFO forward's live session ended at the reload: {other:?} after {later:?}"
+    // The removed FIFO forward's live session goes on: five more lines arrive after what
+    // was queued by the time the reload was done, and then every line up to the last.
+    let mut lines = vec![first.expect("tick0")];
+    while let Ok(l) = ticks_rx.try_recv() {
+        lines.push(l.unwrap_or_else(|| panic!("the FIFO session ended: {lines:?}")));
+    }
+    let queued = lines.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ticks_rx.recv_timeout(left) {
+            Ok(Some(l)) => lines.push(l),
+            Ok(None) => break,
+            Err(e) => panic!(
+                "no end of the FIFO session: {e} after {} lines",
+                lines.len()
             ),
         }
     }
+    assert!(
+        lines.len() >= queued + 5,
+        "the FIFO forward's live session ended at the reload: {} lines, {queued} before it",
+        lines.len()
+    );
+    let want: Vec<String> = (0..250).map(|i| format!("tick{i}")).collect();
+    assert_eq!(lines, want, "the FIFO session lost or reordered lines");
     drop((live_a, live_b));
 
     // A changed forward whose new settings cannot be bound (no such owner) goes on with
