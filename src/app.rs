@@ -193,7 +193,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
     let mut bound = Vec::new();
     for f in &cfg.forwards {
         match Forward::bind(f.clone()).await {
-            Ok(fw) => bound.push((fw, f.clone())),
+            Ok(fw) => bound.push(fw),
             Err(e) => {
                 eprintln!("pipebridge: {e}");
                 return EXIT_RUNTIME;
@@ -205,8 +205,8 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
-    for (fw, f) in bound {
-        forwards.start(fw, f);
+    for fw in bound {
+        forwards.start(fw);
     }
     if cfg.server.is_none() && cfg.forwards.is_empty() {
         eprintln!("pipebridge: the config has neither a [server] nor a [[forward]]: nothing to do");
@@ -316,7 +316,6 @@ struct Forwards {
 
 struct RunningForward {
     /// The settings it runs with.
-    cfg: ForwardConfig,
     settings: Arc<client::ForwardSettings>,
     /// Stops this forward's accepting (its live sessions go on).
     stop: CancellationToken,
@@ -328,7 +327,7 @@ struct RunningForward {
 }
 
 impl Forwards {
-    fn start(&mut self, fw: Forward, cfg: ForwardConfig) -> &mut RunningForward {
+    fn start(&mut self, fw: Forward) -> &mut RunningForward {
         eprintln!("pipebridge: forwarding {}", fw.path().display());
         let stop = self.shutdown.child_token();
         let settings = fw.settings();
@@ -336,7 +335,6 @@ impl Forwards {
             .tracker
             .spawn(fw.run(stop.clone(), self.tracker.clone()));
         self.running.push(RunningForward {
-            cfg,
             settings,
             stop,
             task,
@@ -358,11 +356,12 @@ impl Forwards {
         let mut keep = Vec::new();
         let mut stopped = Vec::new();
         for mut r in std::mem::take(&mut self.running) {
-            let Some(w) = wanted.iter().find(|w| w.listen == r.cfg.listen) else {
+            let cfg = r.settings.get().0;
+            let Some(w) = wanted.iter().find(|w| w.listen == cfg.listen) else {
                 stopped.push(stop_forward(r).await);
                 continue;
             };
-            if *w == r.cfg {
+            if *w == *cfg {
                 r.refused = None;
             } else if !retry_refused && r.refused.as_ref().is_some_and(|(f, _)| f == w) {
                 let why = r
@@ -375,7 +374,6 @@ impl Forwards {
                 ));
             } else if r.settings.replace(w) {
                 info!(listen = ?w.listen, to = %w.to, "forward settings replaced by the reload");
-                r.cfg = w.clone();
                 r.refused = None;
             } else {
                 stopped.push(stop_forward(r).await);
@@ -385,7 +383,11 @@ impl Forwards {
         }
         self.running = keep;
         for cfg in wanted {
-            if self.running.iter().any(|r| r.cfg.listen == cfg.listen) {
+            if self
+                .running
+                .iter()
+                .any(|r| r.settings.get().0.listen == cfg.listen)
+            {
                 continue;
             }
             let old = stopped
@@ -395,14 +397,14 @@ impl Forwards {
             match Forward::bind(cfg.clone()).await {
                 Ok(fw) => {
                     info!(listen = ?cfg.listen, to = %cfg.to, changed = old.is_some(), "forward bound by the reload");
-                    self.start(fw, cfg.clone());
+                    self.start(fw);
                 }
                 Err(e) => {
                     if let Some(old) = old {
-                        match Forward::bind(old.clone()).await {
+                        match Forward::bind((*old).clone()).await {
                             Ok(fw) => {
                                 warn!(error = %e, "the changed forward cannot be bound; it goes on with its old settings");
-                                self.start(fw, old).refused = Some((cfg.clone(), e.clone()));
+                                self.start(fw).refused = Some((cfg.clone(), e.clone()));
                             }
                             Err(e2) => {
                                 error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor with its old settings; it is stopped")
@@ -424,17 +426,18 @@ impl Forwards {
 
 /// Stops a forward's accepting and waits (bounded) until its hosted file is gone; returns
 /// its settings.
-async fn stop_forward(mut r: RunningForward) -> ForwardConfig {
+async fn stop_forward(mut r: RunningForward) -> Arc<ForwardConfig> {
+    let cfg = r.settings.get().0;
     r.stop.cancel();
     if tokio::time::timeout(FORWARD_STOP_TIMEOUT, &mut r.task)
         .await
         .is_err()
     {
-        warn!(listen = ?r.cfg.listen, "a forward did not stop in time; aborting it");
+        warn!(listen = ?cfg.listen, "a forward did not stop in time; aborting it");
         r.task.abort();
         let _ = tokio::time::timeout(FORWARD_STOP_TIMEOUT, r.task).await;
     }
-    r.cfg
+    cfg
 }
 
 /// How often watched files are checked.

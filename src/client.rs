@@ -897,20 +897,21 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
+/// Runs a forwarded session as a task tracked by `tracker`.
 fn spawn_session(
     tracker: &TaskTracker,
     fwd: &Arc<ForwardConfig>,
     target: &Arc<String>,
     local: Local,
     caller: Option<LocalCaller>,
-) {
+) -> tokio::task::JoinHandle<()> {
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&fwd, caller.as_ref());
     tracker.spawn(
         async move { forward_one(local, Bytes::new(), caller, &fwd, &target).await }
             .instrument(span),
-    );
+    )
 }
 
 /// The tracing span of one forwarded session.

@@ -260,13 +260,14 @@ thread_local! {
 /// samples in the scheduler's wake-up path). While traffic is steady (each idle stretch
 /// shorter than the window), a shard that polls catches the next message without that
 /// wake-up. The cost is CPU time while idle, bounded by the window per idle stretch, and
-/// only while the stretches stay short. A shard never polls while more threads are
-/// runnable on the host than it has cores ([`threads_wait_for_a_core`], checked every
-/// [`RECHECK`] while polling): then polling would delay them, and it did, by up to a
-/// quarter of the 64-connection throughput before the check (BENCHMARKS.md).
+/// only while the stretches stay short. A shard never polls while threads wait for a core
+/// ([`threads_wait_for_a_core`], checked every [`RECHECK`] while polling): then polling
+/// would delay them, and it did, by up to a quarter of the 64-connection throughput
+/// before the check (BENCHMARKS.md); nor for a while after a read found a data stream
+/// ([`note_streaming`]).
 fn before_park() {
-    let streaming = STREAMING.with(|s| s.replace(false));
     let polling = update_poll(|p, now, window| {
+        let streaming = STREAMING.with(|s| s.replace(false));
         park_turn(p, now, window, streaming, || !threads_wait_for_a_core())
     });
     if polling {
@@ -312,12 +313,18 @@ fn park_turn(
 /// idle stretch that just ended was shorter than the window.
 fn after_unpark() {
     update_poll(|p, now, window| {
-        if !p.polling {
-            p.armed = p.idle_since.is_some_and(|s| now - s < window);
-        }
-        p.unparked = Some(now);
+        unpark_turn(p, now, window);
         false
     });
+}
+
+/// The driver returned at `now`: after a real sleep, arms polling if the idle stretch that
+/// ended was shorter than `window`.
+fn unpark_turn(p: &mut Poll, now: Instant, window: Duration) {
+    if !p.polling {
+        p.armed = p.idle_since.is_some_and(|s| now - s < window);
+    }
+    p.unparked = Some(now);
 }
 
 /// Runs `f` on this shard's busy-poll state with the time and the window, when busy
@@ -391,10 +398,7 @@ mod tests {
     /// the shard runs out of it; returns whether it polls.
     fn turn(p: &mut Poll, at: Instant, work: Duration, streaming: bool) -> bool {
         let window = Duration::from_micros(200);
-        if !p.polling {
-            p.armed = p.idle_since.is_some_and(|s| at - s < window);
-        }
-        p.unparked = Some(at);
+        unpark_turn(p, at, window);
         park_turn(p, at + work, window, streaming, || true)
     }
 

@@ -45,12 +45,10 @@ pub struct Forward {
 impl Forward {
     /// Binds the forward's local endpoint (fails at start, not at first use).
     pub async fn bind(fwd: ForwardConfig) -> Result<Forward, String> {
-        let path: PathBuf = match &fwd.listen {
-            EndpointSpec::Fifo(p) => p.clone(),
-            other => other
-                .socket_path()
-                .ok_or_else(|| format!("cannot host {}", other.kind()))?,
-        };
+        let path: PathBuf = fwd
+            .listen
+            .hosted_file()
+            .ok_or_else(|| format!("cannot host {}", fwd.listen.kind()))?;
         let ctx = |e: &dyn std::fmt::Display| format!("forward {}: {e}", path.display());
         let query = protocol::SessionQuery::parse(fwd.to.query()).map_err(|e| ctx(&e))?;
         let mut extra = Vec::new();
@@ -173,7 +171,7 @@ impl Forward {
                         match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
                             Ok(local) => {
                                 let (fwd, target) = settings.get();
-                                spawn_session(&tracker, &fwd, &target, local, caller)
+                                spawn_session(&tracker, &fwd, &target, local, caller);
                             }
                             Err(e) => {
                                 warn!(error = %e, "cannot set up the accepted seqpacket socket")
@@ -362,11 +360,7 @@ async fn fifo_loop(
             }
         };
         let (fwd, target) = settings.get();
-        let span = tracing::info_span!("forward", to = %fwd.to);
-        let session = tracker.spawn(
-            async move { forward_one(local, Bytes::new(), None, &fwd, &target).await }
-                .instrument(span),
-        );
+        let session = spawn_session(tracker, &fwd, &target, local, None);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = session => {}

@@ -152,7 +152,9 @@ impl Forward {
                         continue;
                     };
                     match windows::local_instance(inst, opts) {
-                        Ok(local) => spawn_session(&tracker, &fwd, &target, local, caller),
+                        Ok(local) => {
+                            spawn_session(&tracker, &fwd, &target, local, caller);
+                        }
                         Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
                     }
                 }

@@ -520,16 +520,6 @@ impl Config {
     }
 }
 
-/// Whether two hosted endpoints of different kinds name one file (`unix:/x` and
-/// `fifo:/x`).
-fn same_hosted_file(a: &EndpointSpec, b: &EndpointSpec) -> bool {
-    let file = |e: &EndpointSpec| match e {
-        EndpointSpec::Fifo(p) => Some(p.clone()),
-        other => other.socket_path(),
-    };
-    file(a).is_some_and(|p| Some(p) == file(b))
-}
-
 fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
@@ -736,10 +726,13 @@ impl Validator<'_> {
         for (i, f) in raw.forward.into_iter().enumerate() {
             let listen = f.get_ref().listen.clone();
             if let Some(f) = self.forward(i, f) {
-                if forwards
-                    .iter()
-                    .any(|o| o.listen == f.listen || same_hosted_file(&o.listen, &f.listen))
-                {
+                if forwards.iter().any(|o| {
+                    // Of any kinds: `unix:/x` and `fifo:/x` name one file.
+                    o.listen == f.listen
+                        || o.listen
+                            .hosted_file()
+                            .is_some_and(|p| Some(p) == f.listen.hosted_file())
+                }) {
                     // A reload matches forwards by their endpoint, and two cannot both
                     // bind one.
                     let span = listen.map_or(0..0, |l| l.span());

@@ -138,6 +138,15 @@ impl EndpointSpec {
             _ => None,
         }
     }
+
+    /// The file a hosted endpoint of this kind lives at: its socket path, or a FIFO's
+    /// path (`None` for a named pipe and the kinds that cannot be hosted).
+    pub fn hosted_file(&self) -> Option<PathBuf> {
+        match self {
+            EndpointSpec::Fifo(p) => Some(p.clone()),
+            other => other.socket_path(),
+        }
+    }
 }
 
 /// Refuses an endpoint kind this platform lacks (DESIGN.md: a config error there).
