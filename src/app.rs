@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::bridge::{self, Counters, StopSignal};
 use crate::cli::{ConnectArgs, CredentialArgs, ForwardArgs, Framing, LsArgs};
@@ -204,6 +204,7 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
         running: Vec::new(),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
+        retry: (None, RETRY_FIRST),
     };
     for fw in bound {
         forwards.start(fw);
@@ -312,7 +313,17 @@ struct Forwards {
     running: Vec<RunningForward>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// When forwards that could not be bound are next tried ([`retry_unbound`]), and the
+    /// pause after that try if it fails too.
+    retry: (Option<Instant>, Duration),
 }
+
+/// The first pause before a forward that could not be bound is tried again; it doubles
+/// after each failed try, up to [`RETRY_MAX`], so a socket another live server holds is
+/// not probed every second for ever.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest pause between tries of a forward that could not be bound.
+const RETRY_MAX: Duration = Duration::from_secs(32);
 
 struct RunningForward {
     /// The settings it runs with.
@@ -352,6 +363,7 @@ impl Forwards {
     /// live sessions go on. Settings that could not be bound before are tried again only
     /// if `retry_refused`. Returns what could not be bound.
     async fn reconcile(&mut self, wanted: &[ForwardConfig], retry_refused: bool) -> Vec<String> {
+        self.retry = (None, RETRY_FIRST);
         let mut errors = Vec::new();
         let mut keep = Vec::new();
         let mut stopped = Vec::new();
@@ -407,11 +419,11 @@ impl Forwards {
                                 self.start(fw).refused = Some((cfg.clone(), e.clone()));
                             }
                             Err(e2) => {
-                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor with its old settings; it is stopped")
+                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor with its old settings; it is stopped and tried again (after 1 s, then at doubling pauses up to 32 s)")
                             }
                         }
                     } else {
-                        error!(error = %e, "the new forward cannot be bound");
+                        error!(error = %e, "the new forward cannot be bound; it is tried again (after 1 s, then at doubling pauses up to 32 s)");
                     }
                     errors.push(e);
                 }
@@ -421,6 +433,42 @@ impl Forwards {
             info!(listen = ?o.listen, "forward removed by the reload");
         }
         errors
+    }
+
+    /// Binds each forward of `wanted` that is not running ([`retry_unbound`]). A failure
+    /// is logged at debug level only: the reload that could not bind it said why.
+    async fn bind_missing(&mut self, wanted: &[ForwardConfig]) {
+        let now = Instant::now();
+        if self.retry.0.is_some_and(|at| now < at) {
+            return;
+        }
+        let mut failed = false;
+        for cfg in wanted {
+            let listen = &cfg.listen;
+            if self
+                .running
+                .iter()
+                .any(|r| r.settings.get().0.listen == *listen)
+            {
+                continue;
+            }
+            match Forward::bind(cfg.clone()).await {
+                Ok(fw) => {
+                    info!(listen = ?cfg.listen, to = %cfg.to, "forward bound on a retry");
+                    self.start(fw);
+                }
+                Err(e) => {
+                    debug!(error = %e, "a forward still cannot be bound");
+                    failed = true;
+                }
+            }
+        }
+        let pause = self.retry.1;
+        self.retry = if failed {
+            (Some(now + pause), (pause * 2).min(RETRY_MAX))
+        } else {
+            (None, RETRY_FIRST)
+        };
     }
 }
 
@@ -463,6 +511,7 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
         }
+        retry_unbound(&r).await;
         let now = fingerprint(&paths);
         if now == last {
             continue;
@@ -476,6 +525,28 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         paths = r.current().watched_files();
         last = fingerprint(&paths);
     }
+}
+
+/// Binds the forwards the config asks for that are not running: a reload could not
+/// bind them, with their new settings nor their old ones. On Windows that is a named
+/// pipe whose settings changed while live sessions held its old instances (a pipe name's
+/// first instance can only be created while no other exists); anywhere, a socket path
+/// that another live server holds. Runs at each tick of the file watcher, between
+/// reloads (a tick that finds one running skips its turn), and tries at growing pauses
+/// ([`RETRY_FIRST`] to [`RETRY_MAX`]; a reload starts them over). Settings that fell back
+/// to the old ones are not retried here: they run, and SIGHUP retries them.
+async fn retry_unbound(r: &Reloader) {
+    let Ok(mut forwards) = r.forwards.try_lock() else {
+        return;
+    };
+    // Read under the lock: a reload replaces the config and the forwards together.
+    let cfg = r.current();
+    if forwards.running.len() >= cfg.forwards.len()
+        || r.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    forwards.bind_missing(&cfg.forwards).await;
 }
 
 /// What asked for a reload.

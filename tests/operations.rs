@@ -1057,6 +1057,29 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     assert_eq!(unix_request(&b, b"xyz\n", CLIENT_TIMEOUT), b"XYZ\n");
     assert_eq!(unix_request(&c, b"xyz\n", CLIENT_TIMEOUT), b"xyz\n");
     assert!(!a.exists());
+
+    // A new forward whose socket another live server holds cannot be bound: the reload
+    // says so. Once that server is gone, the forward binds by itself (tried again after
+    // 1 s, then 2 s, 4 s...), with no reload.
+    let d = fx.path("d.sock");
+    let holder = std::os::unix::net::UnixListener::bind(&d).expect("hold d.sock");
+    let v4 = format!("{v2}{}", forward(&fx, &d, &remote.url("cat"), "alice"));
+    reload_by_sighup(&local, &admin, &cfg, &v4, "error");
+    local.proc.wait_until(Duration::from_secs(10), |log| {
+        log.contains("the new forward cannot be bound") && log.contains("in use by a live server")
+    });
+    assert_eq!(unix_request(&c, b"still\n", CLIENT_TIMEOUT), b"still\n");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !local.proc.log().contains("forward bound on a retry"),
+        "a forward was bound over a live server's socket"
+    );
+    drop(holder);
+    local.proc.wait_until(Duration::from_secs(20), |log| {
+        log.contains("forward bound on a retry")
+    });
+    assert_eq!(unix_request(&d, b"later\n", CLIENT_TIMEOUT), b"later\n");
+    assert_eq!(unix_request(&b, b"b\n", CLIENT_TIMEOUT), b"B\n");
 }
 
 // === 3. reload on file change, certificate symlink swap ===
