@@ -1869,7 +1869,10 @@ async fn fake_h2_gateway(
                     let (log, kill_tx) = (log.clone(), kill_tx.clone());
                     tokio::spawn(async move {
                         let mut body = req.into_body();
-                        let first = tokio::time::timeout(Duration::from_secs(2), body.data())
+                        // Long enough for a loaded machine (the suite runs its tests in
+                        // parallel): a forward that sent nothing with its request gets no
+                        // 200, so it never sends, and the wait runs out all the same.
+                        let first = tokio::time::timeout(Duration::from_secs(8), body.data())
                             .await
                             .ok()
                             .flatten()
