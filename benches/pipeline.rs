@@ -292,6 +292,26 @@ fn install_competitors() -> R<()> {
 
 // === processes ===
 
+/// Has the kernel kill `cmd`'s process when the thread that started it (this bench's
+/// main thread) ends, however it ends: a bench stopped by a signal, which runs no `Drop`,
+/// leaves no gateway or competitor behind either.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and makes one system call
+    // (prctl), which is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_: &mut Command) {}
+
 /// A process this bench started; it and every descendant are killed by pid on drop.
 struct Proc {
     name: String,
@@ -310,6 +330,7 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(Stdio::from(f))
             .stderr(Stdio::from(f2));
+        die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
