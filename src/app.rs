@@ -313,8 +313,8 @@ struct Forwards {
     running: Vec<RunningForward>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    /// When forwards that could not be bound are next tried ([`retry_unbound`]), and the
-    /// pause after that try if it fails too.
+    /// When forwards that could not be bound are next tried ([`retry_unbound`]; `None`:
+    /// at the next tick), and the pause after that try if it fails too.
     retry: (Option<Instant>, Duration),
 }
 
@@ -363,7 +363,8 @@ impl Forwards {
     /// live sessions go on. Settings that could not be bound before are tried again only
     /// if `retry_refused`. Returns what could not be bound.
     async fn reconcile(&mut self, wanted: &[ForwardConfig], retry_refused: bool) -> Vec<String> {
-        self.retry = (None, RETRY_FIRST);
+        // What this reload cannot bind is tried again a second from now at the earliest.
+        self.retry = (Some(Instant::now() + RETRY_FIRST), RETRY_FIRST * 2);
         let mut errors = Vec::new();
         let mut keep = Vec::new();
         let mut stopped = Vec::new();
@@ -511,9 +512,10 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(WATCH_INTERVAL) => {}
         }
-        retry_unbound(&r).await;
         let now = fingerprint(&paths);
         if now == last {
+            // Only while no file changed: a changed config's reload comes first.
+            retry_unbound(&r).await;
             continue;
         }
         tokio::time::sleep(WATCH_DEBOUNCE).await;

@@ -1069,17 +1069,55 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
         log.contains("the new forward cannot be bound") && log.contains("in use by a live server")
     });
     assert_eq!(unix_request(&c, b"still\n", CLIENT_TIMEOUT), b"still\n");
-    std::thread::sleep(Duration::from_millis(1500));
+    // Each try to bind first connects to see whether the socket is served: the reload's
+    // and then a retry's (a second later) reach the holder, which stays in place.
+    holder.set_nonblocking(true).expect("nonblocking");
+    let mut probes = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while probes.len() < 2 && Instant::now() < deadline {
+        match holder.accept() {
+            Ok((s, _)) => probes.push(s),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    assert_eq!(probes.len(), 2, "no retry reached the live socket");
     assert!(
         !local.proc.log().contains("forward bound on a retry"),
         "a forward was bound over a live server's socket"
     );
-    drop(holder);
-    local.proc.wait_until(Duration::from_secs(20), |log| {
+    drop((holder, probes));
+    // The next try comes at most 4 s after the first retry (1 s, then 2 s, 4 s...).
+    local.proc.wait_until(Duration::from_secs(30), |log| {
         log.contains("forward bound on a retry")
     });
     assert_eq!(unix_request(&d, b"later\n", CLIENT_TIMEOUT), b"later\n");
     assert_eq!(unix_request(&b, b"b\n", CLIENT_TIMEOUT), b"B\n");
+
+    // A live server whose listen backlog is full (a connect fails with EAGAIN) is live
+    // all the same: its socket is not taken over.
+    let e = fx.path("e.sock");
+    let full = rustix::net::socket(
+        rustix::net::AddressFamily::UNIX,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .expect("socket");
+    rustix::net::bind(
+        &full,
+        &rustix::net::SocketAddrUnix::new(&e).expect("address"),
+    )
+    .expect("bind e.sock");
+    rustix::net::listen(&full, 0).expect("listen");
+    // A backlog of 0 holds one connection: the queue is full.
+    let queued = unix_connect(&e);
+    let v5 = format!("{v4}{}", forward(&fx, &e, &remote.url("cat"), "alice"));
+    reload_by_sighup(&local, &admin, &cfg, &v5, "error");
+    let refused = format!("{} is in use by a live server", e.display());
+    local
+        .proc
+        .wait_until(Duration::from_secs(10), |log| log.contains(&refused));
+    assert_eq!(unix_request(&d, b"d\n", CLIENT_TIMEOUT), b"d\n");
+    drop((queued, full));
 }
 
 // === 3. reload on file change, certificate symlink swap ===

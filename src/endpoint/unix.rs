@@ -118,10 +118,16 @@ pub async fn prepare_socket_path(path: &Path) -> io::Result<()> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
+            // Only a refused connect (no listener: left over from a crash) or a file gone
+            // in between says that nobody serves it. Anything else is someone's: a
+            // listener of another socket type (EPROTOTYPE), one whose backlog is full
+            // (EAGAIN), one we may not connect to (EACCES).
             let live = match UnixStream::connect(path).await {
                 Ok(_) => true,
-                // A listener of another socket type (seqpacket) is alive too.
-                Err(e) => e.raw_os_error() == Some(rustix::io::Errno::PROTOTYPE.raw_os_error()),
+                Err(e) => !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+                ),
             };
             if live {
                 return Err(io::Error::new(
