@@ -1811,7 +1811,7 @@ struct EarlyStream {
 }
 
 /// A fake exporting gateway: real TLS with the fixture's server certificate, HTTP/2
-/// with RFC 8441. Before answering each stream it waits up to 2 s for the first DATA;
+/// with RFC 8441. Before answering each stream it waits up to 8 s for the first DATA;
 /// then it answers 200 and sends `reply:` + that payload back, unless `kill_conn(n)`
 /// for the n-th stream (from 0) says to drop the whole connection instead.
 async fn fake_h2_gateway(
@@ -1984,7 +1984,14 @@ async fn a_forward_sends_its_callers_first_bytes_with_the_http2_request_and_neve
     let got = tokio::task::spawn_blocking(move || caller_exchange(pid, &sock2, b"ping-1", 12))
         .await
         .expect("caller");
-    assert_eq!(got, b"reply:ping-1", "forward log:\n{}", b.log());
+    assert_eq!(
+        got,
+        b"reply:ping-1",
+        "got {:?}; streams the fake gateway saw: {:?}\nforward log:\n{}",
+        String::from_utf8_lossy(&got),
+        seen.lock().expect("log").clone(),
+        b.log()
+    );
     // The second session goes out on the pooled connection, which dies after the gateway
     // got the early data: the forward must not send that data again on a new connection
     // (the pipe may already have acted on it); its caller is closed instead.
