@@ -30,8 +30,10 @@ use crate::tunnel::ws::{ChunkRead, OwnedWrite, Transport, WebSocket, WsSink, WsS
 /// records instead of leaving a tiny record behind.
 pub const READ_CHUNK_BYTES: usize = 128 * 1024 - 14;
 /// First local read size; reads that fill the buffer double it up to
-/// [`READ_CHUNK_BYTES`], so idle and chatty sessions keep small buffers.
-pub const FIRST_READ_BYTES: usize = 4 * 1024;
+/// [`READ_CHUNK_BYTES`], so idle and chatty sessions keep small buffers. With the frame
+/// header's room the buffer is 1 KiB: an idle session holds it while it waits, and an
+/// allocation of this size stays in glibc's per-thread cache.
+pub const FIRST_READ_BYTES: usize = 1024 - HEADROOM;
 /// How long to wait for the peer's Close after sending ours.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -30,7 +30,7 @@ use tokio_util::either::Either;
 /// Room a buffer passed to [`WsSink::send_framed`] keeps in front of its payload for the
 /// frame header (the longest header: 64-bit length and a mask).
 pub const HEADROOM: usize = 14;
-/// Smallest read from the transport.
+/// Smallest read from the transport (an idle session holds this much while it waits).
 const MIN_READ: usize = 2 * 1024;
 /// Largest single buffer reservation while a big frame arrives.
 const MAX_RESERVE: usize = 1 << 20;
