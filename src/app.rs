@@ -354,6 +354,13 @@ impl Forwards {
         self.running.last_mut().expect("just pushed")
     }
 
+    /// Whether a forward runs at `listen`.
+    fn runs(&self, listen: &EndpointSpec) -> bool {
+        self.running
+            .iter()
+            .any(|r| r.settings.get().0.listen == *listen)
+    }
+
     /// Brings the running forwards in line with `wanted` (whose endpoints are distinct:
     /// the config checks that), matching them by endpoint. An unchanged forward runs on
     /// untouched. One whose endpoint is bound alike takes its new settings in place for
@@ -396,11 +403,7 @@ impl Forwards {
         }
         self.running = keep;
         for cfg in wanted {
-            if self
-                .running
-                .iter()
-                .any(|r| r.settings.get().0.listen == cfg.listen)
-            {
+            if self.runs(&cfg.listen) {
                 continue;
             }
             let old = stopped
@@ -445,12 +448,7 @@ impl Forwards {
         }
         let mut failed = false;
         for cfg in wanted {
-            let listen = &cfg.listen;
-            if self
-                .running
-                .iter()
-                .any(|r| r.settings.get().0.listen == *listen)
-            {
+            if self.runs(&cfg.listen) {
                 continue;
             }
             match Forward::bind(cfg.clone()).await {

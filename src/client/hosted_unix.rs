@@ -309,6 +309,20 @@ async fn fifo_loop(
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) {
+    // A round's session is a task of its own: stopping here drops only the waiting.
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = fifo_rounds(path, direction, settings, tracker) => {}
+    }
+}
+
+/// The rounds of [`fifo_loop`], for ever.
+async fn fifo_rounds(
+    path: &Path,
+    direction: Direction,
+    settings: &ForwardSettings,
+    tracker: &TaskTracker,
+) {
     loop {
         let local = if direction == Direction::In {
             // Local writers feed the remote pipe: wait for the first writer's data or close.
@@ -316,17 +330,11 @@ async fn fifo_loop(
                 Ok(rx) => rx,
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             };
-            let ready = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = rx.readable() => r,
-            };
-            if let Err(e) = ready {
+            if let Err(e) = rx.readable().await {
                 warn!(error = %e, "hosted FIFO failed");
                 continue;
             }
@@ -338,11 +346,7 @@ async fn fifo_loop(
         } else {
             // The remote pipe feeds local readers: wait for a reader.
             let far = std::time::Instant::now() + Duration::from_secs(365 * 86400);
-            let opened = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = fifo::open_writer(path, far) => r,
-            };
-            match opened {
+            match fifo::open_writer(path, far).await {
                 Ok(tx) => Local {
                     reader: None,
                     writer: Some(Writer::Bytes(
@@ -352,26 +356,17 @@ async fn fifo_loop(
                 },
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
             }
         };
         let (fwd, target) = settings.get();
-        let session = spawn_session(tracker, &fwd, &target, local, None);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = session => {}
-        }
+        let _ = spawn_session(tracker, &fwd, &target, local, None).await;
         if direction == Direction::Out {
             // The writer closed after readers drained the pipe; give them a moment to
             // read the EOF before the next round opens a writer again.
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(FIFO_ROUND_GAP) => {}
-            }
+            tokio::time::sleep(FIFO_ROUND_GAP).await;
         }
     }
 }
