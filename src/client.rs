@@ -828,21 +828,56 @@ pub struct ForwardSettings {
     /// Query parameters the bind added to the remote URL's (`mode=message` for a
     /// seqpacket forward).
     extra: Vec<&'static str>,
-    /// The forward's config and the path and query its sessions request.
-    now: std::sync::RwLock<(Arc<ForwardConfig>, Arc<String>)>,
+    /// The forward's config and what its sessions open.
+    now: std::sync::RwLock<(Arc<ForwardConfig>, Arc<Target>)>,
+}
+
+/// What a forward's sessions open, for one version of its settings (a reload that
+/// changes them makes a new one).
+pub struct Target {
+    /// The path and query its sessions request.
+    path: String,
+    /// The dialer of its sessions while no credential path names `{user}`, and when
+    /// [`cached_dialer`] made it: taken without formatting the cache key per session.
+    dialer: std::sync::Mutex<Option<(Arc<Dialer>, std::time::Instant)>>,
+}
+
+impl Target {
+    fn new(to: &Uri, extra: &[&str]) -> Arc<Target> {
+        Arc::new(Target {
+            path: target_of(to, extra),
+            dialer: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// The dialer for `fwd`'s own credentials (those this target was made for), renewed
+    /// like [`cached_dialer`]'s: at most [`DIALER_TTL`] after it was made.
+    fn dialer(&self, fwd: &ForwardConfig) -> Result<Arc<Dialer>, ClientError> {
+        let fresh = |made: &std::time::Instant| made.elapsed() < DIALER_TTL;
+        if let Ok(g) = self.dialer.lock() {
+            if let Some((d, _)) = g.as_ref().filter(|(_, made)| fresh(made)) {
+                return Ok(d.clone());
+            }
+        }
+        let (d, made) = cached_dialer(&fwd.to, &fwd.credentials, fwd.keepalive, fwd.http2)?;
+        if let Ok(mut g) = self.dialer.lock() {
+            *g = Some((d.clone(), made));
+        }
+        Ok(d)
+    }
 }
 
 impl ForwardSettings {
     fn new(fwd: ForwardConfig, extra: Vec<&'static str>) -> Arc<ForwardSettings> {
-        let target = Arc::new(target_of(&fwd.to, &extra));
+        let target = Target::new(&fwd.to, &extra);
         Arc::new(ForwardSettings {
             extra,
             now: std::sync::RwLock::new((Arc::new(fwd), target)),
         })
     }
 
-    /// The settings in force: the config and the path and query sessions request.
-    pub fn get(&self) -> (Arc<ForwardConfig>, Arc<String>) {
+    /// The settings in force: the config and what sessions open.
+    pub fn get(&self) -> (Arc<ForwardConfig>, Arc<Target>) {
         match self.now.read() {
             Ok(g) => g.clone(),
             Err(e) => e.into_inner().clone(),
@@ -855,10 +890,7 @@ impl ForwardSettings {
         if !same_endpoint(&self.get().0, fwd) {
             return false;
         }
-        let new = (
-            Arc::new(fwd.clone()),
-            Arc::new(target_of(&fwd.to, &self.extra)),
-        );
+        let new = (Arc::new(fwd.clone()), Target::new(&fwd.to, &self.extra));
         match self.now.write() {
             Ok(mut g) => *g = new,
             Err(e) => *e.into_inner() = new,
@@ -901,7 +933,7 @@ async fn accept_failed(e: std::io::Error) {
 fn spawn_session(
     tracker: &TaskTracker,
     fwd: &Arc<ForwardConfig>,
-    target: &Arc<String>,
+    target: &Arc<Target>,
     local: Local,
     caller: Option<LocalCaller>,
 ) -> tokio::task::JoinHandle<()> {
@@ -916,7 +948,7 @@ fn spawn_session(
 
 /// The tracing span of one forwarded session.
 fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::Span {
-    tracing::info_span!("forward", to = %fwd.to, local_caller = caller.map(|c| c.to_string()))
+    tracing::info_span!("forward", to = %fwd.to, local_caller = caller.map(tracing::field::display))
 }
 
 /// One forwarded session: `local` (whose first data, already read, is `early`) bridged
@@ -926,7 +958,7 @@ async fn forward_one(
     early: Bytes,
     caller: Option<LocalCaller>,
     fwd: &ForwardConfig,
-    target: &str,
+    target: &Target,
 ) {
     if !fwd.allow_local.is_empty() && !caller.as_ref().is_some_and(|c| c.allowed(&fwd.allow_local))
     {
@@ -939,13 +971,18 @@ async fn forward_one(
     let per_user = [&c.ca, &c.cert, &c.key, &c.token_file]
         .iter()
         .any(|p| p.as_deref().is_some_and(|p| p.contains("{user}")));
-    let user = caller
-        .as_ref()
-        .filter(|_| per_user)
-        .and_then(|c| c.user_name());
-    let creds = substitute_user(&fwd.credentials, user.as_deref());
-    let session = match cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2) {
-        Ok(d) => d.open_early(target, client_message_limit(), &early).await,
+    let dialer = if per_user {
+        let user = caller.as_ref().and_then(|c| c.user_name());
+        let creds = substitute_user(&fwd.credentials, user.as_deref());
+        cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2).map(|(d, _)| d)
+    } else {
+        target.dialer(fwd)
+    };
+    let session = match dialer {
+        Ok(d) => {
+            d.open_early(&target.path, client_message_limit(), &early)
+                .await
+        }
         Err(e) => Err(e),
     };
     crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
@@ -994,14 +1031,15 @@ const DIALER_TTL: Duration = Duration::from_secs(30);
 const MAX_CACHED_DIALERS: usize = 1024;
 
 /// A dialer for `url` with `creds`, reused across sessions so TLS session resumption
-/// works and credential files are not re-read per connection.
+/// works and credential files are not re-read per connection; and when it was made.
 fn cached_dialer(
     url: &Uri,
     creds: &CredentialPaths,
     keepalive: (Duration, Duration),
     http2: bool,
-) -> Result<Dialer, ClientError> {
-    type Cache = std::sync::Mutex<std::collections::HashMap<String, (Dialer, std::time::Instant)>>;
+) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
+    type Cache =
+        std::sync::Mutex<std::collections::HashMap<String, (Arc<Dialer>, std::time::Instant)>>;
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let key = format!(
         "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
@@ -1012,21 +1050,24 @@ fn cached_dialer(
         creds.token.is_some()
     );
     let cache = CACHE.get_or_init(Default::default);
-    if let Some((d, at)) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        if at.elapsed() < DIALER_TTL {
-            return Ok(d);
+    if let Some((d, made)) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        if made.elapsed() < DIALER_TTL {
+            return Ok((d, made));
         }
     }
-    let d = Dialer::new(url, creds)?
-        .with_keepalive(keepalive.0, keepalive.1)
-        .with_http2(http2);
+    let d = Arc::new(
+        Dialer::new(url, creds)?
+            .with_keepalive(keepalive.0, keepalive.1)
+            .with_http2(http2),
+    );
+    let made = std::time::Instant::now();
     if let Ok(mut c) = cache.lock() {
         if c.len() >= MAX_CACHED_DIALERS {
             c.clear();
         }
-        c.insert(key, (d.clone(), std::time::Instant::now()));
+        c.insert(key, (d.clone(), made));
     }
-    Ok(d)
+    Ok((d, made))
 }
 
 fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {

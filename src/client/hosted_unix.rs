@@ -256,7 +256,7 @@ fn caller_session(
     stream: std::os::unix::net::UnixStream,
     caller: Option<LocalCaller>,
     fwd: Arc<ForwardConfig>,
-    target: Arc<String>,
+    target: Arc<super::Target>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let span = session_span(&fwd, caller.as_ref());
     async move {
