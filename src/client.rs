@@ -1025,21 +1025,35 @@ async fn forward_one(
 }
 
 /// How long a forward reuses a dialer (its TLS config and session-resumption cache)
-/// before re-reading its credential files.
+/// before re-reading its credential files. A dialer whose files still hold the same
+/// bytes goes on, with its warm connections ([`credential_digest`]).
 const DIALER_TTL: Duration = Duration::from_secs(30);
 /// Bound on cached dialers (one per distinct credential set, e.g. per local user).
 const MAX_CACHED_DIALERS: usize = 1024;
 
 /// A dialer for `url` with `creds`, reused across sessions so TLS session resumption
-/// works and credential files are not re-read per connection; and when it was made.
+/// works and credential files are not re-read per connection; and when its credentials
+/// were last read.
 fn cached_dialer(
     url: &Uri,
     creds: &CredentialPaths,
     keepalive: (Duration, Duration),
     http2: bool,
 ) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
-    type Cache =
-        std::sync::Mutex<std::collections::HashMap<String, (Arc<Dialer>, std::time::Instant)>>;
+    cached_dialer_within(url, creds, keepalive, http2, DIALER_TTL)
+}
+
+/// [`cached_dialer`], re-reading the credentials once an entry is older than `ttl`.
+fn cached_dialer_within(
+    url: &Uri,
+    creds: &CredentialPaths,
+    keepalive: (Duration, Duration),
+    http2: bool,
+    ttl: Duration,
+) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
+    /// A dialer, when its credentials were last read, and their digest.
+    type Entry = (Arc<Dialer>, std::time::Instant, Option<[u8; 32]>);
+    type Cache = std::sync::Mutex<std::collections::HashMap<String, Entry>>;
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
     let key = format!(
         "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
@@ -1050,24 +1064,61 @@ fn cached_dialer(
         creds.token.is_some()
     );
     let cache = CACHE.get_or_init(Default::default);
-    if let Some((d, made)) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        if made.elapsed() < DIALER_TTL {
-            return Ok((d, made));
+    let cached = cache.lock().ok().and_then(|c| c.get(&key).cloned());
+    if let Some((d, read, _)) = &cached {
+        if read.elapsed() < ttl {
+            return Ok((d.clone(), *read));
         }
     }
-    let d = Arc::new(
-        Dialer::new(url, creds)?
-            .with_keepalive(keepalive.0, keepalive.1)
-            .with_http2(http2),
-    );
-    let made = std::time::Instant::now();
+    // Due for a re-read. The same bytes keep the dialer: its pooled HTTP/2 connections
+    // stay warm and its TLS session cache stays (a new dialer would start cold, a full
+    // handshake for the next session). New bytes (a rotated certificate or token) make
+    // a new one; the old one's connections close once their sessions end.
+    let digest = credential_digest(creds);
+    let read = std::time::Instant::now();
+    let d = match cached {
+        Some((d, _, had)) if digest.is_some() && had == digest => d,
+        _ => Arc::new(
+            Dialer::new(url, creds)?
+                .with_keepalive(keepalive.0, keepalive.1)
+                .with_http2(http2),
+        ),
+    };
     if let Ok(mut c) = cache.lock() {
         if c.len() >= MAX_CACHED_DIALERS {
             c.clear();
         }
-        c.insert(key, (d.clone(), made));
+        c.insert(key, (d.clone(), read, digest));
     }
-    Ok((d, made))
+    Ok((d, read))
+}
+
+/// A digest of the credentials a dialer is made from: the bytes of its CA, certificate,
+/// key and token files, and its inline token. `None` when a file cannot be read
+/// ([`Dialer::new`] then says why), or when no CA file is named: the system trust
+/// store is then read afresh, as it always was.
+fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    creds.ca.as_ref()?;
+    let mut h = Sha256::new();
+    for path in [&creds.ca, &creds.cert, &creds.key, &creds.token_file] {
+        match path {
+            Some(p) => {
+                let bytes = std::fs::read(p).ok()?;
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+            }
+            None => h.update(u64::MAX.to_le_bytes()),
+        }
+    }
+    match &creds.token {
+        Some(t) => {
+            h.update([1]);
+            h.update(t.expose().as_bytes());
+        }
+        None => h.update([0]),
+    }
+    Some(h.finalize().into())
 }
 
 fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
@@ -1083,5 +1134,99 @@ fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
         key: sub(&c.key),
         token_file: sub(&c.token_file),
         token: c.token.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pki(dir: &Path) {
+        crate::pki::init(&crate::pki::CertsInit {
+            dir: dir.to_path_buf(),
+            server_names: Vec::new(),
+            clients: vec!["a".into()],
+            force: true,
+        })
+        .expect("pki");
+    }
+
+    fn creds(dir: &Path) -> CredentialPaths {
+        let p = |f: &str| Some(dir.join(f).display().to_string());
+        CredentialPaths {
+            ca: p("ca.pem"),
+            cert: p("a.pem"),
+            key: p("a.key"),
+            token_file: None,
+            token: None,
+        }
+    }
+
+    /// A dialer whose credential files still hold the same bytes when they are read
+    /// again is kept (with its warm connections); new bytes make a new dialer.
+    #[test]
+    fn a_dialer_is_renewed_only_when_its_credentials_change() {
+        let (a, b) = (
+            tempfile::tempdir().expect("dir"),
+            tempfile::tempdir().expect("dir"),
+        );
+        pki(a.path());
+        pki(b.path());
+        let url: Uri = "wss://localhost:1/pipes/x".parse().expect("url");
+        let c = creds(a.path());
+        let ka = (Duration::from_secs(20), Duration::from_secs(60));
+        // A zero TTL: every call reads the files again.
+        let get = || cached_dialer_within(&url, &c, ka, true, Duration::ZERO).map(|(d, _)| d);
+        let first = get().expect("dialer");
+        let again = get().expect("dialer");
+        assert!(Arc::ptr_eq(&first, &again), "same bytes, new dialer");
+        // Rewritten with the same bytes: still the same dialer.
+        let cert = std::fs::read(a.path().join("a.pem")).expect("read");
+        std::fs::write(a.path().join("a.pem"), &cert).expect("write");
+        assert!(Arc::ptr_eq(&first, &get().expect("dialer")));
+        // A rotated certificate and key: a new dialer.
+        for f in ["a.pem", "a.key"] {
+            std::fs::copy(b.path().join(f), a.path().join(f)).expect("copy");
+        }
+        let rotated = get().expect("dialer");
+        assert!(
+            !Arc::ptr_eq(&first, &rotated),
+            "rotated credentials kept the old dialer"
+        );
+        assert!(Arc::ptr_eq(&rotated, &get().expect("dialer")));
+        // A key that cannot be read is an error, never the old dialer.
+        std::fs::remove_file(a.path().join("a.key")).expect("rm");
+        assert!(get().is_err(), "a missing key still gave a dialer");
+    }
+
+    #[test]
+    fn the_credential_digest_covers_every_file_and_the_inline_token() {
+        let a = tempfile::tempdir().expect("dir");
+        pki(a.path());
+        let c = creds(a.path());
+        let d = credential_digest(&c).expect("digest");
+        let tok = |t: &str| CredentialPaths {
+            token: Some(Secret::new(t)),
+            ..creds(a.path())
+        };
+        assert_ne!(credential_digest(&tok("one")), Some(d));
+        assert_ne!(
+            credential_digest(&tok("one")),
+            credential_digest(&tok("two"))
+        );
+        let mut swapped = creds(a.path());
+        std::mem::swap(&mut swapped.cert, &mut swapped.ca);
+        assert_ne!(credential_digest(&swapped), Some(d), "files in other roles");
+        let no_ca = CredentialPaths {
+            ca: None,
+            ..creds(a.path())
+        };
+        assert_eq!(
+            credential_digest(&no_ca),
+            None,
+            "the system trust store is not digested"
+        );
+        std::fs::remove_file(a.path().join("a.pem")).expect("rm");
+        assert_eq!(credential_digest(&c), None);
     }
 }
