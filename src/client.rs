@@ -838,7 +838,8 @@ pub struct Target {
     /// The path and query its sessions request.
     path: String,
     /// The dialer of its sessions while no credential path names `{user}`, and when
-    /// [`cached_dialer`] made it: taken without formatting the cache key per session.
+    /// [`cached_dialer`] last read its credentials: taken without formatting the cache
+    /// key per session.
     dialer: std::sync::Mutex<Option<(Arc<Dialer>, std::time::Instant)>>,
 }
 
@@ -850,18 +851,18 @@ impl Target {
         })
     }
 
-    /// The dialer for `fwd`'s own credentials (those this target was made for), renewed
-    /// like [`cached_dialer`]'s: at most [`DIALER_TTL`] after it was made.
+    /// The dialer for `fwd`'s own credentials (those this target was made for), checked
+    /// like [`cached_dialer`]'s: at most [`DIALER_TTL`] after its credentials were read.
     fn dialer(&self, fwd: &ForwardConfig) -> Result<Arc<Dialer>, ClientError> {
-        let fresh = |made: &std::time::Instant| made.elapsed() < DIALER_TTL;
+        let fresh = |read: &std::time::Instant| read.elapsed() < DIALER_TTL;
         if let Ok(g) = self.dialer.lock() {
-            if let Some((d, _)) = g.as_ref().filter(|(_, made)| fresh(made)) {
+            if let Some((d, _)) = g.as_ref().filter(|(_, read)| fresh(read)) {
                 return Ok(d.clone());
             }
         }
-        let (d, made) = cached_dialer(&fwd.to, &fwd.credentials, fwd.keepalive, fwd.http2)?;
+        let (d, read) = cached_dialer(&fwd.to, &fwd.credentials, fwd.keepalive, fwd.http2)?;
         if let Ok(mut g) = self.dialer.lock() {
-            *g = Some((d.clone(), made));
+            *g = Some((d.clone(), read));
         }
         Ok(d)
     }
@@ -1094,13 +1095,19 @@ fn cached_dialer_within(
 }
 
 /// A digest of the credentials a dialer is made from: the bytes of its CA, certificate,
-/// key and token files, and its inline token. `None` when a file cannot be read
-/// ([`Dialer::new`] then says why), or when no CA file is named: the system trust
-/// store is then read afresh, as it always was.
+/// key and token files, and its inline token; without a CA file, the certificates of
+/// the system trust store instead. `None` when a file cannot be read ([`Dialer::new`]
+/// then says why).
 fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
     use sha2::{Digest, Sha256};
-    creds.ca.as_ref()?;
     let mut h = Sha256::new();
+    if creds.ca.is_none() {
+        // What tls::client_config trusts then.
+        for c in rustls_native_certs::load_native_certs().certs {
+            h.update((c.len() as u64).to_le_bytes());
+            h.update(&c);
+        }
+    }
     for path in [&creds.ca, &creds.cert, &creds.key, &creds.token_file] {
         match path {
             Some(p) => {
@@ -1194,6 +1201,12 @@ mod tests {
             "rotated credentials kept the old dialer"
         );
         assert!(Arc::ptr_eq(&rotated, &get().expect("dialer")));
+        // Within its time a dialer is taken as it is, without reading the files.
+        let within = || cached_dialer_within(&url, &c, ka, true, Duration::from_secs(3600));
+        let (kept, read) = within().expect("dialer");
+        std::fs::copy(b.path().join("ca.pem"), a.path().join("ca.pem")).expect("copy");
+        let (again, read_again) = within().expect("dialer");
+        assert!(Arc::ptr_eq(&kept, &again) && read == read_again);
         // A key that cannot be read is an error, never the old dialer.
         std::fs::remove_file(a.path().join("a.key")).expect("rm");
         assert!(get().is_err(), "a missing key still gave a dialer");
@@ -1217,14 +1230,31 @@ mod tests {
         let mut swapped = creds(a.path());
         std::mem::swap(&mut swapped.cert, &mut swapped.ca);
         assert_ne!(credential_digest(&swapped), Some(d), "files in other roles");
+        // Each file on its own: new bytes, a new digest.
+        let token = a.path().join("token");
+        std::fs::write(&token, "t1").expect("token");
+        let with_file = CredentialPaths {
+            token_file: Some(token.display().to_string()),
+            ..creds(a.path())
+        };
+        let mut last = credential_digest(&with_file).expect("digest");
+        assert_ne!(last, d, "the token file");
+        for f in ["ca.pem", "a.pem", "a.key", "token"] {
+            let p = a.path().join(f);
+            let mut bytes = std::fs::read(&p).expect("read");
+            bytes.push(b'\n');
+            std::fs::write(&p, bytes).expect("write");
+            let now = credential_digest(&with_file).expect("digest");
+            assert_ne!(now, last, "{f} changed, the digest did not");
+            last = now;
+        }
         let no_ca = CredentialPaths {
             ca: None,
             ..creds(a.path())
         };
-        assert_eq!(
-            credential_digest(&no_ca),
-            None,
-            "the system trust store is not digested"
+        assert!(
+            credential_digest(&no_ca).is_some_and(|n| n != d),
+            "the system trust store stands in for the CA file"
         );
         std::fs::remove_file(a.path().join("a.pem")).expect("rm");
         assert_eq!(credential_digest(&c), None);

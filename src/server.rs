@@ -45,12 +45,17 @@ pub struct Gateway {
     draining: AtomicBool,
     tracker: TaskTracker,
     auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
+    /// Serial numbers of client certificates revoked by the config's CRLs. The TLS
+    /// handshake refuses them; this refuses the requests of connections made before a
+    /// reload revoked them (an HTTP/2 connection carries sessions for as long as it lives).
+    revoked: RwLock<Arc<std::collections::HashSet<Vec<u8>>>>,
 }
 
 impl Gateway {
     /// A gateway serving `config` with TLS `tls`.
     pub fn new(config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> Arc<Gateway> {
         Arc::new(Gateway {
+            revoked: RwLock::new(Arc::new(revoked_by(&config))),
             config: RwLock::new(config),
             tls: RwLock::new(TlsAcceptor::from(tls)),
             registry: Arc::new(Registry::default()),
@@ -79,11 +84,10 @@ impl Gateway {
         if let Ok(mut t) = self.tls.write() {
             *t = TlsAcceptor::from(tls);
         }
-        let revoked = config
-            .tls
-            .as_ref()
-            .map(|t| tunnel::tls::revoked_serials(&t.crl))
-            .unwrap_or_default();
+        let revoked = Arc::new(revoked_by(&config));
+        if let Ok(mut r) = self.revoked.write() {
+            *r = revoked.clone();
+        }
         let mut ended = 0;
         for s in self.registry.snapshot() {
             let reason = match config.identities.iter().find(|i| i.name == s.identity) {
@@ -113,6 +117,15 @@ impl Gateway {
             }
         }
         ended
+    }
+
+    /// Whether `cert` is revoked by the CRLs of the config in force.
+    fn is_revoked(&self, cert: &CertNames) -> bool {
+        let r = match self.revoked.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        r.contains(&cert.serial)
     }
 
     /// 429 when `ip` had too many failed authentications within the window.
@@ -687,6 +700,15 @@ async fn handle(
     }
 }
 
+/// The serial numbers the CRLs of `config` revoke.
+fn revoked_by(config: &Config) -> std::collections::HashSet<Vec<u8>> {
+    config
+        .tls
+        .as_ref()
+        .map(|t| tunnel::tls::revoked_serials(&t.crl))
+        .unwrap_or_default()
+}
+
 fn authenticate<B>(
     req: &Request<B>,
     conn: &ConnInfo,
@@ -695,7 +717,14 @@ fn authenticate<B>(
 ) -> Result<Identity, Refusal> {
     let ip = conn.peer.ip();
     gw.check_rate(ip, cfg)?;
-    let r = authenticate_inner(req, conn, cfg);
+    let r = match &conn.cert {
+        // Whatever the request presents: a handshake with this certificate now fails.
+        Some(c) if gw.is_revoked(c) => Err(Refusal::new(
+            RefusalKind::Unauthenticated,
+            "the client certificate was revoked",
+        )),
+        _ => authenticate_inner(req, conn, cfg),
+    };
     if r.is_err() {
         gw.auth_failed(ip, cfg);
     }

@@ -1331,6 +1331,91 @@ fn write_crl(fx: &Fixture, client: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A CRL brought in by a reload ends the revoked certificate's live sessions, and its
+/// new ones are refused with 401 even on an HTTP/2 connection it opened before the
+/// reload (which no new handshake checks again), while other certificates go on.
+#[test]
+fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connection() {
+    let fx = fixture();
+    let target = fx.path("echo.sock");
+    let _echo = UnixServer::echo(&target);
+    let endpoint = format!("unix:{}", target.display());
+    let text = |tls: &str| {
+        config(
+            &fx,
+            tls,
+            &pipe("echo", &endpoint, &["u1", "u2"], "run_as = \"gateway\""),
+        )
+    };
+    let gw = fx.serve("gw.toml", &text(""));
+    let (s1, s2) = (fx.path("u1.sock"), fx.path("u2.sock"));
+    let mut f1 = fx.spawn_forward(&s1, &gw.url("echo"), "u1");
+    let mut f2 = fx.spawn_forward(&s2, &gw.url("echo"), "u2");
+    f1.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+    f2.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+    let t = Duration::from_secs(20);
+    // A finished session each (their forwards' connections stay warm), and a live one.
+    assert_eq!(common::unix_request(&s1, b"one", t), b"one");
+    assert_eq!(common::unix_request(&s2, b"two", t), b"two");
+    let mut live = common::unix_connect(&s2);
+    live.set_read_timeout(Some(t)).expect("timeout");
+    live.write_all(b"live").expect("write");
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).expect("live echo");
+    assert_eq!(&buf, b"live");
+
+    let crl = write_crl(&fx, "u2");
+    std::fs::write(fx.path("gw.toml"), text(&format!("crl = [{}]\n", q(&crl)))).expect("rewrite");
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.proc.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    // The live session ends (its caller reads the end of the stream).
+    let mut rest = Vec::new();
+    let ended = live.read_to_end(&mut rest);
+    assert!(
+        matches!(ended, Ok(0)),
+        "the revoked certificate's live session went on: {ended:?}; gateway log:\n{}",
+        gw.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gw.log().contains("the client certificate was revoked") {
+        assert!(
+            Instant::now() < deadline,
+            "no withdrawal logged:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A new session of the revoked certificate, on the connection its forward keeps:
+    // refused with 401 (a new TLS handshake would have failed before any HTTP).
+    let refused = common::unix_request(&s2, b"three", t);
+    assert!(
+        refused.is_empty(),
+        "a revoked certificate opened a session: {refused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f2.log().contains("401") {
+        assert!(
+            Instant::now() < deadline,
+            "the forward did not see a 401:\n{}\ngateway log:\n{}",
+            f2.log(),
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        gw.log()
+            .lines()
+            .any(|l| l.contains("refused") && l.contains("status=401")),
+        "the gateway did not refuse it over HTTP:\n{}",
+        gw.log()
+    );
+    // The other certificate's sessions go on.
+    assert_eq!(common::unix_request(&s1, b"four", t), b"four");
+}
+
 #[test]
 fn revoked_client_certificate_is_rejected() {
     let fx = fixture();
