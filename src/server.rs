@@ -45,17 +45,43 @@ pub struct Gateway {
     draining: AtomicBool,
     tracker: TaskTracker,
     auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
-    /// Serial numbers of client certificates revoked by the config's CRLs. The TLS
-    /// handshake refuses them; this refuses the requests of connections made before a
-    /// reload revoked them (an HTTP/2 connection carries sessions for as long as it lives).
-    revoked: RwLock<Arc<std::collections::HashSet<Vec<u8>>>>,
+    /// What client certificates are checked against now. A connection checked its
+    /// client's certificate at the handshake; after a reload changed the client CA or
+    /// the CRLs, its requests check it again ([`Gateway::still_trusted`]): an HTTP/2
+    /// connection carries sessions for as long as it lives.
+    trust: RwLock<ClientTrust>,
+}
+
+/// The client-certificate trust of a config, and how many reloads changed it.
+struct ClientTrust {
+    generation: u64,
+    /// A digest of the client CA and CRL files ([`client_trust_digest`]).
+    digest: Option<[u8; 32]>,
+    /// `None`: no client CA (certificates are not accepted), or it could not be built.
+    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
+impl ClientTrust {
+    fn of(config: &Config, generation: u64) -> ClientTrust {
+        let verifier = config.tls.as_ref().and_then(|t| {
+            let ca = t.client_ca.as_ref()?;
+            // The same check as the handshake's (tokens do not matter for a presented
+            // certificate).
+            tunnel::tls::client_verifier(ca, &t.crl, false).ok()
+        });
+        ClientTrust {
+            generation,
+            digest: client_trust_digest(config),
+            verifier,
+        }
+    }
 }
 
 impl Gateway {
     /// A gateway serving `config` with TLS `tls`.
     pub fn new(config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> Arc<Gateway> {
         Arc::new(Gateway {
-            revoked: RwLock::new(Arc::new(revoked_by(&config))),
+            trust: RwLock::new(ClientTrust::of(&config, 0)),
             config: RwLock::new(config),
             tls: RwLock::new(TlsAcceptor::from(tls)),
             registry: Arc::new(Registry::default()),
@@ -84,10 +110,15 @@ impl Gateway {
         if let Ok(mut t) = self.tls.write() {
             *t = TlsAcceptor::from(tls);
         }
-        let revoked = Arc::new(revoked_by(&config));
-        if let Ok(mut r) = self.revoked.write() {
-            *r = revoked.clone();
+        // After the new TLS setup is in place: a connection notes the generation before
+        // it takes the acceptor, so one that took the old acceptor checks again.
+        {
+            let mut trust = self.trust.write().unwrap_or_else(|p| p.into_inner());
+            if trust.digest != client_trust_digest(&config) {
+                *trust = ClientTrust::of(&config, trust.generation + 1);
+            }
         }
+        let revoked = revoked_by(&config);
         let mut ended = 0;
         for s in self.registry.snapshot() {
             let reason = match config.identities.iter().find(|i| i.name == s.identity) {
@@ -119,13 +150,41 @@ impl Gateway {
         ended
     }
 
-    /// Whether `cert` is revoked by the CRLs of the config in force.
-    fn is_revoked(&self, cert: &CertNames) -> bool {
-        let r = match self.revoked.read() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        r.contains(&cert.serial)
+    /// The generation of the client-certificate trust in force.
+    fn trust_generation(&self) -> u64 {
+        self.trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation
+    }
+
+    /// Whether the client certificate `conn` presented (if any) passes the checks in
+    /// force: the handshake's, unless a reload changed the client CA or CRLs since, in
+    /// which case the certificate chain is verified again (once per change).
+    fn still_trusted(&self, conn: &ConnInfo) -> bool {
+        if conn.chain.is_empty() {
+            return true;
+        }
+        let trust = self.trust.read().unwrap_or_else(|p| p.into_inner());
+        if trust.generation == conn.trust_generation {
+            return true;
+        }
+        let mut checked = conn.trust_checked.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((generation, verdict)) = *checked {
+            if generation == trust.generation {
+                return verdict;
+            }
+        }
+        let verdict = trust.verifier.as_ref().is_some_and(|v| {
+            v.verify_client_cert(
+                &conn.chain[0],
+                &conn.chain[1..],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .is_ok()
+        });
+        *checked = Some((trust.generation, verdict));
+        verdict
     }
 
     /// 429 when `ip` had too many failed authentications within the window.
@@ -436,6 +495,8 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let cfg = gw.config();
     let started = Instant::now();
     let timeout = cfg.limits.handshake_timeout;
+    // Before the acceptor is taken ([`Gateway::replace`] swaps the acceptor first).
+    let trust_generation = gw.trust_generation();
     let acceptor = gw
         .tls
         .read()
@@ -452,16 +513,22 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
             return;
         }
     };
-    let cert = tls
+    let chain: Vec<_> = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(|c| CertNames::from_der(c.as_ref()));
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let cert = chain
+        .first()
+        .and_then(|c: &rustls::pki_types::CertificateDer<'static>| CertNames::from_der(c.as_ref()));
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
         cert,
+        chain,
+        trust_generation,
+        trust_checked: Mutex::new(None),
         accepted: started,
         busy: busy.clone(),
     });
@@ -613,6 +680,13 @@ async fn handle_h2(
 struct ConnInfo {
     peer: SocketAddr,
     cert: Option<CertNames>,
+    /// The certificate chain the client presented (empty: none).
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The client-certificate trust its handshake checked against.
+    trust_generation: u64,
+    /// The last trust generation its certificate was checked against again, and the
+    /// verdict ([`Gateway::still_trusted`]).
+    trust_checked: Mutex<Option<(u64, bool)>>,
     accepted: Instant,
     /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
     busy: Arc<std::sync::atomic::AtomicUsize>,
@@ -700,6 +774,21 @@ async fn handle(
     }
 }
 
+/// A digest of the client CA and CRL files of `config` (`None`: no client certificates).
+/// Their contents count, not only their names: the files are watched and reloaded.
+fn client_trust_digest(config: &Config) -> Option<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let tls = config.tls.as_ref()?;
+    let mut h = Sha256::new();
+    for p in tls.client_ca.iter().chain(&tls.crl) {
+        // Unreadable files fail the reload before this; a digest of what is there.
+        let bytes = std::fs::read(p).unwrap_or_default();
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    tls.client_ca.as_ref().map(|_| h.finalize().into())
+}
+
 /// The serial numbers the CRLs of `config` revoke.
 fn revoked_by(config: &Config) -> std::collections::HashSet<Vec<u8>> {
     config
@@ -717,13 +806,14 @@ fn authenticate<B>(
 ) -> Result<Identity, Refusal> {
     let ip = conn.peer.ip();
     gw.check_rate(ip, cfg)?;
-    let r = match &conn.cert {
-        // Whatever the request presents: a handshake with this certificate now fails.
-        Some(c) if gw.is_revoked(c) => Err(Refusal::new(
+    // Whatever the request presents: a handshake with this certificate would now fail.
+    let r = if gw.still_trusted(conn) {
+        authenticate_inner(req, conn, cfg)
+    } else {
+        Err(Refusal::new(
             RefusalKind::Unauthenticated,
-            "the client certificate was revoked",
-        )),
-        _ => authenticate_inner(req, conn, cfg),
+            "the client certificate is no longer trusted (revoked, or its CA removed)",
+        ))
     };
     if r.is_err() {
         gw.auth_failed(ip, cfg);

@@ -1331,9 +1331,30 @@ fn write_crl(fx: &Fixture, client: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// What a local socket answers `data` (written, then half-closed) until it closes;
+/// what came before an error, if one ends it (a refused session's forward may close
+/// the socket before the write's end is read).
+fn request(path: &Path, data: &[u8]) -> Vec<u8> {
+    let mut s = common::unix_connect(path);
+    let t = Some(Duration::from_secs(20));
+    s.set_read_timeout(t).expect("timeout");
+    s.set_write_timeout(t).expect("timeout");
+    if s.write_all(data).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
+        return Vec::new();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
 /// A CRL brought in by a reload ends the revoked certificate's live sessions, and its
-/// new ones are refused with 401 even on an HTTP/2 connection it opened before the
-/// reload (which no new handshake checks again), while other certificates go on.
+/// new ones are refused with 401 even on the HTTP/2 connection its forward opened
+/// before the reload (which no handshake checks again); another certificate's sessions
+/// go on, on its warm connection. A reload that swaps the client CA refuses that one's
+/// new sessions the same way.
 #[test]
 fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connection() {
     let fx = fixture();
@@ -1349,20 +1370,39 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
     };
     let gw = fx.serve("gw.toml", &text(""));
     let (s1, s2) = (fx.path("u1.sock"), fx.path("u2.sock"));
-    let mut f1 = fx.spawn_forward(&s1, &gw.url("echo"), "u1");
-    let mut f2 = fx.spawn_forward(&s2, &gw.url("echo"), "u2");
+    // One shard each: every session of a forward uses its one warm connection.
+    let forward = |sock: &Path, client: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("forward")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--to")
+            .arg(gw.url("echo"))
+            .args(fx.cert_args(client));
+        scrub(&mut cmd);
+        cmd.env("PIPEBRIDGE_SHARDS", "1");
+        Proc::spawn(cmd, fx.dir(), false)
+    };
+    let mut f1 = forward(&s1, "u1");
+    let mut f2 = forward(&s2, "u2");
     f1.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
     f2.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
     let t = Duration::from_secs(20);
     // A finished session each (their forwards' connections stay warm), and a live one.
     assert_eq!(common::unix_request(&s1, b"one", t), b"one");
     assert_eq!(common::unix_request(&s2, b"two", t), b"two");
+    let live_echo = |s: &mut std::os::unix::net::UnixStream, msg: &[u8]| {
+        s.write_all(msg).expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).expect("live echo");
+        assert_eq!(buf, msg);
+    };
     let mut live = common::unix_connect(&s2);
     live.set_read_timeout(Some(t)).expect("timeout");
-    live.write_all(b"live").expect("write");
-    let mut buf = [0u8; 4];
-    live.read_exact(&mut buf).expect("live echo");
-    assert_eq!(&buf, b"live");
+    live_echo(&mut live, b"live");
+    let mut live1 = common::unix_connect(&s1);
+    live1.set_read_timeout(Some(t)).expect("timeout");
+    live_echo(&mut live1, b"u1 live");
 
     let crl = write_crl(&fx, "u2");
     std::fs::write(fx.path("gw.toml"), text(&format!("crl = [{}]\n", q(&crl)))).expect("rewrite");
@@ -1390,7 +1430,7 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
     }
     // A new session of the revoked certificate, on the connection its forward keeps:
     // refused with 401 (a new TLS handshake would have failed before any HTTP).
-    let refused = common::unix_request(&s2, b"three", t);
+    let refused = request(&s2, b"three");
     assert!(
         refused.is_empty(),
         "a revoked certificate opened a session: {refused:?}"
@@ -1412,8 +1452,60 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         "the gateway did not refuse it over HTTP:\n{}",
         gw.log()
     );
-    // The other certificate's sessions go on.
+    // The other certificate's live session and new sessions go on.
+    live_echo(&mut live1, b"u1 still live");
     assert_eq!(common::unix_request(&s1, b"four", t), b"four");
+    let refusals = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("refused") && l.contains("status=401"))
+            .count()
+    };
+    let before = refusals(&gw.log());
+
+    // A new client CA: u1's certificate no longer chains to it.
+    let other = fx.path("pki2");
+    pki::init(&CertsInit {
+        dir: other.clone(),
+        server_names: vec!["localhost".into()],
+        clients: Vec::new(),
+        force: false,
+    })
+    .expect("second PKI");
+    let swapped = text(&format!("crl = [{}]\n", q(&crl))).replace(
+        &q(&fx.ca()),
+        &q(&other.join("ca.pem").display().to_string()),
+    );
+    std::fs::write(fx.path("gw.toml"), swapped).expect("rewrite");
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.proc.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = request(&s1, b"five");
+        if got.is_empty() {
+            break;
+        }
+        // Until the reload has happened, sessions still work.
+        assert_eq!(got, b"five");
+        assert!(
+            Instant::now() < deadline,
+            "u1 kept opening sessions:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        refusals(&gw.log()) > before,
+        "u1's session was not refused over HTTP (on its warm connection):\n{}",
+        gw.log()
+    );
+    assert!(
+        f1.log().contains("no longer trusted"),
+        "the forward did not say why:\n{}",
+        f1.log()
+    );
 }
 
 #[test]

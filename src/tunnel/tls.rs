@@ -92,22 +92,7 @@ pub fn server_config(
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let builder = match client_ca {
         Some(ca) => {
-            let roots = Arc::new(load_roots(ca)?);
-            let mut crl_ders = Vec::new();
-            for p in crls {
-                let list = CertificateRevocationListDer::pem_file_iter(p)
-                    .map_err(|e| file_err(p, format!("cannot read CRL: {e}")))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
-                crl_ders.extend(list);
-            }
-            let mut vb =
-                WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
-            if tokens_configured {
-                vb = vb.allow_unauthenticated();
-            }
-            let verifier = vb.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+            builder.with_client_cert_verifier(client_verifier(ca, crls, tokens_configured)?)
         }
         None => builder.with_no_client_auth(),
     };
@@ -119,6 +104,29 @@ pub fn server_config(
     // Resumption makes repeat connections from the same forward cheap.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
     Ok(Arc::new(cfg))
+}
+
+/// What client certificates are checked against: they must chain to `ca` and not be
+/// revoked by `crls`; with `tokens_configured`, a client may also present none.
+pub fn client_verifier(
+    ca: &Path,
+    crls: &[PathBuf],
+    tokens_configured: bool,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let roots = Arc::new(load_roots(ca)?);
+    let mut crl_ders = Vec::new();
+    for p in crls {
+        let list = CertificateRevocationListDer::pem_file_iter(p)
+            .map_err(|e| file_err(p, format!("cannot read CRL: {e}")))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
+        crl_ders.extend(list);
+    }
+    let mut vb = WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
+    if tokens_configured {
+        vb = vb.allow_unauthenticated();
+    }
+    vb.build().map_err(|e| TlsError::Rustls(e.to_string()))
 }
 
 /// Server-side TLS session cache size (resumption for repeat clients).
