@@ -89,7 +89,7 @@ pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
 }
 
 /// Builds the server TLS config of `cfg` (generating the dev PKI first if configured).
-pub fn server_tls(cfg: &Config) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_tls(cfg: &Config) -> Result<tls::ServerTls, String> {
     let t = cfg.tls.as_ref().ok_or("a [server] needs [tls]")?;
     if let Some(dir) = &t.dev_pki {
         match crate::pki::ensure_dev_pki(dir) {
@@ -522,8 +522,16 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         }
         info!("a watched file changed; reloading");
         reload(&r, Trigger::FileChange).await;
-        paths = r.current().watched_files();
-        last = fingerprint(&paths);
+        // The files as they were before the reload read them: one that changes while it
+        // runs is seen as a change at the next tick (a fingerprint taken now would hide
+        // it until the next one). Files the new config names first are taken as they are.
+        let new_paths = r.current().watched_files();
+        last = if new_paths == paths {
+            now
+        } else {
+            fingerprint(&new_paths)
+        };
+        paths = new_paths;
     }
 }
 

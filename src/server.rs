@@ -39,51 +39,43 @@ use crate::tunnel::{self, protocol};
 /// The state one exporting gateway shares between connections.
 pub struct Gateway {
     config: RwLock<Arc<Config>>,
-    tls: RwLock<TlsAcceptor>,
+    /// The TLS setup in force, and how many reloads replaced it. A connection checked
+    /// its client's certificate at the handshake; once a reload has replaced the setup,
+    /// its requests check it again ([`Gateway::still_trusted`]): an HTTP/2 connection
+    /// carries sessions for as long as it lives.
+    tls: RwLock<TlsSetup>,
     /// Live sessions.
     pub registry: Arc<Registry>,
     draining: AtomicBool,
     tracker: TaskTracker,
     auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
-    /// What client certificates are checked against now. A connection checked its
-    /// client's certificate at the handshake; after a reload changed the client CA or
-    /// the CRLs, its requests check it again ([`Gateway::still_trusted`]): an HTTP/2
-    /// connection carries sessions for as long as it lives.
-    trust: RwLock<ClientTrust>,
 }
 
-/// The client-certificate trust of a config, and how many reloads changed it.
-struct ClientTrust {
-    generation: u64,
-    /// A digest of the client CA and CRL files ([`client_trust_digest`]).
-    digest: Option<[u8; 32]>,
-    /// `None`: no client CA (certificates are not accepted), or it could not be built.
+/// A gateway's TLS acceptor, the client-certificate verifier inside it (`None`: no
+/// client CA, certificates are not accepted), and its generation (0 at start, then one
+/// more per reload).
+struct TlsSetup {
+    acceptor: TlsAcceptor,
     verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    generation: u64,
 }
 
-impl ClientTrust {
-    fn of(config: &Config, generation: u64) -> ClientTrust {
-        let verifier = config.tls.as_ref().and_then(|t| {
-            let ca = t.client_ca.as_ref()?;
-            // The same check as the handshake's (tokens do not matter for a presented
-            // certificate).
-            tunnel::tls::client_verifier(ca, &t.crl, false).ok()
-        });
-        ClientTrust {
+impl TlsSetup {
+    fn new(tls: tunnel::tls::ServerTls, generation: u64) -> TlsSetup {
+        TlsSetup {
+            acceptor: TlsAcceptor::from(tls.config),
+            verifier: tls.client_verifier,
             generation,
-            digest: client_trust_digest(config),
-            verifier,
         }
     }
 }
 
 impl Gateway {
     /// A gateway serving `config` with TLS `tls`.
-    pub fn new(config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> Arc<Gateway> {
+    pub fn new(config: Arc<Config>, tls: tunnel::tls::ServerTls) -> Arc<Gateway> {
         Arc::new(Gateway {
-            trust: RwLock::new(ClientTrust::of(&config, 0)),
             config: RwLock::new(config),
-            tls: RwLock::new(TlsAcceptor::from(tls)),
+            tls: RwLock::new(TlsSetup::new(tls, 0)),
             registry: Arc::new(Registry::default()),
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
@@ -103,22 +95,16 @@ impl Gateway {
     /// sessions go on — except those whose access the new config withdraws (identity
     /// removed, certificate revoked, pipe gone or no longer allowed), which end with 1008
     /// `access_withdrawn`. Returns how many sessions were ended.
-    pub fn replace(&self, config: Arc<Config>, tls: Arc<rustls::ServerConfig>) -> usize {
+    pub fn replace(&self, config: Arc<Config>, tls: tunnel::tls::ServerTls) -> usize {
         if let Ok(mut c) = self.config.write() {
             *c = config.clone();
         }
-        if let Ok(mut t) = self.tls.write() {
-            *t = TlsAcceptor::from(tls);
-        }
-        // After the new TLS setup is in place: a connection notes the generation before
-        // it takes the acceptor, so one that took the old acceptor checks again.
         {
-            let mut trust = self.trust.write().unwrap_or_else(|p| p.into_inner());
-            if trust.digest != client_trust_digest(&config) {
-                *trust = ClientTrust::of(&config, trust.generation + 1);
-            }
+            // Whatever changed: every older connection checks its certificate again, once
+            // (one chain verification each), with the verifier its acceptor now has.
+            let mut t = self.tls.write().unwrap_or_else(|p| p.into_inner());
+            *t = TlsSetup::new(tls, t.generation + 1);
         }
-        let revoked = revoked_by(&config);
         let mut ended = 0;
         for s in self.registry.snapshot() {
             let reason = match config.identities.iter().find(|i| i.name == s.identity) {
@@ -134,8 +120,10 @@ impl Gateway {
                         Some(p) if !auth::allowed(&id, p) => {
                             Some("the identity may no longer use this pipe")
                         }
-                        Some(_) if s.cert_serial.as_ref().is_some_and(|c| revoked.contains(c)) => {
-                            Some("the client certificate was revoked")
+                        // Checked with the new TLS setup (revoked by a CRL, or its CA
+                        // removed); its connection is asked to close too.
+                        Some(_) if s.conn.as_ref().is_some_and(|c| !self.still_trusted(c)) => {
+                            Some("the client certificate is no longer trusted")
                         }
                         Some(_) => None,
                     }
@@ -150,14 +138,6 @@ impl Gateway {
         ended
     }
 
-    /// The generation of the client-certificate trust in force.
-    fn trust_generation(&self) -> u64 {
-        self.trust
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .generation
-    }
-
     /// Whether the client certificate `conn` presented (if any) passes the checks in
     /// force: the handshake's, unless a reload changed the client CA or CRLs since, in
     /// which case the certificate chain is verified again (once per change).
@@ -165,7 +145,7 @@ impl Gateway {
         if conn.chain.is_empty() {
             return true;
         }
-        let trust = self.trust.read().unwrap_or_else(|p| p.into_inner());
+        let trust = self.tls.read().unwrap_or_else(|p| p.into_inner());
         if trust.generation == conn.trust_generation {
             return true;
         }
@@ -286,8 +266,8 @@ pub struct SessionEntry {
     pub started: Instant,
     /// Bytes each way.
     pub counters: Counters,
-    /// Serial of the client certificate, if one was used.
-    pub cert_serial: Option<Vec<u8>>,
+    /// Its connection, if its client presented a certificate (checked again on reload).
+    conn: Option<Arc<ConnInfo>>,
     stop: StopHandle,
 }
 
@@ -356,7 +336,7 @@ impl Registry {
         identity: &str,
         peer: SocketAddr,
         direction: Direction,
-        cert_serial: Option<Vec<u8>>,
+        conn: Option<Arc<ConnInfo>>,
         stop: StopHandle,
     ) -> Result<Admission, Refusal> {
         let mut g = self.lock();
@@ -389,7 +369,7 @@ impl Registry {
             direction,
             started: Instant::now(),
             counters: Counters::default(),
-            cert_serial,
+            conn,
             stop,
         });
         g.sessions.insert(id, entry.clone());
@@ -495,13 +475,11 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let cfg = gw.config();
     let started = Instant::now();
     let timeout = cfg.limits.handshake_timeout;
-    // Before the acceptor is taken ([`Gateway::replace`] swaps the acceptor first).
-    let trust_generation = gw.trust_generation();
-    let acceptor = gw
-        .tls
-        .read()
-        .map(|a| a.clone())
-        .unwrap_or_else(|p| p.into_inner().clone());
+    // The acceptor and its generation, together.
+    let (acceptor, trust_generation) = {
+        let t = gw.tls.read().unwrap_or_else(|p| p.into_inner());
+        (t.acceptor.clone(), t.generation)
+    };
     let tls = match tokio::time::timeout(timeout, acceptor.accept(ReadAhead::new(tcp))).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
@@ -529,6 +507,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         chain,
         trust_generation,
         trust_checked: Mutex::new(None),
+        retire: tokio::sync::Notify::new(),
         accepted: started,
         busy: busy.clone(),
     });
@@ -631,6 +610,11 @@ async fn serve_h2(
                 h2c.graceful_shutdown();
                 closing = true;
             }
+            _ = conn.retire.notified(), if !closing => {
+                info!(peer = %conn.peer, "closing an HTTP/2 connection whose client certificate is no longer trusted (its live sessions go on)");
+                h2c.graceful_shutdown();
+                closing = true;
+            }
         }
     }
 }
@@ -687,6 +671,9 @@ struct ConnInfo {
     /// The last trust generation its certificate was checked against again, and the
     /// verdict ([`Gateway::still_trusted`]).
     trust_checked: Mutex<Option<(u64, bool)>>,
+    /// Notified when its certificate is no longer trusted: an HTTP/2 connection then
+    /// takes no new streams (GOAWAY; its live sessions go on).
+    retire: tokio::sync::Notify,
     accepted: Instant,
     /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
     busy: Arc<std::sync::atomic::AtomicUsize>,
@@ -774,30 +761,6 @@ async fn handle(
     }
 }
 
-/// A digest of the client CA and CRL files of `config` (`None`: no client certificates).
-/// Their contents count, not only their names: the files are watched and reloaded.
-fn client_trust_digest(config: &Config) -> Option<[u8; 32]> {
-    use sha2::{Digest, Sha256};
-    let tls = config.tls.as_ref()?;
-    let mut h = Sha256::new();
-    for p in tls.client_ca.iter().chain(&tls.crl) {
-        // Unreadable files fail the reload before this; a digest of what is there.
-        let bytes = std::fs::read(p).unwrap_or_default();
-        h.update((bytes.len() as u64).to_le_bytes());
-        h.update(&bytes);
-    }
-    tls.client_ca.as_ref().map(|_| h.finalize().into())
-}
-
-/// The serial numbers the CRLs of `config` revoke.
-fn revoked_by(config: &Config) -> std::collections::HashSet<Vec<u8>> {
-    config
-        .tls
-        .as_ref()
-        .map(|t| tunnel::tls::revoked_serials(&t.crl))
-        .unwrap_or_default()
-}
-
 fn authenticate<B>(
     req: &Request<B>,
     conn: &ConnInfo,
@@ -807,18 +770,27 @@ fn authenticate<B>(
     let ip = conn.peer.ip();
     gw.check_rate(ip, cfg)?;
     // Whatever the request presents: a handshake with this certificate would now fail.
-    let r = if gw.still_trusted(conn) {
-        authenticate_inner(req, conn, cfg)
-    } else {
-        Err(Refusal::new(
-            RefusalKind::Unauthenticated,
-            "the client certificate is no longer trusted (revoked, or its CA removed)",
-        ))
-    };
+    // Not counted as a failed authentication (it was good at the handshake, and other
+    // clients behind the same address must not be rate-limited for it); the connection
+    // is asked to close, so that its client's next try is a handshake.
+    if !gw.still_trusted(conn) {
+        return Err(untrusted(conn));
+    }
+    let r = authenticate_inner(req, conn, cfg);
     if r.is_err() {
         gw.auth_failed(ip, cfg);
     }
     r
+}
+
+/// The refusal of a request whose connection's certificate is no longer trusted; asks
+/// the connection to close.
+fn untrusted(conn: &ConnInfo) -> Refusal {
+    conn.retire.notify_one();
+    Refusal::new(
+        RefusalKind::Unauthenticated,
+        "the client certificate is no longer trusted (revoked, or its CA removed)",
+    )
 }
 
 fn authenticate_inner<B>(
@@ -1031,9 +1003,14 @@ async fn session<B>(
         &identity.name,
         conn.peer,
         direction,
-        conn.cert.as_ref().map(|c| c.serial.clone()),
+        (!conn.chain.is_empty()).then(|| conn.clone()),
         stop,
     )?;
+    // A reload between the authentication above and the admission did not see this
+    // session among the live ones: its certificate is checked against it here.
+    if !gw.still_trusted(conn) {
+        return Err(untrusted(conn));
+    }
     let span = tracing::info_span!(
         "session",
         id = admission.entry.id,

@@ -1353,8 +1353,8 @@ fn request(path: &Path, data: &[u8]) -> Vec<u8> {
 /// A CRL brought in by a reload ends the revoked certificate's live sessions, and its
 /// new ones are refused with 401 even on the HTTP/2 connection its forward opened
 /// before the reload (which no handshake checks again); another certificate's sessions
-/// go on, on its warm connection. A reload that swaps the client CA refuses that one's
-/// new sessions the same way.
+/// go on, on its warm connection. A reload that swaps the client CA ends that one's live
+/// session and refuses its new ones the same way.
 #[test]
 fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connection() {
     let fx = fixture();
@@ -1420,7 +1420,10 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         gw.log()
     );
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !gw.log().contains("the client certificate was revoked") {
+    while !gw
+        .log()
+        .contains("the client certificate is no longer trusted")
+    {
         assert!(
             Instant::now() < deadline,
             "no withdrawal logged:\n{}",
@@ -1452,6 +1455,12 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         "the gateway did not refuse it over HTTP:\n{}",
         gw.log()
     );
+    // That connection takes no new sessions; the next one is a handshake, which fails.
+    wait_log(
+        &gw.proc,
+        "client certificate is no longer trusted (its live",
+    );
+    assert!(request(&s2, b"again").is_empty());
     // The other certificate's live session and new sessions go on.
     live_echo(&mut live1, b"u1 still live");
     assert_eq!(common::unix_request(&s1, b"four", t), b"four");
@@ -1501,11 +1510,29 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         "u1's session was not refused over HTTP (on its warm connection):\n{}",
         gw.log()
     );
+    wait_log(&f1, "no longer trusted");
+    // Its live session ended with the reload: the certificate no longer chains to the
+    // client CA, as if a CRL had revoked it.
+    let mut rest = Vec::new();
+    let ended = live1.read_to_end(&mut rest);
     assert!(
-        f1.log().contains("no longer trusted"),
-        "the forward did not say why:\n{}",
-        f1.log()
+        ended.is_ok(),
+        "u1's live session went on after its CA was removed: {ended:?}\n{}",
+        gw.log()
     );
+}
+
+/// Waits (at most 15 s) until `p`'s log holds `needle`.
+fn wait_log(p: &Proc, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !p.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -76,6 +76,15 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// A gateway's TLS setup: its server config, and the verifier of client certificates
+/// inside it (`None` without a client CA), to check a certificate again later.
+pub struct ServerTls {
+    /// The server config.
+    pub config: Arc<ServerConfig>,
+    /// Its client-certificate verifier.
+    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+}
+
 /// Server config: `client_ca` enables client certificates, mandatory unless
 /// `tokens_configured` (then optional at the TLS layer; a presented one is still verified).
 pub fn server_config(
@@ -84,16 +93,18 @@ pub fn server_config(
     client_ca: Option<&Path>,
     crls: &[PathBuf],
     tokens_configured: bool,
-) -> Result<Arc<ServerConfig>, TlsError> {
+) -> Result<ServerTls, TlsError> {
     let chain = load_certs(cert)?;
     let key_der = load_key(key)?;
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let builder = match client_ca {
-        Some(ca) => {
-            builder.with_client_cert_verifier(client_verifier(ca, crls, tokens_configured)?)
-        }
+    let verifier = match client_ca {
+        Some(ca) => Some(client_verifier(ca, crls, tokens_configured)?),
+        None => None,
+    };
+    let builder = match &verifier {
+        Some(v) => builder.with_client_cert_verifier(v.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder
@@ -103,12 +114,15 @@ pub fn server_config(
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // Resumption makes repeat connections from the same forward cheap.
     cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
-    Ok(Arc::new(cfg))
+    Ok(ServerTls {
+        config: Arc::new(cfg),
+        client_verifier: verifier,
+    })
 }
 
 /// What client certificates are checked against: they must chain to `ca` and not be
 /// revoked by `crls`; with `tokens_configured`, a client may also present none.
-pub fn client_verifier(
+fn client_verifier(
     ca: &Path,
     crls: &[PathBuf],
     tokens_configured: bool,
@@ -160,25 +174,6 @@ pub fn client_config(
     };
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
-}
-
-/// The raw serial numbers revoked by the CRL files `paths` (unreadable files are skipped:
-/// the TLS setup that loads them reports them).
-pub fn revoked_serials(paths: &[PathBuf]) -> std::collections::HashSet<Vec<u8>> {
-    let mut out = std::collections::HashSet::new();
-    for p in paths {
-        let Ok(iter) = CertificateRevocationListDer::pem_file_iter(p) else {
-            continue;
-        };
-        for crl in iter.flatten() {
-            if let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) {
-                for r in parsed.iter_revoked_certificates() {
-                    out.insert(r.raw_serial().to_vec());
-                }
-            }
-        }
-    }
-    out
 }
 
 pub use crate::platform::set_keepalive;
@@ -233,7 +228,8 @@ mod tests {
             &[],
             false,
         )
-        .unwrap();
+        .unwrap()
+        .config;
         let client =
             client_config(Some(&p("ca.pem")), Some((&p("dev.pem"), &p("dev.key")))).unwrap();
         assert_eq!(
