@@ -51,12 +51,15 @@ pub struct Gateway {
     auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
 }
 
-/// A gateway's TLS acceptor, the client-certificate verifier inside it (`None`: no
-/// client CA, certificates are not accepted), and its generation (0 at start, then one
-/// more per reload).
+/// A gateway's TLS acceptor, the client-certificate verifier inside it with a digest
+/// of what it trusts (`None`: no client CA, certificates are not accepted), and its
+/// generation: 0 at start, one more for each reload that changed what it trusts.
 struct TlsSetup {
     acceptor: TlsAcceptor,
-    verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    verifier: Option<(
+        Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        [u8; 32],
+    )>,
     generation: u64,
 }
 
@@ -67,6 +70,10 @@ impl TlsSetup {
             verifier: tls.client_verifier,
             generation,
         }
+    }
+
+    fn trusts(&self) -> Option<&[u8; 32]> {
+        self.verifier.as_ref().map(|(_, d)| d)
     }
 }
 
@@ -100,10 +107,11 @@ impl Gateway {
             *c = config.clone();
         }
         {
-            // Whatever changed: every older connection checks its certificate again, once
-            // (one chain verification each), with the verifier its acceptor now has.
+            // When what it trusts changed, every older connection checks its certificate
+            // again, once (one chain verification each), with the new verifier.
             let mut t = self.tls.write().unwrap_or_else(|p| p.into_inner());
-            *t = TlsSetup::new(tls, t.generation + 1);
+            let changed = t.trusts() != tls.client_verifier.as_ref().map(|(_, d)| d);
+            *t = TlsSetup::new(tls, t.generation + u64::from(changed));
         }
         let mut ended = 0;
         for s in self.registry.snapshot() {
@@ -155,7 +163,7 @@ impl Gateway {
                 return verdict;
             }
         }
-        let verdict = trust.verifier.as_ref().is_some_and(|v| {
+        let verdict = trust.verifier.as_ref().is_some_and(|(v, _)| {
             v.verify_client_cert(
                 &conn.chain[0],
                 &conn.chain[1..],

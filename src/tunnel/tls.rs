@@ -81,8 +81,12 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 pub struct ServerTls {
     /// The server config.
     pub config: Arc<ServerConfig>,
-    /// Its client-certificate verifier.
-    pub client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    /// Its client-certificate verifier, and a digest of the client CA certificates and
+    /// CRLs it was built from.
+    pub client_verifier: Option<(
+        Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        [u8; 32],
+    )>,
 }
 
 /// Server config: `client_ca` enables client certificates, mandatory unless
@@ -104,7 +108,7 @@ pub fn server_config(
         None => None,
     };
     let builder = match &verifier {
-        Some(v) => builder.with_client_cert_verifier(v.clone()),
+        Some((v, _)) => builder.with_client_cert_verifier(v.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder
@@ -122,11 +126,19 @@ pub fn server_config(
 
 /// What client certificates are checked against: they must chain to `ca` and not be
 /// revoked by `crls`; with `tokens_configured`, a client may also present none.
+/// Also returns a digest of the certificates and CRLs it was built from.
 fn client_verifier(
     ca: &Path,
     crls: &[PathBuf],
     tokens_configured: bool,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+) -> Result<
+    (
+        Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        [u8; 32],
+    ),
+    TlsError,
+> {
+    use sha2::{Digest, Sha256};
     let roots = Arc::new(load_roots(ca)?);
     let mut crl_ders = Vec::new();
     for p in crls {
@@ -136,11 +148,28 @@ fn client_verifier(
             .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
         crl_ders.extend(list);
     }
+    let mut h = Sha256::new();
+    for root in roots.roots.iter() {
+        for part in [
+            root.subject.as_ref(),
+            root.subject_public_key_info.as_ref(),
+            root.name_constraints.as_deref().unwrap_or_default(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+    }
+    h.update([0xff]);
+    for crl in &crl_ders {
+        h.update((crl.len() as u64).to_le_bytes());
+        h.update(crl.as_ref());
+    }
     let mut vb = WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
     if tokens_configured {
         vb = vb.allow_unauthenticated();
     }
-    vb.build().map_err(|e| TlsError::Rustls(e.to_string()))
+    let verifier = vb.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
+    Ok((verifier, h.finalize().into()))
 }
 
 /// Server-side TLS session cache size (resumption for repeat clients).
