@@ -526,11 +526,12 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         // runs is seen as a change at the next tick (a fingerprint taken now would hide
         // it until the next one). Files the new config names first are taken as they are.
         let new_paths = r.current().watched_files();
-        last = if new_paths == paths {
-            now
-        } else {
-            fingerprint(&new_paths)
-        };
+        let fresh = fingerprint(&new_paths);
+        last = new_paths
+            .iter()
+            .zip(fresh)
+            .map(|(p, f)| paths.iter().position(|q| q == p).map_or(f, |i| now[i]))
+            .collect();
         paths = new_paths;
     }
 }

@@ -103,9 +103,7 @@ impl Gateway {
     /// removed, certificate revoked, pipe gone or no longer allowed), which end with 1008
     /// `access_withdrawn`. Returns how many sessions were ended.
     pub fn replace(&self, config: Arc<Config>, tls: tunnel::tls::ServerTls) -> usize {
-        if let Ok(mut c) = self.config.write() {
-            *c = config.clone();
-        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
         {
             // When what it trusts changed, every older connection checks its certificate
             // again, once (one chain verification each), with the new verifier.
@@ -128,10 +126,11 @@ impl Gateway {
                         Some(p) if !auth::allowed(&id, p) => {
                             Some("the identity may no longer use this pipe")
                         }
-                        // Checked with the new TLS setup (revoked by a CRL, or its CA
-                        // removed); its connection is asked to close too.
-                        Some(_) if s.conn.as_ref().is_some_and(|c| !self.still_trusted(c)) => {
-                            Some("the client certificate is no longer trusted")
+                        // Checked with the new TLS setup. A certificate no longer trusted
+                        // has its connection asked to close; its live sessions end only
+                        // if a CRL revoked it (a CA rotation drops no session).
+                        Some(_) if s.conn.as_ref().is_some_and(|c| self.retire_untrusted(c)) => {
+                            Some("the client certificate was revoked")
                         }
                         Some(_) => None,
                     }
@@ -150,12 +149,28 @@ impl Gateway {
     /// force: the handshake's, unless a reload changed the client CA or CRLs since, in
     /// which case the certificate chain is verified again (once per change).
     fn still_trusted(&self, conn: &ConnInfo) -> bool {
+        self.trust_of(conn) == Trust::Trusted
+    }
+
+    /// For a live session at a reload: asks `conn` to close if its certificate is no
+    /// longer trusted, and says whether a CRL revoked it.
+    fn retire_untrusted(&self, conn: &ConnInfo) -> bool {
+        let trust = self.trust_of(conn);
+        if trust != Trust::Trusted {
+            conn.retire.notify_one();
+        }
+        trust == Trust::Revoked
+    }
+
+    /// [`Gateway::still_trusted`], telling a revoked certificate from one that is
+    /// untrusted otherwise (its CA removed, or no client CA any more).
+    fn trust_of(&self, conn: &ConnInfo) -> Trust {
         if conn.chain.is_empty() {
-            return true;
+            return Trust::Trusted;
         }
         let trust = self.tls.read().unwrap_or_else(|p| p.into_inner());
         if trust.generation == conn.trust_generation {
-            return true;
+            return Trust::Trusted;
         }
         let mut checked = conn.trust_checked.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((generation, verdict)) = *checked {
@@ -163,14 +178,20 @@ impl Gateway {
                 return verdict;
             }
         }
-        let verdict = trust.verifier.as_ref().is_some_and(|(v, _)| {
-            v.verify_client_cert(
+        let verdict = match &trust.verifier {
+            None => Trust::Untrusted,
+            Some((v, _)) => match v.verify_client_cert(
                 &conn.chain[0],
                 &conn.chain[1..],
                 rustls::pki_types::UnixTime::now(),
-            )
-            .is_ok()
-        });
+            ) {
+                Ok(_) => Trust::Trusted,
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
+                    Trust::Revoked
+                }
+                Err(_) => Trust::Untrusted,
+            },
+        };
         *checked = Some((trust.generation, verdict));
         verdict
     }
@@ -516,6 +537,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         trust_generation,
         trust_checked: Mutex::new(None),
         retire: tokio::sync::Notify::new(),
+        refused_untrusted: std::sync::atomic::AtomicBool::new(false),
         accepted: started,
         busy: busy.clone(),
     });
@@ -678,10 +700,12 @@ struct ConnInfo {
     trust_generation: u64,
     /// The last trust generation its certificate was checked against again, and the
     /// verdict ([`Gateway::still_trusted`]).
-    trust_checked: Mutex<Option<(u64, bool)>>,
+    trust_checked: Mutex<Option<(u64, Trust)>>,
     /// Notified when its certificate is no longer trusted: an HTTP/2 connection then
     /// takes no new streams (GOAWAY; its live sessions go on).
     retire: tokio::sync::Notify,
+    /// A request of it was refused for that ([`untrusted`]).
+    refused_untrusted: std::sync::atomic::AtomicBool,
     accepted: Instant,
     /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
     busy: Arc<std::sync::atomic::AtomicUsize>,
@@ -778,11 +802,9 @@ fn authenticate<B>(
     let ip = conn.peer.ip();
     gw.check_rate(ip, cfg)?;
     // Whatever the request presents: a handshake with this certificate would now fail.
-    // Not counted as a failed authentication (it was good at the handshake, and other
-    // clients behind the same address must not be rate-limited for it); the connection
-    // is asked to close, so that its client's next try is a handshake.
+    // The connection is asked to close, so that its client's next try is a handshake.
     if !gw.still_trusted(conn) {
-        return Err(untrusted(conn));
+        return Err(untrusted(conn, gw, cfg));
     }
     let r = authenticate_inner(req, conn, cfg);
     if r.is_err() {
@@ -791,10 +813,26 @@ fn authenticate<B>(
     r
 }
 
+/// What a connection's client certificate is to the TLS setup in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    Trusted,
+    /// A CRL revokes it (or a certificate of its chain).
+    Revoked,
+    /// It does not verify otherwise (its CA removed, or no client CA any more).
+    Untrusted,
+}
+
 /// The refusal of a request whose connection's certificate is no longer trusted; asks
-/// the connection to close.
-fn untrusted(conn: &ConnInfo) -> Refusal {
+/// the connection to close. The first such refusal of a connection is not counted as a
+/// failed authentication (its certificate was good at the handshake, and a client
+/// behind the same address must not be rate-limited for one forward's warm
+/// connection); a client that goes on sending requests on it is.
+fn untrusted(conn: &ConnInfo, gw: &Gateway, cfg: &Config) -> Refusal {
     conn.retire.notify_one();
+    if conn.refused_untrusted.swap(true, Ordering::Relaxed) {
+        gw.auth_failed(conn.peer.ip(), cfg);
+    }
     Refusal::new(
         RefusalKind::Unauthenticated,
         "the client certificate is no longer trusted (revoked, or its CA removed)",
@@ -1017,7 +1055,7 @@ async fn session<B>(
     // A reload between the authentication above and the admission did not see this
     // session among the live ones: its certificate is checked against it here.
     if !gw.still_trusted(conn) {
-        return Err(untrusted(conn));
+        return Err(untrusted(conn, gw, &cfg));
     }
     let span = tracing::info_span!(
         "session",

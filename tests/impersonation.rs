@@ -1350,11 +1350,12 @@ fn request(path: &Path, data: &[u8]) -> Vec<u8> {
     got
 }
 
-/// A CRL brought in by a reload ends the revoked certificate's live sessions, and its
-/// new ones are refused with 401 even on the HTTP/2 connection its forward opened
-/// before the reload (which no handshake checks again); another certificate's sessions
-/// go on, on its warm connection. A reload that swaps the client CA ends that one's live
-/// session and refuses its new ones the same way.
+/// A CRL brought in by a reload ends the revoked certificate's live session and asks
+/// its connection to close; the same certificate's new sessions on another warm
+/// HTTP/2 connection, opened before the reload (which no handshake checks again), are
+/// refused with 401. Another certificate's sessions go on. A reload that swaps the
+/// client CA refuses that one's new sessions the same way, while its live session goes
+/// on (a reload drops no session but a revoked one).
 #[test]
 fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connection() {
     let fx = fixture();
@@ -1369,9 +1370,10 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         )
     };
     let gw = fx.serve("gw.toml", &text(""));
-    let (s1, s2) = (fx.path("u1.sock"), fx.path("u2.sock"));
-    // One shard each: every session of a forward uses its one warm connection.
-    let forward = |sock: &Path, client: &str| {
+    // A forward keeps a small pool of warm connections (one per shard, two where it
+    // runs without shards): the first sessions fill it, later ones take from it.
+    let forward = |name: &str, client: &str| {
+        let sock = fx.path(&format!("{name}.sock"));
         let mut cmd = Command::new(BIN);
         cmd.arg("forward")
             .arg("--listen")
@@ -1381,94 +1383,86 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
             .args(fx.cert_args(client));
         scrub(&mut cmd);
         cmd.env("PIPEBRIDGE_SHARDS", "1");
-        Proc::spawn(cmd, fx.dir(), false)
+        let mut p = Proc::spawn(cmd, fx.dir(), false);
+        p.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+        (sock, p)
     };
-    let mut f1 = forward(&s1, "u1");
-    let mut f2 = forward(&s2, "u2");
-    f1.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
-    f2.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+    // For u1 and u2 each: a forward that will hold a live session, and one that only
+    // keeps its connection warm.
+    let (s1, _f1) = forward("u1-live", "u1");
+    let (s1w, f1w) = forward("u1-warm", "u1");
+    let (s2, _f2) = forward("u2-live", "u2");
+    let (s2w, f2w) = forward("u2-warm", "u2");
     let t = Duration::from_secs(20);
-    // A finished session each (their forwards' connections stay warm), and a live one.
-    assert_eq!(common::unix_request(&s1, b"one", t), b"one");
-    assert_eq!(common::unix_request(&s2, b"two", t), b"two");
+    for (sock, msg) in [(&s1w, &b"one"[..]), (&s2w, b"two")] {
+        for _ in 0..2 {
+            assert_eq!(common::unix_request(sock, msg, t), msg);
+        }
+    }
     let live_echo = |s: &mut std::os::unix::net::UnixStream, msg: &[u8]| {
         s.write_all(msg).expect("write");
         let mut buf = vec![0u8; msg.len()];
         s.read_exact(&mut buf).expect("live echo");
         assert_eq!(buf, msg);
     };
-    let mut live = common::unix_connect(&s2);
-    live.set_read_timeout(Some(t)).expect("timeout");
-    live_echo(&mut live, b"live");
-    let mut live1 = common::unix_connect(&s1);
-    live1.set_read_timeout(Some(t)).expect("timeout");
-    live_echo(&mut live1, b"u1 live");
-
-    let crl = write_crl(&fx, "u2");
-    std::fs::write(fx.path("gw.toml"), text(&format!("crl = [{}]\n", q(&crl)))).expect("rewrite");
-    let hup = Command::new("kill")
-        .args(["-HUP", &gw.proc.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
-    // The live session ends (its caller reads the end of the stream).
-    let mut rest = Vec::new();
-    let ended = live.read_to_end(&mut rest);
-    assert!(
-        matches!(ended, Ok(0)),
-        "the revoked certificate's live session went on: {ended:?}; gateway log:\n{}",
-        gw.log()
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !gw
-        .log()
-        .contains("the client certificate is no longer trusted")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no withdrawal logged:\n{}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // A new session of the revoked certificate, on the connection its forward keeps:
-    // refused with 401 (a new TLS handshake would have failed before any HTTP).
-    let refused = request(&s2, b"three");
-    assert!(
-        refused.is_empty(),
-        "a revoked certificate opened a session: {refused:?}"
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f2.log().contains("401") {
-        assert!(
-            Instant::now() < deadline,
-            "the forward did not see a 401:\n{}\ngateway log:\n{}",
-            f2.log(),
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(
-        gw.log()
-            .lines()
-            .any(|l| l.contains("refused") && l.contains("status=401")),
-        "the gateway did not refuse it over HTTP:\n{}",
-        gw.log()
-    );
-    // That connection takes no new sessions; the next one is a handshake, which fails.
-    wait_log(
-        &gw.proc,
-        "client certificate is no longer trusted (its live",
-    );
-    assert!(request(&s2, b"again").is_empty());
-    // The other certificate's live session and new sessions go on.
-    live_echo(&mut live1, b"u1 still live");
-    assert_eq!(common::unix_request(&s1, b"four", t), b"four");
+    let live = |sock: &Path, msg: &[u8]| {
+        let mut s = common::unix_connect(sock);
+        s.set_read_timeout(Some(t)).expect("timeout");
+        live_echo(&mut s, msg);
+        s
+    };
+    let mut live2 = live(&s2, b"u2 live");
+    let mut live1 = live(&s1, b"u1 live");
     let refusals = |log: &str| {
         log.lines()
             .filter(|l| l.contains("refused") && l.contains("status=401"))
             .count()
     };
+    let reload = |text: String| {
+        std::fs::write(fx.path("gw.toml"), text).expect("rewrite");
+        let hup = Command::new("kill")
+            .args(["-HUP", &gw.proc.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(hup.success());
+    };
+
+    // A CRL revokes u2.
+    let crl = write_crl(&fx, "u2");
+    let with_crl = text(&format!("crl = [{}]\n", q(&crl)));
+    reload(with_crl.clone());
+    // Its live session ends (its caller reads the end of the stream), and that
+    // session's connection is asked to close.
+    let mut rest = Vec::new();
+    let ended = live2.read_to_end(&mut rest);
+    assert!(
+        matches!(ended, Ok(0)),
+        "the revoked certificate's live session went on: {ended:?}; gateway log:\n{}",
+        gw.log()
+    );
+    wait_log(&gw.proc, "the client certificate was revoked");
+    wait_log(
+        &gw.proc,
+        "client certificate is no longer trusted (its live",
+    );
+    // Its new session on its other warm connection: refused over HTTP with 401 (a new
+    // TLS handshake would have failed before any HTTP).
+    let refused = request(&s2w, b"three");
+    assert!(
+        refused.is_empty(),
+        "a revoked certificate opened a session: {refused:?}"
+    );
+    wait_log(&f2w, "401");
+    assert!(
+        refusals(&gw.log()) >= 1,
+        "the gateway did not refuse it over HTTP:\n{}",
+        gw.log()
+    );
+    // That connection is asked to close too; the next try cannot do better.
+    assert!(request(&s2w, b"again").is_empty());
+    // u1's live session and new sessions go on.
+    live_echo(&mut live1, b"u1 still live");
+    assert_eq!(common::unix_request(&s1w, b"four", t), b"four");
     let before = refusals(&gw.log());
 
     // A new client CA: u1's certificate no longer chains to it.
@@ -1480,49 +1474,32 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
         force: false,
     })
     .expect("second PKI");
-    let swapped = text(&format!("crl = [{}]\n", q(&crl))).replace(
+    let reloads = |log: &str| log.matches("reloaded the config").count();
+    let reloaded = reloads(&gw.log());
+    reload(with_crl.replace(
         &q(&fx.ca()),
         &q(&other.join("ca.pem").display().to_string()),
-    );
-    std::fs::write(fx.path("gw.toml"), swapped).expect("rewrite");
-    let hup = Command::new("kill")
-        .args(["-HUP", &gw.proc.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    ));
+    // Once the reload is done (no u1 session in flight through it), u1's next session
+    // on a warm connection is refused over HTTP.
     let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let got = request(&s1, b"five");
-        if got.is_empty() {
-            break;
-        }
-        // Until the reload has happened, sessions still work.
-        assert_eq!(got, b"five");
-        assert!(
-            Instant::now() < deadline,
-            "u1 kept opening sessions:\n{}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    while reloads(&gw.log()) == reloaded {
+        assert!(Instant::now() < deadline, "no reload:\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(20));
     }
-    // That empty reply was a 401, or a session in flight at the reload that the reload
-    // ended; the next one on the warm connection is a 401 then.
-    assert!(request(&s1, b"six").is_empty());
+    let got = request(&s1w, b"five");
+    assert!(
+        got.is_empty(),
+        "u1 opened a session after its CA was removed"
+    );
     assert!(
         refusals(&gw.log()) > before,
         "u1's session was not refused over HTTP (on its warm connection):\n{}",
         gw.log()
     );
-    wait_log(&f1, "no longer trusted");
-    // Its live session ended with the reload: the certificate no longer chains to the
-    // client CA, as if a CRL had revoked it.
-    let mut rest = Vec::new();
-    let ended = live1.read_to_end(&mut rest);
-    assert!(
-        ended.is_ok(),
-        "u1's live session went on after its CA was removed: {ended:?}\n{}",
-        gw.log()
-    );
+    wait_log(&f1w, "no longer trusted");
+    // Its live session goes on: a CA rotation is not a revocation.
+    live_echo(&mut live1, b"u1 live after the CA swap");
 }
 
 /// Waits (at most 15 s) until `p`'s log holds `needle`.
