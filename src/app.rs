@@ -325,6 +325,19 @@ const RETRY_FIRST: Duration = Duration::from_secs(1);
 /// The longest pause between tries of a forward that could not be bound.
 const RETRY_MAX: Duration = Duration::from_secs(32);
 
+/// The retry schedule of an unbound forward, for its log lines.
+struct RetryNote;
+
+impl std::fmt::Display for RetryNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "after {:?}, then at doubling pauses up to {:?}",
+            RETRY_FIRST, RETRY_MAX
+        )
+    }
+}
+
 struct RunningForward {
     /// The settings it runs with.
     settings: Arc<client::ForwardSettings>,
@@ -423,11 +436,11 @@ impl Forwards {
                                 self.start(fw).refused = Some((cfg.clone(), e.clone()));
                             }
                             Err(e2) => {
-                                error!(error = %e, old_error = %e2, "the changed forward cannot be bound, nor with its old settings; it is stopped and tried again (after 1 s, then at doubling pauses up to 32 s)")
+                                error!(error = %e, old_error = %e2, retry = %RetryNote, "the changed forward cannot be bound, nor with its old settings; it is stopped and tried again")
                             }
                         }
                     } else {
-                        error!(error = %e, "the new forward cannot be bound; it is tried again (after 1 s, then at doubling pauses up to 32 s)");
+                        error!(error = %e, retry = %RetryNote, "the new forward cannot be bound; it is tried again");
                     }
                     errors.push(e);
                 }

@@ -837,6 +837,8 @@ pub struct ForwardSettings {
 pub struct Target {
     /// The path and query its sessions request.
     path: String,
+    /// Whether a credential path names `{user}` (a dialer per local user).
+    per_user: bool,
     /// The dialer of its sessions while no credential path names `{user}`, and when
     /// [`cached_dialer`] last read its credentials: taken without formatting the cache
     /// key per session.
@@ -844,9 +846,13 @@ pub struct Target {
 }
 
 impl Target {
-    fn new(to: &Uri, extra: &[&str]) -> Arc<Target> {
+    fn new(fwd: &ForwardConfig, extra: &[&str]) -> Arc<Target> {
+        let c = &fwd.credentials;
         Arc::new(Target {
-            path: target_of(to, extra),
+            path: target_of(&fwd.to, extra),
+            per_user: [&c.ca, &c.cert, &c.key, &c.token_file]
+                .iter()
+                .any(|p| p.as_deref().is_some_and(|p| p.contains("{user}"))),
             dialer: std::sync::Mutex::new(None),
         })
     }
@@ -870,7 +876,7 @@ impl Target {
 
 impl ForwardSettings {
     fn new(fwd: ForwardConfig, extra: Vec<&'static str>) -> Arc<ForwardSettings> {
-        let target = Target::new(&fwd.to, &extra);
+        let target = Target::new(&fwd, &extra);
         Arc::new(ForwardSettings {
             extra,
             now: std::sync::RwLock::new((Arc::new(fwd), target)),
@@ -891,7 +897,7 @@ impl ForwardSettings {
         if !same_endpoint(&self.get().0, fwd) {
             return false;
         }
-        let new = (Arc::new(fwd.clone()), Target::new(&fwd.to, &self.extra));
+        let new = (Arc::new(fwd.clone()), Target::new(fwd, &self.extra));
         match self.now.write() {
             Ok(mut g) => *g = new,
             Err(e) => *e.into_inner() = new,
@@ -968,11 +974,7 @@ async fn forward_one(
     }
     // The user database is consulted only when a credential path names `{user}`: it is
     // a per-connection cost on the hot path of new sessions otherwise.
-    let c = &fwd.credentials;
-    let per_user = [&c.ca, &c.cert, &c.key, &c.token_file]
-        .iter()
-        .any(|p| p.as_deref().is_some_and(|p| p.contains("{user}")));
-    let dialer = if per_user {
+    let dialer = if target.per_user {
         let user = caller.as_ref().and_then(|c| c.user_name());
         let creds = substitute_user(&fwd.credentials, user.as_deref());
         cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2).map(|(d, _)| d)
@@ -1099,22 +1101,18 @@ fn cached_dialer_within(
 /// the system trust store instead. `None` when a file cannot be read ([`Dialer::new`]
 /// then says why).
 fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
+    use crate::tunnel::tls::hash_field;
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     if creds.ca.is_none() {
         // What tls::client_config trusts then.
         for c in rustls_native_certs::load_native_certs().certs {
-            h.update((c.len() as u64).to_le_bytes());
-            h.update(&c);
+            hash_field(&mut h, &c);
         }
     }
     for path in [&creds.ca, &creds.cert, &creds.key, &creds.token_file] {
         match path {
-            Some(p) => {
-                let bytes = std::fs::read(p).ok()?;
-                h.update((bytes.len() as u64).to_le_bytes());
-                h.update(&bytes);
-            }
+            Some(p) => hash_field(&mut h, &std::fs::read(p).ok()?),
             None => h.update(u64::MAX.to_le_bytes()),
         }
     }

@@ -56,10 +56,7 @@ pub struct Gateway {
 /// generation: 0 at start, one more for each reload that changed what it trusts.
 struct TlsSetup {
     acceptor: TlsAcceptor,
-    verifier: Option<(
-        Arc<dyn rustls::server::danger::ClientCertVerifier>,
-        [u8; 32],
-    )>,
+    verifier: Option<tunnel::tls::ClientVerifier>,
     generation: u64,
 }
 
@@ -73,7 +70,7 @@ impl TlsSetup {
     }
 
     fn trusts(&self) -> Option<&[u8; 32]> {
-        self.verifier.as_ref().map(|(_, d)| d)
+        self.verifier.as_ref().map(|v| &v.digest)
     }
 }
 
@@ -108,7 +105,7 @@ impl Gateway {
             // When what it trusts changed, every older connection checks its certificate
             // again, once (one chain verification each), with the new verifier.
             let mut t = self.tls.write().unwrap_or_else(|p| p.into_inner());
-            let changed = t.trusts() != tls.client_verifier.as_ref().map(|(_, d)| d);
+            let changed = t.trusts() != tls.client_verifier.as_ref().map(|v| &v.digest);
             *t = TlsSetup::new(tls, t.generation + u64::from(changed));
         }
         let mut ended = 0;
@@ -180,7 +177,7 @@ impl Gateway {
         }
         let verdict = match &trust.verifier {
             None => Trust::Untrusted,
-            Some((v, _)) => match v.verify_client_cert(
+            Some(v) => match v.verifier.verify_client_cert(
                 &conn.chain[0],
                 &conn.chain[1..],
                 rustls::pki_types::UnixTime::now(),
@@ -520,15 +517,13 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
             return;
         }
     };
-    let chain: Vec<_> = tls
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = tls
         .get_ref()
         .1
         .peer_certificates()
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
-    let cert = chain
-        .first()
-        .and_then(|c: &rustls::pki_types::CertificateDer<'static>| CertNames::from_der(c.as_ref()));
+    let cert = chain.first().and_then(|c| CertNames::from_der(c.as_ref()));
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,

@@ -81,12 +81,25 @@ fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
 pub struct ServerTls {
     /// The server config.
     pub config: Arc<ServerConfig>,
-    /// Its client-certificate verifier, and a digest of the client CA certificates and
-    /// CRLs it was built from.
-    pub client_verifier: Option<(
-        Arc<dyn rustls::server::danger::ClientCertVerifier>,
-        [u8; 32],
-    )>,
+    /// Its client-certificate verifier.
+    pub client_verifier: Option<ClientVerifier>,
+}
+
+/// A client-certificate verifier, and a digest of the client CA certificates and CRLs
+/// it was built from (two verifiers with the same digest accept the same certificates).
+#[derive(Clone)]
+pub struct ClientVerifier {
+    /// The verifier.
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// The digest.
+    pub digest: [u8; 32],
+}
+
+/// Adds `field` to `h`, length first, so that a sequence of fields has one reading.
+pub(crate) fn hash_field(h: &mut sha2::Sha256, field: &[u8]) {
+    use sha2::Digest;
+    h.update((field.len() as u64).to_le_bytes());
+    h.update(field);
 }
 
 /// Server config: `client_ca` enables client certificates, mandatory unless
@@ -108,7 +121,7 @@ pub fn server_config(
         None => None,
     };
     let builder = match &verifier {
-        Some((v, _)) => builder.with_client_cert_verifier(v.clone()),
+        Some(v) => builder.with_client_cert_verifier(v.verifier.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder
@@ -126,18 +139,11 @@ pub fn server_config(
 
 /// What client certificates are checked against: they must chain to `ca` and not be
 /// revoked by `crls`; with `tokens_configured`, a client may also present none.
-/// Also returns a digest of the certificates and CRLs it was built from.
 fn client_verifier(
     ca: &Path,
     crls: &[PathBuf],
     tokens_configured: bool,
-) -> Result<
-    (
-        Arc<dyn rustls::server::danger::ClientCertVerifier>,
-        [u8; 32],
-    ),
-    TlsError,
-> {
+) -> Result<ClientVerifier, TlsError> {
     use sha2::{Digest, Sha256};
     let roots = Arc::new(load_roots(ca)?);
     let mut crl_ders = Vec::new();
@@ -148,28 +154,25 @@ fn client_verifier(
             .map_err(|e| file_err(p, format!("bad CRL PEM: {e}")))?;
         crl_ders.extend(list);
     }
+    // What webpki takes from a trust anchor, then each CRL, counted.
     let mut h = Sha256::new();
+    hash_field(&mut h, &(roots.roots.len() as u64).to_le_bytes());
     for root in roots.roots.iter() {
-        for part in [
-            root.subject.as_ref(),
-            root.subject_public_key_info.as_ref(),
-            root.name_constraints.as_deref().unwrap_or_default(),
-        ] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part);
-        }
+        hash_field(&mut h, root.subject.as_ref());
+        hash_field(&mut h, root.subject_public_key_info.as_ref());
+        hash_field(&mut h, root.name_constraints.as_deref().unwrap_or_default());
     }
-    h.update([0xff]);
     for crl in &crl_ders {
-        h.update((crl.len() as u64).to_le_bytes());
-        h.update(crl.as_ref());
+        hash_field(&mut h, crl.as_ref());
     }
     let mut vb = WebPkiClientVerifier::builder_with_provider(roots, provider()).with_crls(crl_ders);
     if tokens_configured {
         vb = vb.allow_unauthenticated();
     }
-    let verifier = vb.build().map_err(|e| TlsError::Rustls(e.to_string()))?;
-    Ok((verifier, h.finalize().into()))
+    Ok(ClientVerifier {
+        verifier: vb.build().map_err(|e| TlsError::Rustls(e.to_string()))?,
+        digest: h.finalize().into(),
+    })
 }
 
 /// Server-side TLS session cache size (resumption for repeat clients).
