@@ -50,8 +50,6 @@ pub struct CertNames {
     pub san_uri: Vec<String>,
     /// DNS subject alternative names.
     pub san_dns: Vec<String>,
-    /// The raw serial number (for revocation on reload).
-    pub serial: Vec<u8>,
 }
 
 impl CertNames {
@@ -59,10 +57,7 @@ impl CertNames {
     pub fn from_der(der: &[u8]) -> Option<CertNames> {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let mut out = CertNames {
-            serial: cert.raw_serial().to_vec(),
-            ..CertNames::default()
-        };
+        let mut out = CertNames::default();
         for cn in cert.subject().iter_common_name() {
             if let Ok(s) = cn.as_str() {
                 out.cn.push(s.to_string());
@@ -79,6 +74,22 @@ impl CertNames {
         }
         Some(out)
     }
+}
+
+/// When the first certificate of a verified chain expires: the earliest `notAfter` of
+/// `chain`, in seconds since the Unix epoch (`None` for an empty chain, or one that does
+/// not parse, which a verified chain does). A connection's handshake checked the chain at
+/// its start; a later request on it is refused once this time has passed.
+pub fn chain_expiry(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<u64> {
+    chain
+        .iter()
+        .map(|c| {
+            x509_parser::parse_x509_certificate(c.as_ref())
+                .ok()
+                .map(|(_, x)| u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0))
+        })
+        .try_fold(u64::MAX, |min, t| t.map(|t| min.min(t)))
+        .filter(|_| !chain.is_empty())
 }
 
 fn cert_matches(id: &IdentityConfig, names: &CertNames) -> bool {

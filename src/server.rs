@@ -110,29 +110,15 @@ impl Gateway {
         }
         let mut ended = 0;
         for s in self.registry.snapshot() {
-            let reason = match config.identities.iter().find(|i| i.name == s.identity) {
-                None => Some("the identity was removed"),
-                Some(ic) => {
-                    let id = Identity {
-                        name: ic.name.clone(),
-                        groups: ic.groups.clone(),
-                        method: auth::AuthMethod::Certificate,
-                    };
-                    match config.pipe(&s.pipe) {
-                        None => Some("the pipe was removed"),
-                        Some(p) if !auth::allowed(&id, p) => {
-                            Some("the identity may no longer use this pipe")
-                        }
-                        // Checked with the new TLS setup. A certificate no longer trusted
-                        // has its connection asked to close; its live sessions end only
-                        // if a CRL revoked it (a CA rotation drops no session).
-                        Some(_) if s.conn.as_ref().is_some_and(|c| self.retire_untrusted(c)) => {
-                            Some("the client certificate was revoked")
-                        }
-                        Some(_) => None,
-                    }
-                }
-            };
+            let reason = withdrawn(&config, &s.identity, &s.pipe).or_else(|| {
+                // Checked with the new TLS setup. A certificate no longer trusted has its
+                // connection asked to close; its live sessions end only if a CRL revoked
+                // it (a CA rotation drops no session).
+                s.conn
+                    .as_ref()
+                    .is_some_and(|c| self.retire_untrusted(c))
+                    .then_some("the client certificate was revoked")
+            });
             if let Some(r) = reason {
                 info!(id = s.id, identity = %s.identity, pipe = %s.pipe, reason = r, "ending a session: access withdrawn");
                 s.stop.stop(protocol::ErrorKind::AccessWithdrawn, r);
@@ -143,7 +129,7 @@ impl Gateway {
     }
 
     /// Whether the client certificate `conn` presented (if any) passes the checks in
-    /// force: the handshake's, unless a reload changed the client CA or CRLs since, in
+    /// force and has not expired since the handshake: the handshake's checks, unless a reload changed the client CA or CRLs since, in
     /// which case the certificate chain is verified again (once per change).
     fn still_trusted(&self, conn: &ConnInfo) -> bool {
         self.trust_of(conn) == Trust::Trusted
@@ -165,6 +151,12 @@ impl Gateway {
         if conn.chain.is_empty() {
             return Trust::Trusted;
         }
+        // The handshake checked the validity dates at the connection's start; a warm
+        // connection may outlive its certificate.
+        let now = rustls::pki_types::UnixTime::now();
+        if conn.expires.is_none_or(|t| now.as_secs() > t) {
+            return Trust::Untrusted;
+        }
         let trust = self.tls.read().unwrap_or_else(|p| p.into_inner());
         if trust.generation == conn.trust_generation {
             return Trust::Trusted;
@@ -177,11 +169,10 @@ impl Gateway {
         }
         let verdict = match &trust.verifier {
             None => Trust::Untrusted,
-            Some(v) => match v.verifier.verify_client_cert(
-                &conn.chain[0],
-                &conn.chain[1..],
-                rustls::pki_types::UnixTime::now(),
-            ) {
+            Some(v) => match v
+                .verifier
+                .verify_client_cert(&conn.chain[0], &conn.chain[1..], now)
+            {
                 Ok(_) => Trust::Trusted,
                 Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
                     Trust::Revoked
@@ -524,11 +515,13 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
     let cert = chain.first().and_then(|c| CertNames::from_der(c.as_ref()));
+    let expires = auth::chain_expiry(&chain);
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
         cert,
         chain,
+        expires,
         trust_generation,
         trust_checked: Mutex::new(None),
         retire: tokio::sync::Notify::new(),
@@ -691,6 +684,8 @@ struct ConnInfo {
     cert: Option<CertNames>,
     /// The certificate chain the client presented (empty: none).
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// When the first certificate of `chain` expires (seconds since the Unix epoch).
+    expires: Option<u64>,
     /// The client-certificate trust its handshake checked against.
     trust_generation: u64,
     /// The last trust generation its certificate was checked against again, and the
@@ -808,6 +803,24 @@ fn authenticate<B>(
     r
 }
 
+/// Why `config` no longer lets `identity` use `pipe` (DESIGN's reload rule), if it does
+/// not: the identity or the pipe was removed, or the pipe no longer allows it.
+fn withdrawn(config: &Config, identity: &str, pipe: &str) -> Option<&'static str> {
+    let Some(ic) = config.identities.iter().find(|i| i.name == identity) else {
+        return Some("the identity was removed");
+    };
+    let id = Identity {
+        name: ic.name.clone(),
+        groups: ic.groups.clone(),
+        method: auth::AuthMethod::Certificate,
+    };
+    match config.pipe(pipe) {
+        None => Some("the pipe was removed"),
+        Some(p) if !auth::allowed(&id, p) => Some("the identity may no longer use this pipe"),
+        Some(_) => None,
+    }
+}
+
 /// What a connection's client certificate is to the TLS setup in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trust {
@@ -830,7 +843,7 @@ fn untrusted(conn: &ConnInfo, gw: &Gateway, cfg: &Config) -> Refusal {
     }
     Refusal::new(
         RefusalKind::Unauthenticated,
-        "the client certificate is no longer trusted (revoked, or its CA removed)",
+        "the client certificate is no longer trusted (expired, revoked, or its CA removed)",
     )
 }
 
@@ -1048,7 +1061,15 @@ async fn session<B>(
         stop,
     )?;
     // A reload between the authentication above and the admission did not see this
-    // session among the live ones: its certificate is checked against it here.
+    // session among the live ones (it replaces the config before it lists them): the
+    // session is checked against what that reload put in force here.
+    let current = gw.config();
+    if !Arc::ptr_eq(&current, &cfg) {
+        if let Some(r) = withdrawn(&current, &identity.name, &pipe.name) {
+            info!(identity = %identity.name, pipe = %pipe.name, reason = r, "refusing a session admitted during a reload: access withdrawn");
+            return Err(forbidden());
+        }
+    }
     if !gw.still_trusted(conn) {
         return Err(untrusted(conn, gw, &cfg));
     }

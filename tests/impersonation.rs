@@ -1286,31 +1286,10 @@ fn forward_picks_credentials_per_local_caller() {
 fn write_crl(fx: &Fixture, client: &str) -> String {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
-    let ca_der = CertificateDer::from_pem_file(fx.ca()).expect("CA PEM");
-    let (_, ca) = x509_parser::parse_x509_certificate(ca_der.as_ref()).expect("parse CA");
-    let cn = ca
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|c| c.as_str().ok())
-        .expect("CA CN")
-        .to_string();
     let leaf_der = CertificateDer::from_pem_file(fx.cert(client)).expect("client PEM");
     let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der.as_ref()).expect("parse client");
     let serial = leaf.tbs_certificate.raw_serial().to_vec();
-
-    let key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(fx.p("pki/ca.key")).expect("ca.key"))
-            .expect("CA key");
-    let mut params = rcgen::CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, cn);
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-    ];
+    let (params, key) = ca_params(fx);
     let issuer = rcgen::Issuer::new(params, &key);
     let crl = rcgen::CertificateRevocationListParams {
         this_update: rcgen::date_time_ymd(2020, 1, 1),
@@ -1329,6 +1308,69 @@ fn write_crl(fx: &Fixture, client: &str) -> String {
     .expect("sign CRL");
     let path = fx.write("clients.crl", &crl.pem().expect("CRL PEM"));
     path.to_string_lossy().into_owned()
+}
+
+/// The fixture CA's parameters (its subject, for issuing) and key.
+fn ca_params(fx: &Fixture) -> (rcgen::CertificateParams, rcgen::KeyPair) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let ca_der = CertificateDer::from_pem_file(fx.ca()).expect("CA PEM");
+    let (_, ca) = x509_parser::parse_x509_certificate(ca_der.as_ref()).expect("parse CA");
+    let cn = ca
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|c| c.as_str().ok())
+        .expect("CA CN")
+        .to_string();
+    let key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(fx.p("pki/ca.key")).expect("ca.key"))
+            .expect("CA key");
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    (params, key)
+}
+
+/// A certificate and key for `client` from the fixture CA that expire `secs` seconds
+/// from now (paths `pki/{client}-short.pem` and `.key`), and that expiry in seconds
+/// since the Unix epoch.
+fn short_lived_cert(fx: &Fixture, client: &str, secs: u64) -> (String, String, u64) {
+    let (params, key) = ca_params(fx);
+    let issuer = rcgen::Issuer::new(params, &key);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, client);
+    leaf.is_ca = rcgen::IsCa::ExplicitNoCa;
+    leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.not_before = epoch + Duration::from_secs(now - 3600);
+    leaf.not_after = epoch + Duration::from_secs(now + secs);
+    let cert = leaf.signed_by(&leaf_key, &issuer).expect("sign leaf");
+    let pem = fx.write(&format!("pki/{client}-short.pem"), &cert.pem());
+    let key = fx.write(
+        &format!("pki/{client}-short.key"),
+        &leaf_key.serialize_pem(),
+    );
+    (
+        pem.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+        now + secs,
+    )
 }
 
 /// What a local socket answers `data` (written, then half-closed) until it closes;
@@ -1500,6 +1542,102 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
     wait_log(&f1w, "no longer trusted");
     // Its live session goes on: a CA rotation is not a revocation.
     live_echo(&mut live1, b"u1 live after the CA swap");
+}
+
+/// A client certificate that expires while its forward keeps an HTTP/2 connection warm:
+/// the handshake checked it at the start, so each later request checks its dates. Once
+/// it has expired, the next session on that connection is refused with 401 (and the
+/// connection asked to close), while the session opened before goes on. So are the
+/// sessions on connections that resume the forward's TLS session; a fresh handshake
+/// rejects the certificate.
+#[test]
+fn an_expired_certificate_opens_no_session_on_its_warm_connection() {
+    let fx = fixture();
+    let target = fx.path("echo.sock");
+    let _echo = UnixServer::echo(&target);
+    let endpoint = format!("unix:{}", target.display());
+    let gw = fx.serve(
+        "gw.toml",
+        &config(
+            &fx,
+            "",
+            &pipe("echo", &endpoint, &["u1"], "run_as = \"gateway\""),
+        ),
+    );
+    // Long enough to start the forward and fill its pool on a loaded machine.
+    let life = 8;
+    let (cert, key, expires) = short_lived_cert(&fx, "u1", life);
+    let sock = fx.path("fwd.sock");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("forward")
+        .arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--to")
+        .arg(gw.url("echo"))
+        .args(["--ca", &fx.ca(), "--cert", &cert, "--key", &key]);
+    scrub(&mut cmd);
+    cmd.env("PIPEBRIDGE_SHARDS", "1");
+    let mut fwd = Proc::spawn(cmd, fx.dir(), false);
+    fwd.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+    let t = Duration::from_secs(20);
+    // Fill the forward's pool (two connections without shards), and keep a session.
+    for msg in [&b"one"[..], b"two"] {
+        assert_eq!(common::unix_request(&sock, msg, t), msg);
+    }
+    let mut live = common::unix_connect(&sock);
+    live.set_read_timeout(Some(t)).expect("timeout");
+    let live_echo = |s: &mut std::os::unix::net::UnixStream, msg: &[u8]| {
+        s.write_all(msg).expect("write");
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).expect("live echo");
+        assert_eq!(buf, msg);
+    };
+    live_echo(&mut live, b"live");
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    };
+    assert!(
+        unix_now() < expires,
+        "the sessions before the expiry took longer than the certificate's {life} s"
+    );
+    // Past notAfter (checked in whole seconds: strictly after it).
+    while unix_now() <= expires {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let got = request(&sock, b"late");
+    assert!(
+        got.is_empty(),
+        "an expired certificate opened a session: {got:?}"
+    );
+    wait_log(&fwd, "no longer trusted (expired");
+    assert!(
+        gw.log().contains("status=401"),
+        "the gateway did not refuse it over HTTP:\n{}",
+        gw.log()
+    );
+    // The session opened before the expiry goes on.
+    live_echo(&mut live, b"still live");
+    // Later sessions are refused the same way: on the other warm connection, and on
+    // new connections, which resume the forward's TLS session (a resumed handshake does
+    // not check the certificate again; the request on it does).
+    for _ in 0..3 {
+        assert!(request(&sock, b"again").is_empty());
+    }
+    let refused = fwd.log().matches("no longer trusted (expired").count();
+    assert!(refused >= 4, "{refused} refusals:\n{}", fwd.log());
+    // A client without a session to resume: its handshake rejects the certificate.
+    let out = fx.connect(&gw.url("echo"), "u1-short", b"x");
+    assert_eq!(out.code, Some(3), "stderr:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("the server rejected our certificate"),
+        "stderr:\n{}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty());
 }
 
 /// Waits (at most 15 s) until `p`'s log holds `needle`.
