@@ -5,21 +5,44 @@ use pipebridge::app;
 use pipebridge::cli::{CertsCommand, Cli, Command, LogFormat, TokenCommand};
 
 fn init_tracing(cli: &Cli) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let default = match cli.command {
         Command::Serve(_) | Command::Forward(_) => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.as_deref().unwrap_or(default))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let spec = cli.log.as_deref().unwrap_or(default);
     let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         // Colours only on a terminal: logs piped to a file or journald stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    // Directives by target and level only (the default, and most filters) need no
+    // per-span bookkeeping. EnvFilter, which also filters by span and field, takes a
+    // lock and a map lookup at every enter and exit of a span, that is at every poll of
+    // a session's tasks: with it, sessions cost 16% more gateway CPU (BENCHMARKS.md).
+    if let Some(targets) = static_filter(spec) {
+        match cli.log_format {
+            LogFormat::Text => b.finish().with(targets).init(),
+            LogFormat::Json => b.json().finish().with(targets).init(),
+        }
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = b.with_env_filter(filter);
     match cli.log_format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }
+}
+
+/// `spec` as a filter by target and level, when it is one: no span (`[..]`) or field
+/// (`{..}`) directives, which only EnvFilter understands.
+fn static_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
+    if spec.contains(['[', ']', '{', '}']) {
+        return None;
+    }
+    spec.parse().ok()
 }
 
 fn main() {
