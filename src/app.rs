@@ -770,6 +770,7 @@ pub async fn connect(a: ConnectArgs) -> i32 {
                 config::DEFAULT_KEEPALIVE_TIMEOUT,
             )),
         },
+        &tracing::Span::current(),
     )
     .await;
     if let Some(p) = progress {

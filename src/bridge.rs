@@ -193,12 +193,17 @@ impl Activity {
 }
 
 /// Runs a session until both directions are done or it fails; returns how it ended.
+///
+/// Its log lines name `span` as their parent, which is not entered while it runs:
+/// entering a span at every poll (`Instrument`) cost 2.9 µs of gateway CPU per message
+/// with 512 sessions (BENCHMARKS.md), and a session logs a line or two in its life.
 pub async fn run<S: Transport>(
     ws: WebSocket<S>,
     local: Local,
     counters: &Counters,
     mut stop: StopSignal,
     opts: Options,
+    span: &tracing::Span,
 ) -> Outcome {
     let (sink, mut stream) = ws.split();
     // Shared by the upstream and keepalive pings; the upstream holds it only per send.
@@ -220,7 +225,7 @@ pub async fn run<S: Transport>(
     let mut peer_closed = false;
 
     let failure = {
-        let up = upstream(reader, child.as_mut(), &sink, counters, &activity);
+        let up = upstream(reader, child.as_mut(), &sink, counters, &activity, span);
         let down = downstream(
             &mut stream,
             &sink,
@@ -232,6 +237,7 @@ pub async fn run<S: Transport>(
             &mut peer_error,
             &activity,
             discard_on_epipe,
+            span,
         );
         tokio::pin!(up, down);
         let mut up_done = false;
@@ -440,6 +446,7 @@ async fn upstream<W: OwnedWrite>(
     sink: &tokio::sync::Mutex<WsSink<W>>,
     counters: &Counters,
     activity: &Activity,
+    span: &tracing::Span,
 ) -> Result<(), Failure> {
     match reader {
         Some(Reader::Bytes(mut r)) => {
@@ -470,7 +477,7 @@ async fn upstream<W: OwnedWrite>(
                 activity
                     .blocking(async { sink.lock().await.send_framed(&mut buf).await })
                     .await
-                    .map_err(ws_failure)?;
+                    .map_err(|e| ws_failure(e, span))?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -482,12 +489,12 @@ async fn upstream<W: OwnedWrite>(
                     activity
                         .blocking(async { sink.lock().await.send(Message::Binary(data)).await })
                         .await
-                        .map_err(ws_failure)?;
+                        .map_err(|e| ws_failure(e, span))?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok(None) => break,
                 Err(e @ MsgError::TooBig { .. }) => {
-                    tracing::warn!(error = %e, "local message too big; closing the session with 1009");
+                    tracing::warn!(parent: span, error = %e, "local message too big; closing the session with 1009");
                     return Err(Failure::Protocol(ErrorKind::MessageTooBig, e.to_string()));
                 }
                 Err(MsgError::Io(e)) => return Err(Failure::Local(format!("read: {e}"))),
@@ -501,18 +508,18 @@ async fn upstream<W: OwnedWrite>(
             .await
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);
-        tracing::info!(status = %status, "exec child exited");
+        tracing::info!(parent: span, status = %status, "exec child exited");
         sink.lock()
             .await
             .send(Message::text(ctl.encode()))
             .await
-            .map_err(ws_failure)?;
+            .map_err(|e| ws_failure(e, span))?;
     }
     sink.lock()
         .await
         .send(Message::text(Control::Eof.encode()))
         .await
-        .map_err(ws_failure)?;
+        .map_err(|e| ws_failure(e, span))?;
     Ok(())
 }
 
@@ -538,12 +545,13 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
     discard_on_epipe: bool,
+    span: &tracing::Span,
 ) -> Failure {
     let mut discarding = false;
     loop {
         let msg = match stream.next().await {
             None => return Failure::PeerGone("connection closed without a Close frame".into()),
-            Some(Err(e)) => return ws_failure(e),
+            Some(Err(e)) => return ws_failure(e, span),
             Some(Ok(m)) => m,
         };
         activity.received();
@@ -579,7 +587,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                     .await;
                 if let Err(e) = r {
                     if discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe {
-                        tracing::debug!("the child closed its stdin; discarding further input");
+                        tracing::debug!(parent: span, "the child closed its stdin; discarding further input");
                         *writer = None;
                         discarding = true;
                         continue;
@@ -621,11 +629,11 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 }
                 Ok(c @ (Control::ExitCode(_) | Control::ExitSignal(_))) => *exit = Some(c),
                 Ok(Control::Error { kind, message }) => {
-                    tracing::debug!(%kind, %message, "peer reported an error");
+                    tracing::debug!(parent: span, %kind, %message, "peer reported an error");
                     *peer_error = Some((kind, message));
                 }
                 Ok(Control::Unknown(t)) => {
-                    tracing::debug!(control = %t, "ignoring unknown control message")
+                    tracing::debug!(parent: span, control = %t, "ignoring unknown control message")
                 }
                 Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
             },
@@ -642,11 +650,12 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
     }
 }
 
-fn ws_failure(e: tungstenite::Error) -> Failure {
+fn ws_failure(e: tungstenite::Error, span: &tracing::Span) -> Failure {
     use tungstenite::error::{CapacityError, Error as E};
     match e {
         E::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
             tracing::warn!(
+                parent: span,
                 size,
                 max_size,
                 "peer sent a message over the limit; closing the session with 1009"

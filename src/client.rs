@@ -947,10 +947,8 @@ fn spawn_session(
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&fwd, caller.as_ref());
-    tracker.spawn(
-        async move { forward_one(local, Bytes::new(), caller, &fwd, &target).await }
-            .instrument(span),
-    )
+    tracker
+        .spawn(async move { forward_one(local, Bytes::new(), caller, &fwd, &target, span).await })
 }
 
 /// The tracing span of one forwarded session.
@@ -959,17 +957,19 @@ fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::S
 }
 
 /// One forwarded session: `local` (whose first data, already read, is `early`) bridged
-/// to a session opened on `target`.
+/// to a session opened on `target`. Its log lines name `span` as their parent; the span
+/// is entered while the session opens but not while it runs ([`bridge::run`]).
 async fn forward_one(
     local: Local,
     early: Bytes,
     caller: Option<LocalCaller>,
     fwd: &ForwardConfig,
     target: &Target,
+    span: tracing::Span,
 ) {
     if !fwd.allow_local.is_empty() && !caller.as_ref().is_some_and(|c| c.allowed(&fwd.allow_local))
     {
-        warn!("local caller not in allow_local; closing");
+        warn!(parent: &span, "local caller not in allow_local; closing");
         return;
     }
     // The user database is consulted only when a credential path names `{user}`: it is
@@ -984,6 +984,7 @@ async fn forward_one(
     let session = match dialer {
         Ok(d) => {
             d.open_early(&target.path, client_message_limit(), &early)
+                .instrument(span.clone())
                 .await
         }
         Err(e) => Err(e),
@@ -992,7 +993,7 @@ async fn forward_one(
     let (ws, sent) = match session {
         Ok((s, sent)) => (s.ws, sent),
         Err(e) => {
-            warn!(error = %e, "forward could not open the remote session; closing the local connection");
+            warn!(parent: &span, error = %e, "forward could not open the remote session; closing the local connection");
             return;
         }
     };
@@ -1016,9 +1017,11 @@ async fn forward_one(
             idle_timeout: None,
             keepalive: Some(fwd.keepalive),
         },
+        &span,
     )
     .await;
     info!(
+        parent: &span,
         bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
         bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),
         close_code = out.code,

@@ -262,11 +262,10 @@ fn caller_session(
     async move {
         let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
-            Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target).await,
-            Err(e) => warn!(error = %e, "cannot register the local caller"),
+            Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target, span).await,
+            Err(e) => warn!(parent: &span, error = %e, "cannot register the local caller"),
         }
     }
-    .instrument(span)
 }
 
 /// Most data taken from a new caller before its session opens ([`read_early`]).
