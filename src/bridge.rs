@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::Instrument;
 
 use crate::endpoint::message::MsgError;
 use crate::endpoint::{Local, Reader, Writer};
@@ -192,12 +193,37 @@ impl Activity {
     }
 }
 
+/// Whether sessions enter their span at every poll ([`enter_spans`]).
+static ENTER_SPANS: AtomicBool = AtomicBool::new(false);
+
+/// Makes sessions enter their span at every poll, as a log filter that selects events
+/// by the spans they are in (EnvFilter's `[span]` directives) needs; set once at start.
+pub fn enter_spans(on: bool) {
+    ENTER_SPANS.store(on, Ordering::Relaxed);
+}
+
 /// Runs a session until both directions are done or it fails; returns how it ended.
 ///
-/// Its log lines name `span` as their parent, which is not entered while it runs:
-/// entering a span at every poll (`Instrument`) cost 2.9 µs of gateway CPU per message
-/// with 512 sessions (BENCHMARKS.md), and a session logs a line or two in its life.
+/// Its log lines name `span` as their parent. The span is entered at every poll only if
+/// [`enter_spans`] asked for it: that cost up to 2.9 µs of gateway CPU per message with
+/// 512 sessions (BENCHMARKS.md), and a session logs a line or two in its life.
 pub async fn run<S: Transport>(
+    ws: WebSocket<S>,
+    local: Local,
+    counters: &Counters,
+    stop: StopSignal,
+    opts: Options,
+    span: &tracing::Span,
+) -> Outcome {
+    let session = run_in(ws, local, counters, stop, opts, span);
+    if ENTER_SPANS.load(Ordering::Relaxed) {
+        session.instrument(span.clone()).await
+    } else {
+        session.await
+    }
+}
+
+async fn run_in<S: Transport>(
     ws: WebSocket<S>,
     local: Local,
     counters: &Counters,

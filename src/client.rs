@@ -957,8 +957,8 @@ fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::S
 }
 
 /// One forwarded session: `local` (whose first data, already read, is `early`) bridged
-/// to a session opened on `target`. Its log lines name `span` as their parent; the span
-/// is entered while the session opens but not while it runs ([`bridge::run`]).
+/// to a session opened on `target`, in `span`, which is entered while the session opens
+/// and for its log lines, but not at every poll while it runs ([`bridge::run`]).
 async fn forward_one(
     local: Local,
     early: Bytes,
@@ -969,7 +969,7 @@ async fn forward_one(
 ) {
     if !fwd.allow_local.is_empty() && !caller.as_ref().is_some_and(|c| c.allowed(&fwd.allow_local))
     {
-        warn!(parent: &span, "local caller not in allow_local; closing");
+        span.in_scope(|| warn!("local caller not in allow_local; closing"));
         return;
     }
     // The user database is consulted only when a credential path names `{user}`: it is
@@ -993,7 +993,7 @@ async fn forward_one(
     let (ws, sent) = match session {
         Ok((s, sent)) => (s.ws, sent),
         Err(e) => {
-            warn!(parent: &span, error = %e, "forward could not open the remote session; closing the local connection");
+            span.in_scope(|| warn!(error = %e, "forward could not open the remote session; closing the local connection"));
             return;
         }
     };
@@ -1020,14 +1020,15 @@ async fn forward_one(
         &span,
     )
     .await;
-    info!(
-        parent: &span,
-        bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
-        bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),
-        close_code = out.code,
-        close_reason = %out.reason,
-        "forward session end"
-    );
+    span.in_scope(|| {
+        info!(
+            bytes_in = counters.to_local.load(std::sync::atomic::Ordering::Relaxed),
+            bytes_out = counters.from_local.load(std::sync::atomic::Ordering::Relaxed),
+            close_code = out.code,
+            close_reason = %out.reason,
+            "forward session end"
+        )
+    });
 }
 
 /// How long a forward reuses a dialer (its TLS config and session-resumption cache)

@@ -29,6 +29,8 @@ fn init_tracing(cli: &Cli) {
     }
     let filter = tracing_subscriber::EnvFilter::try_new(spec)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // EnvFilter selects by the spans entered, so sessions enter theirs at every poll.
+    pipebridge::bridge::enter_spans(true);
     let b = b.with_env_filter(filter);
     match cli.log_format {
         LogFormat::Text => b.init(),

@@ -1093,7 +1093,7 @@ async fn session<B>(
     let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,
         Err(e) => {
-            warn!(parent: &span, error = %e.log, "cannot open the local endpoint");
+            span.in_scope(|| warn!(error = %e.log, "cannot open the local endpoint"));
             return Err(Refusal::new(RefusalKind::EndpointUnavailable, e.public));
         }
     };
@@ -1180,24 +1180,17 @@ impl SessionStart {
             .observe(accepted.elapsed().as_secs_f64());
         let ws = tunnel::ws::WebSocket::new(io, Role::Server, max_message);
         let entry = admission.entry.clone();
-        debug!(parent: &span, "session started");
+        span.in_scope(|| debug!("session started"));
         // Not instrumented: the bridge logs in the span itself ([`bridge::run`]).
         let out = bridge::run(ws, local, &entry.counters, stop_signal, opts, &span).await;
-        audit(&span, &entry, method.as_str(), ids, &out);
+        span.in_scope(|| audit(&entry, method.as_str(), ids, &out));
         drop(admission);
     }
 }
 
-fn audit(
-    span: &tracing::Span,
-    entry: &SessionEntry,
-    method: &str,
-    (uid, gid): (u32, u32),
-    out: &bridge::Outcome,
-) {
+fn audit(entry: &SessionEntry, method: &str, (uid, gid): (u32, u32), out: &bridge::Outcome) {
     info!(
         target: "pipebridge::audit",
-        parent: span,
         peer = %entry.peer,
         identity = %entry.identity,
         auth = method,

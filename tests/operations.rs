@@ -1855,3 +1855,76 @@ fn connect_and_forwards_honour_https_proxy_and_no_proxy() {
     );
     assert_eq!(proxy.count(), 3, "the forward did not use the proxy");
 }
+
+// === logging ===
+
+/// `--log` (here `PIPEBRIDGE_LOG`) filters by target and level, and by span (EnvFilter
+/// syntax). A session's lines are in its `session{...}` span either way: the span is
+/// entered at every poll only for a filter that selects by span.
+#[test]
+fn log_filters_select_by_target_and_by_session_span() {
+    let fx = Fixture::new();
+    let text = fx.server_config(&pipe("hello", "exec:echo ok", &["alice"], ""));
+    let session_lines = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("session{"))
+            .map(str::to_string)
+            .collect()
+    };
+
+    // The default: info everywhere, the session's lines in its span.
+    let gw = fx.serve("default.toml", &text);
+    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+    wait_for(CLIENT_TIMEOUT, "the audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let log = gw.log();
+    let lines = session_lines(&log);
+    assert!(log.contains("gateway listening"), "{log}");
+    for needle in ["exec child exited", "pipebridge::audit: session end"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(needle) && l.contains("identity=alice")),
+            "no {needle:?} line in the session's span:\n{log}"
+        );
+    }
+    drop(gw);
+
+    // By target: only the audit line, outside any span (the session span's own target
+    // is not selected).
+    let gw = fx.serve_env(
+        "targets.toml",
+        &text,
+        &[("PIPEBRIDGE_LOG", "warn,pipebridge::audit=info")],
+    );
+    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+    wait_for(CLIENT_TIMEOUT, "the audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let log = gw.log();
+    assert!(!log.contains("gateway listening"), "{log}");
+    assert!(!log.contains("exec child exited"), "{log}");
+    assert!(session_lines(&log).is_empty(), "{log}");
+    drop(gw);
+
+    // By span: what happens in a session, at info, and nothing else below warn.
+    let gw = fx.serve_env(
+        "spans.toml",
+        &text,
+        &[("PIPEBRIDGE_LOG", "warn,[session]=info")],
+    );
+    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+    wait_for(CLIENT_TIMEOUT, "the audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let log = gw.log();
+    assert!(!log.contains("gateway listening"), "{log}");
+    let lines = session_lines(&log);
+    for needle in ["exec child exited", "pipebridge::audit: session end"] {
+        assert!(
+            lines.iter().any(|l| l.contains(needle)),
+            "no {needle:?} line selected by its span:\n{log}"
+        );
+    }
+}

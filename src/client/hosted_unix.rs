@@ -263,7 +263,7 @@ fn caller_session(
         let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
             Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target, span).await,
-            Err(e) => warn!(parent: &span, error = %e, "cannot register the local caller"),
+            Err(e) => span.in_scope(|| warn!(error = %e, "cannot register the local caller")),
         }
     }
 }
