@@ -12,18 +12,22 @@ fn init_tracing(cli: &Cli) {
         _ => "warn",
     };
     let spec = cli.log.as_deref().unwrap_or(default);
-    let b = tracing_subscriber::fmt()
-        // Colours only on a terminal: logs piped to a file or journald stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+    // Colours only on a terminal: logs piped to a file or journald stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Directives by target and level only (the default, and most filters) need no
     // per-span bookkeeping. EnvFilter, which also filters by span and field, takes a
     // lock and a map lookup at every enter and exit of a span, that is at every poll of
     // a session's tasks: with it, sessions cost 16% more gateway CPU (BENCHMARKS.md).
+    // (Layered on the registry directly: the fmt builder would add a level cap of its
+    // own, INFO by default, under the filter.)
     if let Some(targets) = static_filter(spec) {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr);
+        let registry = tracing_subscriber::registry().with(targets);
         match cli.log_format {
-            LogFormat::Text => b.finish().with(targets).init(),
-            LogFormat::Json => b.json().finish().with(targets).init(),
+            LogFormat::Text => registry.with(layer).init(),
+            LogFormat::Json => registry.with(layer.json()).init(),
         }
         return;
     }
@@ -31,7 +35,10 @@ fn init_tracing(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // EnvFilter selects by the spans entered, so sessions enter theirs at every poll.
     pipebridge::bridge::enter_spans(true);
-    let b = b.with_env_filter(filter);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),

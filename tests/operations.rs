@@ -1908,6 +1908,25 @@ fn log_filters_select_by_target_and_by_session_span() {
     assert!(session_lines(&log).is_empty(), "{log}");
     drop(gw);
 
+    // A more verbose target: its debug lines.
+    let gw = fx.serve_env(
+        "debug.toml",
+        &text,
+        &[("PIPEBRIDGE_LOG", "info,pipebridge::server=debug")],
+    );
+    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+    wait_for(CLIENT_TIMEOUT, "the audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let log = gw.log();
+    assert!(
+        session_lines(&log)
+            .iter()
+            .any(|l| l.contains("DEBUG") && l.contains("session started")),
+        "no debug line of pipebridge::server:\n{log}"
+    );
+    drop(gw);
+
     // By span: what happens in a session, at info, and nothing else below warn.
     let gw = fx.serve_env(
         "spans.toml",
