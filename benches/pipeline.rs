@@ -1709,7 +1709,10 @@ fn report(o: &Opts, tools: &[Tool], res: &Results, idle_n: &BTreeMap<Tool, usize
             list.join(", ")
         );
     }
-    let _ = writeln!(s, "\nPer-round values (run order rotates each round):");
+    let _ = writeln!(
+        s,
+        "\nPer-round values (run order rotates each round, backwards every other round):"
+    );
     for m in METRICS {
         for &t in tools {
             if let Some(v) = res.values.get(&(t, m)) {
@@ -1829,10 +1832,13 @@ fn run(o: &Opts) -> R<bool> {
     let active: Vec<Tool> = pipes.iter().map(|p| p.tool).collect();
     for r in 0..o.rounds {
         eprintln!("bench: round {}/{}", r + 1, o.rounds);
+        // The order rotates each round and runs backwards every other round, so that no
+        // tool always follows the same one (a tool's round can leave work behind, such
+        // as connections still closing, that the next one pays for).
         let k = pipes.len().max(1);
         for j in 0..pipes.len() {
-            let p = &mut pipes[(j + r) % k];
-            run_round(p, o, &load_rt, &mut res);
+            let i = if r % 2 == 0 { j + r } else { k - 1 - j + r };
+            run_round(&mut pipes[i % k], o, &load_rt, &mut res);
         }
     }
     let mut idle_n = BTreeMap::new();
