@@ -61,6 +61,7 @@ const OPEN_PARALLELISM: usize = 32;
 const SCRUBBED_ENV: &[&str] = &[
     "PIPEBRIDGE_TOKEN",
     "PIPEBRIDGE_LOG",
+    "PIPEBRIDGE_LOG_FORMAT",
     "PIPEBRIDGE_CONFIG",
     "HTTPS_PROXY",
     "https_proxy",

@@ -76,20 +76,12 @@ impl CertNames {
     }
 }
 
-/// When the first certificate of a verified chain expires: the earliest `notAfter` of
-/// `chain`, in seconds since the Unix epoch (`None` for an empty chain, or one that does
-/// not parse, which a verified chain does). A connection's handshake checked the chain at
-/// its start; a later request on it is refused once this time has passed.
-pub fn chain_expiry(chain: &[rustls::pki_types::CertificateDer<'_>]) -> Option<u64> {
-    chain
-        .iter()
-        .map(|c| {
-            x509_parser::parse_x509_certificate(c.as_ref())
-                .ok()
-                .map(|(_, x)| u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0))
-        })
-        .try_fold(u64::MAX, |min, t| t.map(|t| min.min(t)))
-        .filter(|_| !chain.is_empty())
+/// A certificate's `notAfter`, in seconds since the Unix epoch (`None` if it does not
+/// parse; a certificate rustls verified does).
+pub fn not_after(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<u64> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .map(|(_, x)| u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0))
 }
 
 fn cert_matches(id: &IdentityConfig, names: &CertNames) -> bool {

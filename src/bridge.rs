@@ -204,9 +204,9 @@ pub fn enter_spans(on: bool) {
 
 /// Runs a session until both directions are done or it fails; returns how it ended.
 ///
-/// Its log lines name `span` as their parent. The span is entered at every poll only if
-/// [`enter_spans`] asked for it: that cost up to 2.9 µs of gateway CPU per message with
-/// 512 sessions (BENCHMARKS.md), and a session logs a line or two in its life.
+/// It logs its few lines in `span` (entered for each). The span is entered at every poll
+/// only if [`enter_spans`] asked for it: that is a registry lookup and a reference count
+/// at each enter and exit, and a session logs a line or two in its life.
 pub async fn run<S: Transport>(
     ws: WebSocket<S>,
     local: Local,
@@ -520,7 +520,7 @@ async fn upstream<W: OwnedWrite>(
                 }
                 Ok(None) => break,
                 Err(e @ MsgError::TooBig { .. }) => {
-                    tracing::warn!(parent: span, error = %e, "local message too big; closing the session with 1009");
+                    span.in_scope(|| tracing::warn!(error = %e, "local message too big; closing the session with 1009"));
                     return Err(Failure::Protocol(ErrorKind::MessageTooBig, e.to_string()));
                 }
                 Err(MsgError::Io(e)) => return Err(Failure::Local(format!("read: {e}"))),
@@ -534,7 +534,7 @@ async fn upstream<W: OwnedWrite>(
             .await
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);
-        tracing::info!(parent: span, status = %status, "exec child exited");
+        span.in_scope(|| tracing::info!(status = %status, "exec child exited"));
         sink.lock()
             .await
             .send(Message::text(ctl.encode()))
@@ -613,7 +613,9 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                     .await;
                 if let Err(e) = r {
                     if discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe {
-                        tracing::debug!(parent: span, "the child closed its stdin; discarding further input");
+                        span.in_scope(|| {
+                            tracing::debug!("the child closed its stdin; discarding further input")
+                        });
                         *writer = None;
                         discarding = true;
                         continue;
@@ -655,12 +657,11 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 }
                 Ok(c @ (Control::ExitCode(_) | Control::ExitSignal(_))) => *exit = Some(c),
                 Ok(Control::Error { kind, message }) => {
-                    tracing::debug!(parent: span, %kind, %message, "peer reported an error");
+                    span.in_scope(|| tracing::debug!(%kind, %message, "peer reported an error"));
                     *peer_error = Some((kind, message));
                 }
-                Ok(Control::Unknown(t)) => {
-                    tracing::debug!(parent: span, control = %t, "ignoring unknown control message")
-                }
+                Ok(Control::Unknown(t)) => span
+                    .in_scope(|| tracing::debug!(control = %t, "ignoring unknown control message")),
                 Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
             },
             Message::Close(frame) => return Failure::PeerClosed(frame),
@@ -680,12 +681,13 @@ fn ws_failure(e: tungstenite::Error, span: &tracing::Span) -> Failure {
     use tungstenite::error::{CapacityError, Error as E};
     match e {
         E::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            tracing::warn!(
-                parent: span,
-                size,
-                max_size,
-                "peer sent a message over the limit; closing the session with 1009"
-            );
+            span.in_scope(|| {
+                tracing::warn!(
+                    size,
+                    max_size,
+                    "peer sent a message over the limit; closing the session with 1009"
+                )
+            });
             Failure::Protocol(
                 ErrorKind::MessageTooBig,
                 format!("a message of {size} bytes exceeds the limit of {max_size} bytes"),

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "pipebridge", version, about)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PIPEBRIDGE_LOG_FORMAT")]
     pub log_format: LogFormat,
     /// Log filter (tracing-subscriber EnvFilter syntax); default: info for serve, warn otherwise.
     #[arg(long, global = true, env = "PIPEBRIDGE_LOG")]

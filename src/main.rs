@@ -31,10 +31,14 @@ fn init_tracing(cli: &Cli) {
         }
         return;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(spec)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // EnvFilter selects by the spans entered, so sessions enter theirs at every poll.
-    pipebridge::bridge::enter_spans(true);
+    let filter = match tracing_subscriber::EnvFilter::try_new(spec) {
+        Ok(f) => {
+            // It selects by the spans entered, so sessions enter theirs at every poll.
+            pipebridge::bridge::enter_spans(true);
+            f
+        }
+        Err(_) => tracing_subscriber::EnvFilter::new(default),
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -46,12 +50,21 @@ fn init_tracing(cli: &Cli) {
 }
 
 /// `spec` as a filter by target and level, when it is one: no span (`[..]`) or field
-/// (`{..}`) directives, which only EnvFilter understands.
+/// (`{..}`) directives, which only EnvFilter understands. Empty directives are dropped,
+/// as EnvFilter drops them (`Targets` would read one as "every target, at TRACE").
 fn static_filter(spec: &str) -> Option<tracing_subscriber::filter::Targets> {
     if spec.contains(['[', ']', '{', '}']) {
         return None;
     }
-    spec.parse().ok()
+    let directives: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return None;
+    }
+    directives.join(",").parse().ok()
 }
 
 fn main() {

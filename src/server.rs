@@ -128,9 +128,10 @@ impl Gateway {
         ended
     }
 
-    /// Whether the client certificate `conn` presented (if any) passes the checks in
-    /// force and has not expired since the handshake: the handshake's checks, unless a reload changed the client CA or CRLs since, in
-    /// which case the certificate chain is verified again (once per change).
+    /// Whether the client certificate `conn` presented (if any) still passes the checks
+    /// in force: the handshake's, unless a reload changed the client CA or CRLs since or a
+    /// certificate of the chain has expired since, in which case the chain is verified
+    /// again ([`Gateway::trust_of`]).
     fn still_trusted(&self, conn: &ConnInfo) -> bool {
         self.trust_of(conn) == Trust::Trusted
     }
@@ -146,33 +147,49 @@ impl Gateway {
     }
 
     /// [`Gateway::still_trusted`], telling a revoked certificate from one that is
-    /// untrusted otherwise (its CA removed, or no client CA any more).
+    /// untrusted otherwise (expired, its CA removed, or no client CA any more).
     fn trust_of(&self, conn: &ConnInfo) -> Trust {
         if conn.chain.is_empty() {
             return Trust::Trusted;
         }
-        // The handshake checked the validity dates at the connection's start; a warm
-        // connection may outlive its certificate.
         let now = rustls::pki_types::UnixTime::now();
-        if conn.expires.is_none_or(|t| now.as_secs() > t) {
-            return Trust::Untrusted;
-        }
+        let secs = now.as_secs();
+        let leaf = conn.leaf_expires.unwrap_or(0);
         let trust = self.tls.read().unwrap_or_else(|p| p.into_inner());
-        if trust.generation == conn.trust_generation {
+        let recheck = if secs > leaf {
+            // The client's own certificate is in every path: expired for good.
+            Recheck::LeafExpired
+        } else if secs > conn.chain_expires {
+            // Another certificate it presented has expired, which its verified path
+            // may not need: verified again now and then.
+            Recheck::Minute(secs / 60)
+        } else if trust.generation == conn.trust_generation {
             return Trust::Trusted;
-        }
+        } else {
+            Recheck::Reload
+        };
+        let key = (trust.generation, recheck);
         let mut checked = conn.trust_checked.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((generation, verdict)) = *checked {
-            if generation == trust.generation {
+        if let Some((k, verdict)) = *checked {
+            if k == key {
                 return verdict;
             }
         }
+        // An expired certificate is verified as of its expiry, to tell whether a CRL
+        // revokes it (a revoked certificate's live sessions end at a reload).
+        let at = match recheck {
+            Recheck::LeafExpired => {
+                rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(leaf))
+            }
+            _ => now,
+        };
         let verdict = match &trust.verifier {
             None => Trust::Untrusted,
             Some(v) => match v
                 .verifier
-                .verify_client_cert(&conn.chain[0], &conn.chain[1..], now)
+                .verify_client_cert(&conn.chain[0], &conn.chain[1..], at)
             {
+                Ok(_) if recheck == Recheck::LeafExpired => Trust::Untrusted,
                 Ok(_) => Trust::Trusted,
                 Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) => {
                     Trust::Revoked
@@ -180,7 +197,7 @@ impl Gateway {
                 Err(_) => Trust::Untrusted,
             },
         };
-        *checked = Some((trust.generation, verdict));
+        *checked = Some((key, verdict));
         verdict
     }
 
@@ -515,13 +532,21 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
     let cert = chain.first().and_then(|c| CertNames::from_der(c.as_ref()));
-    let expires = auth::chain_expiry(&chain);
+    // The handshake checked the validity dates at the connection's start; a warm
+    // connection, or one that resumes a TLS session, may outlive them.
+    let leaf_expires = chain.first().and_then(auth::not_after);
+    let chain_expires = chain
+        .iter()
+        .map(|c| auth::not_after(c).unwrap_or(0))
+        .min()
+        .unwrap_or(u64::MAX);
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
         cert,
         chain,
-        expires,
+        leaf_expires,
+        chain_expires,
         trust_generation,
         trust_checked: Mutex::new(None),
         retire: tokio::sync::Notify::new(),
@@ -684,13 +709,18 @@ struct ConnInfo {
     cert: Option<CertNames>,
     /// The certificate chain the client presented (empty: none).
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    /// When the first certificate of `chain` expires (seconds since the Unix epoch).
-    expires: Option<u64>,
+    /// The `notAfter` of the client's certificate, the first of `chain` (seconds since
+    /// the Unix epoch; `None`: it does not parse, and is not trusted).
+    leaf_expires: Option<u64>,
+    /// The earliest `notAfter` of all certificates the client presented (an extra one
+    /// that its verified path does not need included; one that does not parse counts as
+    /// 0). Once past, the chain is verified again ([`Gateway::trust_of`]).
+    chain_expires: u64,
     /// The client-certificate trust its handshake checked against.
     trust_generation: u64,
-    /// The last trust generation its certificate was checked against again, and the
-    /// verdict ([`Gateway::still_trusted`]).
-    trust_checked: Mutex<Option<(u64, Trust)>>,
+    /// What its certificate was last checked against again (the trust generation, and
+    /// [`Recheck`]), and the verdict ([`Gateway::trust_of`]).
+    trust_checked: Mutex<Option<((u64, Recheck), Trust)>>,
     /// Notified when its certificate is no longer trusted: an HTTP/2 connection then
     /// takes no new streams (GOAWAY; its live sessions go on).
     retire: tokio::sync::Notify,
@@ -821,13 +851,24 @@ fn withdrawn(config: &Config, identity: &str, pipe: &str) -> Option<&'static str
     }
 }
 
+/// Why a connection's certificate chain is verified again after its handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// A reload changed the client CA or CRLs.
+    Reload,
+    /// A certificate the client presented, not its own, has expired (this minute).
+    Minute(u64),
+    /// The client's certificate has expired.
+    LeafExpired,
+}
+
 /// What a connection's client certificate is to the TLS setup in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Trust {
     Trusted,
     /// A CRL revokes it (or a certificate of its chain).
     Revoked,
-    /// It does not verify otherwise (its CA removed, or no client CA any more).
+    /// It does not verify otherwise (expired, its CA removed, or no client CA any more).
     Untrusted,
 }
 
@@ -1065,7 +1106,14 @@ async fn session<B>(
     // session is checked against what that reload put in force here.
     let current = gw.config();
     if !Arc::ptr_eq(&current, &cfg) {
-        if let Some(r) = withdrawn(&current, &identity.name, &pipe.name) {
+        // Its credentials too: a rotated token, or a certificate now mapped elsewhere.
+        let same = authenticate_inner(req, conn, &current).is_ok_and(|i| i.name == identity.name);
+        let reason = if same {
+            withdrawn(&current, &identity.name, &pipe.name)
+        } else {
+            Some("its credentials no longer authenticate this identity")
+        };
+        if let Some(r) = reason {
             info!(identity = %identity.name, pipe = %pipe.name, reason = r, "refusing a session admitted during a reload: access withdrawn");
             return Err(forbidden());
         }

@@ -1892,11 +1892,11 @@ fn log_filters_select_by_target_and_by_session_span() {
     drop(gw);
 
     // By target: only the audit line, outside any span (the session span's own target
-    // is not selected).
+    // is not selected). Empty directives are ignored, as EnvFilter ignores them.
     let gw = fx.serve_env(
         "targets.toml",
         &text,
-        &[("PIPEBRIDGE_LOG", "warn,pipebridge::audit=info")],
+        &[("PIPEBRIDGE_LOG", "warn,,pipebridge::audit=info,")],
     );
     fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
     wait_for(CLIENT_TIMEOUT, "the audit line", || {
@@ -1905,7 +1905,31 @@ fn log_filters_select_by_target_and_by_session_span() {
     let log = gw.log();
     assert!(!log.contains("gateway listening"), "{log}");
     assert!(!log.contains("exec child exited"), "{log}");
+    assert!(!log.contains("TRACE") && !log.contains("DEBUG"), "{log}");
     assert!(session_lines(&log).is_empty(), "{log}");
+    drop(gw);
+
+    // JSON: a session's lines carry its span, in "span" and in "spans".
+    let gw = fx.serve_env("json.toml", &text, &[("PIPEBRIDGE_LOG_FORMAT", "json")]);
+    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+    wait_for(CLIENT_TIMEOUT, "the audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let log = gw.log();
+    for needle in ["exec child exited", "session end"] {
+        let line = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == needle)
+            .unwrap_or_else(|| panic!("no JSON line {needle:?}:\n{log}"));
+        assert_eq!(line["span"]["name"], "session", "{line}");
+        assert_eq!(line["span"]["identity"], "alice", "{line}");
+        let spans = line["spans"].as_array().cloned().unwrap_or_default();
+        assert!(
+            spans.iter().any(|s| s["name"] == "session"),
+            "{needle:?} without its session in \"spans\": {line}"
+        );
+    }
     drop(gw);
 
     // A more verbose target: its debug lines.

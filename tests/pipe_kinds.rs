@@ -35,6 +35,7 @@ const SIZES: [usize; 5] = [1, 100, 4096, 65536, 1 << 20];
 const SCRUBBED_ENV: &[&str] = &[
     "PIPEBRIDGE_TOKEN",
     "PIPEBRIDGE_LOG",
+    "PIPEBRIDGE_LOG_FORMAT",
     "PIPEBRIDGE_CONFIG",
     "HTTPS_PROXY",
     "https_proxy",

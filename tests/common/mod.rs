@@ -29,6 +29,7 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 const SCRUBBED_ENV: &[&str] = &[
     "PIPEBRIDGE_TOKEN",
     "PIPEBRIDGE_LOG",
+    "PIPEBRIDGE_LOG_FORMAT",
     "PIPEBRIDGE_CONFIG",
     "PIPEBRIDGE_SHARDS",
     "HTTPS_PROXY",
