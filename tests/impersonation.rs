@@ -1401,34 +1401,10 @@ fn request(path: &Path, data: &[u8]) -> Vec<u8> {
 #[test]
 fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connection() {
     let fx = fixture();
-    let target = fx.path("echo.sock");
-    let _echo = UnixServer::echo(&target);
-    let endpoint = format!("unix:{}", target.display());
-    let text = |tls: &str| {
-        config(
-            &fx,
-            tls,
-            &pipe("echo", &endpoint, &["u1", "u2"], "run_as = \"gateway\""),
-        )
-    };
+    let (_echo, text) = echo_export(&fx, &["u1", "u2"]);
     let gw = fx.serve("gw.toml", &text(""));
-    // A forward keeps a small pool of warm connections (one per shard, two where it
-    // runs without shards): the first sessions fill it, later ones take from it.
-    let forward = |name: &str, client: &str| {
-        let sock = fx.path(&format!("{name}.sock"));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("forward")
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--to")
-            .arg(gw.url("echo"))
-            .args(fx.cert_args(client));
-        scrub(&mut cmd);
-        cmd.env("PIPEBRIDGE_SHARDS", "1");
-        let mut p = Proc::spawn(cmd, fx.dir(), false);
-        p.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
-        (sock, p)
-    };
+    let forward =
+        |name: &str, client: &str| warm_forward(&fx, name, &gw.url("echo"), &fx.cert_args(client));
     // For u1 and u2 each: a forward that will hold a live session, and one that only
     // keeps its connection warm.
     let (s1, _f1) = forward("u1-live", "u1");
@@ -1441,12 +1417,6 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
             assert_eq!(common::unix_request(sock, msg, t), msg);
         }
     }
-    let live_echo = |s: &mut std::os::unix::net::UnixStream, msg: &[u8]| {
-        s.write_all(msg).expect("write");
-        let mut buf = vec![0u8; msg.len()];
-        s.read_exact(&mut buf).expect("live echo");
-        assert_eq!(buf, msg);
-    };
     let live = |sock: &Path, msg: &[u8]| {
         let mut s = common::unix_connect(sock);
         s.set_read_timeout(Some(t)).expect("timeout");
@@ -1462,11 +1432,7 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
     };
     let reload = |text: String| {
         std::fs::write(fx.path("gw.toml"), text).expect("rewrite");
-        let hup = Command::new("kill")
-            .args(["-HUP", &gw.proc.pid().to_string()])
-            .status()
-            .expect("kill");
-        assert!(hup.success());
+        sighup(&gw);
     };
 
     // A CRL revokes u2.
@@ -1553,23 +1519,8 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
 #[test]
 fn an_expired_certificate_opens_no_session_on_its_warm_connection() {
     let fx = fixture();
-    let target = fx.path("echo.sock");
-    let _echo = UnixServer::echo(&target);
-    let endpoint = format!("unix:{}", target.display());
-    let text = |tls: &str| {
-        config(
-            &fx,
-            tls,
-            &pipe("echo", &endpoint, &["u1"], "run_as = \"gateway\""),
-        )
-    };
+    let (_echo, text) = echo_export(&fx, &["u1"]);
     let gw = fx.serve("gw.toml", &text(""));
-    let live_echo = |s: &mut std::os::unix::net::UnixStream, msg: &[u8]| {
-        s.write_all(msg).expect("write");
-        let mut buf = vec![0u8; msg.len()];
-        s.read_exact(&mut buf).expect("live echo");
-        assert_eq!(buf, msg);
-    };
     let unix_now = || {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -1582,18 +1533,15 @@ fn an_expired_certificate_opens_no_session_on_its_warm_connection() {
     let mut ready = None;
     for life in [8, 30] {
         let (cert, key, expires) = short_lived_cert(&fx, "u1", life);
-        let sock = fx.path(&format!("fwd-{life}.sock"));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("forward")
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--to")
-            .arg(gw.url("echo"))
-            .args(["--ca", &fx.ca(), "--cert", &cert, "--key", &key]);
-        scrub(&mut cmd);
-        cmd.env("PIPEBRIDGE_SHARDS", "1");
-        let mut fwd = Proc::spawn(cmd, fx.dir(), false);
-        fwd.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+        let creds = [
+            "--ca".into(),
+            fx.ca(),
+            "--cert".into(),
+            cert,
+            "--key".into(),
+            key,
+        ];
+        let (sock, fwd) = warm_forward(&fx, &format!("fwd-{life}"), &gw.url("echo"), &creds);
         // Fill the forward's pool (two connections without shards), and keep a session.
         for msg in [&b"one"[..], b"two"] {
             assert_eq!(common::unix_request(&sock, msg, t), msg);
@@ -1647,11 +1595,7 @@ fn an_expired_certificate_opens_no_session_on_its_warm_connection() {
     // certificate's do (its chain is checked as of its expiry).
     let crl = write_crl(&fx, "u1-short");
     std::fs::write(fx.path("gw.toml"), text(&format!("crl = [{}]\n", q(&crl)))).expect("rewrite");
-    let hup = Command::new("kill")
-        .args(["-HUP", &gw.proc.pid().to_string()])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    sighup(&gw);
     let mut rest = Vec::new();
     let ended = live.read_to_end(&mut rest);
     assert!(
@@ -1702,6 +1646,57 @@ fn an_expired_certificate_the_path_does_not_need_refuses_nothing() {
         stdout_of(&out, &gw, "u1 with an extra expired certificate"),
         "ok\n"
     );
+}
+
+/// An echo server in the fixture, and the gateway config (given its extra `[tls]`
+/// lines) that exports it as pipe `echo` to `allow`.
+fn echo_export<'a>(
+    fx: &'a Fixture,
+    allow: &'a [&'a str],
+) -> (UnixServer, impl Fn(&str) -> String + 'a) {
+    let target = fx.path("echo.sock");
+    let echo = UnixServer::echo(&target);
+    let endpoint = format!("unix:{}", target.display());
+    let text = move |tls: &str| {
+        config(
+            fx,
+            tls,
+            &pipe("echo", &endpoint, allow, "run_as = \"gateway\""),
+        )
+    };
+    (echo, text)
+}
+
+/// Starts `pipebridge forward` from `{name}.sock` to `url` with credential flags `creds`,
+/// without shards; returns its socket once it is ready. Such a forward keeps a pool of
+/// two warm connections: its first sessions fill it, later ones take from it.
+fn warm_forward(
+    fx: &Fixture,
+    name: &str,
+    url: &str,
+    creds: &[String],
+) -> (std::path::PathBuf, Proc) {
+    let sock = fx.path(&format!("{name}.sock"));
+    let mut p = fx.spawn_forward_with(&sock, url, creds, &[("PIPEBRIDGE_SHARDS", "1")]);
+    p.wait_for_line("pipebridge: forwarding ", common::START_TIMEOUT);
+    (sock, p)
+}
+
+/// Writes `msg` on a live session and reads the same bytes back.
+fn live_echo(s: &mut std::os::unix::net::UnixStream, msg: &[u8]) {
+    s.write_all(msg).expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).expect("live echo");
+    assert_eq!(buf, msg);
+}
+
+/// Sends SIGHUP to the gateway (a reload).
+fn sighup(gw: &common::Gateway) {
+    let hup = Command::new("kill")
+        .args(["-HUP", &gw.proc.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
 }
 
 /// Waits (at most 15 s) until `p`'s log holds `needle`.

@@ -1872,13 +1872,18 @@ fn log_filters_select_by_target_and_by_session_span() {
             .collect()
     };
 
+    // A gateway with `env`, its log once one session has ended.
+    let one_session = |name: &str, env: &[(&str, &str)]| {
+        let gw = fx.serve_env(name, &text, env);
+        fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
+        wait_for(CLIENT_TIMEOUT, "the audit line", || {
+            gw.log().contains("session end").then_some(())
+        });
+        gw.log()
+    };
+
     // The default: info everywhere, the session's lines in its span.
-    let gw = fx.serve("default.toml", &text);
-    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
-    wait_for(CLIENT_TIMEOUT, "the audit line", || {
-        gw.log().contains("session end").then_some(())
-    });
-    let log = gw.log();
+    let log = one_session("default.toml", &[]);
     let lines = session_lines(&log);
     assert!(log.contains("gateway listening"), "{log}");
     for needle in ["exec child exited", "pipebridge::audit: session end"] {
@@ -1889,33 +1894,20 @@ fn log_filters_select_by_target_and_by_session_span() {
             "no {needle:?} line in the session's span:\n{log}"
         );
     }
-    drop(gw);
 
     // By target: only the audit line, outside any span (the session span's own target
     // is not selected). Empty directives are ignored, as EnvFilter ignores them.
-    let gw = fx.serve_env(
+    let log = one_session(
         "targets.toml",
-        &text,
         &[("PIPEBRIDGE_LOG", "warn,,pipebridge::audit=info,")],
     );
-    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
-    wait_for(CLIENT_TIMEOUT, "the audit line", || {
-        gw.log().contains("session end").then_some(())
-    });
-    let log = gw.log();
     assert!(!log.contains("gateway listening"), "{log}");
     assert!(!log.contains("exec child exited"), "{log}");
     assert!(!log.contains("TRACE") && !log.contains("DEBUG"), "{log}");
     assert!(session_lines(&log).is_empty(), "{log}");
-    drop(gw);
 
     // JSON: a session's lines carry its span, in "span" and in "spans".
-    let gw = fx.serve_env("json.toml", &text, &[("PIPEBRIDGE_LOG_FORMAT", "json")]);
-    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
-    wait_for(CLIENT_TIMEOUT, "the audit line", || {
-        gw.log().contains("session end").then_some(())
-    });
-    let log = gw.log();
+    let log = one_session("json.toml", &[("PIPEBRIDGE_LOG_FORMAT", "json")]);
     for needle in ["exec child exited", "session end"] {
         let line = log
             .lines()
@@ -1930,38 +1922,21 @@ fn log_filters_select_by_target_and_by_session_span() {
             "{needle:?} without its session in \"spans\": {line}"
         );
     }
-    drop(gw);
 
     // A more verbose target: its debug lines.
-    let gw = fx.serve_env(
+    let log = one_session(
         "debug.toml",
-        &text,
         &[("PIPEBRIDGE_LOG", "info,pipebridge::server=debug")],
     );
-    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
-    wait_for(CLIENT_TIMEOUT, "the audit line", || {
-        gw.log().contains("session end").then_some(())
-    });
-    let log = gw.log();
     assert!(
         session_lines(&log)
             .iter()
             .any(|l| l.contains("DEBUG") && l.contains("session started")),
         "no debug line of pipebridge::server:\n{log}"
     );
-    drop(gw);
 
     // By span: what happens in a session, at info, and nothing else below warn.
-    let gw = fx.serve_env(
-        "spans.toml",
-        &text,
-        &[("PIPEBRIDGE_LOG", "warn,[session]=info")],
-    );
-    fx.connect(&gw.url("hello"), "alice", b"").expect_code(0);
-    wait_for(CLIENT_TIMEOUT, "the audit line", || {
-        gw.log().contains("session end").then_some(())
-    });
-    let log = gw.log();
+    let log = one_session("spans.toml", &[("PIPEBRIDGE_LOG", "warn,[session]=info")]);
     assert!(!log.contains("gateway listening"), "{log}");
     let lines = session_lines(&log);
     for needle in ["exec child exited", "pipebridge::audit: session end"] {

@@ -207,14 +207,26 @@ impl Fixture {
     /// Starts `pipebridge forward --listen unix:SOCK --to URL` with `client`'s
     /// certificate; does not wait for it to be ready.
     pub fn spawn_forward(&self, sock: &Path, url: &str, client: &str) -> Proc {
+        self.spawn_forward_with(sock, url, &self.cert_args(client), &[])
+    }
+
+    /// [`Fixture::spawn_forward`] with credential flags `creds` and extra `env`.
+    pub fn spawn_forward_with(
+        &self,
+        sock: &Path,
+        url: &str,
+        creds: &[String],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut cmd = Command::new(BIN);
         cmd.arg("forward")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--to")
             .arg(url)
-            .args(self.cert_args(client));
+            .args(creds);
         scrub(&mut cmd);
+        cmd.envs(env.iter().copied());
         Proc::spawn(cmd, self.dir(), false)
     }
 }
