@@ -50,6 +50,8 @@ pub struct CertNames {
     pub san_uri: Vec<String>,
     /// DNS subject alternative names.
     pub san_dns: Vec<String>,
+    /// When it expires (`notAfter`), in seconds since the Unix epoch.
+    pub not_after: u64,
 }
 
 impl CertNames {
@@ -57,7 +59,10 @@ impl CertNames {
     pub fn from_der(der: &[u8]) -> Option<CertNames> {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).ok()?;
-        let mut out = CertNames::default();
+        let mut out = CertNames {
+            not_after: epoch_secs(&cert),
+            ..CertNames::default()
+        };
         for cn in cert.subject().iter_common_name() {
             if let Ok(s) = cn.as_str() {
                 out.cn.push(s.to_string());
@@ -81,7 +86,11 @@ impl CertNames {
 pub fn not_after(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<u64> {
     x509_parser::parse_x509_certificate(cert.as_ref())
         .ok()
-        .map(|(_, x)| u64::try_from(x.validity().not_after.timestamp()).unwrap_or(0))
+        .map(|(_, x)| epoch_secs(&x))
+}
+
+fn epoch_secs(cert: &x509_parser::certificate::X509Certificate<'_>) -> u64 {
+    u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0)
 }
 
 fn cert_matches(id: &IdentityConfig, names: &CertNames) -> bool {

@@ -215,12 +215,14 @@ pub async fn run<S: Transport>(
     opts: Options,
     span: &tracing::Span,
 ) -> Outcome {
-    let session = run_in(ws, local, counters, stop, opts, span);
-    if ENTER_SPANS.load(Ordering::Relaxed) {
-        session.instrument(span.clone()).await
+    let entered = if ENTER_SPANS.load(Ordering::Relaxed) {
+        span.clone()
     } else {
-        session.await
-    }
+        tracing::Span::none()
+    };
+    run_in(ws, local, counters, stop, opts, span)
+        .instrument(entered)
+        .await
 }
 
 async fn run_in<S: Transport>(

@@ -16,8 +16,7 @@ fn init_tracing(cli: &Cli) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Directives by target and level only (the default, and most filters) need no
     // per-span bookkeeping. EnvFilter, which also filters by span and field, takes a
-    // lock and a map lookup at every enter and exit of a span, that is at every poll of
-    // a session's tasks: with it, sessions cost 16% more gateway CPU (BENCHMARKS.md).
+    // lock shared by all threads and a map lookup at every enter and exit of a span.
     // (Layered on the registry directly: the fmt builder would add a level cap of its
     // own, INFO by default, under the filter.)
     if let Some(targets) = static_filter(spec) {

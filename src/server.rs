@@ -534,12 +534,14 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let cert = chain.first().and_then(|c| CertNames::from_der(c.as_ref()));
     // The handshake checked the validity dates at the connection's start; a warm
     // connection, or one that resumes a TLS session, may outlive them.
-    let leaf_expires = chain.first().and_then(auth::not_after);
+    let leaf_expires = cert.as_ref().map(|c| c.not_after);
     let chain_expires = chain
         .iter()
+        .skip(1)
         .map(|c| auth::not_after(c).unwrap_or(0))
+        .chain(leaf_expires)
         .min()
-        .unwrap_or(u64::MAX);
+        .unwrap_or(0);
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
@@ -1102,8 +1104,9 @@ async fn session<B>(
         stop,
     )?;
     // A reload between the authentication above and the admission did not see this
-    // session among the live ones (it replaces the config before it lists them): the
-    // session is checked against what that reload put in force here.
+    // session among the live ones (it replaces the config, then the TLS setup, before it
+    // lists them): the session is checked against what that reload put in force here.
+    // Without one, the checks above stand.
     let current = gw.config();
     if !Arc::ptr_eq(&current, &cfg) {
         // Its credentials too: a rotated token, or a certificate now mapped elsewhere.
@@ -1117,9 +1120,9 @@ async fn session<B>(
             info!(identity = %identity.name, pipe = %pipe.name, reason = r, "refusing a session admitted during a reload: access withdrawn");
             return Err(forbidden());
         }
-    }
-    if !gw.still_trusted(conn) {
-        return Err(untrusted(conn, gw, &cfg));
+        if !gw.still_trusted(conn) {
+            return Err(untrusted(conn, gw, &cfg));
+        }
     }
     let span = tracing::info_span!(
         "session",
