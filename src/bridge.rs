@@ -11,6 +11,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -120,6 +122,58 @@ impl StopSignal {
             Ok(v) => v.unwrap_or((ErrorKind::Draining, String::new())),
             Err(_) => std::future::pending().await,
         }
+    }
+}
+
+/// What ended one wait of a session's loop ([`run_in`]).
+enum Event {
+    Up(Result<(), Failure>),
+    Down(Failure),
+    Eof,
+    Stopped((ErrorKind, String)),
+    Idle,
+    Tick,
+}
+
+/// The upstream direction's wake-up ([`Woken`]).
+const UP: u8 = 1;
+/// The downstream direction's.
+const DOWN: u8 = 2;
+/// The rest: the stop signal, the timers and the peer's eof; rare, so polled together.
+const REST: u8 = 4;
+
+/// Which of a session's futures were woken since they were last polled, and the task
+/// that polls them. `tokio::select!` polls every branch at every wake-up; at 512
+/// sessions that was the other direction's readiness check, the stop signal's and two
+/// timers' for each message.
+struct Woken {
+    bits: std::sync::atomic::AtomicU8,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for Woken {
+    fn default() -> Woken {
+        Woken {
+            bits: std::sync::atomic::AtomicU8::new(UP | DOWN | REST),
+            task: futures_util::task::AtomicWaker::new(),
+        }
+    }
+}
+
+/// The waker one group of futures is polled with: it marks the group and wakes the task.
+struct Branch {
+    woken: Arc<Woken>,
+    bit: u8,
+}
+
+impl std::task::Wake for Branch {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.bits.fetch_or(self.bit, Ordering::AcqRel);
+        self.woken.task.wake();
     }
 }
 
@@ -269,29 +323,82 @@ async fn run_in<S: Transport>(
         );
         tokio::pin!(up, down);
         let mut up_done = false;
+        // Each wake-up polls only what woke: one message moves one direction, and the
+        // other direction, the stop signal and the timers stay as they are.
+        let woken = Arc::new(Woken::default());
+        let [up_waker, down_waker, rest_waker] = [UP, DOWN, REST].map(|bit| {
+            Waker::from(Arc::new(Branch {
+                woken: woken.clone(),
+                bit,
+            }))
+        });
         loop {
             if up_done && eof_seen.load(Ordering::Acquire) {
                 break None;
             }
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(f) => break Some(f),
-                },
-                f = &mut down => {
+            // Made anew at each turn of the loop (the timers restart), so polled first.
+            let stopped = stop.wait();
+            let idle = activity.idle(opts.idle_timeout);
+            let tick = keepalive_tick(opts.keepalive);
+            let notified = eof_notify.notified();
+            tokio::pin!(stopped, idle, tick, notified);
+            woken.bits.fetch_or(REST, Ordering::AcqRel);
+            let event = std::future::poll_fn(|cx| {
+                woken.task.register(cx.waker());
+                let bits = woken.bits.swap(0, Ordering::AcqRel);
+                if bits & UP != 0 && !up_done {
+                    if let Poll::Ready(r) = up.as_mut().poll(&mut Context::from_waker(&up_waker)) {
+                        // DOWN and REST were not polled: they stay due.
+                        woken.bits.fetch_or(bits & (DOWN | REST), Ordering::AcqRel);
+                        return Poll::Ready(Event::Up(r));
+                    }
+                }
+                if bits & DOWN != 0 {
+                    if let Poll::Ready(f) =
+                        down.as_mut().poll(&mut Context::from_waker(&down_waker))
+                    {
+                        woken.bits.fetch_or(bits & REST, Ordering::AcqRel);
+                        return Poll::Ready(Event::Down(f));
+                    }
+                }
+                if bits & REST != 0 {
+                    let cx = &mut Context::from_waker(&rest_waker);
+                    // Only once our direction is done does the peer's eof end the loop
+                    // (notify_one keeps a permit, so an eof seen earlier is not missed).
+                    if up_done && notified.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Eof);
+                    }
+                    if let Poll::Ready(s) = stopped.as_mut().poll(cx) {
+                        return Poll::Ready(Event::Stopped(s));
+                    }
+                    if idle.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Idle);
+                    }
+                    if tick.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Tick);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match event {
+                Event::Up(Ok(())) => up_done = true,
+                Event::Up(Err(f)) => break Some(f),
+                Event::Down(f) => {
                     // Both directions done and then the peer's Close: orderly.
-                    if up_done && eof_seen.load(Ordering::Acquire) && matches!(f, Failure::PeerClosed(_)) {
+                    if up_done
+                        && eof_seen.load(Ordering::Acquire)
+                        && matches!(f, Failure::PeerClosed(_))
+                    {
                         peer_closed = true;
                         break None;
                     }
                     break Some(f);
                 }
-                // Only once our direction is done does the peer's eof end the loop (notify_one
-                // keeps a permit, so an eof seen earlier is not missed).
-                _ = eof_notify.notified(), if up_done => {}
-                s = stop.wait() => break Some(Failure::Stopped(s.0, s.1)),
-                _ = activity.idle(opts.idle_timeout) => break Some(Failure::Idle),
-                _ = keepalive_tick(opts.keepalive) => {
+                Event::Eof => {}
+                Event::Stopped(s) => break Some(Failure::Stopped(s.0, s.1)),
+                Event::Idle => break Some(Failure::Idle),
+                Event::Tick => {
                     if let Some((interval, timeout)) = opts.keepalive {
                         let silent = activity.since_received();
                         let blocked = activity.blocked.load(Ordering::Relaxed) > 0;
