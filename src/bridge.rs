@@ -9,9 +9,9 @@
 //! and at most one incoming message (the session's message limit) while the local
 //! writer is slow.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::future::Future;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 

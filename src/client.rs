@@ -179,6 +179,12 @@ pub struct Dialer {
     connector_h2: TlsConnector,
     /// Warm HTTP/2 connections to this gateway with these credentials (shared by clones).
     h2_pool: Arc<std::sync::Mutex<Vec<H2Sender>>>,
+    /// One gate per shard: while a session dials the shard's warm connection, the others
+    /// of a burst wait for it instead of each dialling (and keeping) one of their own.
+    h2_dialing: Arc<std::sync::Mutex<Vec<(Option<usize>, Arc<tokio::sync::Mutex<()>>)>>>,
+    /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
+    /// own HTTP/1.1 connection, without the gate.
+    h2_absent: Arc<AtomicBool>,
     http2: bool,
     token: Option<Secret>,
     host: String,
@@ -226,6 +232,8 @@ impl Dialer {
             connector: TlsConnector::from(cfg),
             connector_h2: TlsConnector::from(Arc::new(cfg_h2)),
             h2_pool: Arc::default(),
+            h2_dialing: Arc::default(),
+            h2_absent: Arc::default(),
             http2: false,
             token,
             host,
@@ -352,25 +360,37 @@ impl Dialer {
         early: &Bytes,
     ) -> Result<(Session, bool), ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
+            let mut gate = None;
             if self.http2 {
-                // A warm connection first; if it turns out dead, drop it from the pool.
-                if let Some(sender) = self.pooled_h2() {
-                    let failed = sender.alive.clone();
-                    match self.open_h2(sender, path, early).await {
-                        Err(H2Error::Connection(e)) => {
-                            debug!(error = %e, "pooled HTTP/2 connection failed; dropping it");
-                            if let Ok(mut pool) = self.h2_pool.lock() {
-                                pool.retain(|s| !Arc::ptr_eq(&s.alive, &failed));
-                            }
-                        }
-                        Err(H2Error::Session(e)) => return Err(e),
-                        Ok(v) => return Ok(v),
+                // A warm connection first.
+                if let Some(r) = self.open_pooled(path, early).await {
+                    return r;
+                }
+                // None on this shard: one session of a burst dials it, the others wait
+                // and then take it.
+                if !self.h2_absent.load(Ordering::Relaxed) {
+                    let held = self.dial_gate().lock_owned().await;
+                    if let Some(r) = self.open_pooled(path, early).await {
+                        return r;
+                    }
+                    // The dial it waited for found no HTTP/2: dial without the gate.
+                    if !self.h2_absent.load(Ordering::Relaxed) {
+                        gate = Some(held);
                     }
                 }
             }
             let tls = self.tls(self.http2).await?;
-            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if self.http2 {
+                self.h2_absent.store(!h2, Ordering::Relaxed);
+            }
+            if !h2 {
+                drop(gate.take());
+            }
+            if h2 {
                 let sender = self.new_h2(tls).await?;
+                // Pooled and ready: the sessions waiting at the gate take it.
+                drop(gate);
                 return match self.open_h2(sender, path, early).await {
                     Ok(v) => Ok(v),
                     Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
@@ -404,6 +424,43 @@ impl Dialer {
             },
             sent,
         ))
+    }
+
+    /// A session on this shard's warm HTTP/2 connection, if it has one that works (one
+    /// that turns out dead is dropped from the pool).
+    async fn open_pooled(
+        &self,
+        path: &str,
+        early: &Bytes,
+    ) -> Option<Result<(Carrier, Option<Direction>, Option<Mode>), ClientError>> {
+        let sender = self.pooled_h2()?;
+        let failed = sender.alive.clone();
+        match self.open_h2(sender, path, early).await {
+            Err(H2Error::Connection(e)) => {
+                debug!(error = %e, "pooled HTTP/2 connection failed; dropping it");
+                if let Ok(mut pool) = self.h2_pool.lock() {
+                    pool.retain(|s| !Arc::ptr_eq(&s.alive, &failed));
+                }
+                None
+            }
+            Err(H2Error::Session(e)) => Some(Err(e)),
+            Ok(v) => Some(Ok(v)),
+        }
+    }
+
+    /// The gate of this shard's dialling ([`Dialer::open_early`]).
+    fn dial_gate(&self) -> Arc<tokio::sync::Mutex<()>> {
+        let shard = crate::shard::current();
+        let mut gates = self
+            .h2_dialing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, g)) = gates.iter().find(|(s, _)| *s == shard) {
+            return g.clone();
+        }
+        let g = Arc::new(tokio::sync::Mutex::new(()));
+        gates.push((shard, g.clone()));
+        g
     }
 
     /// A pooled HTTP/2 connection to use, or `None` when the pool should grow.
@@ -1083,6 +1140,7 @@ fn cached_dialer_within(
     // a new one; the old one's connections close once their sessions end.
     let digest = credential_digest(creds);
     let read = std::time::Instant::now();
+    let seen = cached.as_ref().map(|(d, _, _)| d.clone());
     let d = match cached {
         Some((d, _, had)) if digest.is_some() && had == digest => d,
         _ => Arc::new(
@@ -1092,6 +1150,15 @@ fn cached_dialer_within(
         ),
     };
     if let Ok(mut c) = cache.lock() {
+        // Sessions that came for a dialer at once each made one: all take the first one
+        // stored (an entry that is not the one they looked at), so that its warm
+        // connections serve them all.
+        if let Some((other, when, had)) = c.get(&key) {
+            let stored_since = !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, other));
+            if stored_since && *had == digest && digest.is_some() {
+                return Ok((other.clone(), *when));
+            }
+        }
         if c.len() >= MAX_CACHED_DIALERS {
             c.clear();
         }

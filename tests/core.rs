@@ -1490,6 +1490,51 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
 }
 
 #[test]
+fn a_burst_of_first_sessions_dials_one_http2_connection_per_shard() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let (gw, _b, fwd_sock) = exported_and_forwarded(&fx, "echo", "echo.sock", "", "");
+    // Callers arrive at once at a forward that has no connection yet: one of them per
+    // shard dials, the others wait for that connection and open their streams on it.
+    const CALLERS: usize = 24;
+    let start = Arc::new(std::sync::Barrier::new(CALLERS));
+    let answered = Arc::new(std::sync::Barrier::new(CALLERS + 1));
+    let release = Arc::new(std::sync::Barrier::new(CALLERS + 1));
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|i| {
+            let (start, answered, release) = (start.clone(), answered.clone(), release.clone());
+            let sock = fwd_sock.clone();
+            thread::spawn(move || {
+                start.wait();
+                let mut s = unix_connect(&sock);
+                s.set_read_timeout(Some(Duration::from_secs(30)))
+                    .expect("timeout");
+                let msg = format!("caller {i:02}");
+                s.write_all(msg.as_bytes()).expect("write");
+                let mut got = vec![0u8; msg.len()];
+                let r = s.read_exact(&mut got);
+                answered.wait();
+                // Each session stays open until the connections are counted.
+                release.wait();
+                r.map(|()| (msg, String::from_utf8_lossy(&got).into_owned()))
+            })
+        })
+        .collect();
+    answered.wait();
+    let open = established_to(gw.port);
+    release.wait();
+    for c in callers {
+        let (sent, got) = c.join().expect("caller thread").expect("echo");
+        assert_eq!(got, sent);
+    }
+    let most = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+    assert!(
+        (1..=most).contains(&open),
+        "{CALLERS} sessions opened at once should share at most {most} connections, found {open}"
+    );
+}
+
+#[test]
 fn forward_over_http2_refusals_leave_the_shared_connection_usable() {
     let fx = Fixture::new();
     let _echo = UnixServer::echo(&fx.path("echo.sock"));
