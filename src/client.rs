@@ -171,6 +171,11 @@ pub fn parse_base_url(s: &str) -> Result<Uri, String> {
     Ok(u)
 }
 
+/// A shard's gate for dialling its warm HTTP/2 connection ([`Dialer::open_early`]).
+type DialGate = Arc<tokio::sync::Mutex<()>>;
+/// Each shard's gate (`None`: the main runtime).
+type DialGates = Vec<(Option<usize>, DialGate)>;
+
 /// Dials sessions to one gateway with one set of credentials.
 #[derive(Clone)]
 pub struct Dialer {
@@ -181,7 +186,7 @@ pub struct Dialer {
     h2_pool: Arc<std::sync::Mutex<Vec<H2Sender>>>,
     /// One gate per shard: while a session dials the shard's warm connection, the others
     /// of a burst wait for it instead of each dialling (and keeping) one of their own.
-    h2_dialing: Arc<std::sync::Mutex<Vec<(Option<usize>, Arc<tokio::sync::Mutex<()>>)>>>,
+    h2_dialing: Arc<std::sync::Mutex<DialGates>>,
     /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
     /// own HTTP/1.1 connection, without the gate.
     h2_absent: Arc<AtomicBool>,
@@ -449,7 +454,7 @@ impl Dialer {
     }
 
     /// The gate of this shard's dialling ([`Dialer::open_early`]).
-    fn dial_gate(&self) -> Arc<tokio::sync::Mutex<()>> {
+    fn dial_gate(&self) -> DialGate {
         let shard = crate::shard::current();
         let mut gates = self
             .h2_dialing
