@@ -274,9 +274,10 @@ pub async fn run<S: Transport>(
     } else {
         tracing::Span::none()
     };
-    run_in(ws, local, counters, stop, opts, span)
-        .instrument(entered)
-        .await
+    // On the heap: the session's state is kilobytes, and a future that holds it inline
+    // is copied whole each time it moves (into a task, its cell, a wrapper) before its
+    // first poll.
+    Box::pin(run_in(ws, local, counters, stop, opts, span).instrument(entered)).await
 }
 
 async fn run_in<S: Transport>(

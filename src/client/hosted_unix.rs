@@ -276,10 +276,11 @@ const EARLY_BYTES: usize = 16 * 1024;
 /// there yet, at end of stream (which the session's reads see again) or on an error
 /// (likewise).
 fn read_early(stream: &std::os::unix::net::UnixStream) -> Bytes {
-    use std::io::Read;
-    let mut buf = [0u8; EARLY_BYTES];
-    match (&*stream).read(&mut buf) {
-        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+    // Read into memory not zeroed first: a zeroed 16 KiB per session was a memset as
+    // long as the rest of the session's set-up copies.
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); EARLY_BYTES];
+    match rustix::io::read(stream, &mut buf) {
+        Ok((got, _)) => Bytes::copy_from_slice(got),
         Err(_) => Bytes::new(),
     }
 }
