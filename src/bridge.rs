@@ -274,10 +274,9 @@ pub async fn run<S: Transport>(
     } else {
         tracing::Span::none()
     };
-    // On the heap: the session's state is kilobytes, and a future that holds it inline
-    // is copied whole each time it moves (into a task, its cell, a wrapper) before its
-    // first poll.
-    Box::pin(run_in(ws, local, counters, stop, opts, span).instrument(entered)).await
+    run_in(ws, local, counters, stop, opts, span)
+        .instrument(entered)
+        .await
 }
 
 async fn run_in<S: Transport>(
@@ -413,10 +412,11 @@ async fn run_in<S: Transport>(
                             // Skipped while a send is in progress: then the peer is
                             // merely slow to read, and pending data says so.
                             if let Ok(mut g) = sink.try_lock() {
-                                let _ = tokio::time::timeout(
+                                // Boxed, as it is rare (see `finish` below).
+                                let _ = Box::pin(tokio::time::timeout(
                                     PING_SEND_TIMEOUT,
                                     g.send(Message::Ping(bytes::Bytes::new())),
-                                )
+                                ))
                                 .await;
                             }
                         }
@@ -439,14 +439,16 @@ async fn run_in<S: Transport>(
     if let Some(c) = child.as_mut() {
         let _ = c.start_kill();
     }
-    finish(
+    // Boxed: it runs once, at the end, and inline it would make every session's state
+    // (idle ones too) as big as this last step's.
+    Box::pin(finish(
         sink.into_inner(),
         stream,
         failure,
         peer_closed,
         exit,
         peer_error,
-    )
+    ))
     .await
 }
 

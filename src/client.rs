@@ -365,57 +365,15 @@ impl Dialer {
         early: &Bytes,
     ) -> Result<(Session, bool), ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
-            let mut gate = None;
+            // A warm connection first.
             if self.http2 {
-                // A warm connection first.
                 if let Some(r) = self.open_pooled(path, early).await {
                     return r;
                 }
-                // None on this shard: one session of a burst dials it, the others wait
-                // and then take it.
-                if !self.h2_absent.load(Ordering::Relaxed) {
-                    let held = self.dial_gate().lock_owned().await;
-                    if let Some(r) = self.open_pooled(path, early).await {
-                        return r;
-                    }
-                    // The dial it waited for found no HTTP/2: dial without the gate.
-                    if !self.h2_absent.load(Ordering::Relaxed) {
-                        gate = Some(held);
-                    }
-                }
             }
-            let tls = self.tls(self.http2).await?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            if self.http2 {
-                self.h2_absent.store(!h2, Ordering::Relaxed);
-            }
-            if !h2 {
-                drop(gate.take());
-            }
-            if h2 {
-                let sender = self.new_h2(tls).await?;
-                // Pooled and ready: the sessions waiting at the gate take it.
-                drop(gate);
-                return match self.open_h2(sender, path, early).await {
-                    Ok(v) => Ok(v),
-                    Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
-                };
-            }
-            let io = TokioIo::new(tls);
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| classify(&e, "HTTP handshake failed"))?;
-            let conn_err = spawn_conn(async move { conn.with_upgrades().await });
-            let req = self.request(path, true)?;
-            let resp = send(&mut sender, req, conn_err).await?;
-            if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                return Err(read_refusal(resp).await);
-            }
-            let (direction, mode) = session_headers(&resp)?;
-            let up = hyper::upgrade::on(resp)
-                .await
-                .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
-            Ok((Carrier::Left(TokioIo::new(up)), direction, mode))
+            // Boxed: dialling (TLS, HTTP/2 or HTTP/1.1 handshakes) is the rare path, and
+            // inline it would make every forwarded session's state as big as its own.
+            Box::pin(self.dial(path, early)).await
         })
         .await
         .map_err(|_| ClientError::Network("timed out opening the session".into()))??;
@@ -429,6 +387,58 @@ impl Dialer {
             },
             sent,
         ))
+    }
+
+    /// A session on a new connection: HTTP/2 (then pooled) if the gateway offers it,
+    /// else HTTP/1.1.
+    async fn dial(
+        &self,
+        path: &str,
+        early: &Bytes,
+    ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
+        let mut gate = None;
+        // No warm connection on this shard: one session of a burst dials it, the others
+        // wait and then take it.
+        if self.http2 && !self.h2_absent.load(Ordering::Relaxed) {
+            let held = self.dial_gate().lock_owned().await;
+            if let Some(r) = self.open_pooled(path, early).await {
+                return r;
+            }
+            // The dial it waited for found no HTTP/2: dial without the gate.
+            if !self.h2_absent.load(Ordering::Relaxed) {
+                gate = Some(held);
+            }
+        }
+        let tls = self.tls(self.http2).await?;
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        if self.http2 {
+            self.h2_absent.store(!h2, Ordering::Relaxed);
+        }
+        if h2 {
+            let sender = self.new_h2(tls).await?;
+            // Pooled and ready: the sessions waiting at the gate take it.
+            drop(gate);
+            return match self.open_h2(sender, path, early).await {
+                Ok(v) => Ok(v),
+                Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
+            };
+        }
+        drop(gate);
+        let io = TokioIo::new(tls);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| classify(&e, "HTTP handshake failed"))?;
+        let conn_err = spawn_conn(async move { conn.with_upgrades().await });
+        let req = self.request(path, true)?;
+        let resp = send(&mut sender, req, conn_err).await?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(read_refusal(resp).await);
+        }
+        let (direction, mode) = session_headers(&resp)?;
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Network(format!("upgrade failed: {e}")))?;
+        Ok((Carrier::Left(TokioIo::new(up)), direction, mode))
     }
 
     /// A session on this shard's warm HTTP/2 connection, if it has one that works (one

@@ -635,10 +635,13 @@ async fn serve_h2(
             r = h2c.accept() => match r {
                 Some(Ok((req, respond))) => {
                     let (conn, gw2) = (conn.clone(), gw.clone());
-                    gw.tracker.spawn(
+                    // Boxed here, once: the session's future is kilobytes, and
+                    // moved by value it would be copied whole at each step of the
+                    // spawn (the tracker's wrapper, the task's cell).
+                    gw.tracker.spawn(Box::pin(
                         async move { handle_h2(req, respond, conn, gw2).await }
                             .in_current_span(),
-                    );
+                    ));
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "HTTP/2 connection ended with an error");

@@ -387,7 +387,9 @@ where
             }
         })
         .expect("at least one shard");
-    shards[pick].spawn(tracker.track_future(async move { make(io).await }));
+    // Boxed once (a session's future is kilobytes; by value it is copied whole at each
+    // step of the spawn).
+    shards[pick].spawn(tracker.track_future(Box::pin(async move { make(io).await })));
 }
 
 #[cfg(test)]
