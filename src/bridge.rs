@@ -222,13 +222,13 @@ impl Activity {
         self.start.elapsed().saturating_sub(last)
     }
 
-    /// Runs `f`, an operation that may block on backpressure.
-    async fn blocking<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+    /// Marks an operation that may block on backpressure, while the returned guard
+    /// lives; when it ends (done or dropped), data moved. A guard rather than a wrapping
+    /// future: that one moved the operation's future into itself and again into its
+    /// await, two copies per message.
+    fn blocking(&self) -> Blocked<'_> {
         self.blocked.fetch_add(1, Ordering::Relaxed);
-        let r = f.await;
-        self.blocked.fetch_sub(1, Ordering::Relaxed);
-        self.touch();
-        r
+        Blocked(self)
     }
 
     /// Completes once nothing moved for `timeout` while nothing was blocked.
@@ -244,6 +244,16 @@ impl Activity {
             }
             tokio::time::sleep(timeout.saturating_sub(since).max(Duration::from_millis(50))).await;
         }
+    }
+}
+
+/// An operation blocked on backpressure ([`Activity::blocking`]).
+struct Blocked<'a>(&'a Activity);
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        self.0.blocked.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -611,11 +621,12 @@ async fn upstream<W: OwnedWrite>(
                         crate::shard::note_streaming();
                     }
                 }
-                activity.touch();
-                activity
-                    .blocking(async { sink.lock().await.send_framed(&mut buf).await })
-                    .await
-                    .map_err(|e| ws_failure(e, span))?;
+                // Data moved: the guard's end says so (one clock read per message).
+                let sent = {
+                    let _blocked = activity.blocking();
+                    sink.lock().await.send_framed(&mut buf).await
+                };
+                sent.map_err(|e| ws_failure(e, span))?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
             }
         }
@@ -623,11 +634,11 @@ async fn upstream<W: OwnedWrite>(
             match m.recv().await {
                 Ok(Some(data)) => {
                     let n = data.len() as u64;
-                    activity.touch();
-                    activity
-                        .blocking(async { sink.lock().await.send(Message::Binary(data)).await })
-                        .await
-                        .map_err(|e| ws_failure(e, span))?;
+                    let sent = {
+                        let _blocked = activity.blocking();
+                        sink.lock().await.send(Message::Binary(data)).await
+                    };
+                    sent.map_err(|e| ws_failure(e, span))?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
                 }
                 Ok(None) => break,
@@ -707,22 +718,21 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                         "data sent in a direction this session does not allow".into(),
                     );
                 };
-                let r = activity
-                    .blocking(async {
-                        match w {
-                            // Flush each message: a buffered writer (stdout) must not
-                            // hold back a reply a request/response protocol waits for.
-                            Writer::Bytes(w) => match w.write_all(&data).await {
-                                Ok(()) => w.flush().await,
-                                Err(e) => Err(e),
-                            },
-                            Writer::Messages(m) => match m.send(&data).await {
-                                Ok(()) => m.flush().await,
-                                Err(e) => Err(e),
-                            },
-                        }
-                    })
-                    .await;
+                let r = {
+                    let _blocked = activity.blocking();
+                    match w {
+                        // Flush each message: a buffered writer (stdout) must not
+                        // hold back a reply a request/response protocol waits for.
+                        Writer::Bytes(w) => match w.write_all(&data).await {
+                            Ok(()) => w.flush().await,
+                            Err(e) => Err(e),
+                        },
+                        Writer::Messages(m) => match m.send(&data).await {
+                            Ok(()) => m.flush().await,
+                            Err(e) => Err(e),
+                        },
+                    }
+                };
                 if let Err(e) = r {
                     if discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe {
                         span.in_scope(|| {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::Reason;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
@@ -190,6 +191,9 @@ pub struct Dialer {
     /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
     /// own HTTP/1.1 connection, without the gate.
     h2_absent: Arc<AtomicBool>,
+    /// Dials made at the gate that failed: the sessions that waited for one dial on
+    /// their own instead of one after another.
+    h2_dial_failures: Arc<std::sync::atomic::AtomicU64>,
     http2: bool,
     token: Option<Secret>,
     host: String,
@@ -239,6 +243,7 @@ impl Dialer {
             h2_pool: Arc::default(),
             h2_dialing: Arc::default(),
             h2_absent: Arc::default(),
+            h2_dial_failures: Arc::default(),
             http2: false,
             token,
             host,
@@ -398,24 +403,47 @@ impl Dialer {
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
         let mut gate = None;
         // No warm connection on this shard: one session of a burst dials it, the others
-        // wait and then take it.
+        // wait and then take it. The gate is held for the dial only, never while a
+        // session waits for the gateway's answer.
         if self.http2 && !self.h2_absent.load(Ordering::Relaxed) {
+            let failures = self.h2_dial_failures.load(Ordering::Relaxed);
             let held = self.dial_gate().lock_owned().await;
-            if let Some(r) = self.open_pooled(path, early).await {
-                return r;
-            }
-            // The dial it waited for found no HTTP/2: dial without the gate.
-            if !self.h2_absent.load(Ordering::Relaxed) {
+            if let Some(sender) = self.pooled_h2() {
+                drop(held);
+                if let Some(r) = self.open_on(sender, path, early).await {
+                    return r;
+                }
+            } else if !self.h2_absent.load(Ordering::Relaxed)
+                && self.h2_dial_failures.load(Ordering::Relaxed) == failures
+            {
                 gate = Some(held);
             }
+            // Else the dial it waited for failed or found no HTTP/2: it dials on its own
+            // (a burst against a failing gateway fails at once, not one dial after another).
         }
-        let tls = self.tls(self.http2).await?;
+        let tls = match self.tls(self.http2).await {
+            Ok(t) => t,
+            Err(e) => {
+                if gate.is_some() {
+                    self.h2_dial_failures.fetch_add(1, Ordering::Relaxed);
+                }
+                return Err(e);
+            }
+        };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         if self.http2 {
             self.h2_absent.store(!h2, Ordering::Relaxed);
         }
         if h2 {
-            let sender = self.new_h2(tls).await?;
+            let sender = match self.new_h2(tls).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if gate.is_some() {
+                        self.h2_dial_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+            };
             // Pooled and ready: the sessions waiting at the gate take it.
             drop(gate);
             return match self.open_h2(sender, path, early).await {
@@ -449,6 +477,17 @@ impl Dialer {
         early: &Bytes,
     ) -> Option<Result<(Carrier, Option<Direction>, Option<Mode>), ClientError>> {
         let sender = self.pooled_h2()?;
+        self.open_on(sender, path, early).await
+    }
+
+    /// A session on the pooled connection `sender`; `None` if the connection turned out
+    /// dead (it is dropped from the pool).
+    async fn open_on(
+        &self,
+        sender: H2Sender,
+        path: &str,
+        early: &Bytes,
+    ) -> Option<Result<(Carrier, Option<Direction>, Option<Mode>), ClientError>> {
         let failed = sender.alive.clone();
         match self.open_h2(sender, path, early).await {
             Err(H2Error::Connection(e)) => {
@@ -604,9 +643,12 @@ impl Dialer {
             if e.is_reset() && !e.is_go_away() {
                 // The gateway refused this stream (e.g. too many at once), not the connection.
                 H2Error::Session(ClientError::Network(format!("HTTP/2 stream reset: {e}")))
-            } else if !early.is_empty() && !e.is_go_away() {
+            } else if !(early.is_empty() || graceful(&e)) {
                 // The gateway may have opened the pipe and passed the early data on before
-                // the connection failed: never send it again on another connection.
+                // the connection failed: never send it again on another connection. Only
+                // a graceful GOAWAY (NO_ERROR; an idle connection the gateway closed as
+                // this request went out) reports just the streams the gateway did not
+                // process (RFC 9113 6.8); any other error may come after it did.
                 sender.alive.store(false, Ordering::Release);
                 H2Error::Session(ClientError::Network(format!(
                     "HTTP/2 connection failed after the session's first data was sent: {e}"
@@ -635,6 +677,11 @@ impl Dialer {
             mode,
         ))
     }
+}
+
+/// A graceful GOAWAY (NO_ERROR): it reports only the streams the gateway did not process.
+fn graceful(e: &h2::Error) -> bool {
+    e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)
 }
 
 /// A handle on a pooled HTTP/2 connection.
