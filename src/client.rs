@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::Reason;
 use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
@@ -173,7 +172,9 @@ pub fn parse_base_url(s: &str) -> Result<Uri, String> {
 }
 
 /// A shard's gate for dialling its warm HTTP/2 connection ([`Dialer::open_early`]).
-type DialGate = Arc<tokio::sync::Mutex<()>>;
+/// The gate, and how many dials made at it failed: the sessions that waited for a dial
+/// that failed dial on their own instead of one after another.
+type DialGate = Arc<(tokio::sync::Mutex<()>, std::sync::atomic::AtomicU64)>;
 /// Each shard's gate (`None`: the main runtime).
 type DialGates = Vec<(Option<usize>, DialGate)>;
 
@@ -191,9 +192,6 @@ pub struct Dialer {
     /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
     /// own HTTP/1.1 connection, without the gate.
     h2_absent: Arc<AtomicBool>,
-    /// Dials made at the gate that failed: the sessions that waited for one dial on
-    /// their own instead of one after another.
-    h2_dial_failures: Arc<std::sync::atomic::AtomicU64>,
     http2: bool,
     token: Option<Secret>,
     host: String,
@@ -243,7 +241,6 @@ impl Dialer {
             h2_pool: Arc::default(),
             h2_dialing: Arc::default(),
             h2_absent: Arc::default(),
-            h2_dial_failures: Arc::default(),
             http2: false,
             token,
             host,
@@ -401,31 +398,43 @@ impl Dialer {
         path: &str,
         early: &Bytes,
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
+        let dial_gate = self.dial_gate();
         let mut gate = None;
+        let failed = || {
+            dial_gate.1.fetch_add(1, Ordering::Relaxed);
+        };
         // No warm connection on this shard: one session of a burst dials it, the others
         // wait and then take it. The gate is held for the dial only, never while a
-        // session waits for the gateway's answer.
-        if self.http2 && !self.h2_absent.load(Ordering::Relaxed) {
-            let failures = self.h2_dial_failures.load(Ordering::Relaxed);
-            let held = self.dial_gate().lock_owned().await;
+        // session waits for the gateway's answer. A connection that fails the session
+        // that waited for it (a GOAWAY as the burst lands) sends it back to the gate
+        // once, for the next dial.
+        for _ in 0..2 {
+            if !self.http2 || self.h2_absent.load(Ordering::Relaxed) {
+                break;
+            }
+            let failures = dial_gate.1.load(Ordering::Relaxed);
+            let held = dial_gate.0.lock().await;
             if let Some(sender) = self.pooled_h2() {
                 drop(held);
                 if let Some(r) = self.open_on(sender, path, early).await {
                     return r;
                 }
-            } else if !self.h2_absent.load(Ordering::Relaxed)
-                && self.h2_dial_failures.load(Ordering::Relaxed) == failures
+                continue;
+            }
+            if !self.h2_absent.load(Ordering::Relaxed)
+                && dial_gate.1.load(Ordering::Relaxed) == failures
             {
                 gate = Some(held);
             }
             // Else the dial it waited for failed or found no HTTP/2: it dials on its own
             // (a burst against a failing gateway fails at once, not one dial after another).
+            break;
         }
         let tls = match self.tls(self.http2).await {
             Ok(t) => t,
             Err(e) => {
                 if gate.is_some() {
-                    self.h2_dial_failures.fetch_add(1, Ordering::Relaxed);
+                    failed();
                 }
                 return Err(e);
             }
@@ -439,11 +448,16 @@ impl Dialer {
                 Ok(s) => s,
                 Err(e) => {
                     if gate.is_some() {
-                        self.h2_dial_failures.fetch_add(1, Ordering::Relaxed);
+                        failed();
                     }
                     return Err(e);
                 }
             };
+            // A connection the gateway closed at once (draining, overloaded) is a failed
+            // dial too; its request below reports why.
+            if gate.is_some() && !sender.alive.load(Ordering::Acquire) {
+                failed();
+            }
             // Pooled and ready: the sessions waiting at the gate take it.
             drop(gate);
             return match self.open_h2(sender, path, early).await {
@@ -512,7 +526,7 @@ impl Dialer {
         if let Some((_, g)) = gates.iter().find(|(s, _)| *s == shard) {
             return g.clone();
         }
-        let g = Arc::new(tokio::sync::Mutex::new(()));
+        let g: DialGate = Arc::default();
         gates.push((shard, g.clone()));
         g
     }
@@ -643,12 +657,10 @@ impl Dialer {
             if e.is_reset() && !e.is_go_away() {
                 // The gateway refused this stream (e.g. too many at once), not the connection.
                 H2Error::Session(ClientError::Network(format!("HTTP/2 stream reset: {e}")))
-            } else if !(early.is_empty() || graceful(&e)) {
+            } else if !(early.is_empty() || unprocessed(&e)) {
                 // The gateway may have opened the pipe and passed the early data on before
                 // the connection failed: never send it again on another connection. Only
-                // a graceful GOAWAY (NO_ERROR; an idle connection the gateway closed as
-                // this request went out) reports just the streams the gateway did not
-                // process (RFC 9113 6.8); any other error may come after it did.
+                // the gateway's own GOAWAY says it did not ([`unprocessed`]).
                 sender.alive.store(false, Ordering::Release);
                 H2Error::Session(ClientError::Network(format!(
                     "HTTP/2 connection failed after the session's first data was sent: {e}"
@@ -679,9 +691,11 @@ impl Dialer {
     }
 }
 
-/// A graceful GOAWAY (NO_ERROR): it reports only the streams the gateway did not process.
-fn graceful(e: &h2::Error) -> bool {
-    e.is_go_away() && e.reason() == Some(Reason::NO_ERROR)
+/// A GOAWAY the gateway sent: h2 reports it only to the streams above its last stream
+/// id, which the gateway did not process (RFC 9113 6.8), whatever its error code. h2's
+/// own GOAWAYs (a protocol error it found) reach every stream, processed or not.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote()
 }
 
 /// A handle on a pooled HTTP/2 connection.
@@ -1066,8 +1080,11 @@ fn spawn_session(
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&fwd, caller.as_ref());
-    tracker
-        .spawn(async move { forward_one(local, Bytes::new(), caller, &fwd, &target, span).await })
+    // Boxed once, as shard::spawn does: moved by value, the session's future would be
+    // copied whole at each step of the spawn.
+    tracker.spawn(Box::pin(async move {
+        forward_one(local, Bytes::new(), caller, &fwd, &target, span).await
+    }))
 }
 
 /// The tracing span of one forwarded session.

@@ -368,7 +368,7 @@ where
 {
     // `start` never stores an empty set.
     let Some(shards) = SHARDS.get() else {
-        tracker.spawn(async move { make(io).await });
+        tracker.spawn(Box::pin(async move { make(io).await }));
         return;
     };
     // The least loaded (not counting the calling task on its own shard); on a tie the
