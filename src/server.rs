@@ -804,7 +804,8 @@ async fn handle(
         Routed::Reply(r) => r,
         Routed::Session(r, start) => {
             let on_upgrade = hyper::upgrade::on(&mut req);
-            gw.tracker.spawn(
+            // Boxed once, as an HTTP/2 session is (handle_h2's spawn).
+            gw.tracker.spawn(Box::pin(
                 async move {
                     match on_upgrade.await {
                         Ok(u) => start.run(TokioIo::new(u)).await,
@@ -812,7 +813,7 @@ async fn handle(
                     }
                 }
                 .in_current_span(),
-            );
+            ));
             r
         }
     }

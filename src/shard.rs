@@ -366,9 +366,12 @@ where
     F: FnOnce(T) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Boxed once (a session's future is kilobytes; by value it is copied whole at each
+    // step of the spawn).
+    let fut = Box::pin(async move { make(io).await });
     // `start` never stores an empty set.
     let Some(shards) = SHARDS.get() else {
-        tracker.spawn(Box::pin(async move { make(io).await }));
+        tracker.spawn(fut);
         return;
     };
     // The least loaded (not counting the calling task on its own shard); on a tie the
@@ -387,9 +390,7 @@ where
             }
         })
         .expect("at least one shard");
-    // Boxed once (a session's future is kilobytes; by value it is copied whole at each
-    // step of the spawn).
-    shards[pick].spawn(tracker.track_future(Box::pin(async move { make(io).await })));
+    shards[pick].spawn(tracker.track_future(fut));
 }
 
 #[cfg(test)]

@@ -1441,13 +1441,7 @@ fn a_reloaded_crl_ends_and_refuses_the_revoked_certificate_on_its_warm_connectio
     reload(with_crl.clone());
     // Its live session ends (its caller reads the end of the stream), and that
     // session's connection is asked to close.
-    let mut rest = Vec::new();
-    let ended = live2.read_to_end(&mut rest);
-    assert!(
-        matches!(ended, Ok(0)),
-        "the revoked certificate's live session went on: {ended:?}; gateway log:\n{}",
-        gw.log()
-    );
+    assert_session_ended(&mut live2, &gw, "the revoked certificate's");
     wait_log(&gw.proc, "the client certificate was revoked");
     wait_log(
         &gw.proc,
@@ -1592,13 +1586,7 @@ fn an_expired_certificate_opens_no_session_on_its_warm_connection() {
     let crl = write_crl(&fx, "u1-short");
     std::fs::write(fx.path("gw.toml"), text(&format!("crl = [{}]\n", q(&crl)))).expect("rewrite");
     sighup(&gw);
-    let mut rest = Vec::new();
-    let ended = live.read_to_end(&mut rest);
-    assert!(
-        matches!(ended, Ok(0)),
-        "the revoked, expired certificate's live session went on: {ended:?}; gateway log:\n{}",
-        gw.log()
-    );
+    assert_session_ended(&mut live, &gw, "the revoked, expired certificate's");
     wait_log(&gw.proc, "the client certificate was revoked");
 }
 
@@ -1684,6 +1672,22 @@ fn live_echo(s: &mut std::os::unix::net::UnixStream, msg: &[u8]) {
     let mut buf = vec![0u8; msg.len()];
     s.read_exact(&mut buf).expect("live echo");
     assert_eq!(buf, msg);
+}
+
+/// Asserts that a live session's caller reads the end of its stream (`whose` session,
+/// for the message).
+fn assert_session_ended(
+    live: &mut std::os::unix::net::UnixStream,
+    gw: &common::Gateway,
+    whose: &str,
+) {
+    let mut rest = Vec::new();
+    let ended = live.read_to_end(&mut rest);
+    assert!(
+        matches!(ended, Ok(0)),
+        "{whose} live session went on: {ended:?}; gateway log:\n{}",
+        gw.log()
+    );
 }
 
 /// Sends SIGHUP to the gateway (a reload).
