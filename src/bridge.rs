@@ -13,7 +13,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -189,7 +189,7 @@ enum Failure {
 /// Session activity for the idle timeout: when data last moved, and how many operations
 /// are blocked on backpressure right now (a blocked session is never idle).
 struct Activity {
-    start: Instant,
+    start_ms: u64,
     last_ms: AtomicU64,
     last_rx_ms: AtomicU64,
     blocked: AtomicU32,
@@ -198,28 +198,32 @@ struct Activity {
 impl Activity {
     fn new() -> Activity {
         Activity {
-            start: Instant::now(),
+            start_ms: clock_ms(),
             last_ms: AtomicU64::new(0),
             last_rx_ms: AtomicU64::new(0),
             blocked: AtomicU32::new(0),
         }
     }
 
+    /// Milliseconds since the session started, by the coarse clock.
+    fn elapsed_ms(&self) -> u64 {
+        clock_ms().saturating_sub(self.start_ms)
+    }
+
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.elapsed_ms(), Ordering::Relaxed);
     }
 
     /// A frame arrived from the peer.
     fn received(&self) {
-        let now = self.start.elapsed().as_millis() as u64;
+        let now = self.elapsed_ms();
         self.last_ms.store(now, Ordering::Relaxed);
         self.last_rx_ms.store(now, Ordering::Relaxed);
     }
 
     fn since_received(&self) -> Duration {
-        let last = Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
-        self.start.elapsed().saturating_sub(last)
+        let last = self.last_rx_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.elapsed_ms().saturating_sub(last))
     }
 
     /// Marks an operation that may block on backpressure, while the returned guard
@@ -237,14 +241,40 @@ impl Activity {
             return std::future::pending().await;
         };
         loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let since = self.start.elapsed().saturating_sub(last);
+            let last = self.last_ms.load(Ordering::Relaxed);
+            let since = Duration::from_millis(self.elapsed_ms().saturating_sub(last));
             if since >= timeout && self.blocked.load(Ordering::Relaxed) == 0 {
                 return;
             }
             tokio::time::sleep(timeout.saturating_sub(since).max(Duration::from_millis(50))).await;
         }
     }
+}
+
+/// A monotonic clock in milliseconds for [`Activity`], read once or twice per message:
+/// the coarse clock on Linux (the last tick's time, 1-4 ms old, read without the
+/// timestamp counter: a few instructions against `Instant::now`'s clock read and
+/// timespec arithmetic). Idle and keepalive timeouts are seconds.
+/// (Through glibc's vDSO call: rustix's own vDSO set-up faults under valgrind, which
+/// `scripts/callgrind-ab.py` runs the gateways in.)
+#[cfg(target_os = "linux")]
+fn clock_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
+        Ok(t) => (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000,
+        // Never on Linux >= 2.6.32; a clock that stands still only delays idle expiry.
+        Err(_) => 0,
+    }
+}
+
+/// A monotonic clock in milliseconds for [`Activity`] (since the first call).
+#[cfg(not(target_os = "linux"))]
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// An operation blocked on backpressure ([`Activity::blocking`]).

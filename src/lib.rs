@@ -31,6 +31,7 @@ pub mod config;
 pub mod endpoint;
 pub mod error;
 pub mod identity;
+pub mod logfmt;
 pub mod metrics;
 pub mod pki;
 pub mod platform;

@@ -7,6 +7,9 @@ use pipebridge::cli::{CertsCommand, Cli, Command, LogFormat, TokenCommand};
 fn init_tracing(cli: &Cli) {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
+    // Without colours, fields are written directly: the default formatter runs its
+    // (empty) styles through every field name (pipebridge::logfmt).
+    use pipebridge::logfmt::PlainFields;
     let default = match cli.command {
         Command::Serve(_) | Command::Forward(_) => "info",
         _ => "warn",
@@ -25,6 +28,7 @@ fn init_tracing(cli: &Cli) {
             .with_writer(std::io::stderr);
         let registry = tracing_subscriber::registry().with(targets);
         match cli.log_format {
+            LogFormat::Text if !ansi => registry.with(layer.fmt_fields(PlainFields)).init(),
             LogFormat::Text => registry.with(layer).init(),
             LogFormat::Json => registry.with(layer.json()).init(),
         }
@@ -43,6 +47,7 @@ fn init_tracing(cli: &Cli) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.log_format {
+        LogFormat::Text if !ansi => b.fmt_fields(PlainFields).init(),
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
     }

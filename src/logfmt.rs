@@ -1,0 +1,278 @@
+//! Plain-text log fields: what tracing-subscriber's `DefaultFields` writes with ANSI
+//! colours off, byte for byte, without running its styling code.
+//!
+//! With colours off, `DefaultFields` still wraps every field name and `=` in an
+//! (empty) ANSI style and formats it through the style's `Display`. A session's span
+//! fields and its audit line are about twenty fields on each gateway, and that
+//! styling was a tenth of a new session's instructions (`scripts/callgrind-ab.py
+//! --mode sessions`). [`PlainFields`] writes the same text directly; the message and
+//! error values are escaped as `DefaultFields` escapes them (ANSI and C1 control
+//! characters), so a peer's text cannot inject terminal sequences into the log.
+
+use std::error::Error;
+use std::fmt::{self, Write};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::FormatFields;
+
+/// Formats fields as `DefaultFields` does without ANSI colours (for logs written to a
+/// file, a pipe or journald).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PlainFields;
+
+impl<'w> FormatFields<'w> for PlainFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut v = PlainVisitor {
+            sanitize: writer.sanitizes_ansi_escapes(),
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut v);
+        v.result
+    }
+}
+
+struct PlainVisitor<'a> {
+    writer: Writer<'a>,
+    sanitize: bool,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    fn write(&mut self, name: &str, value: &dyn fmt::Debug) -> fmt::Result {
+        if self.first {
+            self.first = false;
+        } else {
+            self.writer.write_char(' ')?;
+        }
+        if name == "message" {
+            return if self.sanitize {
+                write!(Escaping(&mut self.writer), "{value:?}")
+            } else {
+                write!(self.writer, "{value:?}")
+            };
+        }
+        self.writer
+            .write_str(name.strip_prefix("r#").unwrap_or(name))?;
+        self.writer.write_char('=')?;
+        write!(self.writer, "{value:?}")
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.record_debug(field, &format_args!("{value}"));
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn Error + 'static)) {
+        let sanitize = self.sanitize;
+        if let Some(source) = value.source() {
+            self.record_debug(
+                field,
+                &format_args!(
+                    "{} {}.sources={}",
+                    Escaped(value, sanitize),
+                    field.name(),
+                    Sources(source, sanitize)
+                ),
+            );
+        } else {
+            self.record_debug(field, &format_args!("{}", Escaped(value, sanitize)));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        // Metadata of records from the `log` crate, already written as the target.
+        if name.starts_with("log.") {
+            return;
+        }
+        self.result = self.write(name, value);
+    }
+}
+
+/// An error's sources as a list, each escaped (`DefaultFields`' `x.sources=[..]`).
+struct Sources<'a>(&'a (dyn Error + 'static), bool);
+
+impl fmt::Display for Sources<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        let mut next = Some(self.0);
+        while let Some(e) = next {
+            list.entry(&EscapedDebug(format_args!("{e}"), self.1));
+            next = e.source();
+        }
+        list.finish()
+    }
+}
+
+/// `Display` of a value, escaped when `.1`.
+struct Escaped<T>(T, bool);
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(Escaping(f), "{}", self.0)
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
+/// `Debug` of a value, escaped when `.1`.
+struct EscapedDebug<T>(T, bool);
+
+impl<T: fmt::Debug> fmt::Debug for EscapedDebug<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            write!(Escaping(f), "{:?}", self.0)
+        } else {
+            write!(f, "{:?}", self.0)
+        }
+    }
+}
+
+/// Writes through to `.0` with the control characters a terminal acts on escaped:
+/// ESC, BEL, BS, FF, DEL and the C1 range, as tracing-subscriber escapes them.
+struct Escaping<'a, W: Write + ?Sized>(&'a mut W);
+
+impl<W: Write + ?Sized> Write for Escaping<'_, W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut rest = s;
+        while let Some((i, ch)) = rest.char_indices().find(|&(_, c)| {
+            matches!(
+                c,
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' | '\u{80}'..='\u{9f}'
+            )
+        }) {
+            self.0.write_str(&rest[..i])?;
+            match ch {
+                '\x1b' => self.0.write_str("\\x1b")?,
+                '\x07' => self.0.write_str("\\x07")?,
+                '\x08' => self.0.write_str("\\x08")?,
+                '\x0c' => self.0.write_str("\\x0c")?,
+                '\x7f' => self.0.write_str("\\x7f")?,
+                c => write!(self.0, "\\u{{{:x}}}", c as u32)?,
+            }
+            rest = &rest[i + ch.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[derive(Debug)]
+    struct Outer(Inner);
+    #[derive(Debug)]
+    struct Inner;
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("outer \x1b[31mred")
+        }
+    }
+    impl fmt::Display for Inner {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("inner \u{9b}csi")
+        }
+    }
+    impl Error for Outer {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    impl Error for Inner {}
+
+    /// Logs a set of spans and events (strings, numbers, Display and Debug values,
+    /// errors with and without sources, raw names, control characters, fields
+    /// recorded after the span's creation) and returns the text written.
+    fn log_all(plain: bool) -> String {
+        let buf = Buf::default();
+        let out = buf.clone();
+        let b = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || out.clone());
+        let emit = || {
+            let s = tracing::info_span!(
+                "session",
+                id = 7u64,
+                peer = %"127.0.0.1:4000",
+                identity = "al\x1bice",
+                later = tracing::field::Empty
+            );
+            let _g = s.enter();
+            s.record("later", 3i64);
+            let inner = tracing::debug_span!("inner", r#type = "x", ok = true);
+            let _g2 = inner.enter();
+            tracing::info!(
+                target: "pipebridge::audit",
+                bytes = 10u64,
+                reason = %"bye \x07bell",
+                debug = ?vec![1, 2],
+                f = 1.5f64,
+                neg = -4i64,
+                "session end \x1b]0;title\x07 {}",
+                "\u{85}next"
+            );
+            let e = Outer(Inner);
+            tracing::warn!(error = &e as &(dyn Error + 'static), "failed");
+            tracing::warn!(error = &Inner as &(dyn Error + 'static));
+            tracing::error!(message = "explicit", n = 0u8);
+            tracing::trace!("");
+        };
+        if plain {
+            tracing::subscriber::with_default(b.fmt_fields(PlainFields).finish(), emit);
+        } else {
+            tracing::subscriber::with_default(b.finish(), emit);
+        }
+        let v = buf.0.lock().unwrap().clone();
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn writes_what_default_fields_writes_without_ansi() {
+        let plain = log_all(true);
+        let default = log_all(false);
+        assert_eq!(plain, default);
+        // The comparison covered what it should: escapes, sources, spans, raw names.
+        for want in [
+            "session{id=7 peer=127.0.0.1:4000 identity=\"al\\u{1b}ice\" later=3}:inner{type=\"x\" ok=true}:",
+            "session end \\x1b]0;title\\x07 \\u{85}next bytes=10 reason=bye \u{7}bell",
+            "error=outer \\x1b[31mred error.sources=[inner \\u{9b}csi]",
+            "error=inner \\u{9b}csi",
+            "explicit n=0",
+        ] {
+            assert!(plain.contains(want), "missing {want:?} in:\n{plain}");
+        }
+        assert_eq!(plain.lines().count(), 5, "{plain}");
+    }
+}
