@@ -29,6 +29,10 @@
 //! baseline) sets `[tuning] busy_poll` in both gateways' configs; with
 //! `PIPEBRIDGE_BASELINE_BIN` pointing at the same build, one run compares polling
 //! against none.
+//! `PIPEBRIDGE_BENCH_RUN_AS=user:nobody` (and `PIPEBRIDGE_BASELINE_RUN_AS`) sets the
+//! exported pipe's `run_as` (default `gateway`): with an account, every session's
+//! connect to the target is made as that account (the impersonation threads' switch),
+//! and the target socket is opened to all (mode 0666 in a 0711 directory).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -780,16 +784,22 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let tuning = std::env::var(var)
         .map(|v| format!("[tuning]\nbusy_poll = {}\n\n", q(Path::new(&v))))
         .unwrap_or_default();
+    let run_as = std::env::var(match tool {
+        Tool::Baseline => "PIPEBRIDGE_BASELINE_RUN_AS",
+        _ => "PIPEBRIDGE_BENCH_RUN_AS",
+    })
+    .unwrap_or_else(|_| "gateway".into());
     let srv = format!(
         "{tuning}[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
          [limits]\nmax_sessions = 100000\nmax_sessions_per_identity = 100000\n\n\
          [[identity]]\nname = \"bench\"\ncert_cn = \"bench\"\n\n\
-         [[pipe]]\nname = \"target\"\nendpoint = {}\nallow = [\"bench\"]\nrun_as = \"gateway\"\n\
+         [[pipe]]\nname = \"target\"\nendpoint = {}\nallow = [\"bench\"]\nrun_as = {}\n\
          max_instances = 100000\n",
         q(&pki.join("server.pem")),
         q(&pki.join("server.key")),
         q(&pki.join("ca.pem")),
         q(Path::new(&format!("unix:{}", env.target.display()))),
+        q(Path::new(&run_as)),
     );
     let srv_cfg = env.dir.join(format!("{name}-server.toml"));
     std::fs::write(&srv_cfg, srv).map_err(|e| e.to_string())?;
@@ -1815,6 +1825,16 @@ fn run(o: &Opts) -> R<bool> {
     })
     .map_err(|e| format!("pki init: {e}"))?;
     let target_rt = start_target(&env.target)?;
+    if ["PIPEBRIDGE_BENCH_RUN_AS", "PIPEBRIDGE_BASELINE_RUN_AS"]
+        .iter()
+        .any(|v| std::env::var(v).is_ok_and(|v| v != "gateway"))
+    {
+        // Sessions connect to the target as another account.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(&env.dir, 0o711).map_err(|e| e.to_string())?;
+        mode(&env.target, 0o666).map_err(|e| e.to_string())?;
+    }
     let load_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("load")

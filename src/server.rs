@@ -842,7 +842,7 @@ fn authenticate<B>(
 /// Why `config` no longer lets `identity` use `pipe` (DESIGN's reload rule), if it does
 /// not: the identity or the pipe was removed, or the pipe no longer allows it.
 fn withdrawn(config: &Config, identity: &str, pipe: &str) -> Option<&'static str> {
-    let Some(ic) = config.identities.iter().find(|i| i.name == identity) else {
+    let Some(ic) = config.identity(identity) else {
         return Some("the identity was removed");
     };
     let id = Identity {

@@ -6,7 +6,7 @@
 pub mod secret;
 pub mod units;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -138,6 +138,30 @@ pub struct Config {
     pub pipes: Vec<PipeConfig>,
     /// `[[forward]]`.
     pub forwards: Vec<ForwardConfig>,
+    /// `pipes` and `identities` by name ([`Config::pipe`], [`Config::identity`]: looked
+    /// up per session, and a config may hold thousands).
+    by_name: NameIndex,
+}
+
+/// Positions in [`Config::pipes`] and [`Config::identities`] by name (the first of a
+/// name: a config with duplicates is refused at load).
+#[derive(Debug, Clone, Default)]
+struct NameIndex {
+    pipes: HashMap<String, usize>,
+    identities: HashMap<String, usize>,
+}
+
+impl NameIndex {
+    fn new(pipes: &[PipeConfig], identities: &[IdentityConfig]) -> NameIndex {
+        let mut ix = NameIndex::default();
+        for (i, p) in pipes.iter().enumerate() {
+            ix.pipes.entry(p.name.clone()).or_insert(i);
+        }
+        for (i, id) in identities.iter().enumerate() {
+            ix.identities.entry(id.name.clone()).or_insert(i);
+        }
+        ix
+    }
 }
 
 /// `[server]`.
@@ -516,7 +540,15 @@ impl Config {
 
     /// The pipe called `name`.
     pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
-        self.pipes.iter().find(|p| p.name == name)
+        self.by_name.pipes.get(name).map(|&i| &self.pipes[i])
+    }
+
+    /// The identity called `name`.
+    pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
+        self.by_name
+            .identities
+            .get(name)
+            .map(|&i| &self.identities[i])
     }
 }
 
@@ -723,16 +755,17 @@ impl Validator<'_> {
         let identities = self.identities(raw.identity);
         let pipes = self.pipes(raw.pipe, &identities, &limits);
         let mut forwards: Vec<ForwardConfig> = Vec::new();
+        // The endpoints and files hosted so far (sets: a config may hold thousands).
+        let mut hosted: HashSet<EndpointSpec> = HashSet::new();
+        let mut hosted_files: HashSet<PathBuf> = HashSet::new();
         for (i, f) in raw.forward.into_iter().enumerate() {
             let listen = f.get_ref().listen.clone();
             if let Some(f) = self.forward(i, f) {
-                if forwards.iter().any(|o| {
-                    // Of any kinds: `unix:/x` and `fifo:/x` name one file.
-                    o.listen == f.listen
-                        || o.listen
-                            .hosted_file()
-                            .is_some_and(|p| Some(p) == f.listen.hosted_file())
-                }) {
+                let file = f.listen.hosted_file();
+                // Of any kinds: `unix:/x` and `fifo:/x` name one file.
+                if hosted.contains(&f.listen)
+                    || file.as_ref().is_some_and(|p| hosted_files.contains(p))
+                {
                     // A reload matches forwards by their endpoint, and two cannot both
                     // bind one.
                     let span = listen.map_or(0..0, |l| l.span());
@@ -742,6 +775,8 @@ impl Validator<'_> {
                         "another [[forward]] already hosts this endpoint",
                     );
                 } else {
+                    hosted.insert(f.listen.clone());
+                    hosted_files.extend(file);
                     forwards.push(f);
                 }
             }
@@ -765,6 +800,7 @@ impl Validator<'_> {
             keepalive,
             shutdown,
             tuning,
+            by_name: NameIndex::new(&pipes, &identities),
             identities,
             pipes,
             forwards,
@@ -1022,6 +1058,7 @@ impl Validator<'_> {
 
     fn identities(&mut self, raw: Vec<S<RawIdentity>>) -> Vec<IdentityConfig> {
         let mut out: Vec<IdentityConfig> = Vec::new();
+        let mut names: HashSet<String> = HashSet::new();
         for (i, r) in raw.into_iter().enumerate() {
             let span = r.span();
             let r = r.into_inner();
@@ -1041,7 +1078,7 @@ impl Validator<'_> {
                     "must be 1-128 characters of A-Z a-z 0-9 . _ - (no leading dot)",
                 );
             }
-            if out.iter().any(|o| &o.name == name.get_ref()) {
+            if names.contains(name.get_ref()) {
                 self.err(
                     name.span(),
                     format!("{key}.name"),
@@ -1158,6 +1195,7 @@ impl Validator<'_> {
                     None
                 }
             });
+            names.insert(name.get_ref().clone());
             out.push(IdentityConfig {
                 name: name.into_inner(),
                 cert_cn: r.cert_cn.map(|s| s.into_inner()),
@@ -1204,6 +1242,16 @@ impl Validator<'_> {
         limits: &Limits,
     ) -> Vec<PipeConfig> {
         let mut out: Vec<PipeConfig> = Vec::new();
+        let mut names: HashSet<String> = HashSet::new();
+        // Identities by name and by group, for the allow lists.
+        let by_name: HashMap<&str, &IdentityConfig> =
+            identities.iter().map(|id| (id.name.as_str(), id)).collect();
+        let mut by_group: HashMap<&str, Vec<&IdentityConfig>> = HashMap::new();
+        for id in identities {
+            for g in &id.groups {
+                by_group.entry(g.as_str()).or_default().push(id);
+            }
+        }
         for (i, r) in raw.into_iter().enumerate() {
             let span = r.span();
             let r = r.into_inner();
@@ -1223,7 +1271,7 @@ impl Validator<'_> {
                     "must match [A-Za-z0-9_-][A-Za-z0-9._-]{0,127}",
                 );
             }
-            if out.iter().any(|o| &o.name == name.get_ref()) {
+            if names.contains(name.get_ref()) {
                 self.err(name.span(), format!("{key}.name"), "duplicate pipe name");
             }
             let endpoint = match (&r.endpoint, &r.argv) {
@@ -1259,7 +1307,7 @@ impl Validator<'_> {
             for a in &r.allow {
                 let s = a.get_ref();
                 if let Some(g) = s.strip_prefix('@') {
-                    if !identities.iter().any(|id| id.groups.iter().any(|x| x == g)) {
+                    if !by_group.contains_key(g) {
                         self.err(
                             a.span(),
                             format!("{key}.allow"),
@@ -1268,7 +1316,7 @@ impl Validator<'_> {
                     }
                     allow.push(AllowRule::Group(g.to_string()));
                 } else {
-                    if !identities.iter().any(|id| &id.name == s) {
+                    if !by_name.contains_key(s.as_str()) {
                         self.err(
                             a.span(),
                             format!("{key}.allow"),
@@ -1308,12 +1356,12 @@ impl Validator<'_> {
                 // Every identity the pipe lets in must map to a local account.
                 for a in &r.allow {
                     let s = a.get_ref();
-                    let lacking: Vec<&str> = identities
+                    let matching: &[&IdentityConfig] = match s.strip_prefix('@') {
+                        Some(g) => by_group.get(g).map_or(&[], Vec::as_slice),
+                        None => by_name.get(s.as_str()).map_or(&[], std::slice::from_ref),
+                    };
+                    let lacking: Vec<&str> = matching
                         .iter()
-                        .filter(|id| match s.strip_prefix('@') {
-                            Some(g) => id.groups.iter().any(|x| x == g),
-                            None => id.name == *s,
-                        })
                         .filter(|id| id.principal.is_none())
                         .map(|id| id.name.as_str())
                         .collect();
@@ -1435,6 +1483,7 @@ impl Validator<'_> {
                 }
             }
             let Some(endpoint) = endpoint else { continue };
+            names.insert(name.get_ref().clone());
             out.push(PipeConfig {
                 name: name.into_inner(),
                 endpoint,
@@ -1635,6 +1684,59 @@ groups = ["ops"]
         assert_eq!(p.max_instances, DEFAULT_MAX_INSTANCES);
         assert_eq!(p.allow, vec![AllowRule::Group("ops".into())]);
         assert_eq!(cfg.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    }
+
+    #[test]
+    #[cfg(unix)] // unix: and fifo: endpoints
+    fn duplicates_are_refused_and_names_are_looked_up_among_many() {
+        // Pipes and identities by the thousand: found by name (an index, not a scan).
+        let mut text = String::from(BASE);
+        for i in 0..3000 {
+            text += &format!("[[identity]]\nname = \"id{i}\"\ncert_cn = \"id{i}\"\n");
+        }
+        for i in 0..3000 {
+            text += &format!(
+                "[[pipe]]\nname = \"p{i}\"\nendpoint = \"unix:/tmp/p{i}.sock\"\nallow = [\"id{i}\", \"@ops\"]\nrun_as = \"gateway\"\n"
+            );
+        }
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.pipe("p2999").unwrap().name, "p2999");
+        assert_eq!(
+            cfg.pipe("p17").unwrap().allow[0],
+            AllowRule::Identity("id17".into())
+        );
+        assert!(cfg.pipe("p3000").is_none());
+        assert_eq!(
+            cfg.identity("id1234").unwrap().cert_cn.as_deref(),
+            Some("id1234")
+        );
+        assert!(cfg.identity("nobody").is_none());
+
+        // A second identity or pipe of one name, and a second forward of one file (of
+        // any kind), each name the line and key of the later one.
+        let text = format!(
+            "{BASE}[[identity]]\nname = \"alice\"\ncert_cn = \"a2\"\n\
+             [[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/e.sock\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n\
+             [[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/f.sock\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n\
+             [[forward]]\nlisten = \"unix:/tmp/fw.sock\"\nto = \"wss://h:1/pipes/x\"\ntoken_file = \"/tmp/t\"\n\
+             [[forward]]\nlisten = \"fifo:/tmp/fw.sock\"\nto = \"wss://h:1/pipes/y\"\ntoken_file = \"/tmp/t\"\n"
+        );
+        let errs = parse(&text).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "identity \"alice\".name",
+                "pipe \"echo\".name",
+                "forward[1].listen"
+            ],
+            "{errs:?}"
+        );
+        let line = |needle: &str| text.lines().position(|l| l.contains(needle)).map(|i| i + 1);
+        assert_eq!(errs[0].line, line("cert_cn = \"a2\"").map(|l| l - 1));
+        assert_eq!(errs[1].line, line("/tmp/f.sock").map(|l| l - 1));
+        assert_eq!(errs[2].line, line("fifo:/tmp/fw.sock"));
+        assert!(errs[2].message.contains("already hosts"), "{}", errs[2]);
     }
 
     #[test]

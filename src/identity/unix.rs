@@ -127,6 +127,9 @@ pub fn start() -> io::Result<()> {
 }
 
 fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
+    // The thread's own credentials, read once: every switch restores them and verifies
+    // that it did (or aborts), so they hold at the start of every job.
+    let saved = current();
     loop {
         let job = {
             let Ok(guard) = rx.lock() else { return };
@@ -135,7 +138,13 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
                 Err(_) => return,
             }
         };
-        let res = run_as(&job.principal, || perform(&job.op));
+        let res = match &saved {
+            Ok(saved) => run_as(&job.principal, saved, || perform(&job.op)),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot read the impersonation thread's credentials: {e}"),
+            )),
+        };
         let _ = job.reply.send(res);
     }
 }
@@ -195,12 +204,11 @@ fn current() -> io::Result<Saved> {
 }
 
 /// Runs `f` on this thread with `p`'s effective uid, gid and groups and no effective
-/// capabilities; restores and verifies afterwards (aborting the process if it cannot).
-/// Must only be called on a pool thread.
-fn run_as<T>(p: &Principal, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    let saved = current()?;
-    if let Err(e) = enter(p, &saved) {
-        restore_or_abort(&saved);
+/// capabilities; restores `saved` (the thread's credentials now) and verifies afterwards
+/// (aborting the process if it cannot). Must only be called on a pool thread.
+fn run_as<T>(p: &Principal, saved: &Saved, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    if let Err(e) = enter(p, saved) {
+        restore_or_abort(saved);
         crate::metrics::get().impersonation_failures.inc();
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
@@ -208,7 +216,7 @@ fn run_as<T>(p: &Principal, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> 
         ));
     }
     let r = f();
-    restore_or_abort(&saved);
+    restore_or_abort(saved);
     r
 }
 
@@ -226,8 +234,11 @@ fn enter(p: &Principal, saved: &Saved) -> io::Result<()> {
         },
     )?;
     // Verify the switch took: never run the operation with other rights than asked.
-    let now = current()?;
-    if now.euid.as_raw() != p.uid || now.egid.as_raw() != p.gid || !now.caps.effective.is_empty() {
+    // (What the operation's permission checks use: the effective ids and capabilities.)
+    let euid = rustix::process::geteuid();
+    let egid = rustix::process::getegid();
+    let caps = rustix::thread::capabilities(None)?;
+    if euid.as_raw() != p.uid || egid.as_raw() != p.gid || !caps.effective.is_empty() {
         return Err(io::Error::other("credentials did not switch"));
     }
     Ok(())
