@@ -398,10 +398,13 @@ impl Dialer {
         path: &str,
         early: &Bytes,
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
-        let dial_gate = self.dial_gate();
+        // A dialer without HTTP/2 has no pooled connection to share: no gate.
+        let dial_gate = self.http2.then(|| self.dial_gate());
         let mut gate = None;
         let failed = || {
-            dial_gate.1.fetch_add(1, Ordering::Relaxed);
+            if let Some(g) = &dial_gate {
+                g.1.fetch_add(1, Ordering::Relaxed);
+            }
         };
         // No warm connection on this shard: one session of a burst dials it, the others
         // wait and then take it. The gate is held for the dial only, never while a
@@ -409,7 +412,8 @@ impl Dialer {
         // that waited for it (a GOAWAY as the burst lands) sends it back to the gate
         // once, for the next dial.
         for _ in 0..2 {
-            if !self.http2 || self.h2_absent.load(Ordering::Relaxed) {
+            let Some(dial_gate) = &dial_gate else { break };
+            if self.h2_absent.load(Ordering::Relaxed) {
                 break;
             }
             let failures = dial_gate.1.load(Ordering::Relaxed);
