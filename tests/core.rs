@@ -1490,6 +1490,55 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
 }
 
 #[test]
+fn a_forward_without_http2_opens_one_http1_connection_per_session() {
+    let fx = Fixture::new();
+    let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
+    let pipe_cfg = pipe("sha", &format!("unix:{}", fx.p("sha.sock")), &["alice"], "");
+    let mut gw = fx.serve("a.toml", &fx.server_config(&pipe_cfg));
+    let fwd_sock = fx.path("fwd.sock");
+    let _b = fx.serve(
+        "b.toml",
+        &forward(&fx, &fwd_sock, &gw.url("sha"), "alice", "http2 = false"),
+    );
+    // Sequential sessions and a few at once, each over an HTTP/1.1 upgrade of its own.
+    for i in 0..3usize {
+        let data = random_bytes(3000 + i);
+        let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            sha_hex(&data),
+            "session {i}"
+        );
+    }
+    let callers: Vec<_> = (0..4usize)
+        .map(|i| {
+            let fwd_sock = fwd_sock.clone();
+            std::thread::spawn(move || {
+                let data = random_bytes(7000 + i);
+                let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));
+                (sha_hex(&data), String::from_utf8_lossy(&reply).into_owned())
+            })
+        })
+        .collect();
+    for c in callers {
+        let (want, got) = c.join().expect("caller");
+        assert_eq!(got, want);
+    }
+    gw.proc.wait_until(Duration::from_secs(10), |l| {
+        l.matches("session end").count() == 7
+    });
+    // No connection is kept once its session ended (nothing pools HTTP/1.1).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while established_to(gw.port) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "HTTP/1.1 connections still open after their sessions ended"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn a_burst_of_first_sessions_dials_one_http2_connection_per_shard() {
     let fx = Fixture::new();
     let _echo = UnixServer::echo(&fx.path("echo.sock"));
