@@ -252,7 +252,7 @@ impl Activity {
 }
 
 /// A monotonic clock in milliseconds for [`Activity`], read once or twice per message:
-/// the coarse clock on Linux (the last tick's time, 1-4 ms old, read without the
+/// the coarse clock on Linux (the last tick's time, 1-10 ms old, read without the
 /// timestamp counter: a few instructions against `Instant::now`'s clock read and
 /// timespec arithmetic). Idle and keepalive timeouts are seconds.
 /// (Through glibc's vDSO call: rustix's own vDSO set-up faults under valgrind, which
@@ -260,10 +260,16 @@ impl Activity {
 #[cfg(target_os = "linux")]
 fn clock_ms() -> u64 {
     use nix::time::{clock_gettime, ClockId};
+    // The last reading, for a read that fails (never on Linux >= 2.6.32): the clock
+    // then stands still, which delays idle expiry and keepalive but never fires them.
+    static LAST: AtomicU64 = AtomicU64::new(0);
     match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
-        Ok(t) => (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000,
-        // Never on Linux >= 2.6.32; a clock that stands still only delays idle expiry.
-        Err(_) => 0,
+        Ok(t) => {
+            let ms = (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000;
+            LAST.store(ms, Ordering::Relaxed);
+            ms
+        }
+        Err(_) => LAST.load(Ordering::Relaxed),
     }
 }
 
@@ -275,6 +281,52 @@ fn clock_ms() -> u64 {
         .get_or_init(std::time::Instant::now)
         .elapsed()
         .as_millis() as u64
+}
+
+/// The session's WebSocket sink, shared by the upstream, which waits for it at each
+/// send, and the Pong and keepalive Ping, which take it only when it is free and the
+/// upstream is not waiting for it. futures' lock (one atomic operation each way when
+/// free, where tokio's took its semaphore's inner lock at every release: 1.5% of a
+/// message's instructions) is not fair: without the mark, a peer that kept sending
+/// Pings while reading slowly could keep the upstream's data behind its Pongs.
+struct SharedSink<W> {
+    lock: futures_util::lock::Mutex<WsSink<W>>,
+    upstream_waiting: AtomicBool,
+}
+
+impl<W> SharedSink<W> {
+    fn new(sink: WsSink<W>) -> SharedSink<W> {
+        SharedSink {
+            lock: futures_util::lock::Mutex::new(sink),
+            upstream_waiting: AtomicBool::new(false),
+        }
+    }
+
+    /// The sink, for the upstream: waits for it, marked as waiting meanwhile.
+    async fn lock(&self) -> futures_util::lock::MutexGuard<'_, WsSink<W>> {
+        if let Some(g) = self.lock.try_lock() {
+            return g;
+        }
+        /// Clears the mark however the wait ends (done or dropped).
+        struct Waiting<'a>(&'a AtomicBool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Relaxed);
+            }
+        }
+        self.upstream_waiting.store(true, Ordering::Relaxed);
+        let _waiting = Waiting(&self.upstream_waiting);
+        self.lock.lock().await
+    }
+
+    /// The sink, for a Pong or keepalive Ping: only if it is free and the upstream is
+    /// not waiting for it (a busy sink is sending data, which tells the peer as much).
+    fn try_lock_spare(&self) -> Option<futures_util::lock::MutexGuard<'_, WsSink<W>>> {
+        if self.upstream_waiting.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.lock.try_lock()
+    }
 }
 
 /// An operation blocked on backpressure ([`Activity::blocking`]).
@@ -329,9 +381,7 @@ async fn run_in<S: Transport>(
 ) -> Outcome {
     let (sink, mut stream) = ws.split();
     // Shared by the upstream and keepalive pings; the upstream holds it only per send.
-    // (futures' lock: one atomic operation each way when free, where tokio's took its
-    // semaphore's inner lock at every release: 1.5% of a message's instructions.)
-    let sink = futures_util::lock::Mutex::new(sink);
+    let sink = SharedSink::new(sink);
     let Local {
         reader,
         mut writer,
@@ -453,7 +503,7 @@ async fn run_in<S: Transport>(
                         if silent >= interval {
                             // Skipped while a send is in progress: then the peer is
                             // merely slow to read, and pending data says so.
-                            if let Some(mut g) = sink.try_lock() {
+                            if let Some(mut g) = sink.try_lock_spare() {
                                 // Boxed, as it is rare (see `finish` below).
                                 let _ = Box::pin(tokio::time::timeout(
                                     PING_SEND_TIMEOUT,
@@ -484,7 +534,7 @@ async fn run_in<S: Transport>(
     // Boxed: it runs once, at the end, and inline it would make every session's state
     // (idle ones too) as big as this last step's.
     Box::pin(finish(
-        sink.into_inner(),
+        sink.lock.into_inner(),
         stream,
         failure,
         peer_closed,
@@ -623,7 +673,7 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
 async fn upstream<W: OwnedWrite>(
     reader: Option<Reader>,
     child: Option<&mut tokio::process::Child>,
-    sink: &futures_util::lock::Mutex<WsSink<W>>,
+    sink: &SharedSink<W>,
     counters: &Counters,
     activity: &Activity,
     span: &tracing::Span,
@@ -717,7 +767,7 @@ fn exit_control(status: std::process::ExitStatus) -> Control {
 #[allow(clippy::too_many_arguments)]
 async fn downstream<W: OwnedWrite, R: ChunkRead>(
     stream: &mut WsSource<R>,
-    sink: &futures_util::lock::Mutex<WsSink<W>>,
+    sink: &SharedSink<W>,
     writer: &mut Option<Writer>,
     counters: &Counters,
     eof_seen: &AtomicBool,
@@ -822,7 +872,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
             Message::Ping(p) => {
                 // Answered when the sink is free: a busy sink is sending data, which
                 // tells the peer as much as a Pong would.
-                if let Some(mut g) = sink.try_lock() {
+                if let Some(mut g) = sink.try_lock_spare() {
                     let _ = tokio::time::timeout(PING_SEND_TIMEOUT, g.send(Message::Pong(p))).await;
                 }
             }

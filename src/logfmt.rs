@@ -245,6 +245,15 @@ mod tests {
             );
             let e = Outer(Inner);
             tracing::warn!(error = &e as &(dyn Error + 'static), "failed");
+            tracing::warn!(r#type = &e as &(dyn Error + 'static));
+            // Fields of records from the `log` crate are skipped.
+            tracing::info!(log.target = "x", log.line = 1u32, "from log");
+            // A span with no fields at first, recorded later.
+            let bare = tracing::info_span!("bare", late = tracing::field::Empty);
+            let _g3 = bare.enter();
+            tracing::info!("before");
+            bare.record("late", "now");
+            tracing::info!("after");
             tracing::warn!(error = &Inner as &(dyn Error + 'static));
             tracing::error!(message = "explicit", n = 0u8);
             tracing::trace!("");
@@ -270,9 +279,13 @@ mod tests {
             "error=outer \\x1b[31mred error.sources=[inner \\u{9b}csi]",
             "error=inner \\u{9b}csi",
             "explicit n=0",
+            "type=outer \\x1b[31mred type.sources=[inner \\u{9b}csi]",
+            "from log\n",
+            "bare: pipebridge::logfmt::tests: before",
+            "bare{late=\"now\"}: pipebridge::logfmt::tests: after",
         ] {
             assert!(plain.contains(want), "missing {want:?} in:\n{plain}");
         }
-        assert_eq!(plain.lines().count(), 5, "{plain}");
+        assert_eq!(plain.lines().count(), 9, "{plain}");
     }
 }

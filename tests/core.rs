@@ -1490,7 +1490,7 @@ fn forward_sessions_share_http2_connections_and_idle_ones_are_closed() {
 }
 
 #[test]
-fn a_forward_without_http2_opens_one_http1_connection_per_session() {
+fn a_forward_without_http2_keeps_no_connection_once_its_sessions_end() {
     let fx = Fixture::new();
     let _sha = UnixServer::sha_reply(&fx.path("sha.sock"));
     let pipe_cfg = pipe("sha", &format!("unix:{}", fx.p("sha.sock")), &["alice"], "");
@@ -1500,7 +1500,9 @@ fn a_forward_without_http2_opens_one_http1_connection_per_session() {
         "b.toml",
         &forward(&fx, &fwd_sock, &gw.url("sha"), "alice", "http2 = false"),
     );
-    // Sequential sessions and a few at once, each over an HTTP/1.1 upgrade of its own.
+    // Sequential sessions and a few at once, each over an HTTP/1.1 upgrade of its own
+    // (with HTTP/2, an idle pooled connection would stay open for the keepalive
+    // timeout, at least 10 s, and fail the last check).
     for i in 0..3usize {
         let data = random_bytes(3000 + i);
         let reply = unix_request(&fwd_sock, &data, Duration::from_secs(30));

@@ -540,15 +540,29 @@ impl Config {
 
     /// The pipe called `name`.
     pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
-        self.by_name.pipes.get(name).map(|&i| &self.pipes[i])
+        match self
+            .by_name
+            .pipes
+            .get(name)
+            .and_then(|&i| self.pipes.get(i))
+        {
+            Some(p) if p.name == name => Some(p),
+            // `pipes` changed since load (it is public): no stale answer.
+            _ => self.pipes.iter().find(|p| p.name == name),
+        }
     }
 
     /// The identity called `name`.
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
-        self.by_name
+        match self
+            .by_name
             .identities
             .get(name)
-            .map(|&i| &self.identities[i])
+            .and_then(|&i| self.identities.get(i))
+        {
+            Some(id) if id.name == name => Some(id),
+            _ => self.identities.iter().find(|id| id.name == name),
+        }
     }
 }
 
@@ -1249,7 +1263,11 @@ impl Validator<'_> {
         let mut by_group: HashMap<&str, Vec<&IdentityConfig>> = HashMap::new();
         for id in identities {
             for g in &id.groups {
-                by_group.entry(g.as_str()).or_default().push(id);
+                let members = by_group.entry(g.as_str()).or_default();
+                // Once per identity, however often it names the group.
+                if !members.last().is_some_and(|m| std::ptr::eq(*m, id)) {
+                    members.push(id);
+                }
             }
         }
         for (i, r) in raw.into_iter().enumerate() {

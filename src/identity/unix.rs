@@ -128,7 +128,9 @@ pub fn start() -> io::Result<()> {
 
 fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
     // The thread's own credentials, read once: every switch restores them and verifies
-    // that it did (or aborts), so they hold at the start of every job.
+    // that it did (or aborts), so they hold at the start of every job. (Nothing changes
+    // the process's credentials after start: the gateway never calls glibc's set*id,
+    // which would change every thread, and `exec_as` switches only the forked child.)
     let saved = current();
     loop {
         let job = {
