@@ -540,29 +540,28 @@ impl Config {
 
     /// The pipe called `name`.
     pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
-        match self
-            .by_name
-            .pipes
-            .get(name)
-            .and_then(|&i| self.pipes.get(i))
-        {
-            Some(p) if p.name == name => Some(p),
-            // `pipes` changed since load (it is public): no stale answer.
-            _ => self.pipes.iter().find(|p| p.name == name),
-        }
+        find_named(&self.by_name.pipes, &self.pipes, name, |p| &p.name)
     }
 
     /// The identity called `name`.
     pub fn identity(&self, name: &str) -> Option<&IdentityConfig> {
-        match self
-            .by_name
-            .identities
-            .get(name)
-            .and_then(|&i| self.identities.get(i))
-        {
-            Some(id) if id.name == name => Some(id),
-            _ => self.identities.iter().find(|id| id.name == name),
-        }
+        find_named(&self.by_name.identities, &self.identities, name, |id| {
+            &id.name
+        })
+    }
+}
+
+/// The item of `items` called `name`, where `index` says; by a scan if `items` changed
+/// since the index was built (the config's lists are public): never a stale answer.
+fn find_named<'a, T>(
+    index: &HashMap<String, usize>,
+    items: &'a [T],
+    name: &str,
+    name_of: fn(&T) -> &String,
+) -> Option<&'a T> {
+    match index.get(name).and_then(|&i| items.get(i)) {
+        Some(x) if name_of(x) == name => Some(x),
+        _ => items.iter().find(|x| name_of(x) == name),
     }
 }
 
@@ -1729,6 +1728,11 @@ groups = ["ops"]
             Some("id1234")
         );
         assert!(cfg.identity("nobody").is_none());
+        // The lists are public: changed after load, lookups stay right.
+        let mut changed = cfg.clone();
+        changed.pipes.remove(0);
+        assert_eq!(changed.pipe("p2999").unwrap().name, "p2999");
+        assert!(changed.pipe("p0").is_none());
 
         // A second identity or pipe of one name, and a second forward of one file (of
         // any kind), each name the line and key of the later one.
