@@ -9,7 +9,8 @@ fn init_tracing(cli: &Cli) {
     use tracing_subscriber::util::SubscriberInitExt;
     // Without colours, fields are written directly: the default formatter runs its
     // (empty) styles through every field name (pipebridge::logfmt).
-    use pipebridge::logfmt::PlainFields;
+    // Timestamps: the text up to the second is formatted once per second and kept.
+    use pipebridge::logfmt::{CachedTime, PlainFields};
     let default = match cli.command {
         Command::Serve(_) | Command::Forward(_) => "info",
         _ => "warn",
@@ -25,6 +26,7 @@ fn init_tracing(cli: &Cli) {
     if let Some(targets) = static_filter(spec) {
         let layer = tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
+            .with_timer(CachedTime)
             .with_writer(std::io::stderr);
         let registry = tracing_subscriber::registry().with(targets);
         match cli.log_format {
@@ -45,6 +47,7 @@ fn init_tracing(cli: &Cli) {
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        .with_timer(CachedTime)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text if !ansi => b.fmt_fields(PlainFields).init(),
