@@ -977,7 +977,7 @@ pub struct Target {
     /// Whether a credential path names `{user}` (a dialer per local user).
     per_user: bool,
     /// The dialer of its sessions while no credential path names `{user}`, and when
-    /// [`cached_dialer`] last read its credentials: taken without formatting the cache
+    /// [`session_dialer`] last read its credentials: taken without formatting the cache
     /// key per session.
     dialer: std::sync::Mutex<Option<(Arc<Dialer>, std::time::Instant)>>,
 }
@@ -995,15 +995,22 @@ impl Target {
     }
 
     /// The dialer for `fwd`'s own credentials (those this target was made for), checked
-    /// like [`cached_dialer`]'s: at most [`DIALER_TTL`] after its credentials were read.
-    fn dialer(&self, fwd: &ForwardConfig) -> Result<Arc<Dialer>, ClientError> {
+    /// like [`session_dialer`]'s: at most [`DIALER_TTL`] after its credentials were read.
+    async fn dialer(&self, fwd: &ForwardConfig) -> Result<Arc<Dialer>, ClientError> {
         let fresh = |read: &std::time::Instant| read.elapsed() < DIALER_TTL;
         if let Ok(g) = self.dialer.lock() {
             if let Some((d, _)) = g.as_ref().filter(|(_, read)| fresh(read)) {
                 return Ok(d.clone());
             }
         }
-        let (d, read) = cached_dialer(&fwd.to, &fwd.credentials, fwd.keepalive, fwd.http2)?;
+        let (d, read) = session_dialer(
+            &fwd.to,
+            &fwd.credentials,
+            fwd.keepalive,
+            fwd.http2,
+            DIALER_TTL,
+        )
+        .await?;
         if let Ok(mut g) = self.dialer.lock() {
             *g = Some((d.clone(), read));
         }
@@ -1117,9 +1124,11 @@ async fn forward_one(
     let dialer = if target.per_user {
         let user = caller.as_ref().and_then(|c| c.user_name());
         let creds = substitute_user(&fwd.credentials, user.as_deref());
-        cached_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2).map(|(d, _)| d)
+        session_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2, DIALER_TTL)
+            .await
+            .map(|(d, _)| d)
     } else {
-        target.dialer(fwd)
+        target.dialer(fwd).await
     };
     let session = match dialer {
         Ok(d) => {
@@ -1178,19 +1187,63 @@ const DIALER_TTL: Duration = Duration::from_secs(30);
 /// Bound on cached dialers (one per distinct credential set, e.g. per local user).
 const MAX_CACHED_DIALERS: usize = 1024;
 
-/// A dialer for `url` with `creds`, reused across sessions so TLS session resumption
-/// works and credential files are not re-read per connection; and when its credentials
-/// were last read.
-fn cached_dialer(
+/// A dialer for `url` with `creds` for a session, reused across sessions so TLS session
+/// resumption works and credential files are not re-read per connection: an entry read
+/// within `ttl` at once; a re-read of the credential files (and, without a CA file, of
+/// the whole system trust store) on the blocking pool ([`cached_dialer_within`]), not
+/// on the shard thread, which runs other sessions meanwhile.
+async fn session_dialer(
     url: &Uri,
     creds: &CredentialPaths,
     keepalive: (Duration, Duration),
     http2: bool,
+    ttl: Duration,
 ) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
-    cached_dialer_within(url, creds, keepalive, http2, DIALER_TTL)
+    let key = dialer_key(url, creds, keepalive, http2);
+    if let Some((d, read, _)) = cached_entry(&key).filter(|(_, read, _)| read.elapsed() < ttl) {
+        return Ok((d, read));
+    }
+    let (url, creds) = (url.clone(), creds.clone());
+    tokio::task::spawn_blocking(move || cached_dialer_within(&url, &creds, keepalive, http2, ttl))
+        .await
+        .map_err(|e| ClientError::Setup(format!("reading the credentials failed: {e}")))?
 }
 
-/// [`cached_dialer`], re-reading the credentials once an entry is older than `ttl`.
+/// A dialer, when its credentials were last read, and their digest.
+type DialerEntry = (Arc<Dialer>, std::time::Instant, Option<[u8; 32]>);
+
+/// The dialers by [`dialer_key`].
+fn dialer_cache() -> &'static std::sync::Mutex<std::collections::HashMap<String, DialerEntry>> {
+    type Cache = std::sync::Mutex<std::collections::HashMap<String, DialerEntry>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// What a dialer is made from, as its cache key.
+fn dialer_key(
+    url: &Uri,
+    creds: &CredentialPaths,
+    keepalive: (Duration, Duration),
+    http2: bool,
+) -> String {
+    format!(
+        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
+        creds.ca,
+        creds.cert,
+        creds.key,
+        creds.token_file,
+        creds.token.is_some()
+    )
+}
+
+/// The cached entry under `key`, fresh or not.
+fn cached_entry(key: &str) -> Option<DialerEntry> {
+    dialer_cache().lock().ok().and_then(|c| c.get(key).cloned())
+}
+
+/// A dialer for `url` with `creds`, and when its credentials were last read: the cached
+/// one, re-reading the credentials once an entry is older than `ttl`.
+/// Reads files when it does: not for a shard thread ([`session_dialer`]).
 fn cached_dialer_within(
     url: &Uri,
     creds: &CredentialPaths,
@@ -1198,20 +1251,9 @@ fn cached_dialer_within(
     http2: bool,
     ttl: Duration,
 ) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
-    /// A dialer, when its credentials were last read, and their digest.
-    type Entry = (Arc<Dialer>, std::time::Instant, Option<[u8; 32]>);
-    type Cache = std::sync::Mutex<std::collections::HashMap<String, Entry>>;
-    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
-    let key = format!(
-        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
-        creds.ca,
-        creds.cert,
-        creds.key,
-        creds.token_file,
-        creds.token.is_some()
-    );
-    let cache = CACHE.get_or_init(Default::default);
-    let cached = cache.lock().ok().and_then(|c| c.get(&key).cloned());
+    let key = dialer_key(url, creds, keepalive, http2);
+    let cache = dialer_cache();
+    let cached = cached_entry(&key);
     if let Some((d, read, _)) = &cached {
         if read.elapsed() < ttl {
             return Ok((d.clone(), *read));
@@ -1319,6 +1361,79 @@ mod tests {
             token_file: None,
             token: None,
         }
+    }
+
+    /// A session's re-read of its credential files runs off the runtime's thread: with
+    /// the CA file a FIFO whose reads wait (as a file on a hung disk would), other
+    /// tasks of the runtime go on meanwhile.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_session_reads_its_credential_files_off_the_runtime_thread() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let a = tempfile::tempdir().expect("dir");
+        pki(a.path());
+        let ca = std::fs::read(a.path().join("ca.pem")).expect("ca");
+        let fifo = a.path().join("ca.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let mut c = creds(a.path());
+        c.ca = Some(fifo.display().to_string());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                // Two reads (the digest, then the dialer's own), each 200 ms late.
+                for _ in 0..2 {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let open = std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NONBLOCK)
+                            .open(&fifo);
+                        match open {
+                            Ok(mut f) => {
+                                std::io::Write::write_all(&mut f, &ca).expect("write ca");
+                                break;
+                            }
+                            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                                assert!(std::time::Instant::now() < deadline, "no reader");
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err(e) => panic!("open fifo: {e}"),
+                        }
+                    }
+                }
+            })
+        };
+        let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let url: Uri = "wss://localhost:1/pipes/x".parse().expect("url");
+        let ka = (Duration::from_secs(20), Duration::from_secs(60));
+        let before = ticks.load(Ordering::Relaxed);
+        let (d, _) = session_dialer(&url, &c, ka, true, Duration::ZERO)
+            .await
+            .expect("dialer");
+        let during = ticks.load(Ordering::Relaxed) - before;
+        ticker.abort();
+        writer.join().expect("writer");
+        // About 200 ticks in the 400 ms the reads waited; none if they blocked the thread.
+        assert!(
+            during >= 20,
+            "the runtime's thread waited for the files ({during} ticks)"
+        );
+        // Within its time, the same dialer, without reading the files (the FIFO has no
+        // writer now: a read would wait for ever).
+        let (again, _) = session_dialer(&url, &c, ka, true, Duration::from_secs(3600))
+            .await
+            .expect("dialer");
+        assert!(Arc::ptr_eq(&d, &again));
     }
 
     /// A dialer whose credential files still hold the same bytes when they are read
