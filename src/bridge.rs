@@ -291,14 +291,15 @@ fn clock_ms() -> u64 {
 /// Pings while reading slowly could keep the upstream's data behind its Pongs.
 struct SharedSink<W> {
     lock: futures_util::lock::Mutex<WsSink<W>>,
-    upstream_waiting: AtomicBool,
+    /// Sends waiting for the sink (the upstream's, one at a time).
+    waiting: AtomicU32,
 }
 
 impl<W> SharedSink<W> {
     fn new(sink: WsSink<W>) -> SharedSink<W> {
         SharedSink {
             lock: futures_util::lock::Mutex::new(sink),
-            upstream_waiting: AtomicBool::new(false),
+            waiting: AtomicU32::new(0),
         }
     }
 
@@ -307,22 +308,22 @@ impl<W> SharedSink<W> {
         if let Some(g) = self.lock.try_lock() {
             return g;
         }
-        /// Clears the mark however the wait ends (done or dropped).
-        struct Waiting<'a>(&'a AtomicBool);
+        /// Ends the mark however the wait ends (done or dropped).
+        struct Waiting<'a>(&'a AtomicU32);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.store(false, Ordering::Relaxed);
+                self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        self.upstream_waiting.store(true, Ordering::Relaxed);
-        let _waiting = Waiting(&self.upstream_waiting);
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
         self.lock.lock().await
     }
 
     /// The sink, for a Pong or keepalive Ping: only if it is free and the upstream is
     /// not waiting for it (a busy sink is sending data, which tells the peer as much).
     fn try_lock_spare(&self) -> Option<futures_util::lock::MutexGuard<'_, WsSink<W>>> {
-        if self.upstream_waiting.load(Ordering::Relaxed) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
             return None;
         }
         self.lock.try_lock()

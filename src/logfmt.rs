@@ -37,7 +37,7 @@ impl FormatTime for CachedTime {
             return SystemTime.format_time(w);
         };
         let (secs, micros) = (now.as_secs(), now.subsec_micros());
-        SECOND.with(|cell| {
+        let written = SECOND.try_with(|cell| {
             let Ok(mut cached) = cell.try_borrow_mut() else {
                 return SystemTime.format_time(w);
             };
@@ -61,7 +61,9 @@ impl FormatTime for CachedTime {
                 m /= 10;
             }
             w.write_str(std::str::from_utf8(&frac).map_err(|_| fmt::Error)?)
-        })
+        });
+        // The thread is ending (its locals are gone): uncached.
+        written.unwrap_or_else(|_| SystemTime.format_time(w))
     }
 }
 
@@ -230,6 +232,7 @@ impl<W: Write + ?Sized> Write for Escaping<'_, W> {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -341,24 +344,25 @@ mod tests {
             t.format_time(&mut Writer::new(&mut s)).unwrap();
             s
         };
-        // Up to the second, both agree (taken in one second: retried across a tick);
-        // the fraction is the later one's or equal.
-        let mut agreed = 0;
-        for _ in 0..50 {
+        // Between two readings of tracing-subscriber's own, ours falls between them:
+        // a prefix kept from another second could not. Until the second changes at
+        // least once (within 1.2 s), so the kept prefix is replaced on the way.
+        let first = format(&CachedTime);
+        let start = std::time::Instant::now();
+        let mut turned = false;
+        while start.elapsed() < Duration::from_millis(1200) {
+            let before = format(&SystemTime);
             let ours = format(&CachedTime);
-            let theirs = format(&SystemTime);
-            let again = format(&CachedTime);
-            assert!(
-                shape(&ours) && shape(&theirs) && shape(&again),
-                "{ours} {theirs} {again}"
-            );
-            assert!(ours <= theirs && theirs <= again, "{ours} {theirs} {again}");
-            if ours[..19] == again[..19] {
-                assert_eq!(ours[..19], theirs[..19]);
-                agreed += 1;
+            let after = format(&SystemTime);
+            assert!(shape(&ours), "{ours}");
+            assert!(before <= ours && ours <= after, "{before} {ours} {after}");
+            turned |= ours[..19] != first[..19];
+            if turned && start.elapsed() > Duration::from_millis(50) {
+                break;
             }
+            std::thread::sleep(Duration::from_micros(200));
         }
-        assert!(agreed > 0, "never within one second");
+        assert!(turned, "the second never changed in 1.2 s");
     }
 
     #[test]

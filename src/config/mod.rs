@@ -1733,6 +1733,8 @@ groups = ["ops"]
         changed.pipes.remove(0);
         assert_eq!(changed.pipe("p2999").unwrap().name, "p2999");
         assert!(changed.pipe("p0").is_none());
+        // (Where the index now names another pipe: found by the scan.)
+        assert_eq!(changed.pipe("p1").unwrap().name, "p1");
 
         // A second identity or pipe of one name, and a second forward of one file (of
         // any kind), each name the line and key of the later one.
