@@ -289,10 +289,17 @@ fn clock_ms() -> u64 {
 /// free, where tokio's took its semaphore's inner lock at every release: 1.5% of a
 /// message's instructions) is not fair: without the mark, a peer that kept sending
 /// Pings while reading slowly could keep the upstream's data behind its Pongs.
+///
+/// A Ping that finds the sink busy is not dropped (RFC 6455 5.5.2: a Pong MUST answer
+/// it): its payload is left here, and the upstream sends the Pong right after the send
+/// that held the sink (for the latest Ping only, as 5.5.3 allows).
 struct SharedSink<W> {
     lock: futures_util::lock::Mutex<WsSink<W>>,
     /// Sends waiting for the sink (the upstream's, one at a time).
     waiting: AtomicU32,
+    /// A Pong left to the upstream: whether there is one, and its payload.
+    pong_due: AtomicBool,
+    pong: std::sync::Mutex<Option<bytes::Bytes>>,
 }
 
 impl<W> SharedSink<W> {
@@ -300,6 +307,8 @@ impl<W> SharedSink<W> {
         SharedSink {
             lock: futures_util::lock::Mutex::new(sink),
             waiting: AtomicU32::new(0),
+            pong_due: AtomicBool::new(false),
+            pong: std::sync::Mutex::new(None),
         }
     }
 
@@ -327,6 +336,51 @@ impl<W> SharedSink<W> {
             return None;
         }
         self.lock.try_lock()
+    }
+
+    /// Leaves the Pong for `payload` to the upstream (replacing one left before).
+    fn defer_pong(&self, payload: bytes::Bytes) {
+        let mut slot = self
+            .pong
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *slot = Some(payload);
+        self.pong_due.store(true, Ordering::Relaxed);
+    }
+
+    /// The Pong left to the upstream, if any (taken: sent once).
+    fn take_pong(&self) -> Option<bytes::Bytes> {
+        if !self.pong_due.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        self.pong
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+impl<W: OwnedWrite> SharedSink<W> {
+    /// The upstream's send of `msg` (waiting for the sink), then of a Pong left to it.
+    async fn send(&self, msg: Message) -> Result<(), tungstenite::Error> {
+        let mut g = self.lock().await;
+        g.send(msg).await?;
+        self.send_left_pong(&mut g).await
+    }
+
+    /// The upstream's send of a framed binary message ([`WsSink::send_framed`]), then
+    /// of a Pong left to it.
+    async fn send_framed(&self, buf: &mut BytesMut) -> Result<(), tungstenite::Error> {
+        let mut g = self.lock().await;
+        g.send_framed(buf).await?;
+        self.send_left_pong(&mut g).await
+    }
+
+    async fn send_left_pong(&self, g: &mut WsSink<W>) -> Result<(), tungstenite::Error> {
+        match self.take_pong() {
+            Some(p) => g.send(Message::Pong(p)).await,
+            None => Ok(()),
+        }
     }
 }
 
@@ -707,7 +761,7 @@ async fn upstream<W: OwnedWrite>(
                 // Data moved: the guard's end says so (one clock read per message).
                 let sent = {
                     let _blocked = activity.blocking();
-                    sink.lock().await.send_framed(&mut buf).await
+                    sink.send_framed(&mut buf).await
                 };
                 sent.map_err(|e| ws_failure(e, span))?;
                 counters.from_local.fetch_add(n as u64, Ordering::Relaxed);
@@ -719,7 +773,7 @@ async fn upstream<W: OwnedWrite>(
                     let n = data.len() as u64;
                     let sent = {
                         let _blocked = activity.blocking();
-                        sink.lock().await.send(Message::Binary(data)).await
+                        sink.send(Message::Binary(data)).await
                     };
                     sent.map_err(|e| ws_failure(e, span))?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
@@ -741,15 +795,11 @@ async fn upstream<W: OwnedWrite>(
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);
         span.in_scope(|| tracing::info!(status = %status, "exec child exited"));
-        sink.lock()
-            .await
-            .send(Message::text(ctl.encode()))
+        sink.send(Message::text(ctl.encode()))
             .await
             .map_err(|e| ws_failure(e, span))?;
     }
-    sink.lock()
-        .await
-        .send(Message::text(Control::Eof.encode()))
+    sink.send(Message::text(Control::Eof.encode()))
         .await
         .map_err(|e| ws_failure(e, span))?;
     Ok(())
@@ -871,10 +921,16 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
             },
             Message::Close(frame) => return Failure::PeerClosed(frame),
             Message::Ping(p) => {
-                // Answered when the sink is free: a busy sink is sending data, which
-                // tells the peer as much as a Pong would.
-                if let Some(mut g) = sink.try_lock_spare() {
-                    let _ = tokio::time::timeout(PING_SEND_TIMEOUT, g.send(Message::Pong(p))).await;
+                // Answered at once when the sink is free; else by the upstream right
+                // after the send that holds it (the latest Ping's payload).
+                match sink.try_lock_spare() {
+                    Some(mut g) => {
+                        // This answer is the latest: one left before is answered by it.
+                        sink.take_pong();
+                        let _ =
+                            tokio::time::timeout(PING_SEND_TIMEOUT, g.send(Message::Pong(p))).await;
+                    }
+                    None => sink.defer_pong(p),
                 }
             }
             Message::Pong(_) | Message::Frame(_) => {}

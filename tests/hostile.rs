@@ -1604,6 +1604,62 @@ async fn data_on_an_out_only_session_closes_with_1008() {
     t.assert_healthy("data in a forbidden direction").await;
 }
 
+/// Reads `stream` until `until`: Pongs' payloads into `pongs`, binary bytes counted.
+async fn read_for(
+    stream: &mut futures_util::stream::SplitStream<Ws>,
+    until: tokio::time::Instant,
+    pongs: &mut Vec<Vec<u8>>,
+    bytes: &mut usize,
+) {
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, stream.next()).await {
+        match m.expect("a message") {
+            Message::Pong(p) => pongs.push(p.to_vec()),
+            Message::Binary(b) => *bytes += b.len(),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// RFC 6455 5.5.2: a Ping is answered with a Pong even while the session's sink is
+/// busy streaming (the latest Ping at least, 5.5.3). Before, a Ping that found the sink
+/// held by a send waiting on backpressure went unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_while_the_session_streams() {
+    let t = Target::standard();
+    let ws = ws_open(&t.fx, t.port(), None, "/pipes/zero")
+        .await
+        .expect("open the zero pipe");
+    let (mut sink, mut stream) = ws.split();
+    let mut pongs: Vec<Vec<u8>> = Vec::new();
+    let mut bytes = 0usize;
+    // Twenty Pings while the data streams in, read slower than it comes: the
+    // gateway's sends wait on backpressure, holding its sink, when the Pings land.
+    for i in 0..20u8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        sink.send(Message::Ping(vec![b'p', i].into()))
+            .await
+            .expect("send a ping");
+        let until = tokio::time::Instant::now() + Duration::from_millis(5);
+        read_for(&mut stream, until, &mut pongs, &mut bytes).await;
+    }
+    // The last one's Pong comes (behind data already sent), within 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !pongs.iter().any(|p| p[..] == [b'p', 19]) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the last Ping was not answered in 10 s; Pongs: {pongs:?}"
+        );
+        let until = tokio::time::Instant::now() + Duration::from_millis(50);
+        read_for(&mut stream, until, &mut pongs, &mut bytes).await;
+    }
+    // Pongs answer Pings, in order (some may be answered by a later one's Pong).
+    let order: Vec<u8> = pongs.iter().map(|p| p[1]).collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+    assert!(bytes > 1 << 20, "the session streamed only {bytes} bytes");
+    drop((sink, stream));
+    t.assert_healthy("pings while streaming").await;
+}
+
 // === 6. a flood of connections ===
 
 /// Raises this process's RLIMIT_NOFILE (soft, and hard when needed: root) to `need`,
