@@ -365,7 +365,8 @@ impl<W: OwnedWrite> SharedSink<W> {
     async fn send(&self, msg: Message) -> Result<(), tungstenite::Error> {
         let mut g = self.lock().await;
         g.send(msg).await?;
-        self.send_left_pong(&mut g).await
+        self.send_left_pong(&mut g).await;
+        Ok(())
     }
 
     /// The upstream's send of a framed binary message ([`WsSink::send_framed`]), then
@@ -373,13 +374,21 @@ impl<W: OwnedWrite> SharedSink<W> {
     async fn send_framed(&self, buf: &mut BytesMut) -> Result<(), tungstenite::Error> {
         let mut g = self.lock().await;
         g.send_framed(buf).await?;
-        self.send_left_pong(&mut g).await
+        self.send_left_pong(&mut g).await;
+        Ok(())
     }
 
-    async fn send_left_pong(&self, g: &mut WsSink<W>) -> Result<(), tungstenite::Error> {
-        match self.take_pong() {
-            Some(p) => g.send(Message::Pong(p)).await,
-            None => Ok(()),
+    /// Sends the Pongs left to the upstream while it holds the sink: again if a Ping
+    /// came while one was being sent (which found the sink held, so left its own),
+    /// so that none is left behind once the guard goes (up to 8 in a row: a peer
+    /// flooding Pings has its next one answered on the next send). A failed Pong is
+    /// not the data's failure: a broken sink fails the next send or the close.
+    async fn send_left_pong(&self, g: &mut WsSink<W>) {
+        for _ in 0..8 {
+            let Some(p) = self.take_pong() else { return };
+            if g.send(Message::Pong(p)).await.is_err() {
+                return;
+            }
         }
     }
 }

@@ -1200,13 +1200,51 @@ async fn session_dialer(
     ttl: Duration,
 ) -> Result<(Arc<Dialer>, std::time::Instant), ClientError> {
     let key = dialer_key(url, creds, keepalive, http2);
-    if let Some((d, read, _)) = cached_entry(&key).filter(|(_, read, _)| read.elapsed() < ttl) {
-        return Ok((d, read));
+    let fresh = |key: &str| {
+        cached_entry(key)
+            .filter(|(_, read, _)| read.elapsed() < ttl)
+            .map(|(d, read, _)| (d, read))
+    };
+    if let Some(hit) = fresh(&key) {
+        return Ok(hit);
     }
-    let (url, creds) = (url.clone(), creds.clone());
-    tokio::task::spawn_blocking(move || cached_dialer_within(&url, &creds, keepalive, http2, ttl))
+    // One re-read per key at a time: the sessions of a burst that found the entry due
+    // wait for the first one's and take its dialer (each would read the files, and
+    // the system trust store, on a blocking thread of its own).
+    let gate = reread_gate(&key);
+    let reread = async {
+        let _held = gate.lock().await;
+        if let Some(hit) = fresh(&key) {
+            return Ok(hit);
+        }
+        let (url, creds) = (url.clone(), creds.clone());
+        tokio::task::spawn_blocking(move || {
+            cached_dialer_within(&url, &creds, keepalive, http2, ttl)
+        })
         .await
         .map_err(|e| ClientError::Setup(format!("reading the credentials failed: {e}")))?
+    };
+    tokio::time::timeout(REREAD_TIMEOUT, reread)
+        .await
+        .map_err(|_| ClientError::Setup("reading the credential files timed out".into()))?
+}
+
+/// Bound on a session's wait for its forward's credential files (a hung disk).
+const REREAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The lock that lets one session at a time re-read the credentials under `key`.
+fn reread_gate(key: &str) -> Arc<tokio::sync::Mutex<()>> {
+    type Gates = std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+    static GATES: std::sync::OnceLock<Gates> = std::sync::OnceLock::new();
+    let mut gates = GATES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if gates.len() >= MAX_CACHED_DIALERS {
+        // Those nobody holds or waits for.
+        gates.retain(|_, g| Arc::strong_count(g) > 1);
+    }
+    gates.entry(key.to_string()).or_default().clone()
 }
 
 /// A dialer, when its credentials were last read, and their digest.
@@ -1417,12 +1455,22 @@ mod tests {
         let url: Uri = "wss://localhost:1/pipes/x".parse().expect("url");
         let ka = (Duration::from_secs(20), Duration::from_secs(60));
         let before = ticks.load(Ordering::Relaxed);
-        let (d, _) = session_dialer(&url, &c, ka, true, Duration::ZERO)
-            .await
-            .expect("dialer");
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            session_dialer(&url, &c, ka, true, Duration::ZERO),
+        )
+        .await;
         let during = ticks.load(Ordering::Relaxed) - before;
         ticker.abort();
+        // Releases a read still waiting for a writer (none if the reads were two), so
+        // that no blocking thread outlives the test.
+        let _release = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
         writer.join().expect("writer");
+        let (d, _) = got.expect("the re-read timed out").expect("dialer");
         // About 200 ticks in the 400 ms the reads waited; none if they blocked the thread.
         assert!(
             during >= 20,
@@ -1434,6 +1482,83 @@ mod tests {
             .await
             .expect("dialer");
         assert!(Arc::ptr_eq(&d, &again));
+    }
+
+    /// Sessions that find a forward's dialer due at once read its files once: with
+    /// the CA file a FIFO written for one re-read (two reads), eight sessions at once
+    /// all get the dialer (a second re-read would wait on the FIFO and time out).
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_sessions_reads_the_credential_files_once() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let a = tempfile::tempdir().expect("dir");
+        pki(a.path());
+        let ca = std::fs::read(a.path().join("ca.pem")).expect("ca");
+        let fifo = a.path().join("ca.fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let mut c = creds(a.path());
+        c.ca = Some(fifo.display().to_string());
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2 {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let open = std::fs::OpenOptions::new()
+                            .write(true)
+                            .custom_flags(libc::O_NONBLOCK)
+                            .open(&fifo);
+                        match open {
+                            Ok(mut f) => {
+                                std::io::Write::write_all(&mut f, &ca).expect("write ca");
+                                break;
+                            }
+                            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                                assert!(std::time::Instant::now() < deadline, "no reader");
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err(e) => panic!("open fifo: {e}"),
+                        }
+                    }
+                    // The reader sees the end before the next write opens the FIFO.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let url: Uri = "wss://localhost:1/pipes/burst".parse().expect("url");
+        let ka = (Duration::from_secs(20), Duration::from_secs(60));
+        let sessions: Vec<_> = (0..8)
+            .map(|_| {
+                let (url, c) = (url.clone(), c.clone());
+                tokio::spawn(async move {
+                    tokio::time::timeout(
+                        Duration::from_secs(5),
+                        session_dialer(&url, &c, ka, true, Duration::from_secs(3600)),
+                    )
+                    .await
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        for s in sessions {
+            got.push(s.await.expect("session"));
+        }
+        // Releases a third read, if one is waiting, so no blocking thread outlives us.
+        let _release = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        writer.join().expect("writer");
+        let dialers: Vec<Arc<Dialer>> = got
+            .into_iter()
+            .map(|r| {
+                r.expect("a session waited for a second read")
+                    .expect("dialer")
+                    .0
+            })
+            .collect();
+        assert!(dialers.iter().all(|d| Arc::ptr_eq(d, &dialers[0])));
     }
 
     /// A dialer whose credential files still hold the same bytes when they are read
