@@ -350,7 +350,8 @@ impl<W> SharedSink<W> {
 
     /// The Pong left to the upstream, if any (taken: sent once).
     fn take_pong(&self) -> Option<bytes::Bytes> {
-        if !self.pong_due.swap(false, Ordering::Relaxed) {
+        // A load first: the upstream asks after every send, and there rarely is one.
+        if !self.pong_due.load(Ordering::Relaxed) || !self.pong_due.swap(false, Ordering::Relaxed) {
             return None;
         }
         self.pong
