@@ -298,6 +298,7 @@ impl<W: OwnedWrite> WsSink<W> {
         if self.sent_close {
             return Err(Error::Protocol(ProtocolError::SendAfterClosing));
         }
+        self.write_pending().await?;
         self.sent_close = closing;
         self.out.clear();
         encode(&mut self.out, self.role, opcode, &payload);
@@ -305,12 +306,30 @@ impl<W: OwnedWrite> WsSink<W> {
             let frame = self.out.split().freeze();
             self.write_owned(frame).await
         } else {
-            write_out(&mut self.io, &self.out).await
+            // From `out`, so that a send cut off here leaves the rest of its frame.
+            match self.write_pending().await {
+                Ok(()) => self.io.flush().await.map_err(Error::Io),
+                Err(e) => Err(e),
+            }
         };
-        if self.out.capacity() > KEEP_OUT_BYTES {
+        if self.out.is_empty() && self.out.capacity() > KEEP_OUT_BYTES {
             self.out = BytesMut::new();
         }
         r
+    }
+
+    /// Writes what a send cut off mid-frame left in `out` (a Ping or Pong sent under a
+    /// time bound, dropped when the bound ran out), so that frames stay whole on the
+    /// wire: the next send, or the end of the stream, writes the rest first.
+    async fn write_pending(&mut self) -> Result<()> {
+        while !self.out.is_empty() {
+            let n = self.io.write(&self.out).await?;
+            if n == 0 {
+                return Err(Error::Io(io::ErrorKind::WriteZero.into()));
+            }
+            self.out.advance(n);
+        }
+        Ok(())
     }
 
     /// Sends `buf[HEADROOM..]` as one binary message, writing the frame header into the
@@ -320,6 +339,7 @@ impl<W: OwnedWrite> WsSink<W> {
         if self.sent_close {
             return Err(Error::Protocol(ProtocolError::SendAfterClosing));
         }
+        self.write_pending().await?;
         let len = buf.len() - HEADROOM;
         let header = header_for(self.role, OpCode::Data(Data::Binary));
         let hlen = header.len(len as u64);
@@ -356,6 +376,10 @@ impl<W: OwnedWrite> WsSink<W> {
     /// Ends the transport's sending side (TLS close_notify, or END_STREAM on an HTTP/2
     /// stream).
     pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.write_pending().await.map_err(|e| match e {
+            Error::Io(e) => e,
+            e => io::Error::other(e),
+        })?;
         self.io.shutdown().await
     }
 }
@@ -610,6 +634,42 @@ mod tests {
             WebSocket::new(a, Role::Client, max),
             WebSocket::new(b, Role::Server, max),
         )
+    }
+
+    /// A Pong cut off mid-frame (its time bound ran out while the transport was full)
+    /// is finished before the next message: the reader gets both whole.
+    #[tokio::test]
+    async fn a_send_cut_off_mid_frame_is_finished_before_the_next() {
+        let (a, b) = tokio::io::duplex(64);
+        let (mut sink, _source) = WebSocket::new(a, Role::Server, 1 << 20).split();
+        let mut reader = WebSocket::new(b, Role::Client, 1 << 20);
+        let pong = Bytes::from(vec![7u8; 125]);
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            sink.send(Message::Pong(pong.clone())),
+        )
+        .await;
+        assert!(cut.is_err(), "the 127-byte frame fit a 64-byte pipe");
+        let read = tokio::spawn(async move {
+            let first = reader.next().await;
+            let second = reader.next().await;
+            (first, second)
+        });
+        sink.send(Message::Binary(Bytes::from_static(b"after")))
+            .await
+            .expect("send");
+        let (first, second) = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("read in time")
+            .expect("reader");
+        assert_eq!(
+            first.expect("a message").expect("whole"),
+            Message::Pong(pong)
+        );
+        assert_eq!(
+            second.expect("a message").expect("whole"),
+            Message::Binary(Bytes::from_static(b"after"))
+        );
     }
 
     #[test]
