@@ -1401,12 +1401,19 @@ mod tests {
         }
     }
 
-    /// A session's re-read of its credential files runs off the runtime's thread: with
-    /// the CA file a FIFO whose reads wait (as a file on a hung disk would), other
-    /// tasks of the runtime go on meanwhile.
+    /// Credentials in a new PKI dir whose CA file is a FIFO, and a thread that writes
+    /// the CA into it twice (`before` each open, `after` each write): each read of the
+    /// file waits for a write, as a read from a hung disk would.
     #[cfg(unix)]
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_session_reads_its_credential_files_off_the_runtime_thread() {
+    fn fifo_ca(
+        before: Duration,
+        after: Duration,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        CredentialPaths,
+        std::thread::JoinHandle<()>,
+    ) {
         use std::os::unix::fs::OpenOptionsExt;
         let a = tempfile::tempdir().expect("dir");
         pki(a.path());
@@ -1415,33 +1422,54 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
         let mut c = creds(a.path());
         c.ca = Some(fifo.display().to_string());
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || {
-                // Two reads (the digest, then the dialer's own), each 200 ms late.
-                for _ in 0..2 {
-                    std::thread::sleep(Duration::from_millis(200));
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    loop {
-                        let open = std::fs::OpenOptions::new()
-                            .write(true)
-                            .custom_flags(libc::O_NONBLOCK)
-                            .open(&fifo);
-                        match open {
-                            Ok(mut f) => {
-                                std::io::Write::write_all(&mut f, &ca).expect("write ca");
-                                break;
-                            }
-                            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                                assert!(std::time::Instant::now() < deadline, "no reader");
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            Err(e) => panic!("open fifo: {e}"),
+        let path = fifo.clone();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..2 {
+                std::thread::sleep(before);
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let open = std::fs::OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&path);
+                    match open {
+                        Ok(mut f) => {
+                            std::io::Write::write_all(&mut f, &ca).expect("write ca");
+                            break;
                         }
+                        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                            assert!(std::time::Instant::now() < deadline, "no reader");
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(e) => panic!("open fifo: {e}"),
                     }
                 }
-            })
-        };
+                std::thread::sleep(after);
+            }
+        });
+        (a, fifo, c, writer)
+    }
+
+    /// Opens `fifo` for writing too (held while the result lives), which releases a
+    /// read still waiting for a writer: no blocking thread outlives a test.
+    #[cfg(unix)]
+    fn release(fifo: &Path) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+    }
+
+    /// A session's re-read of its credential files runs off the runtime's thread: with
+    /// the CA file a FIFO whose reads wait (as a file on a hung disk would), other
+    /// tasks of the runtime go on meanwhile.
+    #[cfg(unix)]
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_session_reads_its_credential_files_off_the_runtime_thread() {
+        // Two reads (the digest, then the dialer's own), each 200 ms late.
+        let (_dir, fifo, c, writer) = fifo_ca(Duration::from_millis(200), Duration::ZERO);
         let ticks = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let ticker = {
             let ticks = ticks.clone();
@@ -1464,11 +1492,7 @@ mod tests {
         ticker.abort();
         // Releases a read still waiting for a writer (none if the reads were two), so
         // that no blocking thread outlives the test.
-        let _release = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo);
+        let _release = release(&fifo);
         writer.join().expect("writer");
         let (d, _) = got.expect("the re-read timed out").expect("dialer");
         // About 200 ticks in the 400 ms the reads waited; none if they blocked the thread.
@@ -1490,41 +1514,8 @@ mod tests {
     #[cfg(unix)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_burst_of_sessions_reads_the_credential_files_once() {
-        use std::os::unix::fs::OpenOptionsExt;
-        let a = tempfile::tempdir().expect("dir");
-        pki(a.path());
-        let ca = std::fs::read(a.path().join("ca.pem")).expect("ca");
-        let fifo = a.path().join("ca.fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
-        let mut c = creds(a.path());
-        c.ca = Some(fifo.display().to_string());
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || {
-                for _ in 0..2 {
-                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                    loop {
-                        let open = std::fs::OpenOptions::new()
-                            .write(true)
-                            .custom_flags(libc::O_NONBLOCK)
-                            .open(&fifo);
-                        match open {
-                            Ok(mut f) => {
-                                std::io::Write::write_all(&mut f, &ca).expect("write ca");
-                                break;
-                            }
-                            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                                assert!(std::time::Instant::now() < deadline, "no reader");
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            Err(e) => panic!("open fifo: {e}"),
-                        }
-                    }
-                    // The reader sees the end before the next write opens the FIFO.
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
+        // One re-read (two reads); the reader sees the end before the next write.
+        let (_dir, fifo, c, writer) = fifo_ca(Duration::ZERO, Duration::from_millis(50));
         let url: Uri = "wss://localhost:1/pipes/burst".parse().expect("url");
         let ka = (Duration::from_secs(20), Duration::from_secs(60));
         let sessions: Vec<_> = (0..8)
@@ -1544,11 +1535,7 @@ mod tests {
             got.push(s.await.expect("session"));
         }
         // Releases a third read, if one is waiting, so no blocking thread outlives us.
-        let _release = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo);
+        let _release = release(&fifo);
         writer.join().expect("writer");
         let dialers: Vec<Arc<Dialer>> = got
             .into_iter()
