@@ -260,17 +260,14 @@ impl Activity {
 #[cfg(target_os = "linux")]
 fn clock_ms() -> u64 {
     use nix::time::{clock_gettime, ClockId};
-    // The last reading, for a read that fails (never on Linux >= 2.6.32): the clock
-    // then stands still, which delays idle expiry and keepalive but never fires them.
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    match clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE) {
-        Ok(t) => {
-            let ms = (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000;
-            LAST.store(ms, Ordering::Relaxed);
-            ms
-        }
-        Err(_) => LAST.load(Ordering::Relaxed),
-    }
+    // A failed read of the coarse clock (never on Linux >= 2.6.32) falls back to the
+    // fine one, which counts from the same start (boot). (Not a shared "last reading":
+    // a store per read to one cache line would bounce between the shards' cores.)
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
+        .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
+        .map_or(0, |t| {
+            (t.tv_sec() as u64) * 1000 + (t.tv_nsec() as u64) / 1_000_000
+        })
 }
 
 /// A monotonic clock in milliseconds for [`Activity`] (since the first call).
