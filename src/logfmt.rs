@@ -164,13 +164,18 @@ struct Sources<'a>(&'a (dyn Error + 'static), bool);
 
 impl fmt::Display for Sources<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut list = f.debug_list();
+        // As `debug_list` writes a list of errors' texts: `[a, b]`.
+        f.write_str("[")?;
         let mut next = Some(self.0);
+        let mut first = true;
         while let Some(e) = next {
-            list.entry(&EscapedDebug(format_args!("{e}"), self.1));
+            if !std::mem::take(&mut first) {
+                f.write_str(", ")?;
+            }
+            write!(f, "{}", Escaped(e, self.1))?;
             next = e.source();
         }
-        list.finish()
+        f.write_str("]")
     }
 }
 
@@ -183,19 +188,6 @@ impl<T: fmt::Display> fmt::Display for Escaped<T> {
             write!(Escaping(f), "{}", self.0)
         } else {
             write!(f, "{}", self.0)
-        }
-    }
-}
-
-/// `Debug` of a value, escaped when `.1`.
-struct EscapedDebug<T>(T, bool);
-
-impl<T: fmt::Debug> fmt::Debug for EscapedDebug<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.1 {
-            write!(Escaping(f), "{:?}", self.0)
-        } else {
-            write!(f, "{:?}", self.0)
         }
     }
 }
