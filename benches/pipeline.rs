@@ -31,7 +31,7 @@
 //! against none.
 //! `PIPEBRIDGE_BENCH_RUN_AS=user:nobody` (and `PIPEBRIDGE_BASELINE_RUN_AS`) sets the
 //! exported pipe's `run_as` (default `gateway`): with an account, every session's
-//! connect to the target is made as that account (the impersonation threads' switch),
+//! connect to the target is made as that account (the session thread's switch),
 //! and the target socket is opened to all (mode 0666 in a 0711 directory).
 
 use std::collections::{BTreeMap, HashMap};

@@ -621,12 +621,13 @@ fn threads(pid: u32) -> BTreeMap<String, ThreadCreds> {
 }
 
 /// Asserts every thread of `pid` has root's ids and the original groups and effective
-/// capabilities (`main`, read before any session).
+/// capabilities (`main`, read before any session). The shard threads, which switch for
+/// each open, are among them.
 fn assert_threads_restored(pid: u32, main: &ThreadCreds, when: &str) {
     let all = threads(pid);
     assert!(
-        all.values().any(|c| c.name.starts_with("pb-impersonate")),
-        "{when}: the impersonation pool threads exist: {all:#?}"
+        all.values().any(|c| c.name.starts_with("pb-shard")),
+        "{when}: the shard threads exist: {all:#?}"
     );
     let bad: Vec<_> = all
         .iter()
