@@ -621,14 +621,16 @@ fn threads(pid: u32) -> BTreeMap<String, ThreadCreds> {
 }
 
 /// Asserts every thread of `pid` has root's ids and the original groups and effective
-/// capabilities (`main`, read before any session). The shard threads, which switch for
-/// each open, are among them.
+/// capabilities (`main`, read before any session): the shard threads, which switch for
+/// opens whose lookup only root controls, and the impersonation pool's for the others.
 fn assert_threads_restored(pid: u32, main: &ThreadCreds, when: &str) {
     let all = threads(pid);
-    assert!(
-        all.values().any(|c| c.name.starts_with("pb-shard")),
-        "{when}: the shard threads exist: {all:#?}"
-    );
+    for name in ["pb-shard", "pb-impersonate"] {
+        assert!(
+            all.values().any(|c| c.name.starts_with(name)),
+            "{when}: {name} threads exist: {all:#?}"
+        );
+    }
     let bad: Vec<_> = all
         .iter()
         .filter(|(_, c)| {

@@ -3,14 +3,19 @@
 //! Linux credentials are per thread in the kernel; glibc's set*id wrappers broadcast to
 //! every thread, raw syscalls do not (shared/notes/semantics.md, measured). So:
 //!
-//! - The switch is one synchronous call on the calling thread ([`as_principal`]): switch,
-//!   one non-blocking system call sequence (`socket` + `connect`, or `open`), switch back,
-//!   before it returns. Nothing else runs on the thread while it is switched: no
-//!   `.await` (so no other task), no allocation, no logging, no thread creation
-//!   (threads inherit credentials). The address or path is prepared before the switch.
-//!   A guard restores on every way out, unwinding included. (Earlier builds sent each
-//!   open to a pool of dedicated threads and back: two thread hops per session, about
-//!   a quarter of the sequential session rate, for the same switched section.)
+//! - A switch is one synchronous call ([`run_as`]): switch, one non-blocking system call
+//!   sequence (`socket` + `connect`, or `open`), switch back, before it returns. Nothing
+//!   else runs on the thread while it is switched: no `.await` (so no other task), no
+//!   allocation, no logging, no thread creation (threads inherit credentials). The
+//!   address, path and group list are prepared before. A guard restores on every way
+//!   out, unwinding included.
+//! - Where it runs: on the session's own thread when the path's lookup is one nobody
+//!   but root (or the gateway's account) can steer or slow, on local filesystems
+//!   ([`switch_here_is_safe`]); else on one of a small fixed pool of dedicated threads
+//!   ([`POOL_THREADS`]), created at start and never used for other work, so a lookup
+//!   that blocks (a FUSE mount that answers only the user, a hung network filesystem)
+//!   holds one of them, not a thread that runs other sessions. The pool costs two
+//!   thread hops per open: about a quarter of the sequential session rate.
 //! - The switch changes **effective** ids only (`setresuid(-1, uid, -1)`): the real and
 //!   saved ids stay the gateway's, so the mapped user cannot signal the thread, and the
 //!   way back is always allowed. Supplementary groups are set, then the effective gid,
@@ -22,8 +27,7 @@
 //!   session is refused: never fall back to the gateway's own rights.
 //! - Every operation is non-blocking (`SOCK_NONBLOCK` connect, `O_NONBLOCK` open); a
 //!   busy target (full backlog, FIFO without reader) is retried by the async caller with
-//!   a bounded deadline, switched only for each try, so a slow target never holds a
-//!   thread switched or stalls it.
+//!   a bounded deadline, switched only for each try.
 //!
 //! `exec:` children are switched differently: fully (real, effective, saved ids and
 //! groups) in the forked child before exec, where only one thread exists.
@@ -32,6 +36,8 @@
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rustix::fs::{Mode, OFlags};
@@ -84,11 +90,15 @@ pub fn resolve_user(name: &str) -> Result<Principal, String> {
     })
 }
 
+/// Threads in the impersonation pool (opens whose path lookup someone other than root
+/// could slow down: [`switch_here_is_safe`]).
+pub const POOL_THREADS: usize = 4;
 /// How often a busy target is retried.
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What to open as the principal, prepared before the switch (nothing is allocated or
 /// converted while switched).
+#[derive(Clone)]
 enum Op {
     Connect(SocketType, SocketAddrUnix),
     Open(std::ffi::CString, OFlags),
@@ -132,25 +142,193 @@ impl Op {
     }
 }
 
-/// Performs `op` on this thread as `p` ([`run_as`]). The thread's own credentials are
-/// read once per thread, at its first switch: every switch restores them and verifies
-/// that it did (or aborts), so they hold at the start of every switch. (Nothing changes
-/// a thread's credentials otherwise: the gateway never calls glibc's set*id, which would
-/// change every thread, and `exec_as` switches only the forked child.)
-fn as_principal(p: &Principal, op: &Op) -> io::Result<OwnedFd> {
-    thread_local! {
-        static SAVED: std::cell::OnceCell<Result<Saved, (io::ErrorKind, String)>> =
-            const { std::cell::OnceCell::new() };
-    }
-    SAVED.with(|saved| {
-        match saved.get_or_init(|| current().map_err(|e| (e.kind(), e.to_string()))) {
-            Ok(saved) => run_as(p, saved, || op.perform()),
-            Err((kind, e)) => Err(io::Error::new(
-                *kind,
-                format!("cannot read this thread's credentials: {e}"),
-            )),
+/// A principal's ids as the switch takes them (converted before the switch).
+struct Target {
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
+}
+
+impl Target {
+    fn of(p: &Principal) -> Target {
+        Target {
+            uid: Uid::from_raw(p.uid),
+            gid: Gid::from_raw(p.gid),
+            groups: p.groups.iter().map(|&g| Gid::from_raw(g)).collect(),
         }
+    }
+}
+
+/// The gateway's own credentials, read once (at start, [`start`], before any switch):
+/// every switch restores them and verifies that it did, or the process aborts. Every
+/// thread holds them whenever it is not inside a switch: nothing else changes a thread's
+/// credentials (the gateway never calls glibc's set*id, which would change every
+/// thread, and `exec_as` switches only the forked child).
+fn baseline() -> io::Result<&'static Saved> {
+    static BASELINE: OnceLock<Result<Saved, (io::ErrorKind, String)>> = OnceLock::new();
+    BASELINE
+        .get_or_init(|| current().map_err(|e| (e.kind(), e.to_string())))
+        .as_ref()
+        .map_err(|(kind, e)| {
+            io::Error::new(*kind, format!("cannot read the gateway's credentials: {e}"))
+        })
+}
+
+/// Performs `op` as `p` on the calling thread ([`run_as`]): one synchronous call, so
+/// nothing else runs on the thread while it is switched. Only for opens whose lookup
+/// cannot block ([`switch_here_is_safe`]).
+fn switch_here(p: &Principal, op: &Op) -> io::Result<OwnedFd> {
+    let target = Target::of(p);
+    run_as(&target, baseline()?, || op.perform())
+}
+
+struct Job {
+    target: Target,
+    op: Op,
+    reply: tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+}
+
+struct Pool {
+    tx: Mutex<mpsc::Sender<Job>>,
+}
+
+fn pool() -> io::Result<&'static Pool> {
+    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        for i in 0..POOL_THREADS {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("pb-impersonate-{i}"))
+                .spawn(move || worker(&rx))
+                .map_err(|e| format!("cannot start impersonation threads: {e}"))?;
+        }
+        Ok(Pool { tx: Mutex::new(tx) })
     })
+    .as_ref()
+    .map_err(|e| io::Error::other(e.clone()))
+}
+
+/// Reads the gateway's credentials and starts the impersonation threads now (at gateway
+/// start, before any session), so that no thread is ever created later from a context
+/// that could be switched.
+pub fn start() -> io::Result<()> {
+    baseline()?;
+    pool().map(|_| ())
+}
+
+fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
+    loop {
+        let job = {
+            let Ok(guard) = rx.lock() else { return };
+            match guard.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            }
+        };
+        let res = baseline().and_then(|base| run_as(&job.target, base, || job.op.perform()));
+        let _ = job.reply.send(res);
+    }
+}
+
+/// Performs `op` as `p` on a pool thread and waits for it (two thread hops).
+async fn on_pool(p: &Principal, op: Op) -> io::Result<OwnedFd> {
+    #[cfg(test)]
+    tests::POOL_JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    {
+        let pool = pool()?;
+        let tx = pool
+            .tx
+            .lock()
+            .map_err(|_| io::Error::other("impersonation pool poisoned"))?;
+        tx.send(Job {
+            target: Target::of(p),
+            op,
+            reply,
+        })
+        .map_err(|_| io::Error::other("impersonation pool stopped"))?;
+    }
+    rx.await
+        .map_err(|_| io::Error::other("impersonation thread went away"))?
+}
+
+/// Whether a switched open of `path` may run on the calling thread, which runs other
+/// sessions too. `O_NONBLOCK` does not cover the path lookup: a lookup through a FUSE
+/// mount, a hung network filesystem or an automount point can block, and one the user
+/// controls (a symlink they planted, a FUSE mount of theirs that answers only them)
+/// could hold the thread, switched, for as long as they like. So only a lookup that
+/// nobody but root (or the gateway's own account) can steer, on local filesystems, runs
+/// here; any other goes to the pool's threads, which run nothing else:
+/// - an absolute path without `.` or `..`;
+/// - every directory on the way a real directory (not a symlink) owned by root or the
+///   gateway, on a local filesystem type where it is a mount point;
+/// - every entry in a directory that others (group or world) may write: only in a
+///   sticky one (such as /tmp), and then owned by root or the gateway (nobody else can
+///   replace it);
+/// - the last entry a socket or FIFO itself (not a symlink).
+///
+/// Checked with `lstat` and `statfs` as the gateway (root's lookups of these paths are
+/// no slower than the user's), at each open, so a change is seen at the next one.
+fn switch_here_is_safe(path: &Path, base: &Saved) -> bool {
+    use rustix::fs::FileType;
+    use std::path::Component;
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return false;
+    }
+    let trusted = |uid: u32| uid == 0 || uid == base.euid.as_raw();
+    let mut ancestors: Vec<&Path> = path.ancestors().collect();
+    ancestors.reverse();
+    let mut parent: Option<rustix::fs::Stat> = None;
+    for dir_or_last in ancestors {
+        let Ok(st) = rustix::fs::lstat(dir_or_last) else {
+            return false;
+        };
+        if parent.is_none_or(|p| p.st_dev != st.st_dev)
+            && !rustix::fs::statfs(dir_or_last).is_ok_and(|fs| local_fs(fs.f_type as u64))
+        {
+            return false;
+        }
+        if let Some(p) = &parent {
+            let others_write = p.st_mode & 0o022 != 0;
+            let sticky = p.st_mode & 0o1000 != 0;
+            if others_write && !(sticky && trusted(st.st_uid)) {
+                return false;
+            }
+        }
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if dir_or_last == path {
+            return matches!(kind, FileType::Socket | FileType::Fifo);
+        }
+        if kind != FileType::Directory || !trusted(st.st_uid) {
+            return false;
+        }
+        parent = Some(st);
+    }
+    false
+}
+
+/// Filesystem types whose lookups stay on this machine and answer at once (statfs
+/// magic numbers, linux/magic.h): not FUSE, NFS, SMB, 9p, autofs or the like.
+fn local_fs(magic: u64) -> bool {
+    const LOCAL: [u64; 10] = [
+        0x0102_1994, // tmpfs (and devtmpfs)
+        0x8584_58f6, // ramfs
+        0xef53,      // ext2/3/4
+        0x5846_5342, // xfs
+        0x9123_683e, // btrfs
+        0x794c_7630, // overlayfs
+        0x2fc1_2fc1, // zfs
+        0xf2f5_2010, // f2fs
+        0xca45_1a4e, // bcachefs
+        0x7371_7368, // squashfs
+    ];
+    LOCAL.contains(&(magic & 0xffff_ffff))
 }
 
 // === the switch ===
@@ -178,18 +356,36 @@ fn current() -> io::Result<Saved> {
     })
 }
 
-/// Runs `f` on this thread with `p`'s effective uid, gid and groups and no effective
-/// capabilities; restores `saved` (the thread's credentials now) and verifies afterwards
+/// Why a switch did not take (no allocation while switched).
+#[derive(Debug)]
+enum SwitchError {
+    Sys(Errno),
+    /// The ids or capabilities read back were not those asked for.
+    NotSwitched,
+}
+
+impl std::fmt::Display for SwitchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SwitchError::Sys(e) => write!(f, "{e}"),
+            SwitchError::NotSwitched => f.write_str("credentials did not switch"),
+        }
+    }
+}
+
+/// Runs `f` on this thread with `t`'s effective uid, gid and groups and no effective
+/// capabilities; restores `saved` (the gateway's credentials) and verifies afterwards
 /// (aborting the process if it cannot), also if `f` or the switch unwinds. `f` must be
-/// system calls only: nothing that awaits, allocates, logs or starts a thread.
-fn run_as<T>(p: &Principal, saved: &Saved, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+/// system calls only: nothing that awaits, allocates, logs or starts a thread. (A panic
+/// hook would still run switched, before the guard: `f` does not panic.)
+fn run_as<T>(t: &Target, saved: &Saved, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let switched = Switched(saved);
-    if let Err(e) = enter(p, saved) {
+    if let Err(e) = enter(t, saved) {
         drop(switched);
         crate::metrics::get().impersonation_failures.inc();
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!("impersonation of uid {} failed: {e}", p.uid),
+            format!("impersonation of uid {} failed: {e}", t.uid.as_raw()),
         ));
     }
     let r = f();
@@ -206,11 +402,11 @@ impl Drop for Switched<'_> {
     }
 }
 
-fn enter(p: &Principal, saved: &Saved) -> io::Result<()> {
-    let groups: Vec<Gid> = p.groups.iter().map(|&g| Gid::from_raw(g)).collect();
-    rustix::thread::set_thread_groups(&groups)?;
-    rustix::thread::set_thread_res_gid(None, Gid::from_raw(p.gid), None)?;
-    rustix::thread::set_thread_res_uid(None, Uid::from_raw(p.uid), None)?;
+fn enter(t: &Target, saved: &Saved) -> Result<(), SwitchError> {
+    let sys = SwitchError::Sys;
+    rustix::thread::set_thread_groups(&t.groups).map_err(sys)?;
+    rustix::thread::set_thread_res_gid(None, t.gid, None).map_err(sys)?;
+    rustix::thread::set_thread_res_uid(None, t.uid, None).map_err(sys)?;
     rustix::thread::set_capabilities(
         None,
         CapabilitySets {
@@ -218,14 +414,15 @@ fn enter(p: &Principal, saved: &Saved) -> io::Result<()> {
             permitted: saved.caps.permitted,
             inheritable: saved.caps.inheritable,
         },
-    )?;
+    )
+    .map_err(sys)?;
     // Verify the switch took: never run the operation with other rights than asked.
     // (What the operation's permission checks use: the effective ids and capabilities.)
     let euid = rustix::process::geteuid();
     let egid = rustix::process::getegid();
-    let caps = rustix::thread::capabilities(None)?;
-    if euid.as_raw() != p.uid || egid.as_raw() != p.gid || !caps.effective.is_empty() {
-        return Err(io::Error::other("credentials did not switch"));
+    let caps = rustix::thread::capabilities(None).map_err(sys)?;
+    if euid != t.uid || egid != t.gid || !caps.effective.is_empty() {
+        return Err(SwitchError::NotSwitched);
     }
     Ok(())
 }
@@ -255,12 +452,18 @@ fn restore_or_abort(saved: &Saved) {
 
 async fn with_retry(
     p: &Principal,
+    path: &Path,
     op: Op,
     deadline: Instant,
     busy: &[Errno],
 ) -> io::Result<OwnedFd> {
     loop {
-        match as_principal(p, &op) {
+        let r = match baseline() {
+            Ok(base) if switch_here_is_safe(path, base) => switch_here(p, &op),
+            Ok(_) => on_pool(p, op.clone()).await,
+            Err(e) => Err(e),
+        };
+        match r {
             Err(e)
                 if busy
                     .iter()
@@ -285,7 +488,7 @@ pub async fn connect(
     path: &Path,
     deadline: Instant,
 ) -> io::Result<OwnedFd> {
-    with_retry(p, Op::connect(ty, path)?, deadline, &[Errno::AGAIN]).await
+    with_retry(p, path, Op::connect(ty, path)?, deadline, &[Errno::AGAIN]).await
 }
 
 /// Opens a FIFO as `p`: the read end at once, the write end retried until a reader
@@ -296,7 +499,14 @@ pub async fn open_fifo(
     write: bool,
     deadline: Instant,
 ) -> io::Result<OwnedFd> {
-    with_retry(p, Op::open_fifo(path, write)?, deadline, &[Errno::NXIO]).await
+    with_retry(
+        p,
+        path,
+        Op::open_fifo(path, write)?,
+        deadline,
+        &[Errno::NXIO],
+    )
+    .await
 }
 
 /// Makes `cmd`'s child run fully as `p`: groups, then real/effective/saved gid, then
@@ -344,6 +554,10 @@ pub fn missing_capabilities(needed: CapabilitySet) -> Vec<&'static str> {
 mod tests {
     use super::*;
 
+    /// Opens sent to the pool.
+    pub(super) static POOL_JOBS: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
     fn is_root() -> bool {
         rustix::process::geteuid().is_root()
     }
@@ -382,10 +596,117 @@ mod tests {
         let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
         assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
         drop(fd);
+        // A socket in a directory the user owns: switched on a pool thread, same result.
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(54321), Some(54322)).unwrap();
+        let path = theirs.join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let pooled = POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed);
+        let fd = connect(&p, SocketType::STREAM, &path, deadline)
+            .await
+            .unwrap();
+        assert!(POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed) > pooled);
+        let (srv, _) = listener.accept().unwrap();
+        let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
+        assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
+        drop(fd);
         // The switch ran on this thread (a current-thread runtime), and it is back: ids,
         // groups and capabilities as before.
         assert!(rustix::process::geteuid().is_root());
         assert_eq!(current().unwrap(), before);
+    }
+
+    #[test]
+    fn only_lookups_nobody_but_root_can_steer_switch_on_the_calling_thread() {
+        if !is_root() {
+            eprintln!("skipped: needs root to make files of other owners");
+            return;
+        }
+        use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
+        let base = current().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let bind = |p: &Path| std::os::unix::net::UnixListener::bind(p).unwrap();
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let sock = d.join("s.sock");
+        let _l1 = bind(&sock);
+        assert!(
+            switch_here_is_safe(&sock, &base),
+            "root's socket in root's directory"
+        );
+        let fifo = d.join("f");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        assert!(switch_here_is_safe(&fifo, &base), "root's FIFO");
+        std::fs::write(d.join("file"), b"").unwrap();
+        assert!(
+            !switch_here_is_safe(&d.join("file"), &base),
+            "a regular file"
+        );
+        assert!(
+            !switch_here_is_safe(Path::new("s.sock"), &base),
+            "a relative path"
+        );
+        std::fs::create_dir(d.join("x")).unwrap();
+        assert!(
+            !switch_here_is_safe(&d.join("x/../s.sock"), &base),
+            "a path with .."
+        );
+        symlink(&sock, d.join("link")).unwrap();
+        assert!(!switch_here_is_safe(&d.join("link"), &base), "a symlink");
+        symlink(d, d.join("dirlink")).unwrap();
+        assert!(
+            !switch_here_is_safe(&d.join("dirlink/s.sock"), &base),
+            "through a symlinked directory"
+        );
+        let other = d.join("other");
+        std::fs::create_dir(&other).unwrap();
+        let _l2 = bind(&other.join("s.sock"));
+        chown(&other, Some(54321), Some(54321)).unwrap();
+        assert!(
+            !switch_here_is_safe(&other.join("s.sock"), &base),
+            "in a directory another user owns"
+        );
+        let open = d.join("open");
+        std::fs::create_dir(&open).unwrap();
+        let _l3 = bind(&open.join("s.sock"));
+        let _l4 = bind(&open.join("theirs.sock"));
+        lchown(open.join("theirs.sock"), Some(54321), None).unwrap();
+        mode(&open, 0o777);
+        assert!(
+            !switch_here_is_safe(&open.join("s.sock"), &base),
+            "in a world-writable directory"
+        );
+        mode(&open, 0o775);
+        assert!(
+            !switch_here_is_safe(&open.join("s.sock"), &base),
+            "in a group-writable directory"
+        );
+        mode(&open, 0o1777);
+        assert!(
+            switch_here_is_safe(&open.join("s.sock"), &base),
+            "root's entry in a sticky directory"
+        );
+        assert!(
+            !switch_here_is_safe(&open.join("theirs.sock"), &base),
+            "another user's entry in a sticky directory"
+        );
+        assert!(
+            !switch_here_is_safe(&d.join("missing"), &base),
+            "a missing entry"
+        );
+        // Only local filesystem types: not /proc, FUSE (0x65735546) or NFS (0x6969).
+        let proc_fs = rustix::fs::statfs("/proc").unwrap();
+        assert!(!local_fs(proc_fs.f_type as u64));
+        assert!(!local_fs(0x6573_5546) && !local_fs(0x6969));
+        let here = rustix::fs::statfs(d).unwrap();
+        assert!(
+            local_fs(here.f_type as u64),
+            "the test's own temp dir is local"
+        );
     }
 
     #[test]
@@ -395,16 +716,16 @@ mod tests {
             return;
         }
         let saved = current().unwrap();
-        let p = Principal {
+        let t = Target::of(&Principal {
             uid: 54321,
             gid: 54322,
             groups: vec![54323],
             name: "t".into(),
             home: "/".into(),
-        };
+        });
         let inside = std::cell::Cell::new(None);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_as(&p, &saved, || -> io::Result<()> {
+            run_as(&t, &saved, || -> io::Result<()> {
                 inside.set(Some((
                     rustix::process::geteuid().as_raw(),
                     rustix::process::getegid().as_raw(),

@@ -102,12 +102,15 @@ pub fn file_stamp(m: &std::fs::Metadata) -> FileStamp {
 }
 
 /// Refuses a config that needs impersonation (or socket ownership changes) on a gateway
-/// lacking the capabilities for it, naming the capability and the pipe.
+/// lacking the capabilities for it, naming the capability and the pipe; reads the
+/// gateway's credentials and starts the impersonation threads when needed.
 pub fn check_capabilities(cfg: &Config) -> Result<(), String> {
+    let mut any = false;
     for p in &cfg.pipes {
         if p.run_as == config::RunAs::Gateway {
             continue;
         }
+        any = true;
         let mut need = C::SETUID | C::SETGID;
         if matches!(p.endpoint, EndpointSpec::Exec { .. }) {
             need |= C::KILL;
@@ -133,6 +136,9 @@ pub fn check_capabilities(cfg: &Config) -> Result<(), String> {
                 ));
             }
         }
+    }
+    if any {
+        crate::identity::unix::start().map_err(|e| e.to_string())?;
     }
     Ok(())
 }
