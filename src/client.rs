@@ -1138,7 +1138,7 @@ async fn forward_one(
         }
         Err(e) => Err(e),
     };
-    crate::metrics::Metrics::result(&crate::metrics::get().forward_dials, session.is_ok());
+    crate::metrics::get().forward_dialed(session.is_ok());
     let (ws, sent) = match session {
         Ok((s, sent)) => (s.ws, sent),
         Err(e) => {

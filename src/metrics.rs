@@ -73,9 +73,56 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Forward dials by result.
     pub forward_dials: Family<ResultLabels, Counter>,
+    /// `forward_dials`' two series, `ok` and `error` (counted per forwarded session).
+    forward_dial_results: [Counter; 2],
+}
+
+/// One pipe and identity's session metrics, looked up in their families once and kept
+/// ([`Metrics::session_metrics`]): a session then counts itself without building label
+/// sets (strings) or hashing them, and without the families' shared locks.
+pub struct SessionMetrics {
+    /// `sessions_active`.
+    pub active: Gauge,
+    /// `sessions`.
+    pub started: Counter,
+    /// `bytes`, direction `in`.
+    pub bytes_in: Counter,
+    /// `bytes`, direction `out`.
+    pub bytes_out: Counter,
+    /// `session_duration_seconds` (by pipe).
+    pub duration: Histogram,
 }
 
 impl Metrics {
+    /// The handles of `pipe` and `identity`'s session metrics (the same metrics as the
+    /// families export: a handle shares its value with the family's entry).
+    pub fn session_metrics(&self, pipe: &str, identity: &str) -> SessionMetrics {
+        let labels = SessionLabels {
+            pipe: pipe.to_string(),
+            identity: identity.to_string(),
+        };
+        let bytes = |direction: &str| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    pipe: pipe.to_string(),
+                    direction: direction.to_string(),
+                })
+                .clone()
+        };
+        SessionMetrics {
+            active: self.sessions_active.get_or_create(&labels).clone(),
+            started: self.sessions.get_or_create(&labels).clone(),
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            duration: self
+                .session_duration
+                .get_or_create(&PipeLabels {
+                    pipe: pipe.to_string(),
+                })
+                .clone(),
+        }
+    }
+
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pipebridge");
         let sessions_active = Family::<SessionLabels, Gauge>::default();
@@ -127,11 +174,11 @@ impl Metrics {
             "Sessions dialled by forwards, by result",
             forward_dials.clone(),
         );
-        for r in ["ok", "error"] {
+        let forward_dial_results = ["ok", "error"].map(|r| {
             let l = ResultLabels { result: r.into() };
             let _ = reloads.get_or_create(&l);
-            let _ = forward_dials.get_or_create(&l);
-        }
+            forward_dials.get_or_create(&l).clone()
+        });
         Metrics {
             registry,
             sessions_active,
@@ -143,7 +190,13 @@ impl Metrics {
             impersonation_failures,
             reloads,
             forward_dials,
+            forward_dial_results,
         }
+    }
+
+    /// Counts a forward's dial (a session it opened, or failed to).
+    pub fn forward_dialed(&self, ok: bool) {
+        self.forward_dial_results[usize::from(!ok)].inc();
     }
 
     /// Counts a refusal.

@@ -303,15 +303,7 @@ pub struct SessionEntry {
     /// Its connection, if its client presented a certificate (checked again on reload).
     conn: Option<Arc<ConnInfo>>,
     stop: StopHandle,
-}
-
-impl SessionEntry {
-    fn labels(&self) -> crate::metrics::SessionLabels {
-        crate::metrics::SessionLabels {
-            pipe: self.pipe.clone(),
-            identity: self.identity.clone(),
-        }
-    }
+    metrics: Arc<crate::metrics::SessionMetrics>,
 }
 
 /// Live sessions, with per-pipe and per-identity counts for limits.
@@ -326,6 +318,9 @@ struct RegistryInner {
     sessions: HashMap<u64, Arc<SessionEntry>>,
     per_pipe: HashMap<String, usize>,
     per_identity: HashMap<String, usize>,
+    /// Metric handles by pipe, then identity: one entry per pair ever admitted, as the
+    /// metric families themselves keep every label set they were given.
+    metrics: HashMap<String, HashMap<String, Arc<crate::metrics::SessionMetrics>>>,
 }
 
 /// A slot in the registry; dropping it ends the session's accounting.
@@ -395,6 +390,19 @@ impl Registry {
             ));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let metrics = match g.metrics.get(&pipe.name).and_then(|m| m.get(identity)) {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(crate::metrics::get().session_metrics(&pipe.name, identity));
+                g.metrics
+                    .entry(pipe.name.clone())
+                    .or_default()
+                    .insert(identity.to_string(), h.clone());
+                h
+            }
+        };
+        metrics.active.inc();
+        metrics.started.inc();
         let entry = Arc::new(SessionEntry {
             id,
             peer,
@@ -405,12 +413,9 @@ impl Registry {
             counters: Counters::default(),
             conn,
             stop,
+            metrics,
         });
         g.sessions.insert(id, entry.clone());
-        let labels = entry.labels();
-        let m = crate::metrics::get();
-        m.sessions_active.get_or_create(&labels).inc();
-        m.sessions.get_or_create(&labels).inc();
         *g.per_pipe.entry(pipe.name.clone()).or_default() += 1;
         *g.per_identity.entry(identity.to_string()).or_default() += 1;
         Ok(Admission {
@@ -425,25 +430,13 @@ impl Drop for Admission {
         let mut guard = self.registry.lock();
         let g = &mut *guard;
         g.sessions.remove(&self.entry.id);
-        let m = crate::metrics::get();
-        m.sessions_active.get_or_create(&self.entry.labels()).dec();
-        let bytes = |direction: &str, n: u64| {
-            m.bytes
-                .get_or_create(&crate::metrics::BytesLabels {
-                    pipe: self.entry.pipe.clone(),
-                    direction: direction.to_string(),
-                })
-                .inc_by(n);
-        };
-        bytes("in", self.entry.counters.to_local.load(Ordering::Relaxed));
-        bytes(
-            "out",
-            self.entry.counters.from_local.load(Ordering::Relaxed),
-        );
-        m.session_duration
-            .get_or_create(&crate::metrics::PipeLabels {
-                pipe: self.entry.pipe.clone(),
-            })
+        let m = &self.entry.metrics;
+        m.active.dec();
+        m.bytes_in
+            .inc_by(self.entry.counters.to_local.load(Ordering::Relaxed));
+        m.bytes_out
+            .inc_by(self.entry.counters.from_local.load(Ordering::Relaxed));
+        m.duration
             .observe(self.entry.started.elapsed().as_secs_f64());
         for (map, key) in [
             (&mut g.per_pipe, &self.entry.pipe),
