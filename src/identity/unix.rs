@@ -9,13 +9,16 @@
 //!   allocation, no logging, no thread creation (threads inherit credentials). The
 //!   address, path and group list are prepared before. A guard restores on every way
 //!   out, unwinding included.
-//! - Where it runs: on the session's own thread when the path's lookup is one nobody
-//!   but root (or the gateway's account) can steer or slow, on local filesystems
-//!   ([`switch_here_is_safe`]); else on one of a small fixed pool of dedicated threads
-//!   ([`POOL_THREADS`]), created at start and never used for other work, so a lookup
-//!   that blocks (a FUSE mount that answers only the user, a hung network filesystem)
-//!   holds one of them, not a thread that runs other sessions. The pool costs two
-//!   thread hops per open: about a quarter of the sequential session rate.
+//! - Where it runs: on one of a small fixed pool of dedicated threads ([`POOL_THREADS`]),
+//!   created before the first switch and never used for other work, so a lookup that
+//!   blocks (a FUSE mount that answers only the user, a hung network filesystem: the
+//!   lookup is not covered by `O_NONBLOCK`) holds one of them, not a thread that runs
+//!   other sessions; a pool open waits at most until the open's deadline. The pool costs
+//!   two thread hops per open (about a quarter of the sequential session rate), so an
+//!   open runs on the session's own thread instead when a pool thread found, within the
+//!   last [`VERDICT_TTL`], that only root or the gateway's account can steer the lookup
+//!   of its directory, on local filesystems ([`chain_is_trusted`]), and the entry is the
+//!   socket or FIFO itself ([`switch_here_is_safe`]).
 //! - The switch changes **effective** ids only (`setresuid(-1, uid, -1)`): the real and
 //!   saved ids stay the gateway's, so the mapped user cannot signal the thread, and the
 //!   way back is always allowed. Supplementary groups are set, then the effective gid,
@@ -185,7 +188,9 @@ fn switch_here(p: &Principal, op: &Op) -> io::Result<OwnedFd> {
 struct Job {
     target: Target,
     op: Op,
-    reply: tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+    /// The directory whose lookup to judge for later opens ([`chain_is_trusted`]).
+    dir: PathBuf,
+    reply: tokio::sync::oneshot::Sender<(io::Result<OwnedFd>, bool)>,
 }
 
 struct Pool {
@@ -227,13 +232,22 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
                 Err(_) => return,
             }
         };
-        let res = baseline().and_then(|base| run_as(&job.target, base, || job.op.perform()));
-        let _ = job.reply.send(res);
+        let (res, trusted) = match baseline() {
+            Ok(base) => (
+                run_as(&job.target, base, || job.op.perform()),
+                chain_is_trusted(&job.dir, base),
+            ),
+            Err(e) => (Err(e), false),
+        };
+        // A reply nobody waits for any more (its deadline passed) closes its fd here.
+        let _ = job.reply.send((res, trusted));
     }
 }
 
-/// Performs `op` as `p` on a pool thread and waits for it (two thread hops).
-async fn on_pool(p: &Principal, op: Op) -> io::Result<OwnedFd> {
+/// Performs `op` as `p` on a pool thread and waits for it until `deadline` (two thread
+/// hops); the pool thread also judges the lookup of `path`'s directory for the opens
+/// that follow ([`verdicts`]).
+async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::Result<OwnedFd> {
     #[cfg(test)]
     tests::POOL_JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (reply, rx) = tokio::sync::oneshot::channel();
@@ -246,54 +260,115 @@ async fn on_pool(p: &Principal, op: Op) -> io::Result<OwnedFd> {
         tx.send(Job {
             target: Target::of(p),
             op,
+            dir: path.parent().unwrap_or(path).to_path_buf(),
             reply,
         })
         .map_err(|_| io::Error::other("impersonation pool stopped"))?;
     }
-    rx.await
-        .map_err(|_| io::Error::other("impersonation thread went away"))?
+    let (res, trusted) = tokio::time::timeout_at(deadline.into(), rx)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "timed out waiting for the impersonation threads",
+            )
+        })?
+        .map_err(|_| io::Error::other("impersonation thread went away"))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(mut v) = verdicts().lock() {
+            if v.len() >= MAX_VERDICTS {
+                v.clear();
+            }
+            v.insert(dir.to_path_buf(), (trusted, Instant::now()));
+        }
+    }
+    res
+}
+
+/// How long a directory's verdict ([`chain_is_trusted`]) stands before a pool thread
+/// judges it again.
+const VERDICT_TTL: Duration = Duration::from_secs(2);
+/// Bound on remembered verdicts (one per target directory).
+const MAX_VERDICTS: usize = 4096;
+
+/// Verdicts by directory: whether nobody but root or the gateway can steer or slow a
+/// lookup through it, and when a pool thread found that.
+fn verdicts() -> &'static Mutex<std::collections::HashMap<PathBuf, (bool, Instant)>> {
+    static V: OnceLock<Mutex<std::collections::HashMap<PathBuf, (bool, Instant)>>> =
+        OnceLock::new();
+    V.get_or_init(Default::default)
 }
 
 /// Whether a switched open of `path` may run on the calling thread, which runs other
 /// sessions too. `O_NONBLOCK` does not cover the path lookup: a lookup through a FUSE
 /// mount, a hung network filesystem or an automount point can block, and one the user
 /// controls (a symlink they planted, a FUSE mount of theirs that answers only them)
-/// could hold the thread, switched, for as long as they like. So only a lookup that
-/// nobody but root (or the gateway's own account) can steer, on local filesystems, runs
-/// here; any other goes to the pool's threads, which run nothing else:
-/// - an absolute path without `.` or `..`;
-/// - every directory on the way a real directory (not a symlink) owned by root or the
-///   gateway, on a local filesystem type where it is a mount point;
-/// - every entry in a directory that others (group or world) may write: only in a
-///   sticky one (such as /tmp), and then owned by root or the gateway (nobody else can
-///   replace it);
-/// - the last entry a socket or FIFO itself (not a symlink).
-///
-/// Checked with `lstat` and `statfs` as the gateway (root's lookups of these paths are
-/// no slower than the user's), at each open, so a change is seen at the next one.
-fn switch_here_is_safe(path: &Path, base: &Saved) -> bool {
-    use rustix::fs::FileType;
+/// could hold the thread, switched, for as long as they like. So an open runs here only
+/// when a pool thread found, within [`VERDICT_TTL`], that nobody but root (or the
+/// gateway's account) can steer the lookup of its directory, all on local filesystems
+/// ([`chain_is_trusted`]: judged there, since judging may block too), and the last
+/// entry is the socket or FIFO itself: not a symlink or a mount point (checked here
+/// with `statx` from cached attributes, a lookup in that trusted local directory). Any
+/// other open goes to the pool's threads, which run nothing else.
+fn switch_here_is_safe(path: &Path) -> bool {
+    use rustix::fs::{AtFlags, FileType, StatxAttributes, StatxFlags};
+    if !normal_absolute(path) {
+        return false;
+    }
+    let Some(dir) = path.parent() else {
+        return false;
+    };
+    let trusted = verdicts()
+        .lock()
+        .ok()
+        .and_then(|v| v.get(dir).copied())
+        .is_some_and(|(ok, at)| ok && at.elapsed() < VERDICT_TTL);
+    if !trusted {
+        return false;
+    }
+    let Ok(st) = rustix::fs::statx(
+        rustix::fs::CWD,
+        path,
+        AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT | AtFlags::STATX_DONT_SYNC,
+        StatxFlags::TYPE,
+    ) else {
+        return false;
+    };
+    let kind = FileType::from_raw_mode(u32::from(st.stx_mode));
+    matches!(kind, FileType::Socket | FileType::Fifo)
+        && st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
+        && !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
+}
+
+/// An absolute path without `.` or `..`.
+fn normal_absolute(path: &Path) -> bool {
     use std::path::Component;
-    if !path.is_absolute()
-        || path
+    path.is_absolute()
+        && path
             .components()
-            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
-    {
+            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+}
+
+/// Whether nobody but root (or the gateway's own account) can steer or slow a lookup
+/// through `dir`: an absolute path without `.` or `..`, every directory on the way (`dir`
+/// included) a real directory (not a symlink) owned by root or the gateway, on a local
+/// filesystem type where it is a mount point, and every entry in a directory that others
+/// (group or world) may write only in a sticky one (such as /tmp), and then owned by
+/// root or the gateway (nobody else can replace it). Checked with `lstat` and `statfs`
+/// as the gateway: may block on the filesystems it refuses, so a pool thread does it.
+fn chain_is_trusted(dir: &Path, base: &Saved) -> bool {
+    use rustix::fs::FileType;
+    if !normal_absolute(dir) {
         return false;
     }
     let trusted = |uid: u32| uid == 0 || uid == base.euid.as_raw();
-    let mut ancestors: Vec<&Path> = path.ancestors().collect();
+    let mut ancestors: Vec<&Path> = dir.ancestors().collect();
     ancestors.reverse();
     let mut parent: Option<rustix::fs::Stat> = None;
-    for dir_or_last in ancestors {
-        let Ok(st) = rustix::fs::lstat(dir_or_last) else {
+    for d in ancestors {
+        let Ok(st) = rustix::fs::lstat(d) else {
             return false;
         };
-        if parent.is_none_or(|p| p.st_dev != st.st_dev)
-            && !rustix::fs::statfs(dir_or_last).is_ok_and(|fs| local_fs(fs.f_type as u64))
-        {
-            return false;
-        }
         if let Some(p) = &parent {
             let others_write = p.st_mode & 0o022 != 0;
             let sticky = p.st_mode & 0o1000 != 0;
@@ -301,16 +376,18 @@ fn switch_here_is_safe(path: &Path, base: &Saved) -> bool {
                 return false;
             }
         }
-        let kind = FileType::from_raw_mode(st.st_mode);
-        if dir_or_last == path {
-            return matches!(kind, FileType::Socket | FileType::Fifo);
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory || !trusted(st.st_uid) {
+            return false;
         }
-        if kind != FileType::Directory || !trusted(st.st_uid) {
+        if parent.is_none_or(|p| p.st_dev != st.st_dev)
+            && !rustix::fs::statfs(d).is_ok_and(|fs| local_fs(fs.f_type as u64))
+        {
             return false;
         }
         parent = Some(st);
     }
-    false
+    // The last directory's entries: only root or the gateway may add or replace them.
+    parent.is_some_and(|p| p.st_mode & 0o022 == 0)
 }
 
 /// Filesystem types whose lookups stay on this machine and answer at once (statfs
@@ -438,7 +515,11 @@ fn restore(saved: &Saved) -> io::Result<()> {
 }
 
 fn restore_or_abort(saved: &Saved) {
-    let ok = restore(saved).is_ok() && current().is_ok_and(|now| now == *saved);
+    // What counts is the state read back: a step that fails on a value that never changed
+    // (a switch refused at its first step, where setting the groups back needs a
+    // capability the thread does not hold in effect) is no reason to abort.
+    let _ = restore(saved);
+    let ok = current().is_ok_and(|now| now == *saved);
     if !ok {
         // Running on with a mapped user's (or mixed) credentials is worse than dying.
         eprintln!(
@@ -458,10 +539,10 @@ async fn with_retry(
     busy: &[Errno],
 ) -> io::Result<OwnedFd> {
     loop {
-        let r = match baseline() {
-            Ok(base) if switch_here_is_safe(path, base) => switch_here(p, &op),
-            Ok(_) => on_pool(p, op.clone()).await,
-            Err(e) => Err(e),
+        let r = if switch_here_is_safe(path) {
+            switch_here(p, &op)
+        } else {
+            on_pool(p, path, op.clone(), deadline).await
         };
         match r {
             Err(e)
@@ -583,15 +664,25 @@ mod tests {
         };
         let before = current().unwrap();
         let deadline = Instant::now() + Duration::from_secs(2);
-        // 0600 root-owned socket: the mapped user may not connect.
+        let pool_jobs = || POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed);
+        // 0600 root-owned socket: the mapped user may not connect. The first open of a
+        // directory goes to the pool, which judges the directory.
+        let pooled = pool_jobs();
         let e = connect(&p, SocketType::STREAM, &path, deadline)
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert_eq!(pool_jobs(), pooled + 1, "the first open went to the pool");
+        // Root's directory in root's /tmp: the next opens switch on this thread.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let fd = connect(&p, SocketType::STREAM, &path, deadline)
             .await
             .unwrap();
+        assert_eq!(
+            pool_jobs(),
+            pooled + 1,
+            "the second open ran on this thread"
+        );
         let (srv, _) = listener.accept().unwrap();
         let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
         assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
@@ -603,15 +694,17 @@ mod tests {
         let path = theirs.join("s.sock");
         let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let pooled = POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed);
-        let fd = connect(&p, SocketType::STREAM, &path, deadline)
-            .await
-            .unwrap();
-        assert!(POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed) > pooled);
-        let (srv, _) = listener.accept().unwrap();
-        let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
-        assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
-        drop(fd);
+        for i in 0..2 {
+            let pooled = pool_jobs();
+            let fd = connect(&p, SocketType::STREAM, &path, deadline)
+                .await
+                .unwrap();
+            assert_eq!(pool_jobs(), pooled + 1, "open {i} went to the pool");
+            let (srv, _) = listener.accept().unwrap();
+            let cred = rustix::net::sockopt::socket_peercred(&srv).unwrap();
+            assert_eq!((cred.uid.as_raw(), cred.gid.as_raw()), (54321, 54322));
+            drop(fd);
+        }
         // The switch ran on this thread (a current-thread runtime), and it is back: ids,
         // groups and capabilities as before.
         assert!(rustix::process::geteuid().is_root());
@@ -632,81 +725,90 @@ mod tests {
         let mode = |p: &Path, m: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
-        let sock = d.join("s.sock");
-        let _l1 = bind(&sock);
+        let mkdir = |p: &Path| std::fs::create_dir(p).unwrap();
+        // Directories, as a pool thread judges them.
+        assert!(chain_is_trusted(d, &base), "root's directory in /tmp");
         assert!(
-            switch_here_is_safe(&sock, &base),
-            "root's socket in root's directory"
-        );
-        let fifo = d.join("f");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
-        assert!(switch_here_is_safe(&fifo, &base), "root's FIFO");
-        std::fs::write(d.join("file"), b"").unwrap();
-        assert!(
-            !switch_here_is_safe(&d.join("file"), &base),
-            "a regular file"
-        );
-        assert!(
-            !switch_here_is_safe(Path::new("s.sock"), &base),
+            !chain_is_trusted(Path::new("tmp"), &base),
             "a relative path"
         );
-        std::fs::create_dir(d.join("x")).unwrap();
-        assert!(
-            !switch_here_is_safe(&d.join("x/../s.sock"), &base),
-            "a path with .."
-        );
-        symlink(&sock, d.join("link")).unwrap();
-        assert!(!switch_here_is_safe(&d.join("link"), &base), "a symlink");
+        mkdir(&d.join("x"));
+        assert!(!chain_is_trusted(&d.join("x/.."), &base), "a path with ..");
         symlink(d, d.join("dirlink")).unwrap();
+        assert!(!chain_is_trusted(&d.join("dirlink"), &base), "a symlink");
         assert!(
-            !switch_here_is_safe(&d.join("dirlink/s.sock"), &base),
-            "through a symlinked directory"
+            !chain_is_trusted(&d.join("missing"), &base),
+            "a missing directory"
         );
         let other = d.join("other");
-        std::fs::create_dir(&other).unwrap();
-        let _l2 = bind(&other.join("s.sock"));
+        mkdir(&other);
         chown(&other, Some(54321), Some(54321)).unwrap();
+        assert!(!chain_is_trusted(&other, &base), "another user's directory");
+        mkdir(&other.join("sub"));
         assert!(
-            !switch_here_is_safe(&other.join("s.sock"), &base),
-            "in a directory another user owns"
+            !chain_is_trusted(&other.join("sub"), &base),
+            "below another user's"
         );
         let open = d.join("open");
-        std::fs::create_dir(&open).unwrap();
-        let _l3 = bind(&open.join("s.sock"));
-        let _l4 = bind(&open.join("theirs.sock"));
-        lchown(open.join("theirs.sock"), Some(54321), None).unwrap();
-        mode(&open, 0o777);
-        assert!(
-            !switch_here_is_safe(&open.join("s.sock"), &base),
-            "in a world-writable directory"
-        );
-        mode(&open, 0o775);
-        assert!(
-            !switch_here_is_safe(&open.join("s.sock"), &base),
-            "in a group-writable directory"
-        );
+        mkdir(&open);
+        mkdir(&open.join("root"));
+        mkdir(&open.join("theirs"));
+        lchown(open.join("theirs"), Some(54321), None).unwrap();
+        for (m, what) in [(0o777, "world-writable"), (0o775, "group-writable")] {
+            mode(&open, m);
+            assert!(!chain_is_trusted(&open, &base), "a {what} directory");
+            assert!(
+                !chain_is_trusted(&open.join("root"), &base),
+                "in a {what} one"
+            );
+        }
         mode(&open, 0o1777);
+        assert!(!chain_is_trusted(&open, &base), "entries in a sticky one");
         assert!(
-            switch_here_is_safe(&open.join("s.sock"), &base),
-            "root's entry in a sticky directory"
+            chain_is_trusted(&open.join("root"), &base),
+            "root's entry in a sticky one"
         );
         assert!(
-            !switch_here_is_safe(&open.join("theirs.sock"), &base),
-            "another user's entry in a sticky directory"
-        );
-        assert!(
-            !switch_here_is_safe(&d.join("missing"), &base),
-            "a missing entry"
+            !chain_is_trusted(&open.join("theirs"), &base),
+            "another user's entry in a sticky one"
         );
         // Only local filesystem types: not /proc, FUSE (0x65735546) or NFS (0x6969).
-        let proc_fs = rustix::fs::statfs("/proc").unwrap();
-        assert!(!local_fs(proc_fs.f_type as u64));
+        assert!(!chain_is_trusted(Path::new("/proc/self"), &base), "/proc");
         assert!(!local_fs(0x6573_5546) && !local_fs(0x6969));
-        let here = rustix::fs::statfs(d).unwrap();
+        // The last entry, on the session's thread: only with a fresh verdict on its
+        // directory, and only the socket or FIFO itself.
+        let sock = d.join("s.sock");
+        let _l = bind(&sock);
+        let fifo = d.join("f");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        std::fs::write(d.join("file"), b"").unwrap();
+        symlink(&sock, d.join("link")).unwrap();
+        assert!(!switch_here_is_safe(&sock), "no verdict yet");
+        let judge = |dir: &Path, ok: bool, at: Instant| {
+            verdicts()
+                .lock()
+                .unwrap()
+                .insert(dir.to_path_buf(), (ok, at));
+        };
+        judge(d, true, Instant::now());
+        assert!(switch_here_is_safe(&sock), "a socket");
+        assert!(switch_here_is_safe(&fifo), "a FIFO");
+        assert!(!switch_here_is_safe(&d.join("file")), "a regular file");
+        assert!(!switch_here_is_safe(&d.join("link")), "a symlink");
         assert!(
-            local_fs(here.f_type as u64),
-            "the test's own temp dir is local"
+            !switch_here_is_safe(&d.join("gone.sock")),
+            "a missing entry"
         );
+        assert!(
+            !switch_here_is_safe(&d.join("x/../s.sock")),
+            "a path with .."
+        );
+        judge(d, false, Instant::now());
+        assert!(!switch_here_is_safe(&sock), "a directory found untrusted");
+        if let Some(old) = Instant::now().checked_sub(VERDICT_TTL) {
+            judge(d, true, old);
+            assert!(!switch_here_is_safe(&sock), "a stale verdict");
+        }
     }
 
     #[test]
