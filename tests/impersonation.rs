@@ -824,7 +824,16 @@ async fn stress_400_concurrent_sessions_never_leak_credentials() {
     }
     let started = Instant::now();
     let fx = fixture();
-    let sock = fx.path("peer.sock");
+    // The target in a directory only root controls (not under /tmp, which is
+    // world-writable): the sessions' own threads switch for these opens, after the first
+    // (the other tests' targets, under /tmp, go to the impersonation threads).
+    let run_dir = tempfile::Builder::new()
+        .prefix("pbimp")
+        .tempdir_in("/run")
+        .expect("tempdir in /run");
+    std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let sock = run_dir.path().join("peer.sock");
     let _srv = PeerServer::start(&sock);
     let names: Vec<&str> = NUMERIC.iter().map(|n| n.0).collect();
     let mut gw = fx.serve(

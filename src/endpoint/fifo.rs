@@ -56,7 +56,12 @@ pub async fn open_writer(path: &Path, deadline: Instant) -> io::Result<pipe::Sen
 
 /// Opens an exported FIFO for one session (as the session's principal when it has one).
 pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
-    check_fifo(path)?;
+    // As the gateway, before the open. With a principal the opened descriptor is checked
+    // instead: this lookup, on the session's thread, could block where the principal's
+    // open goes to the impersonation threads (a FUSE or network mount).
+    if ctx.principal.is_none() {
+        check_fifo(path)?;
+    }
     let failed = |e: io::Error| {
         if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
             OpenError::new(
@@ -73,6 +78,13 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
             let fd = crate::identity::unix::open_fifo(p, path, w, ctx.deadline())
                 .await
                 .map_err(failed)?;
+            let st = rustix::fs::fstat(&fd).map_err(|e| failed(e.into()))?;
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Fifo {
+                return Err(OpenError::new(
+                    "the local endpoint could not be opened",
+                    format!("{} is not a FIFO", path.display()),
+                ));
+            }
             if w {
                 (None, Some(pipe::Sender::from_owned_fd(fd).map_err(failed)?))
             } else {

@@ -16,9 +16,10 @@
 //!   other sessions; a pool open waits at most until the open's deadline. The pool costs
 //!   two thread hops per open (about a quarter of the sequential session rate), so an
 //!   open runs on the session's own thread instead when a pool thread found, within the
-//!   last [`VERDICT_TTL`], that only root or the gateway's account can steer the lookup
-//!   of its directory, on local filesystems ([`chain_is_trusted`]), and the entry is the
-//!   socket or FIFO itself ([`switch_here_is_safe`]).
+//!   last [`VERDICT_TTL`], that only root or the gateway's account can change or slow the
+//!   lookup of its directory, on local filesystems ([`chain_is_trusted`]: no directory on
+//!   the way writable by anyone else, so within the verdict's life only they can change
+//!   it), and the entry is the socket or FIFO itself ([`switch_here_is_safe`]).
 //! - The switch changes **effective** ids only (`setresuid(-1, uid, -1)`): the real and
 //!   saved ids stay the gateway's, so the mapped user cannot signal the thread, and the
 //!   way back is always allowed. Supplementary groups are set, then the effective gid,
@@ -190,7 +191,7 @@ struct Job {
     op: Op,
     /// The directory whose lookup to judge for later opens ([`chain_is_trusted`]).
     dir: PathBuf,
-    reply: tokio::sync::oneshot::Sender<(io::Result<OwnedFd>, bool)>,
+    reply: tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
 }
 
 struct Pool {
@@ -232,15 +233,22 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
                 Err(_) => return,
             }
         };
-        let (res, trusted) = match baseline() {
-            Ok(base) => (
-                run_as(&job.target, base, || job.op.perform()),
-                chain_is_trusted(&job.dir, base),
-            ),
-            Err(e) => (Err(e), false),
-        };
-        // A reply nobody waits for any more (its deadline passed) closes its fd here.
-        let _ = job.reply.send((res, trusted));
+        // Nobody waits for it any more (its deadline passed): an open now would only
+        // show the target a connection or a FIFO end that closes at once.
+        if job.reply.is_closed() {
+            continue;
+        }
+        let base = baseline();
+        let res = base
+            .as_ref()
+            .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+            .and_then(|base| run_as(&job.target, base, || job.op.perform()));
+        // A reply nobody waits for any more closes its fd here.
+        let _ = job.reply.send(res);
+        // Then, off the session's path, the verdict on the directory for later opens.
+        if let Ok(base) = base {
+            judge(&job.dir, base);
+        }
     }
 }
 
@@ -265,7 +273,7 @@ async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::R
         })
         .map_err(|_| io::Error::other("impersonation pool stopped"))?;
     }
-    let (res, trusted) = tokio::time::timeout_at(deadline.into(), rx)
+    tokio::time::timeout_at(deadline.into(), rx)
         .await
         .map_err(|_| {
             io::Error::new(
@@ -273,16 +281,34 @@ async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::R
                 "timed out waiting for the impersonation threads",
             )
         })?
-        .map_err(|_| io::Error::other("impersonation thread went away"))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(mut v) = verdicts().lock() {
+        .map_err(|_| io::Error::other("impersonation thread went away"))?
+}
+
+/// Judges `dir` ([`chain_is_trusted`]) unless a fresh verdict stands, and keeps the
+/// verdict with the time it was reached (a slower judge's older verdict never replaces
+/// a newer one). On a pool thread: judging may block.
+fn judge(dir: &Path, base: &Saved) {
+    let fresh = |v: &std::collections::HashMap<PathBuf, (bool, Instant)>| {
+        v.get(dir)
+            .is_some_and(|(_, at)| at.elapsed() < VERDICT_TTL / 2)
+    };
+    if verdicts().lock().map_or(true, |v| fresh(&v)) {
+        return;
+    }
+    let at = Instant::now();
+    let trusted = chain_is_trusted(dir, base);
+    if let Ok(mut v) = verdicts().lock() {
+        if v.get(dir).is_some_and(|(_, old)| *old >= at) {
+            return;
+        }
+        if v.len() >= MAX_VERDICTS {
+            v.retain(|_, (_, t)| t.elapsed() < VERDICT_TTL);
             if v.len() >= MAX_VERDICTS {
                 v.clear();
             }
-            v.insert(dir.to_path_buf(), (trusted, Instant::now()));
         }
+        v.insert(dir.to_path_buf(), (trusted, at));
     }
-    res
 }
 
 /// How long a directory's verdict ([`chain_is_trusted`]) stands before a pool thread
@@ -307,10 +333,11 @@ fn verdicts() -> &'static Mutex<std::collections::HashMap<PathBuf, (bool, Instan
 /// when a pool thread found, within [`VERDICT_TTL`], that nobody but root (or the
 /// gateway's account) can steer the lookup of its directory, all on local filesystems
 /// ([`chain_is_trusted`]: judged there, since judging may block too), and the last
-/// entry is the socket or FIFO itself: not a symlink or a mount point (checked here
-/// with `statx` from cached attributes, a lookup in that trusted local directory). Any
-/// other open goes to the pool's threads, which run nothing else.
-fn switch_here_is_safe(path: &Path) -> bool {
+/// entry is the socket or FIFO `op` expects: not a symlink or a mount point (checked
+/// here with `statx` from cached attributes; the path is resolved again, through
+/// directories only root or the gateway can have changed since). Any other open goes
+/// to the pool's threads, which run nothing else.
+fn switch_here_is_safe(path: &Path, op: &Op) -> bool {
     use rustix::fs::{AtFlags, FileType, StatxAttributes, StatxFlags};
     if !normal_absolute(path) {
         return false;
@@ -334,8 +361,11 @@ fn switch_here_is_safe(path: &Path) -> bool {
     ) else {
         return false;
     };
-    let kind = FileType::from_raw_mode(u32::from(st.stx_mode));
-    matches!(kind, FileType::Socket | FileType::Fifo)
+    let want = match op {
+        Op::Connect(..) => FileType::Socket,
+        Op::Open(..) => FileType::Fifo,
+    };
+    FileType::from_raw_mode(u32::from(st.stx_mode)) == want
         && st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT)
         && !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT)
 }
@@ -351,11 +381,10 @@ fn normal_absolute(path: &Path) -> bool {
 
 /// Whether nobody but root (or the gateway's own account) can steer or slow a lookup
 /// through `dir`: an absolute path without `.` or `..`, every directory on the way (`dir`
-/// included) a real directory (not a symlink) owned by root or the gateway, on a local
-/// filesystem type where it is a mount point, and every entry in a directory that others
-/// (group or world) may write only in a sticky one (such as /tmp), and then owned by
-/// root or the gateway (nobody else can replace it). Checked with `lstat` and `statfs`
-/// as the gateway: may block on the filesystems it refuses, so a pool thread does it.
+/// included) a real directory (not a symlink) owned by root or the gateway and writable
+/// by nobody else (not even sticky, such as /tmp), on a local filesystem type where it
+/// is a mount point. Checked with `lstat` and `statfs` as the gateway: may block on the
+/// filesystems it refuses, so a pool thread does it.
 fn chain_is_trusted(dir: &Path, base: &Saved) -> bool {
     use rustix::fs::FileType;
     if !normal_absolute(dir) {
@@ -369,14 +398,14 @@ fn chain_is_trusted(dir: &Path, base: &Saved) -> bool {
         let Ok(st) = rustix::fs::lstat(d) else {
             return false;
         };
-        if let Some(p) = &parent {
-            let others_write = p.st_mode & 0o022 != 0;
-            let sticky = p.st_mode & 0o1000 != 0;
-            if others_write && !(sticky && trusted(st.st_uid)) {
-                return false;
-            }
-        }
-        if FileType::from_raw_mode(st.st_mode) != FileType::Directory || !trusted(st.st_uid) {
+        // Only root or the gateway may add, rename or remove entries anywhere on the
+        // way, so nobody else can change what this path resolves to while the verdict
+        // stands (the session's thread resolves it again; a sticky directory such as
+        // /tmp would let a user re-create an entry root removed).
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory
+            || !trusted(st.st_uid)
+            || st.st_mode & 0o022 != 0
+        {
             return false;
         }
         if parent.is_none_or(|p| p.st_dev != st.st_dev)
@@ -386,8 +415,7 @@ fn chain_is_trusted(dir: &Path, base: &Saved) -> bool {
         }
         parent = Some(st);
     }
-    // The last directory's entries: only root or the gateway may add or replace them.
-    parent.is_some_and(|p| p.st_mode & 0o022 == 0)
+    parent.is_some()
 }
 
 /// Filesystem types whose lookups stay on this machine and answer at once (statfs
@@ -539,7 +567,7 @@ async fn with_retry(
     busy: &[Errno],
 ) -> io::Result<OwnedFd> {
     loop {
-        let r = if switch_here_is_safe(path) {
+        let r = if switch_here_is_safe(path, &op) {
             switch_here(p, &op)
         } else {
             on_pool(p, path, op.clone(), deadline).await
@@ -649,7 +677,8 @@ mod tests {
             eprintln!("skipped: needs root (CAP_SETUID/CAP_SETGID) to switch credentials");
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
+        // In /run, which only root may write: a directory whose lookups nobody else steers.
+        let dir = tempfile::tempdir_in("/run").unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.path().join("s.sock");
@@ -673,7 +702,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         assert_eq!(pool_jobs(), pooled + 1, "the first open went to the pool");
-        // Root's directory in root's /tmp: the next opens switch on this thread.
+        // Root's directory in /run: the next opens switch on this thread, once the pool
+        // thread has judged it (after its reply).
+        let judged = Instant::now() + Duration::from_secs(5);
+        while verdicts().lock().unwrap().get(dir.path()).is_none() && Instant::now() < judged {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         let fd = connect(&p, SocketType::STREAM, &path, deadline)
             .await
@@ -719,15 +753,22 @@ mod tests {
         }
         use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
         let base = current().unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        // In /run, which only root may write (/tmp is world-writable: nothing below it
+        // is trusted).
+        let dir = tempfile::tempdir_in("/run").unwrap();
         let d = dir.path();
+        assert!(
+            !chain_is_trusted(&std::env::temp_dir(), &base),
+            "/tmp or the like"
+        );
         let bind = |p: &Path| std::os::unix::net::UnixListener::bind(p).unwrap();
         let mode = |p: &Path, m: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
         let mkdir = |p: &Path| std::fs::create_dir(p).unwrap();
         // Directories, as a pool thread judges them.
-        assert!(chain_is_trusted(d, &base), "root's directory in /tmp");
+        mode(d, 0o755);
+        assert!(chain_is_trusted(d, &base), "root's directory in /run");
         assert!(
             !chain_is_trusted(Path::new("tmp"), &base),
             "a relative path"
@@ -763,52 +804,87 @@ mod tests {
             );
         }
         mode(&open, 0o1777);
-        assert!(!chain_is_trusted(&open, &base), "entries in a sticky one");
+        assert!(!chain_is_trusted(&open, &base), "a sticky one");
+        assert!(
+            !chain_is_trusted(&open.join("root"), &base),
+            "root's entry in a sticky one"
+        );
+        mode(&open, 0o755);
         assert!(
             chain_is_trusted(&open.join("root"), &base),
-            "root's entry in a sticky one"
+            "the same, not writable"
         );
         assert!(
             !chain_is_trusted(&open.join("theirs"), &base),
-            "another user's entry in a sticky one"
+            "another user's entry"
         );
         // Only local filesystem types: not /proc, FUSE (0x65735546) or NFS (0x6969).
         assert!(!chain_is_trusted(Path::new("/proc/self"), &base), "/proc");
         assert!(!local_fs(0x6573_5546) && !local_fs(0x6969));
         // The last entry, on the session's thread: only with a fresh verdict on its
-        // directory, and only the socket or FIFO itself.
+        // directory, and only the socket or FIFO the open expects.
         let sock = d.join("s.sock");
         let _l = bind(&sock);
         let fifo = d.join("f");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
-        std::fs::write(d.join("file"), b"").unwrap();
-        symlink(&sock, d.join("link")).unwrap();
-        assert!(!switch_here_is_safe(&sock), "no verdict yet");
-        let judge = |dir: &Path, ok: bool, at: Instant| {
+        let file = d.join("file");
+        std::fs::write(&file, b"").unwrap();
+        let link = d.join("link");
+        symlink(&sock, &link).unwrap();
+        let connect = |p: &Path| Op::connect(SocketType::STREAM, p).unwrap();
+        let open_fifo = |p: &Path| Op::open_fifo(p, false).unwrap();
+        assert!(
+            !switch_here_is_safe(&sock, &connect(&sock)),
+            "no verdict yet"
+        );
+        let verdict = |dir: &Path, ok: bool, at: Instant| {
             verdicts()
                 .lock()
                 .unwrap()
                 .insert(dir.to_path_buf(), (ok, at));
         };
-        judge(d, true, Instant::now());
-        assert!(switch_here_is_safe(&sock), "a socket");
-        assert!(switch_here_is_safe(&fifo), "a FIFO");
-        assert!(!switch_here_is_safe(&d.join("file")), "a regular file");
-        assert!(!switch_here_is_safe(&d.join("link")), "a symlink");
+        verdict(d, true, Instant::now());
+        assert!(switch_here_is_safe(&sock, &connect(&sock)), "a socket");
+        assert!(switch_here_is_safe(&fifo, &open_fifo(&fifo)), "a FIFO");
         assert!(
-            !switch_here_is_safe(&d.join("gone.sock")),
+            !switch_here_is_safe(&fifo, &connect(&fifo)),
+            "a FIFO to connect to"
+        );
+        assert!(
+            !switch_here_is_safe(&sock, &open_fifo(&sock)),
+            "a socket to open"
+        );
+        assert!(
+            !switch_here_is_safe(&file, &open_fifo(&file)),
+            "a regular file"
+        );
+        assert!(!switch_here_is_safe(&link, &connect(&link)), "a symlink");
+        let gone = d.join("gone.sock");
+        assert!(
+            !switch_here_is_safe(&gone, &connect(&gone)),
             "a missing entry"
         );
+        let dotdot = d.join("x/../s.sock");
         assert!(
-            !switch_here_is_safe(&d.join("x/../s.sock")),
+            !switch_here_is_safe(&dotdot, &connect(&dotdot)),
             "a path with .."
         );
-        judge(d, false, Instant::now());
-        assert!(!switch_here_is_safe(&sock), "a directory found untrusted");
+        verdict(d, false, Instant::now());
+        assert!(
+            !switch_here_is_safe(&sock, &connect(&sock)),
+            "a directory found untrusted"
+        );
         if let Some(old) = Instant::now().checked_sub(VERDICT_TTL) {
-            judge(d, true, old);
-            assert!(!switch_here_is_safe(&sock), "a stale verdict");
+            verdict(d, true, old);
+            assert!(
+                !switch_here_is_safe(&sock, &connect(&sock)),
+                "a stale verdict"
+            );
         }
+        // A pool thread's verdict, reached later, replaces an older one; not the reverse.
+        verdicts().lock().unwrap().remove(d);
+        judge(d, &base);
+        assert_eq!(verdicts().lock().unwrap().get(d).map(|v| v.0), Some(true));
     }
 
     #[test]
