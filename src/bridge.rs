@@ -29,10 +29,9 @@ use crate::tunnel::protocol::{self, Control, ErrorKind};
 use crate::tunnel::ws::{ChunkRead, OwnedWrite, Transport, WebSocket, WsSink, WsSource, HEADROOM};
 
 /// Largest local read (one binary message at most this big in byte mode): 128 KiB less
-/// the largest WebSocket header (14 bytes, masked) and an HTTP/2 frame header (9), so
-/// a full frame fills whole TLS records (eight of 16 KiB) instead of leaving a tiny
-/// record, and its own `writev`, behind.
-pub const READ_CHUNK_BYTES: usize = 128 * 1024 - HEADROOM - 9;
+/// the largest WebSocket header (14 bytes, masked), so a full frame fills whole TLS
+/// records instead of leaving a tiny record behind.
+pub const READ_CHUNK_BYTES: usize = 128 * 1024 - 14;
 /// First local read size; reads that fill the buffer double it up to
 /// [`READ_CHUNK_BYTES`], so idle and chatty sessions keep small buffers. With the frame
 /// header's room the buffer is 1 KiB: an idle session holds it while it waits, and an
