@@ -13,7 +13,8 @@
 //!   created before the first switch and never used for other work, so a lookup that
 //!   blocks (a FUSE mount that answers only the user, a hung network filesystem: the
 //!   lookup is not covered by `O_NONBLOCK`) holds one of them, not a thread that runs
-//!   other sessions; a pool open waits at most until the open's deadline. The pool costs
+//!   other sessions; a pool open waits at most until the open's deadline, and one uid
+//!   holds at most [`MAX_POOL_OPENS_PER_UID`] of the threads at a time. The pool costs
 //!   two thread hops per open (about a quarter of the sequential session rate), so an
 //!   open runs on the session's own thread instead when a pool thread found, within the
 //!   last [`VERDICT_TTL`], that only root or the gateway's account can change or slow the
@@ -192,11 +193,23 @@ struct Job {
     /// The directory whose lookup to judge for later opens ([`chain_is_trusted`]).
     dir: PathBuf,
     reply: tokio::sync::oneshot::Sender<io::Result<OwnedFd>>,
+    /// Its principal's place in the pool, given back when the job is done (not when its
+    /// session stops waiting: a job stuck in the kernel keeps holding it).
+    _slot: PoolSlot,
 }
 
 struct Pool {
     tx: Mutex<mpsc::Sender<Job>>,
+    /// Directories to judge ([`judge`]), on a thread of their own: a judgement that
+    /// blocks (a hung network filesystem) holds neither an opening thread nor the
+    /// verdicts of other directories' opens.
+    judge_tx: Mutex<mpsc::Sender<PathBuf>>,
 }
+
+/// Pool opens one principal (uid) may have in flight: a user whose targets hang (a FUSE
+/// mount of theirs that never answers) holds at most this many of the pool's threads;
+/// their further opens wait for one of these places, until their deadline.
+const MAX_POOL_OPENS_PER_UID: usize = 2;
 
 fn pool() -> io::Result<&'static Pool> {
     static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
@@ -210,7 +223,24 @@ fn pool() -> io::Result<&'static Pool> {
                 .spawn(move || worker(&rx))
                 .map_err(|e| format!("cannot start impersonation threads: {e}"))?;
         }
-        Ok(Pool { tx: Mutex::new(tx) })
+        let (judge_tx, judge_rx) = mpsc::channel::<PathBuf>();
+        std::thread::Builder::new()
+            .name("pb-judge".into())
+            .spawn(move || {
+                while let Ok(dir) = judge_rx.recv() {
+                    if let Ok(base) = baseline() {
+                        judge(&dir, base);
+                    }
+                    if let Ok(mut pending) = judging().lock() {
+                        pending.remove(&dir);
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start impersonation threads: {e}"))?;
+        Ok(Pool {
+            tx: Mutex::new(tx),
+            judge_tx: Mutex::new(judge_tx),
+        })
     })
     .as_ref()
     .map_err(|e| io::Error::other(e.clone()))
@@ -238,18 +268,80 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
         if job.reply.is_closed() {
             continue;
         }
-        let base = baseline();
-        let res = base
-            .as_ref()
-            .map_err(|e| io::Error::new(e.kind(), e.to_string()))
-            .and_then(|base| run_as(&job.target, base, || job.op.perform()));
+        let res = baseline().and_then(|base| run_as(&job.target, base, || job.op.perform()));
         // A reply nobody waits for any more closes its fd here.
         let _ = job.reply.send(res);
-        // Then, off the session's path, the verdict on the directory for later opens.
-        if let Ok(base) = base {
-            judge(&job.dir, base);
+        // Then, on the judging thread, the verdict on the directory for later opens.
+        request_judgement(job.dir);
+    }
+}
+
+/// Directories waiting for the judging thread (each once).
+fn judging() -> &'static Mutex<std::collections::HashSet<PathBuf>> {
+    static J: OnceLock<Mutex<std::collections::HashSet<PathBuf>>> = OnceLock::new();
+    J.get_or_init(Default::default)
+}
+
+/// Asks the judging thread for a verdict on `dir`, unless one is fresh or on its way.
+fn request_judgement(dir: PathBuf) {
+    let fresh = verdicts().lock().map_or(true, |v| {
+        v.get(&dir)
+            .is_some_and(|(_, at)| at.elapsed() < VERDICT_TTL / 2)
+    });
+    if fresh {
+        return;
+    }
+    let Ok(mut pending) = judging().lock() else {
+        return;
+    };
+    if pending.len() >= MAX_VERDICTS || !pending.insert(dir.clone()) {
+        return;
+    }
+    drop(pending);
+    if let Ok(pool) = pool() {
+        if let Ok(tx) = pool.judge_tx.lock() {
+            let _ = tx.send(dir);
         }
     }
+}
+
+/// A principal's place in the pool ([`MAX_POOL_OPENS_PER_UID`]), given back when dropped.
+struct PoolSlot(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl PoolSlot {
+    /// Waits (until `deadline`) for one of `uid`'s places in the pool.
+    async fn take(uid: u32, deadline: Instant) -> io::Result<PoolSlot> {
+        let sem = {
+            let mut m = pool_slots()
+                .lock()
+                .map_err(|_| io::Error::other("impersonation pool poisoned"))?;
+            if m.len() >= MAX_VERDICTS {
+                m.retain(|_, s| s.available_permits() < MAX_POOL_OPENS_PER_UID);
+            }
+            m.entry(uid)
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_POOL_OPENS_PER_UID))
+                })
+                .clone()
+        };
+        let permit = tokio::time::timeout_at(deadline.into(), sem.acquire_owned())
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("uid {uid}'s earlier opens still hold the impersonation threads"),
+                )
+            })?
+            .map_err(|_| io::Error::other("impersonation pool closed"))?;
+        Ok(PoolSlot(permit))
+    }
+}
+
+fn pool_slots(
+) -> &'static Mutex<std::collections::HashMap<u32, std::sync::Arc<tokio::sync::Semaphore>>> {
+    type Slots = Mutex<std::collections::HashMap<u32, std::sync::Arc<tokio::sync::Semaphore>>>;
+    static S: OnceLock<Slots> = OnceLock::new();
+    S.get_or_init(Default::default)
 }
 
 /// Performs `op` as `p` on a pool thread and waits for it until `deadline` (two thread
@@ -258,6 +350,7 @@ fn worker(rx: &Mutex<mpsc::Receiver<Job>>) {
 async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::Result<OwnedFd> {
     #[cfg(test)]
     tests::POOL_JOBS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let slot = PoolSlot::take(p.uid, deadline).await?;
     let (reply, rx) = tokio::sync::oneshot::channel();
     {
         let pool = pool()?;
@@ -270,6 +363,7 @@ async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::R
             op,
             dir: path.parent().unwrap_or(path).to_path_buf(),
             reply,
+            _slot: slot,
         })
         .map_err(|_| io::Error::other("impersonation pool stopped"))?;
     }
@@ -608,14 +702,10 @@ pub async fn open_fifo(
     write: bool,
     deadline: Instant,
 ) -> io::Result<OwnedFd> {
-    with_retry(
-        p,
-        path,
-        Op::open_fifo(path, write)?,
-        deadline,
-        &[Errno::NXIO],
-    )
-    .await
+    // ENXIO on a write open: no reader yet, retried. On a read open (which needs no
+    // writer) it means the path is not a FIFO (a socket): no retry.
+    let busy: &[Errno] = if write { &[Errno::NXIO] } else { &[] };
+    with_retry(p, path, Op::open_fifo(path, write)?, deadline, busy).await
 }
 
 /// Makes `cmd`'s child run fully as `p`: groups, then real/effective/saved gid, then
@@ -692,12 +782,13 @@ mod tests {
             home: "/".into(),
         };
         let before = current().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // A deadline of its own for each open (a loaded machine is slow).
+        let deadline = || Instant::now() + Duration::from_secs(10);
         let pool_jobs = || POOL_JOBS.load(std::sync::atomic::Ordering::Relaxed);
         // 0600 root-owned socket: the mapped user may not connect. The first open of a
         // directory goes to the pool, which judges the directory.
         let pooled = pool_jobs();
-        let e = connect(&p, SocketType::STREAM, &path, deadline)
+        let e = connect(&p, SocketType::STREAM, &path, deadline())
             .await
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
@@ -708,8 +799,13 @@ mod tests {
         while verdicts().lock().unwrap().get(dir.path()).is_none() && Instant::now() < judged {
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert_eq!(
+            verdicts().lock().unwrap().get(dir.path()).map(|v| v.0),
+            Some(true),
+            "root's directory in /run is trusted"
+        );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let fd = connect(&p, SocketType::STREAM, &path, deadline)
+        let fd = connect(&p, SocketType::STREAM, &path, deadline())
             .await
             .unwrap();
         assert_eq!(
@@ -730,7 +826,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
         for i in 0..2 {
             let pooled = pool_jobs();
-            let fd = connect(&p, SocketType::STREAM, &path, deadline)
+            let fd = connect(&p, SocketType::STREAM, &path, deadline())
                 .await
                 .unwrap();
             assert_eq!(pool_jobs(), pooled + 1, "open {i} went to the pool");
@@ -885,6 +981,28 @@ mod tests {
         verdicts().lock().unwrap().remove(d);
         judge(d, &base);
         assert_eq!(verdicts().lock().unwrap().get(d).map(|v| v.0), Some(true));
+    }
+
+    #[tokio::test]
+    async fn one_user_holds_at_most_two_pool_threads() {
+        let uid = 4_000_000_007;
+        let soon = || Instant::now() + Duration::from_millis(100);
+        let a = PoolSlot::take(uid, soon()).await.unwrap();
+        let _b = PoolSlot::take(uid, soon()).await.unwrap();
+        let e = PoolSlot::take(uid, soon())
+            .await
+            .err()
+            .expect("a third waits, in vain");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(
+            PoolSlot::take(uid + 1, soon()).await.is_ok(),
+            "another user's does not"
+        );
+        drop(a);
+        assert!(
+            PoolSlot::take(uid, soon()).await.is_ok(),
+            "a place given back is taken"
+        );
     }
 
     #[test]
