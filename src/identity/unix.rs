@@ -16,7 +16,7 @@
 //!   other sessions; a pool open waits at most until the open's deadline, and one uid
 //!   holds at most [`MAX_POOL_OPENS_PER_UID`] of the threads at a time. The pool costs
 //!   two thread hops per open (about a quarter of the sequential session rate), so an
-//!   open runs on the session's own thread instead when a pool thread found, within the
+//!   open runs on the session's own thread instead when the judging thread found, within the
 //!   last [`VERDICT_TTL`], that only root or the gateway's account can change or slow the
 //!   lookup of its directory, on local filesystems ([`chain_is_trusted`]: no directory on
 //!   the way writable by anyone else, so within the verdict's life only they can change
@@ -345,7 +345,7 @@ fn pool_slots(
 }
 
 /// Performs `op` as `p` on a pool thread and waits for it until `deadline` (two thread
-/// hops); the pool thread also judges the lookup of `path`'s directory for the opens
+/// hops); the judging thread then judges the lookup of `path`'s directory for the opens
 /// that follow ([`verdicts`]).
 async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::Result<OwnedFd> {
     #[cfg(test)]
@@ -412,7 +412,7 @@ const VERDICT_TTL: Duration = Duration::from_secs(2);
 const MAX_VERDICTS: usize = 4096;
 
 /// Verdicts by directory: whether nobody but root or the gateway can steer or slow a
-/// lookup through it, and when a pool thread found that.
+/// lookup through it, and when the judging thread found that.
 fn verdicts() -> &'static Mutex<std::collections::HashMap<PathBuf, (bool, Instant)>> {
     static V: OnceLock<Mutex<std::collections::HashMap<PathBuf, (bool, Instant)>>> =
         OnceLock::new();
@@ -424,7 +424,7 @@ fn verdicts() -> &'static Mutex<std::collections::HashMap<PathBuf, (bool, Instan
 /// mount, a hung network filesystem or an automount point can block, and one the user
 /// controls (a symlink they planted, a FUSE mount of theirs that answers only them)
 /// could hold the thread, switched, for as long as they like. So an open runs here only
-/// when a pool thread found, within [`VERDICT_TTL`], that nobody but root (or the
+/// when the judging thread found, within [`VERDICT_TTL`], that nobody but root (or the
 /// gateway's account) can steer the lookup of its directory, all on local filesystems
 /// ([`chain_is_trusted`]: judged there, since judging may block too), and the last
 /// entry is the socket or FIFO `op` expects: not a symlink or a mount point (checked
@@ -478,7 +478,7 @@ fn normal_absolute(path: &Path) -> bool {
 /// included) a real directory (not a symlink) owned by root or the gateway and writable
 /// by nobody else (not even sticky, such as /tmp), on a local filesystem type where it
 /// is a mount point. Checked with `lstat` and `statfs` as the gateway: may block on the
-/// filesystems it refuses, so a pool thread does it.
+/// filesystems it refuses, so the judging thread does it.
 fn chain_is_trusted(dir: &Path, base: &Saved) -> bool {
     use rustix::fs::FileType;
     if !normal_absolute(dir) {
@@ -862,7 +862,7 @@ mod tests {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
         let mkdir = |p: &Path| std::fs::create_dir(p).unwrap();
-        // Directories, as a pool thread judges them.
+        // Directories, as the judging thread judges them.
         mode(d, 0o755);
         assert!(chain_is_trusted(d, &base), "root's directory in /run");
         assert!(
@@ -977,7 +977,7 @@ mod tests {
                 "a stale verdict"
             );
         }
-        // A pool thread's verdict, reached later, replaces an older one; not the reverse.
+        // A verdict, reached later, replaces an older one; not the reverse.
         verdicts().lock().unwrap().remove(d);
         judge(d, &base);
         assert_eq!(verdicts().lock().unwrap().get(d).map(|v| v.0), Some(true));
