@@ -378,17 +378,10 @@ async fn on_pool(p: &Principal, path: &Path, op: Op, deadline: Instant) -> io::R
         .map_err(|_| io::Error::other("impersonation thread went away"))?
 }
 
-/// Judges `dir` ([`chain_is_trusted`]) unless a fresh verdict stands, and keeps the
-/// verdict with the time it was reached (a slower judge's older verdict never replaces
-/// a newer one). On a pool thread: judging may block.
+/// Judges `dir` ([`chain_is_trusted`]) and keeps the verdict with the time it was
+/// reached (an older verdict never replaces a newer one). On the judging thread, which
+/// [`request_judgement`] asks only when no fresh verdict stands: judging may block.
 fn judge(dir: &Path, base: &Saved) {
-    let fresh = |v: &std::collections::HashMap<PathBuf, (bool, Instant)>| {
-        v.get(dir)
-            .is_some_and(|(_, at)| at.elapsed() < VERDICT_TTL / 2)
-    };
-    if verdicts().lock().map_or(true, |v| fresh(&v)) {
-        return;
-    }
     let at = Instant::now();
     let trusted = chain_is_trusted(dir, base);
     if let Ok(mut v) = verdicts().lock() {
@@ -405,8 +398,8 @@ fn judge(dir: &Path, base: &Saved) {
     }
 }
 
-/// How long a directory's verdict ([`chain_is_trusted`]) stands before a pool thread
-/// judges it again.
+/// How long a directory's verdict ([`chain_is_trusted`]) stands before it is judged
+/// again.
 const VERDICT_TTL: Duration = Duration::from_secs(2);
 /// Bound on remembered verdicts (one per target directory).
 const MAX_VERDICTS: usize = 4096;
