@@ -192,6 +192,9 @@ pub struct Dialer {
     /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
     /// own HTTP/1.1 connection, without the gate.
     h2_absent: Arc<AtomicBool>,
+    /// The last HTTP/2 request URI and its path (a forward's sessions all open one):
+    /// cloned, where formatting and parsing it was about 6,000 instructions a session.
+    last_uri: Arc<std::sync::Mutex<Option<(String, Uri)>>>,
     http2: bool,
     token: Option<Secret>,
     host: String,
@@ -241,6 +244,7 @@ impl Dialer {
             h2_pool: Arc::default(),
             h2_dialing: Arc::default(),
             h2_absent: Arc::default(),
+            last_uri: Arc::default(),
             http2: false,
             token,
             host,
@@ -608,6 +612,25 @@ impl Dialer {
         Ok(sender)
     }
 
+    /// The HTTP/2 request URI for `path` (an invalid one fails the request's build).
+    fn h2_uri(&self, path: &str) -> Result<Uri, hyper::http::uri::InvalidUri> {
+        if let Ok(g) = self.last_uri.lock() {
+            if let Some((_, uri)) = g.as_ref().filter(|(p, _)| p == path) {
+                return Ok(uri.clone());
+            }
+        }
+        let authority = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let uri: Uri = format!("https://{authority}{path}").parse()?;
+        if let Ok(mut g) = self.last_uri.lock() {
+            *g = Some((path.to_string(), uri.clone()));
+        }
+        Ok(uri)
+    }
+
     async fn open_h2(
         &self,
         sender: H2Sender,
@@ -625,15 +648,13 @@ impl Dialer {
                 "the gateway does not offer WebSocket over HTTP/2 (RFC 8441)".into(),
             )));
         }
-        let authority = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
+        let uri = self
+            .h2_uri(path)
+            .map_err(|e| H2Error::Session(ClientError::Setup(format!("bad request: {e}"))))?;
         let mut req = Request::builder()
             .method(hyper::Method::CONNECT)
             .version(hyper::Version::HTTP_2)
-            .uri(format!("https://{authority}{path}"))
+            .uri(uri)
             .header(header::SEC_WEBSOCKET_VERSION, "13")
             .header(header::SEC_WEBSOCKET_PROTOCOL, protocol::SUBPROTOCOL)
             .body(())
@@ -974,6 +995,8 @@ pub struct ForwardSettings {
 pub struct Target {
     /// The path and query its sessions request.
     path: String,
+    /// The remote URL as its sessions' spans name it.
+    to: crate::logfmt::Preformatted,
     /// Whether a credential path names `{user}` (a dialer per local user).
     per_user: bool,
     /// The dialer of its sessions while no credential path names `{user}`, and when
@@ -987,6 +1010,7 @@ impl Target {
         let c = &fwd.credentials;
         Arc::new(Target {
             path: target_of(&fwd.to, extra),
+            to: crate::logfmt::Preformatted::of(&fwd.to),
             per_user: [&c.ca, &c.cert, &c.key, &c.token_file]
                 .iter()
                 .any(|p| p.as_deref().is_some_and(|p| p.contains("{user}"))),
@@ -1090,7 +1114,7 @@ fn spawn_session(
 ) -> tokio::task::JoinHandle<()> {
     let fwd = fwd.clone();
     let target = target.clone();
-    let span = session_span(&fwd, caller.as_ref());
+    let span = session_span(&target, caller.as_ref());
     // Boxed once, as shard::spawn does: moved by value, the session's future would be
     // copied whole at each step of the spawn.
     tracker.spawn(Box::pin(async move {
@@ -1099,8 +1123,8 @@ fn spawn_session(
 }
 
 /// The tracing span of one forwarded session.
-fn session_span(fwd: &ForwardConfig, caller: Option<&LocalCaller>) -> tracing::Span {
-    tracing::info_span!("forward", to = %fwd.to, local_caller = caller.map(tracing::field::display))
+fn session_span(target: &Target, caller: Option<&LocalCaller>) -> tracing::Span {
+    tracing::info_span!("forward", to = %target.to, local_caller = caller.map(tracing::field::display))
 }
 
 /// One forwarded session: `local` (whose first data, already read, is `early`) bridged
@@ -1460,6 +1484,25 @@ mod tests {
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(fifo)
+    }
+
+    /// A dialer keeps the request URI of the path it last opened, and makes a new one
+    /// for another path: every URI is the one the URL and the path spell.
+    #[test]
+    fn a_request_uri_is_kept_for_its_path_only() {
+        for (url, base) in [
+            ("wss://localhost:1/pipes/x", "https://localhost:1"),
+            ("wss://[::1]:2/pipes/x", "https://[::1]:2"),
+        ] {
+            let url: Uri = url.parse().expect("url");
+            let d = Dialer::new(&url, &CredentialPaths::default()).expect("dialer");
+            for path in ["/pipes/a", "/pipes/a", "/pipes/b?mode=message", "/pipes/a"] {
+                let uri = d.h2_uri(path).expect("uri");
+                assert_eq!(uri.to_string(), format!("{base}{path}"));
+            }
+            assert!(d.h2_uri("/pipes/a b").is_err(), "a space is no URI");
+            assert_eq!(d.h2_uri("/pipes/a").expect("uri").path(), "/pipes/a");
+        }
     }
 
     /// A session's re-read of its credential files runs off the runtime's thread: with

@@ -120,6 +120,25 @@ impl PlainVisitor<'_> {
     }
 }
 
+/// Text formatted once and logged many times (a connection's peer address, a
+/// forward's URL): its `Display` copies the text, where formatting a `SocketAddr` or
+/// a URI again for every session's span and audit line was thousands of instructions.
+#[derive(Clone, Debug)]
+pub struct Preformatted(std::sync::Arc<str>);
+
+impl Preformatted {
+    /// `value`'s `Display` text, kept.
+    pub fn of(value: &impl fmt::Display) -> Preformatted {
+        Preformatted(value.to_string().into())
+    }
+}
+
+impl fmt::Display for Preformatted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 impl Visit for PlainVisitor<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {

@@ -32,6 +32,7 @@ use crate::config::{
 };
 use crate::endpoint::{self, OpenContext};
 use crate::error::{Refusal, RefusalKind};
+use crate::logfmt::Preformatted;
 use crate::tunnel::h2io::InFlight;
 use crate::tunnel::readahead::ReadAhead;
 use crate::tunnel::{self, protocol};
@@ -288,8 +289,8 @@ pub const MAX_RATE_ENTRIES: usize = 65_536;
 pub struct SessionEntry {
     /// Registry id.
     pub id: u64,
-    /// Peer address.
-    pub peer: SocketAddr,
+    /// Peer address, as the audit line writes it.
+    pub peer: Preformatted,
     /// Identity name.
     pub identity: String,
     /// Pipe name.
@@ -363,7 +364,7 @@ impl Registry {
         cfg: &Config,
         pipe: &PipeConfig,
         identity: &str,
-        peer: SocketAddr,
+        peer: Preformatted,
         direction: Direction,
         conn: Option<Arc<ConnInfo>>,
         stop: StopHandle,
@@ -538,6 +539,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let conn = Arc::new(ConnInfo {
         peer,
+        peer_text: Preformatted::of(&peer),
         cert,
         chain,
         leaf_expires,
@@ -704,6 +706,8 @@ async fn handle_h2(
 
 struct ConnInfo {
     peer: SocketAddr,
+    /// `peer` as text, for each session's span and audit line.
+    peer_text: Preformatted,
     cert: Option<CertNames>,
     /// The certificate chain the client presented (empty: none).
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
@@ -1095,7 +1099,7 @@ async fn session<B>(
         &cfg,
         pipe,
         &identity.name,
-        conn.peer,
+        conn.peer_text.clone(),
         direction,
         (!conn.chain.is_empty()).then(|| conn.clone()),
         stop,
@@ -1124,7 +1128,7 @@ async fn session<B>(
     let span = tracing::info_span!(
         "session",
         id = admission.entry.id,
-        peer = %conn.peer,
+        peer = %conn.peer_text,
         identity = %identity.name,
         principal = uid,
         pipe = %pipe.name,

@@ -258,7 +258,7 @@ fn caller_session(
     fwd: Arc<ForwardConfig>,
     target: Arc<super::Target>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let span = session_span(&fwd, caller.as_ref());
+    let span = session_span(&target, caller.as_ref());
     async move {
         let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
