@@ -46,23 +46,43 @@ const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Connects with the gateway's own rights; a full listen backlog (EAGAIN: the server is
 /// slow to accept a burst) is retried until `deadline`.
+///
+/// A Unix stream socket's non-blocking `connect` completes or fails at once (there is no
+/// `EINPROGRESS` for `AF_UNIX`), so the socket is registered with the reactor already
+/// connected: tokio's `UnixStream::connect` would wait one turn of the event loop for
+/// writability and then ask for `SO_ERROR`, before the session's first bytes could go.
 async fn connect_plain(path: &Path, deadline: std::time::Instant) -> Result<UnixStream, OpenError> {
+    let addr =
+        rustix::net::SocketAddrUnix::new(path).map_err(|e| connect_error(path, &e.into()))?;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match tokio::time::timeout(left, UnixStream::connect(path)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
+        match connect_now(&addr) {
+            Ok(s) => return UnixStream::from_std(s).map_err(|e| connect_error(path, &e)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
                 tokio::time::sleep(BUSY_RETRY).await;
             }
-            Ok(Err(e)) => return Err(connect_error(path, &e)),
-            Err(_) => {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return Err(OpenError::new(
                     "the local endpoint did not accept in time",
                     format!("connect {}: timed out", path.display()),
                 ))
             }
+            Err(e) => return Err(connect_error(path, &e)),
         }
     }
+}
+
+/// A non-blocking stream socket connected to `addr`, or the connect's error.
+fn connect_now(addr: &rustix::net::SocketAddrUnix) -> io::Result<std::os::unix::net::UnixStream> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, addr)?;
+    Ok(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// Maps a connect error to a peer message without internals.
