@@ -758,6 +758,7 @@ async fn upstream<W: OwnedWrite>(
                 if n == 0 {
                     break;
                 }
+                crate::shard::note_traffic();
                 if n == want {
                     if want < READ_CHUNK_BYTES {
                         want = (want * 2).min(READ_CHUNK_BYTES);
@@ -777,6 +778,7 @@ async fn upstream<W: OwnedWrite>(
         Some(Reader::Messages(mut m)) => loop {
             match m.recv().await {
                 Ok(Some(data)) => {
+                    crate::shard::note_traffic();
                     let n = data.len() as u64;
                     let sent = {
                         let _blocked = activity.blocking();

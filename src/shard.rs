@@ -122,10 +122,6 @@ pub fn set_busy_poll(d: Option<Duration>) {
     BUSY_POLL_US.store(us, Ordering::Relaxed);
 }
 
-/// A turn of the event loop that took longer than this between waking and running out
-/// of tasks did some work (an empty polling turn takes well under a microsecond).
-const WORK_SEEN: Duration = Duration::from_micros(2);
-
 /// How often a polling shard checks that no thread waits for a core.
 const RECHECK: Duration = Duration::from_micros(20);
 
@@ -218,13 +214,23 @@ pub fn note_streaming() {
     STREAMING.with(|s| s.set(true));
 }
 
+thread_local! {
+    /// Whether a read on this thread got data since the last park.
+    static TRAFFIC: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Says that a read on this thread got data (a TLS connection's, a local endpoint's): a
+/// polling shard's idle stretch starts again, so polling goes on while traffic does.
+/// A thread-local store.
+pub fn note_traffic() {
+    TRAFFIC.with(|t| t.set(true));
+}
+
 /// A shard's busy-poll state (its own thread only).
 #[derive(Clone, Copy)]
 struct Poll {
     /// When the shard last ran out of work (the start of the current idle stretch).
     idle_since: Option<Instant>,
-    /// When the event loop last came back from the driver.
-    unparked: Option<Instant>,
     /// Whether the driver is being polled (not slept in) this turn.
     polling: bool,
     /// Whether the last idle stretch was short enough that polling would have caught its
@@ -239,7 +245,6 @@ struct Poll {
 /// A shard's busy-poll state before its first park.
 const FRESH: Poll = Poll {
     idle_since: None,
-    unparked: None,
     polling: false,
     armed: false,
     cores_free_at: None,
@@ -268,7 +273,10 @@ thread_local! {
 fn before_park() {
     let polling = update_poll(|p, now, window| {
         let streaming = STREAMING.with(|s| s.replace(false));
-        park_turn(p, now, window, streaming, || !threads_wait_for_a_core())
+        let traffic = TRAFFIC.with(|t| t.replace(false));
+        park_turn(p, now, window, streaming, traffic, || {
+            !threads_wait_for_a_core()
+        })
     });
     if polling {
         let mut turn = std::pin::pin!(tokio::task::yield_now());
@@ -279,20 +287,23 @@ fn before_park() {
 }
 
 /// Decides whether the shard polls (rather than sleeps) as it runs out of work at `now`:
-/// `streaming` says a read since the last park found a data stream, `cores_free` checks
-/// that no thread waits for a core (called at most every [`RECHECK`]).
+/// `streaming` says a read since the last park found a data stream, `traffic` that a
+/// read got data ([`note_traffic`]), `cores_free` checks that no thread waits for a core
+/// (called at most every [`RECHECK`]).
+///
+/// Only traffic starts a new idle stretch while polling. (It used to be any turn that
+/// took over 2 µs from the driver's return to the next park; on a busy host a polling
+/// thread preempted in between counted as busy, so shards that polled kept each other
+/// polling: a test of an idle gateway saw 140–250 ms of CPU in 2 s at a 10 ms window.)
 fn park_turn(
     p: &mut Poll,
     now: Instant,
     window: Duration,
     streaming: bool,
+    traffic: bool,
     cores_free: impl FnOnce() -> bool,
 ) -> bool {
-    // Work ran since the driver last returned: a new idle stretch starts now.
-    let worked = p
-        .unparked
-        .is_none_or(|u| now.saturating_duration_since(u) > WORK_SEEN);
-    if worked || p.idle_since.is_none() || !p.polling {
+    if traffic || p.idle_since.is_none() || !p.polling {
         p.idle_since = Some(now);
     }
     if streaming {
@@ -324,7 +335,6 @@ fn unpark_turn(p: &mut Poll, now: Instant, window: Duration) {
     if !p.polling {
         p.armed = p.idle_since.is_some_and(|s| now - s < window);
     }
-    p.unparked = Some(now);
 }
 
 /// Runs `f` on this shard's busy-poll state with the time and the window, when busy
@@ -402,7 +412,7 @@ mod tests {
     fn turn(p: &mut Poll, at: Instant, work: Duration, streaming: bool) -> bool {
         let window = Duration::from_micros(200);
         unpark_turn(p, at, window);
-        park_turn(p, at + work, window, streaming, || true)
+        park_turn(p, at + work, window, streaming, !work.is_zero(), || true)
     }
 
     #[test]
@@ -449,9 +459,52 @@ mod tests {
         turn(&mut p, t0, us(10), false);
         p.polling = false;
         p.armed = true;
-        p.unparked = Some(t0 + us(60));
         let window = us(200);
-        assert!(!park_turn(&mut p, t0 + us(70), window, false, || false));
+        assert!(!park_turn(&mut p, t0 + us(70), window, false, true, || {
+            false
+        }));
+    }
+
+    /// Polling turns that take long (the thread was preempted between the driver's
+    /// return and the park, as on a busy host) but saw no traffic do not extend polling:
+    /// it ends when the window since the last traffic does.
+    #[test]
+    fn slow_turns_without_traffic_do_not_keep_a_shard_polling() {
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let window = us(200);
+        let mut p = FRESH;
+        assert!(!turn(&mut p, t0, us(10), false), "not armed yet");
+        p.polling = false;
+        assert!(turn(&mut p, t0 + us(60), us(10), false), "armed");
+        // Each turn takes 40 us (preempted), without traffic.
+        let mut at = t0 + us(70);
+        let mut turns = 0;
+        loop {
+            unpark_turn(&mut p, at, window);
+            let polls = park_turn(&mut p, at + us(40), window, false, false, || true);
+            at += us(45);
+            turns += 1;
+            if !polls {
+                break;
+            }
+            assert!(turns < 10, "still polling {turns} turns after the traffic");
+        }
+        // Traffic in a polling turn starts the idle stretch again.
+        let mut p = FRESH;
+        turn(&mut p, t0, us(10), false);
+        p.polling = false;
+        assert!(turn(&mut p, t0 + us(60), us(10), false));
+        unpark_turn(&mut p, t0 + us(250), window);
+        assert!(
+            park_turn(&mut p, t0 + us(255), window, false, true, || true),
+            "traffic within the window"
+        );
+        unpark_turn(&mut p, t0 + us(400), window);
+        assert!(
+            park_turn(&mut p, t0 + us(405), window, false, false, || true),
+            "the window counts from the traffic"
+        );
     }
 
     #[test]

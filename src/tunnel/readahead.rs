@@ -68,7 +68,19 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+        let before = out.filled().len();
+        let r = self.read_into(cx, out);
+        if out.filled().len() > before {
+            crate::shard::note_traffic();
+        }
+        r
+    }
+}
+
+impl<T: AsyncRead + Unpin> ReadAhead<T> {
+    /// [`AsyncRead::poll_read`], batched (module docs).
+    fn read_into(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         if this.buf.is_empty() && out.remaining() > 0 {
             let wanted = out.remaining();
             if !this.ahead {
