@@ -490,21 +490,29 @@ mod tests {
             }
             assert!(turns < 10, "still polling {turns} turns after the traffic");
         }
-        // Traffic in a polling turn starts the idle stretch again.
-        let mut p = FRESH;
-        turn(&mut p, t0, us(10), false);
-        p.polling = false;
-        assert!(turn(&mut p, t0 + us(60), us(10), false));
-        unpark_turn(&mut p, t0 + us(250), window);
-        assert!(
-            park_turn(&mut p, t0 + us(255), window, false, true, || true),
-            "traffic within the window"
-        );
-        unpark_turn(&mut p, t0 + us(400), window);
-        assert!(
-            park_turn(&mut p, t0 + us(405), window, false, false, || true),
-            "the window counts from the traffic"
-        );
+        // Traffic in a polling turn starts the idle stretch again: the same turns
+        // without it stop polling at the last one.
+        for traffic in [true, false] {
+            let mut p = FRESH;
+            turn(&mut p, t0, us(10), false);
+            p.polling = false;
+            assert!(turn(&mut p, t0 + us(60), us(10), false));
+            unpark_turn(&mut p, t0 + us(250), window);
+            assert!(park_turn(
+                &mut p,
+                t0 + us(255),
+                window,
+                false,
+                traffic,
+                || true
+            ));
+            unpark_turn(&mut p, t0 + us(400), window);
+            assert_eq!(
+                park_turn(&mut p, t0 + us(405), window, false, false, || true),
+                traffic,
+                "the window counts from the last traffic (traffic at 255 us: {traffic})"
+            );
+        }
     }
 
     #[test]

@@ -61,12 +61,6 @@ async fn connect_plain(path: &Path, deadline: std::time::Instant) -> Result<Unix
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
                 tokio::time::sleep(BUSY_RETRY).await;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                return Err(OpenError::new(
-                    "the local endpoint did not accept in time",
-                    format!("connect {}: timed out", path.display()),
-                ))
-            }
             Err(e) => return Err(connect_error(path, &e)),
         }
     }
@@ -94,6 +88,9 @@ pub fn connect_error(path: &Path, e: &io::Error) -> OpenError {
         io::ErrorKind::PermissionDenied => {
             "permission denied on the local endpoint for this account"
         }
+        // A listen backlog still full at the open's deadline (every connect retries it
+        // until then).
+        io::ErrorKind::WouldBlock => "the local endpoint did not accept in time",
         _ => "the local endpoint could not be opened",
     };
     OpenError::new(public, format!("connect {}: {e}", path.display()))
