@@ -56,27 +56,17 @@ async fn connect_plain(path: &Path, deadline: std::time::Instant) -> Result<Unix
         rustix::net::SocketAddrUnix::new(path).map_err(|e| connect_error(path, &e.into()))?;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match connect_now(&addr) {
-            Ok(s) => return UnixStream::from_std(s).map_err(|e| connect_error(path, &e)),
+        match crate::identity::unix::connect_now(rustix::net::SocketType::STREAM, &addr) {
+            Ok(fd) => {
+                return UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+                    .map_err(|e| connect_error(path, &e))
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
                 tokio::time::sleep(BUSY_RETRY).await;
             }
             Err(e) => return Err(connect_error(path, &e)),
         }
     }
-}
-
-/// A non-blocking stream socket connected to `addr`, or the connect's error.
-fn connect_now(addr: &rustix::net::SocketAddrUnix) -> io::Result<std::os::unix::net::UnixStream> {
-    use rustix::net::{AddressFamily, SocketFlags, SocketType};
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::connect(&fd, addr)?;
-    Ok(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// Maps a connect error to a peer message without internals.

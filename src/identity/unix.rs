@@ -132,19 +132,25 @@ impl Op {
     /// System calls only.
     fn perform(&self) -> io::Result<OwnedFd> {
         match self {
-            Op::Connect(ty, addr) => {
-                let fd = rustix::net::socket_with(
-                    AddressFamily::UNIX,
-                    *ty,
-                    SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-                    None,
-                )?;
-                rustix::net::connect(&fd, addr)?;
-                Ok(fd)
-            }
+            Op::Connect(ty, addr) => connect_now(*ty, addr),
             Op::Open(path, flags) => Ok(rustix::fs::open(path.as_c_str(), *flags, Mode::empty())?),
         }
     }
+}
+
+/// A non-blocking, close-on-exec Unix socket of type `ty` connected to `addr`, with the
+/// calling thread's credentials. A Unix socket's `connect` completes or fails at once
+/// (never `EINPROGRESS`; `EAGAIN` when the listen backlog is full). System calls only:
+/// it also runs switched ([`Op::perform`]).
+pub fn connect_now(ty: SocketType, addr: &SocketAddrUnix) -> io::Result<OwnedFd> {
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        ty,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::connect(&fd, addr)?;
+    Ok(fd)
 }
 
 /// A principal's ids as the switch takes them (converted before the switch).
