@@ -71,6 +71,44 @@ fn usage(pid: u32) -> Usage {
     }
 }
 
+/// `pid`'s established TCP connections to `port` on loopback (the forwarding gateway's
+/// warm HTTP/2 connections to the exporting one).
+fn tcp_conns_to(pid: u32, port: u16) -> usize {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let want_port = format!(":{port:04X}");
+    let mut n = 0;
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl, local, remote, state, ..., inode (field 9).
+            if f.len() > 9
+                && f[2].ends_with(&want_port)
+                && f[3] == "01"
+                && inodes.iter().any(|i| i == f[9])
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The number of shards a gateway started by this test runs (the test harness scrubs
+/// `PIPEBRIDGE_SHARDS`, so one per core).
+fn gateway_shards() -> usize {
+    thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 // === random data ===
 
 /// xorshift64*: cheap, reproducible bytes and choices.
@@ -693,6 +731,40 @@ fn run_workload(s: &Soak, until: Instant) {
     }
 }
 
+/// Tops up the warm-up until the forwarding gateway (`b_pid`) holds a warm HTTP/2
+/// connection to the exporting one per identity and shard. A shard dials its own when a
+/// session first lands on it, so one that got no forward session during the warm-up would
+/// open it in the soak proper: one more fd on each side, not a leak. Bursts of concurrent
+/// forward sessions (the least-loaded shard takes each) fill the gaps; bounded.
+fn warm_every_shard(s: &Soak, b_pid: u32) {
+    let want = IDENTITIES.len() * gateway_shards().max(1);
+    let per_forward = 2 * gateway_shards().max(1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut have = tcp_conns_to(b_pid, s.port);
+    while have < want && Instant::now() < deadline {
+        let mut burst = Vec::new();
+        for path in &s.forwards {
+            for _ in 0..per_forward {
+                let (path, stats) = (path.clone(), s.stats.clone());
+                burst.push(thread::spawn(move || {
+                    match forward_session(&path, &mut Rng::new()) {
+                        Ok(n) => stats.ok("unix echo via forward", n),
+                        Err(e) => stats.fail(e),
+                    }
+                }));
+            }
+        }
+        for t in burst {
+            if t.join().is_err() {
+                s.stats.fail("a forward thread panicked".into());
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+        have = tcp_conns_to(b_pid, s.port);
+    }
+    eprintln!("soak warm-up: B holds {have} connections to A (want {want})");
+}
+
 /// Waits until `pid` has no live session (per `/sessions` when `admin` is given) and
 /// its fd count is stable; returns its usage then.
 fn quiesce(pid: u32, admin: Option<&str>) -> Usage {
@@ -815,6 +887,7 @@ fn soak_many_sessions_across_identities_and_pipe_kinds() {
 
     // Warm-up, then the reference point with no session live.
     run_workload(&soak, Instant::now() + warmup);
+    warm_every_shard(&soak, b_pid);
     let (warm_a, warm_b) = (quiesce(a_pid, Some(&admin)), quiesce(b_pid, None));
     let warm_sessions = soak.stats.sessions.load(Ordering::Relaxed);
     eprintln!("soak warm-up ({warmup:?}): {warm_sessions} sessions; A {warm_a:?}; B {warm_b:?}");
