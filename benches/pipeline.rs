@@ -1734,6 +1734,34 @@ fn report(o: &Opts, tools: &[Tool], res: &Results, idle_n: &BTreeMap<Tool, usize
             }
         }
     }
+    // Two builds of pipebridge side by side: the per-round ratios, whose median moves
+    // less than the ratio of the two medians on a noisy host (both builds of a round ran
+    // next to each other, under the same load).
+    if tools.contains(&Tool::Baseline) {
+        let mut head = false;
+        for m in METRICS {
+            let (Some(a), Some(b)) = (
+                res.values.get(&(Tool::Pipebridge, m)),
+                res.values.get(&(Tool::Baseline, m)),
+            ) else {
+                continue;
+            };
+            if a.len() != b.len() || a.len() < 2 {
+                continue;
+            }
+            let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            let Some(med) = median(&r) else { continue };
+            if !head {
+                let _ = writeln!(
+                    s,
+                    "\nPaired, pipebridge ÷ baseline per round (median, then each round):"
+                );
+                head = true;
+            }
+            let each: Vec<String> = r.iter().map(|x| format!("{x:.2}")).collect();
+            let _ = writeln!(s, "- {}: {med:.3} [{}]", m.label(o), each.join(", "));
+        }
+    }
     if !res.errors.is_empty() {
         let _ = writeln!(s, "\nErrors:");
         for (t, e) in &res.errors {
