@@ -80,46 +80,45 @@ impl<T: AsyncRead + Unpin> AsyncRead for ReadAhead<T> {
 impl<T: AsyncRead + Unpin> ReadAhead<T> {
     /// [`AsyncRead::poll_read`], batched (module docs).
     fn read_into(&mut self, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self;
-        if this.buf.is_empty() && out.remaining() > 0 {
+        if self.buf.is_empty() && out.remaining() > 0 {
             let wanted = out.remaining();
-            if !this.ahead {
+            if !self.ahead {
                 // Straight into the caller's buffer; a read that fills it says more is
                 // probably waiting, so the next one goes through a buffer of our own.
                 let before = out.filled().len();
-                let r = Pin::new(&mut this.io).poll_read(cx, out);
+                let r = Pin::new(&mut self.io).poll_read(cx, out);
                 if let Poll::Ready(Ok(())) = r {
-                    this.ahead = out.filled().len() - before == wanted && wanted < READ_AHEAD_BYTES;
+                    self.ahead = out.filled().len() - before == wanted && wanted < READ_AHEAD_BYTES;
                 }
                 return r;
             }
             // Reserving on an empty buffer reuses its allocation once nothing else holds it.
-            this.buf.reserve(READ_AHEAD_BYTES);
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+            self.buf.reserve(READ_AHEAD_BYTES);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf) {
                 Poll::Ready(Ok(n)) if n > wanted => crate::shard::note_streaming(),
                 Poll::Ready(Ok(_)) => {
                     // No more than a direct read would have got (or the end of the
                     // stream): the stream has gone quiet.
-                    out.put_slice(&this.buf);
-                    this.quiet();
+                    out.put_slice(&self.buf);
+                    self.quiet();
                     return Poll::Ready(Ok(()));
                 }
                 // Caught up with the socket: hold no buffer while waiting (it may be a
                 // long wait), but read ahead again when data comes: it is likely the rest
                 // of a stream, and a small message then ends read-ahead (above).
                 Poll::Pending => {
-                    this.buf = BytesMut::new();
+                    self.buf = BytesMut::new();
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(e)) => {
-                    this.quiet();
+                    self.quiet();
                     return Poll::Ready(Err(e));
                 }
             }
         }
-        let n = this.buf.len().min(out.remaining());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        let n = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
         Poll::Ready(Ok(()))
     }
 }
