@@ -36,9 +36,67 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
         writer: ctx
             .direction
             .client_writes()
-            .then(|| super::Writer::Bytes(Box::new(w))),
+            .then(|| super::Writer::Bytes(Box::new(EagerWrite::new(w)))),
         child: None,
     })
+}
+
+/// The write half of a just-connected Unix stream, whose writes go straight to the
+/// socket until one would block.
+///
+/// tokio learns a newly registered socket's writability only from the next turn of the
+/// event loop, so a session's first bytes for the target (the caller's request, which
+/// came with the stream's open) waited for that turn, and the gateway's response to the
+/// open was encrypted and sent first. A non-blocking `send` is correct whatever tokio
+/// knows; once one would block, tokio takes over for good (its readiness is then
+/// current), so a session pays at most one extra system call for this.
+pub struct EagerWrite {
+    inner: tokio::net::unix::OwnedWriteHalf,
+    /// Writes still bypass tokio's readiness.
+    direct: bool,
+}
+
+impl EagerWrite {
+    /// Wraps the write half of a stream connected just now.
+    pub fn new(inner: tokio::net::unix::OwnedWriteHalf) -> EagerWrite {
+        EagerWrite {
+            inner,
+            direct: true,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for EagerWrite {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.direct {
+            let sock: &UnixStream = this.inner.as_ref();
+            match rustix::net::send(sock, buf, rustix::net::SendFlags::NOSIGNAL) {
+                Ok(n) => return std::task::Poll::Ready(Ok(n)),
+                Err(rustix::io::Errno::AGAIN) => this.direct = false,
+                Err(e) => return std::task::Poll::Ready(Err(e.into())),
+            }
+        }
+        std::pin::Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// How often a connect to a socket with a full backlog (EAGAIN) is retried.
@@ -162,4 +220,62 @@ pub async fn prepare_socket_path(path: &Path) -> io::Result<()> {
 /// Applies `mode` to a hosted file.
 pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+    fn pair() -> (std::os::unix::net::UnixStream, UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a, UnixStream::from_std(b).unwrap())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn first_write_goes_out_before_the_event_loop_turns() {
+        let cx = &mut Context::from_waker(Waker::noop());
+        // tokio's own write half of a just-registered socket waits for a turn...
+        let (_peer, s) = pair();
+        let (_r, mut w) = s.into_split();
+        assert!(Pin::new(&mut w).poll_write(cx, b"x").is_pending());
+        // ...the eager one sends at once.
+        let (mut peer, s) = pair();
+        let (_r, w) = s.into_split();
+        let mut w = EagerWrite::new(w);
+        match Pin::new(&mut w).poll_write(cx, b"request") {
+            Poll::Ready(Ok(7)) => {}
+            other => panic!("expected 7 bytes written at once, got {other:?}"),
+        }
+        let mut got = [0u8; 7];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"request");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_socket_hands_over_to_tokio_and_loses_nothing() {
+        let (mut peer, s) = pair();
+        let (_r, w) = s.into_split();
+        let mut w = EagerWrite::new(w);
+        // Far more than a Unix socket buffers: the writes block part way, and tokio
+        // finishes them once the peer reads.
+        let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        let reader = std::thread::spawn(move || {
+            let mut all = Vec::new();
+            peer.read_to_end(&mut all).unwrap();
+            all
+        });
+        w.write_all(&data).await.unwrap();
+        assert!(!w.direct, "a blocked write handed over to tokio");
+        w.write_all(b"tail").await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        let got = reader.join().unwrap();
+        assert_eq!(got.len(), data.len() + 4);
+        assert!(got[..data.len()] == data[..] && &got[data.len()..] == b"tail");
+    }
 }
