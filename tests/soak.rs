@@ -737,8 +737,9 @@ fn run_workload(s: &Soak, until: Instant) {
 /// open it in the soak proper: one more fd on each side, not a leak. Bursts of concurrent
 /// forward sessions (the least-loaded shard takes each) fill the gaps; bounded.
 fn warm_every_shard(s: &Soak, b_pid: u32) {
-    let want = IDENTITIES.len() * gateway_shards().max(1);
-    let per_forward = 2 * gateway_shards().max(1);
+    let want = s.forwards.len() * gateway_shards().max(1);
+    // Enough at once to reach every shard; well under the pipe's max_instances (256).
+    let per_forward = (2 * gateway_shards().max(1)).min(32);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut have = tcp_conns_to(b_pid, s.port);
     while have < want && Instant::now() < deadline {
@@ -762,6 +763,11 @@ fn warm_every_shard(s: &Soak, b_pid: u32) {
         thread::sleep(Duration::from_millis(100));
         have = tcp_conns_to(b_pid, s.port);
     }
+    assert!(
+        have >= want,
+        "the warm-up left B with {have} HTTP/2 connections to A, not one per identity and \
+         shard ({want}): the soak's fd count would grow when a shard dials its own"
+    );
     eprintln!("soak warm-up: B holds {have} connections to A (want {want})");
 }
 

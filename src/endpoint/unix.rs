@@ -48,8 +48,8 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
 /// event loop, so a session's first bytes for the target (the caller's request, which
 /// came with the stream's open) waited for that turn, and the gateway's response to the
 /// open was encrypted and sent first. A non-blocking `send` is correct whatever tokio
-/// knows; once one would block, tokio takes over for good (its readiness is then
-/// current), so a session pays at most one extra system call for this.
+/// knows; once one would block, tokio takes over for good (its readiness is current
+/// after its own first attempt), so a session pays at most two extra system calls for it.
 pub struct EagerWrite {
     inner: tokio::net::unix::OwnedWriteHalf,
     /// Writes still bypass tokio's readiness.
@@ -261,21 +261,43 @@ mod tests {
         let (mut peer, s) = pair();
         let (_r, w) = s.into_split();
         let mut w = EagerWrite::new(w);
-        // Far more than a Unix socket buffers: the writes block part way, and tokio
-        // finishes them once the peer reads.
         let data: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        // Written directly until the socket is full (nobody reads yet)...
+        let cx = &mut Context::from_waker(Waker::noop());
+        let mut at = 0;
+        for _ in 0..10_000 {
+            match Pin::new(&mut w).poll_write(cx, &data[at..]) {
+                Poll::Ready(Ok(n)) => at += n,
+                Poll::Ready(Err(e)) => panic!("write: {e}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(
+            at < data.len() && !w.direct,
+            "a full socket hands over to tokio"
+        );
+        // ...then tokio finishes once the peer reads.
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
             peer.read_to_end(&mut all).unwrap();
             all
         });
-        w.write_all(&data).await.unwrap();
-        assert!(!w.direct, "a blocked write handed over to tokio");
+        w.write_all(&data[at..]).await.unwrap();
         w.write_all(b"tail").await.unwrap();
         w.shutdown().await.unwrap();
         drop(w);
         let got = reader.join().unwrap();
         assert_eq!(got.len(), data.len() + 4);
         assert!(got[..data.len()] == data[..] && &got[data.len()..] == b"tail");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_closed_peer_is_a_broken_pipe() {
+        let (peer, s) = pair();
+        let (_r, w) = s.into_split();
+        let mut w = EagerWrite::new(w);
+        drop(peer);
+        let e = w.write_all(b"late").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
     }
 }
