@@ -38,7 +38,8 @@ thread_local! {
     static CURRENT: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
-/// The number of shards `PIPEBRIDGE_SHARDS` asks for (default: the available cores).
+/// The number of shards `PIPEBRIDGE_SHARDS` asks for (default: the available cores, at
+/// most [`MAX_SHARDS`]).
 pub fn configured() -> Result<usize, String> {
     match std::env::var("PIPEBRIDGE_SHARDS") {
         Ok(v) => match v.trim().parse::<usize>() {
@@ -47,7 +48,9 @@ pub fn configured() -> Result<usize, String> {
                 "PIPEBRIDGE_SHARDS={v:?}: expected a number from 0 (off) to {MAX_SHARDS}"
             )),
         },
-        Err(_) => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        Err(_) => Ok(std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(MAX_SHARDS)),
     }
 }
 

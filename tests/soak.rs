@@ -104,9 +104,11 @@ fn tcp_conns_to(pid: u32, port: u16) -> usize {
 }
 
 /// The number of shards a gateway started by this test runs (the test harness scrubs
-/// `PIPEBRIDGE_SHARDS`, so one per core).
+/// `PIPEBRIDGE_SHARDS`, so one per core, at most 256: `shard::configured`).
 fn gateway_shards() -> usize {
-    thread::available_parallelism().map_or(1, |n| n.get())
+    thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(256)
 }
 
 // === random data ===
