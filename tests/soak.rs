@@ -739,9 +739,10 @@ fn run_workload(s: &Soak, until: Instant) {
 /// open it in the soak proper: one more fd on each side, not a leak. Bursts of concurrent
 /// forward sessions (the least-loaded shard takes each) fill the gaps; bounded.
 fn warm_every_shard(s: &Soak, b_pid: u32) {
-    let want = s.forwards.len() * gateway_shards().max(1);
+    let shards = gateway_shards();
+    let want = s.forwards.len() * shards;
     // Enough at once to reach every shard; well under the pipe's max_instances (256).
-    let per_forward = (2 * gateway_shards().max(1)).min(32);
+    let per_forward = (2 * shards).min(32);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut have = tcp_conns_to(b_pid, s.port);
     while have < want && Instant::now() < deadline {
