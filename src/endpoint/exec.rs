@@ -75,10 +75,12 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         .stdout
         .take()
         .map(|s| Reader::Bytes(Box::new(s) as BoxRead));
-    let writer = child
-        .stdin
-        .take()
-        .map(|s| Writer::Bytes(Box::new(s) as BoxWrite));
+    let writer = child.stdin.take().map(|s| {
+        // At once, not after the event loop's next turn (unix: `eager`).
+        #[cfg(unix)]
+        let s = super::eager::EagerWrite::new(s);
+        Writer::Bytes(Box::new(s) as BoxWrite)
+    });
     Ok(Local {
         reader,
         writer,

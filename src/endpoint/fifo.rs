@@ -102,7 +102,7 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
     };
     Ok(Local {
         reader: rx.map(|r| Reader::Bytes(Box::new(r) as BoxRead)),
-        writer: tx.map(|w| Writer::Bytes(Box::new(w) as BoxWrite)),
+        writer: tx.map(|w| Writer::Bytes(Box::new(super::eager::EagerWrite::new(w)) as BoxWrite)),
         child: None,
     })
 }
@@ -112,14 +112,17 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
 /// that closed with data still buffered could be followed by the next round's writer
 /// before the reader got to EOF).
 pub struct DrainingSender {
-    inner: pipe::Sender,
+    inner: super::eager::EagerWrite<pipe::Sender>,
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl DrainingSender {
     /// Wraps a FIFO write end.
     pub fn new(inner: pipe::Sender) -> Self {
-        DrainingSender { inner, wait: None }
+        DrainingSender {
+            inner: super::eager::EagerWrite::new(inner),
+            wait: None,
+        }
     }
 }
 
@@ -151,7 +154,7 @@ impl tokio::io::AsyncWrite for DrainingSender {
                 }
                 self.wait = None;
             }
-            match rustix::io::ioctl_fionread(&self.inner) {
+            match rustix::io::ioctl_fionread(self.inner.get_ref()) {
                 Ok(0) | Err(_) => return Poll::Ready(Ok(())),
                 Ok(_) => {
                     self.wait = Some(Box::pin(tokio::time::sleep(DRAIN_POLL)));

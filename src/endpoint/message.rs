@@ -174,7 +174,13 @@ pub enum MsgWriter {
     Npipe(super::windows::MsgOut),
     /// SOCK_SEQPACKET. Zero-length messages are dropped: the reader would take them for EOF.
     #[cfg(unix)]
-    Seqpacket(Arc<UnixSeqpacket>),
+    Seqpacket {
+        /// The socket (shared with the reader).
+        sock: Arc<UnixSeqpacket>,
+        /// Sends still go straight to the socket: until one would block
+        /// ([`super::eager::send_record`]).
+        direct: bool,
+    },
     /// One message per line.
     Lines(BoxWrite),
     /// 4-byte big-endian length prefix.
@@ -188,14 +194,14 @@ impl MsgWriter {
             #[cfg(windows)]
             MsgWriter::Npipe(p) => p.send(data).await,
             #[cfg(unix)]
-            MsgWriter::Seqpacket(sock) => {
+            MsgWriter::Seqpacket { sock, direct } => {
                 if data.is_empty() {
                     tracing::debug!(
                         "dropping a zero-length message: a seqpacket reader would see EOF"
                     );
                     return Ok(());
                 }
-                let n = sock.send(data).await?;
+                let n = super::eager::send_record(sock, direct, data).await?;
                 if n != data.len() {
                     return Err(io::Error::other("seqpacket record was cut short"));
                 }
@@ -220,7 +226,7 @@ impl MsgWriter {
             #[cfg(windows)]
             MsgWriter::Npipe(p) => p.shutdown().await,
             #[cfg(unix)]
-            MsgWriter::Seqpacket(sock) => match sock.shutdown(std::net::Shutdown::Write) {
+            MsgWriter::Seqpacket { sock, .. } => match sock.shutdown(std::net::Shutdown::Write) {
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                 r => r,
             },
@@ -237,7 +243,7 @@ impl MsgWriter {
             #[cfg(windows)]
             MsgWriter::Npipe(p) => p.flush().await,
             #[cfg(unix)]
-            MsgWriter::Seqpacket(_) => Ok(()),
+            MsgWriter::Seqpacket { .. } => Ok(()),
             MsgWriter::Lines(w) | MsgWriter::U32be(w) => w.flush().await,
         }
     }

@@ -2,6 +2,8 @@
 //! how an exported one is opened for a session ([`open`]), and the [`Local`] halves the
 //! bridge drives. One file per kind.
 
+#[cfg(unix)]
+pub mod eager;
 pub mod exec;
 #[cfg(unix)]
 pub mod fifo;

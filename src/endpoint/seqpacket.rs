@@ -94,7 +94,12 @@ pub fn local(sock: UnixSeqpacket, max: usize, reads: bool, writes: bool) -> io::
                 max,
             })
         }),
-        writer: writes.then(|| Writer::Messages(MsgWriter::Seqpacket(sock.clone()))),
+        writer: writes.then(|| {
+            Writer::Messages(MsgWriter::Seqpacket {
+                sock: sock.clone(),
+                direct: true,
+            })
+        }),
         child: None,
     })
 }
