@@ -96,8 +96,10 @@ pub async fn send_record(
     direct: &mut bool,
     data: &[u8],
 ) -> io::Result<usize> {
+    use rustix::net::SendFlags;
     if *direct {
-        match rustix::net::send(sock, data, rustix::net::SendFlags::NOSIGNAL) {
+        // As tokio-seqpacket's own send: each send one record.
+        match rustix::net::send(sock, data, SendFlags::NOSIGNAL | SendFlags::EOR) {
             Ok(n) => return Ok(n),
             Err(rustix::io::Errno::AGAIN) => *direct = false,
             Err(e) => return Err(e.into()),
