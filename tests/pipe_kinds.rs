@@ -929,6 +929,98 @@ fn seqpacket_hosted_forward_keeps_message_boundaries_end_to_end() {
     );
 }
 
+/// A caller's first record, sent before the gateway has even accepted it (the gateway is
+/// stopped meanwhile), is taken early and goes with the session's request (HTTP/2) or
+/// first on the session (HTTP/1.1); it and the records behind it come back whole and in
+/// order, whether the first fits the early read (16 KiB) or not.
+#[test]
+fn seqpacket_forward_callers_first_records_arrive_whole_and_in_order() {
+    let fx = Fx::new();
+    let sock = fx.path("sp.sock");
+    let _srv = SeqServer::transformer(&sock);
+    let a = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
+        &[],
+    );
+    let h2 = fx.path("h2.sock");
+    let h1 = fx.path("h1.sock");
+    let b = fx.serve(
+        "b.toml",
+        &fx.forward_config(&format!(
+            "{}{}",
+            fx.forward(&format!("seqpacket:{}", h2.display()), &a.url("sp"), ""),
+            fx.forward(
+                &format!("seqpacket:{}", h1.display()),
+                &a.url("sp"),
+                "http2 = false\n"
+            ),
+        )),
+        &[("PIPEBRIDGE_LOG", "pipebridge=debug")],
+    );
+    let mut buf = vec![0u8; 1 << 20];
+    for hosted in [&h2, &h1] {
+        for first in [1, 100, 16 * 1024, 16 * 1024 + 1, 200_000] {
+            let msgs = [random_bytes(first), random_bytes(7), random_bytes(3000)];
+            // Connected and all three sent while the gateway is stopped: they wait in the
+            // socket when it accepts. Nothing here panics before it runs again.
+            let pid = rustix::process::Pid::from_raw(b.proc.child.id() as i32).expect("pid");
+            rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+            let fd = seq_connect(hosted);
+            let sent: Vec<_> = match &fd {
+                Ok(fd) => {
+                    big_sndbuf(fd);
+                    msgs.iter().map(|m| seq_send(fd, m)).collect()
+                }
+                Err(_) => Vec::new(),
+            };
+            rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+            let fd = fd.expect("connect to the hosted seqpacket socket");
+            for r in sent {
+                r.expect("send");
+            }
+            recv_timeout(&fd, Duration::from_secs(30));
+            for (i, m) in msgs.iter().enumerate() {
+                let reply = seq_recv(&fd, &mut buf)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{}: record {i} after a first of {first} bytes: {e}",
+                            hosted.display()
+                        )
+                    })
+                    .unwrap_or_else(|| panic!("{}: EOF instead of record {i}", hosted.display()));
+                same(
+                    &format!(
+                        "{}: record {i} after a first of {first} bytes",
+                        hosted.display()
+                    ),
+                    &reply,
+                    &transform(m),
+                );
+            }
+            rustix::net::shutdown(&fd, rustix::net::Shutdown::Write).expect("shutdown");
+            assert_eq!(
+                seq_recv(&fd, &mut buf).expect("recv at EOF"),
+                None,
+                "expected EOF"
+            );
+        }
+    }
+    // The first records that fit (1 B, 100 B, 16 KiB, on each forward) were taken early.
+    let log = b.log();
+    let mut sizes: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("first record taken early"))
+        .filter_map(|l| l.split("bytes=").nth(1)?.split_whitespace().next())
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(
+        sizes,
+        ["1", "1", "100", "100", "16384", "16384"],
+        "early records; forward log:\n{log}"
+    );
+}
+
 #[test]
 fn seqpacket_hosted_socket_is_not_stolen_and_is_removed_on_shutdown() {
     let fx = Fx::new();

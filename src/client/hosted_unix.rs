@@ -1,6 +1,7 @@
 //! Hosted forward endpoints on Unix: a stream or seqpacket socket file, or a FIFO; the
 //! local caller is identified by SO_PEERCRED.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,9 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use super::{accept_failed, forward_one, session_span, spawn_session, ForwardSettings};
+use super::{accept_failed, forward_one, session_span, spawn_session, ForwardSettings, Target};
 use crate::config::{Direction, ForwardConfig, Mode};
 use crate::endpoint::unix::{self, HostedFile};
 use crate::endpoint::{fifo, seqpacket, BoxRead, BoxWrite, EndpointSpec, Local, Reader, Writer};
@@ -18,10 +19,12 @@ use crate::tunnel::protocol;
 
 /// The local endpoint a forward hosts.
 enum Hosted {
-    /// A stream socket; callers are accepted without registering them with this
-    /// runtime's reactor (see [`accept_caller`]).
-    Stream(tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>),
-    Seqpacket(tokio_seqpacket::UnixSeqpacketListener),
+    /// A listening stream socket (non-blocking, registered with no reactor yet); callers
+    /// are accepted without registering them with the accepting runtime's reactor (see
+    /// [`accept_caller`]).
+    Stream(std::os::unix::net::UnixListener),
+    /// A listening seqpacket socket, likewise.
+    Seqpacket(OwnedFd),
     /// A FIFO; `direction` is the remote session's (from our point of view as client).
     Fifo(Direction),
 }
@@ -64,9 +67,7 @@ impl Forward {
                         &"a seqpacket: forward needs a message-mode pipe (mode=message)",
                     ));
                 }
-                Hosted::Seqpacket(
-                    tokio_seqpacket::UnixSeqpacketListener::bind(&path).map_err(|e| ctx(&e))?,
-                )
+                Hosted::Seqpacket(listen_seqpacket(&path).map_err(|e| ctx(&e))?)
             }
             EndpointSpec::Fifo(_) => {
                 let dir = match query.direction {
@@ -84,10 +85,9 @@ impl Forward {
                 unix::prepare_socket_path(&path)
                     .await
                     .map_err(|e| ctx(&e))?;
-                // tokio's bind (backlog 1024, non-blocking), then a plain readiness handle.
+                // tokio's bind (backlog 1024, non-blocking), out of its reactor again.
                 let listener = tokio::net::UnixListener::bind(&path)
                     .and_then(|l| l.into_std())
-                    .and_then(readiness)
                     .map_err(|e| ctx(&e))?;
                 Hosted::Stream(listener)
             }
@@ -134,53 +134,12 @@ impl Forward {
         } = self;
         info!(listen = %file.path().display(), to = %settings.get().0.to, "forward ready");
         match hosted {
-            Hosted::Stream(listener) => match crate::shard::handles() {
-                // The first shard accepts (on the listening socket registered with its
-                // own reactor) and keeps a caller's session unless another shard is less
-                // loaded: no hop through the main runtime's thread per caller, and no
-                // hand-off to another thread while this one keeps up.
-                Some(shards) => {
-                    let listener = listener.into_inner();
-                    let (shutdown, tracker) = (shutdown.clone(), tracker.clone());
-                    let acceptor = shards[0].spawn(
-                        async move {
-                            match readiness(listener) {
-                                Ok(l) => accept_loop(&l, &shutdown, &tracker, &settings).await,
-                                Err(e) => {
-                                    warn!(error = %e, "cannot register the forward's socket with a shard")
-                                }
-                            }
-                        }
-                        .in_current_span(),
-                    );
-                    let _ = acceptor.await;
-                }
-                None => accept_loop(&listener, &shutdown, &tracker, &settings).await,
-            },
-            Hosted::Seqpacket(mut listener) => loop {
-                let r = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = listener.accept() => r,
-                };
-                match r {
-                    Ok(sock) => {
-                        let caller = sock.peer_cred().ok().map(|c| LocalCaller {
-                            uid: c.uid(),
-                            gid: c.gid(),
-                        });
-                        match seqpacket::local(sock, seqpacket::auto_max_message(), true, true) {
-                            Ok(local) => {
-                                let (fwd, target) = settings.get();
-                                spawn_session(&tracker, &fwd, &target, local, caller);
-                            }
-                            Err(e) => {
-                                warn!(error = %e, "cannot set up the accepted seqpacket socket")
-                            }
-                        }
-                    }
-                    Err(e) => accept_failed(e).await,
-                }
-            },
+            Hosted::Stream(listener) => {
+                serve_callers(listener, caller_session, shutdown, tracker, settings).await
+            }
+            Hosted::Seqpacket(listener) => {
+                serve_callers(listener, seqpacket_session, shutdown, tracker, settings).await
+            }
             Hosted::Fifo(direction) => {
                 fifo_loop(file.path(), direction, &settings, &shutdown, &tracker).await
             }
@@ -189,36 +148,92 @@ impl Forward {
     }
 }
 
+/// A listening seqpacket socket at `path` (non-blocking, close-on-exec, backlog 1024 as
+/// a stream forward's), registered with no reactor yet.
+fn listen_seqpacket(path: &Path) -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    rustix::net::listen(&fd, 1024)?;
+    Ok(fd)
+}
+
+/// Accepts local callers on `listener` until `shutdown` and runs each one's `session`.
+///
+/// With shards, the first shard accepts (on the listening socket registered with its own
+/// reactor) and keeps a caller's session unless another shard is less loaded: no hop
+/// through the main runtime's thread per caller, and no hand-off to another thread while
+/// this one keeps up. Without, this runtime does both.
+async fn serve_callers<L, S, Fut>(
+    listener: L,
+    session: S,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    settings: Arc<ForwardSettings>,
+) where
+    L: AsRawFd + AsFd + Send + Sync + 'static,
+    S: Fn(OwnedFd, Option<LocalCaller>, Arc<ForwardConfig>, Arc<Target>) -> Fut
+        + Copy
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let serve = async move {
+        match readiness(listener) {
+            Ok(l) => accept_loop(&l, session, &shutdown, &tracker, &settings).await,
+            Err(e) => warn!(error = %e, "cannot register the forward's socket"),
+        }
+    }
+    .in_current_span();
+    match crate::shard::handles() {
+        Some(shards) => {
+            let _ = shards[0].spawn(serve).await;
+        }
+        None => serve.await,
+    }
+}
+
 /// Registers a listening socket with this runtime's reactor, for readiness only.
 #[allow(unsafe_code)]
-fn readiness(
-    l: std::os::unix::net::UnixListener,
-) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>> {
+fn readiness<L: AsRawFd>(l: L) -> std::io::Result<tokio::io::unix::AsyncFd<L>> {
     // SAFETY: the listener owns its descriptor, which stays open and the same until the
     // AsyncFd (which owns the listener) is dropped; nothing else closes or replaces it.
     unsafe { tokio::io::unix::AsyncFd::register(l) }.map_err(std::io::Error::from)
 }
 
-/// Accepts local callers on `listener` until `shutdown`; each caller's session runs on
+/// Accepts local callers on `listener` until `shutdown`; each caller's `session` runs on
 /// a shard ([`crate::shard::spawn`]: this one unless another is less loaded), or on
 /// this runtime when shards are off.
-async fn accept_loop(
-    listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
+async fn accept_loop<L, S, Fut>(
+    listener: &tokio::io::unix::AsyncFd<L>,
+    session: S,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
     settings: &ForwardSettings,
-) {
+) where
+    L: AsRawFd + AsFd + Sync,
+    S: Fn(OwnedFd, Option<LocalCaller>, Arc<ForwardConfig>, Arc<Target>) -> Fut
+        + Copy
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let r = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = accept_caller(listener) => r,
         };
         match r {
-            Ok((stream, caller)) => {
+            Ok((fd, caller)) => {
                 let (fwd, target) = settings.get();
-                crate::shard::spawn(tracker, stream, move |stream| {
-                    caller_session(stream, caller, fwd, target)
-                });
+                crate::shard::spawn(tracker, fd, move |fd| session(fd, caller, fwd, target));
             }
             Err(e) => accept_failed(e).await,
         }
@@ -227,9 +242,9 @@ async fn accept_loop(
 
 /// Accepts one local caller (non-blocking, close-on-exec) with its SO_PEERCRED, without
 /// registering it with a reactor yet (its session does, on the runtime it runs on).
-async fn accept_caller(
-    listener: &tokio::io::unix::AsyncFd<std::os::unix::net::UnixListener>,
-) -> std::io::Result<(std::os::unix::net::UnixStream, Option<LocalCaller>)> {
+async fn accept_caller<L: AsRawFd + AsFd>(
+    listener: &tokio::io::unix::AsyncFd<L>,
+) -> std::io::Result<(OwnedFd, Option<LocalCaller>)> {
     use rustix::net::SocketFlags;
     loop {
         let mut guard = listener.readable().await?;
@@ -245,26 +260,75 @@ async fn accept_caller(
                     uid: c.uid.as_raw(),
                     gid: c.gid.as_raw(),
                 });
-            return Ok((std::os::unix::net::UnixStream::from(fd), caller));
+            return Ok((fd, caller));
         }
     }
 }
 
-/// The session of an accepted local caller; registers the caller's socket with the
+/// The session of an accepted stream caller; registers the caller's socket with the
 /// reactor of the runtime it runs on.
 fn caller_session(
-    stream: std::os::unix::net::UnixStream,
+    fd: OwnedFd,
     caller: Option<LocalCaller>,
     fwd: Arc<ForwardConfig>,
-    target: Arc<super::Target>,
+    target: Arc<Target>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let span = session_span(&target, caller.as_ref());
     async move {
+        let stream = std::os::unix::net::UnixStream::from(fd);
         let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
             Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target, span).await,
             Err(e) => span.in_scope(|| warn!(error = %e, "cannot register the local caller")),
         }
+    }
+}
+
+/// The session of an accepted seqpacket caller, whose first record (if already there
+/// and at most [`EARLY_BYTES`]) goes out with the session's request, as a stream
+/// caller's first bytes do.
+fn seqpacket_session(
+    fd: OwnedFd,
+    caller: Option<LocalCaller>,
+    fwd: Arc<ForwardConfig>,
+    target: Arc<Target>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let span = session_span(&target, caller.as_ref());
+    async move {
+        let early = read_early_record(&fd);
+        if !early.is_empty() {
+            span.in_scope(|| debug!(bytes = early.len(), "first record taken early"));
+        }
+        let local = tokio_seqpacket::UnixSeqpacket::try_from(fd)
+            .and_then(|s| seqpacket::local(s, seqpacket::auto_max_message(), true, true));
+        match local {
+            Ok(local) => forward_one(local, early, caller, &fwd, &target, span).await,
+            Err(e) => {
+                span.in_scope(|| warn!(error = %e, "cannot set up the accepted seqpacket socket"))
+            }
+        }
+    }
+}
+
+/// A new seqpacket caller's first record, taken without waiting when it is there and
+/// fits [`EARLY_BYTES`] (and the session reader's own limit): a peek gives its length
+/// first, so a longer one stays whole for the session's reader, which sizes its
+/// buffer. Empty otherwise: nothing yet, a zero-length record or EOF (which read
+/// alike, and which the session's reader sees again), or an error (likewise).
+fn read_early_record(fd: &OwnedFd) -> Bytes {
+    use rustix::net::RecvFlags;
+    let fits = EARLY_BYTES.min(seqpacket::auto_max_message());
+    let peek = RecvFlags::PEEK | RecvFlags::TRUNC | RecvFlags::DONTWAIT;
+    match rustix::net::recv(fd, &mut [0u8; 0][..], peek) {
+        Ok((_, len)) if len > 0 && len <= fits => {
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); EARLY_BYTES];
+            match rustix::net::recv(fd, &mut buf, RecvFlags::DONTWAIT) {
+                // Whatever came, once consumed, is the caller's first record.
+                Ok(((got, _), _)) => Bytes::copy_from_slice(got),
+                Err(_) => Bytes::new(),
+            }
+        }
+        _ => Bytes::new(),
     }
 }
 
@@ -428,5 +492,61 @@ impl LocalCaller {
 impl std::fmt::Display for LocalCaller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "uid {}", self.uid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::NONBLOCK | rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn send(fd: &OwnedFd, data: &[u8]) {
+        let n = rustix::net::send(fd, data, rustix::net::SendFlags::NOSIGNAL).unwrap();
+        assert_eq!(n, data.len());
+    }
+
+    /// The next record's length and bytes, consumed.
+    fn next(fd: &OwnedFd) -> Vec<u8> {
+        let mut buf = vec![0u8; 1 << 20];
+        let (got, len) =
+            rustix::net::recv(fd, &mut buf[..], rustix::net::RecvFlags::TRUNC).unwrap();
+        assert!(len <= got, "record of {len} bytes cut");
+        buf.truncate(got);
+        buf
+    }
+
+    #[test]
+    fn an_early_record_is_taken_whole_and_only_when_it_fits() {
+        let (caller, gw) = pair();
+        // Nothing there yet: nothing taken, nothing waited for.
+        assert!(read_early_record(&gw).is_empty());
+        // A record that fits is taken whole; the next one stays.
+        send(&caller, b"first");
+        send(&caller, b"second");
+        assert_eq!(&read_early_record(&gw)[..], b"first");
+        assert_eq!(next(&gw), b"second");
+        // Exactly EARLY_BYTES fits; one byte more stays, whole, for the session's reader.
+        let fits = vec![1u8; EARLY_BYTES];
+        send(&caller, &fits);
+        assert_eq!(read_early_record(&gw).len(), EARLY_BYTES);
+        let big = vec![2u8; EARLY_BYTES + 1];
+        send(&caller, &big);
+        assert!(read_early_record(&gw).is_empty());
+        assert_eq!(next(&gw), big);
+        // A zero-length record reads like EOF: left for the session's reader too.
+        send(&caller, b"");
+        assert!(read_early_record(&gw).is_empty());
+        assert_eq!(next(&gw), b"");
+        drop(caller);
+        assert!(read_early_record(&gw).is_empty(), "EOF");
     }
 }

@@ -6,8 +6,10 @@
 //! to the open was encrypted and sent first. A non-blocking write is correct whatever
 //! tokio knows; once one would block, tokio takes over for good (its readiness is current
 //! after its own first attempt), so a session pays at most two extra system calls for
-//! it. Every descriptor here is non-blocking: tokio sets `O_NONBLOCK` on the sockets and
-//! pipes it registers (a child's stdin and a FIFO opened from a descriptor included).
+//! it. Every descriptor here is non-blocking: the sockets are created so
+//! (`SOCK_NONBLOCK`: this crate's connects and accepts, and tokio-seqpacket's), and tokio
+//! sets `O_NONBLOCK` on the pipes it takes (a child's stdin, a FIFO opened by path or
+//! from a descriptor).
 
 use std::io;
 use std::pin::Pin;

@@ -56,12 +56,36 @@ pub enum MsgReader {
         /// Largest message accepted.
         max: usize,
     },
+    /// A message already taken from the endpoint (a forward's caller's first, read early),
+    /// then the endpoint's own.
+    Prepended {
+        /// The message still to deliver first.
+        first: Option<Bytes>,
+        /// The endpoint.
+        rest: Box<MsgReader>,
+    },
 }
 
 impl MsgReader {
     /// The next message, or `None` at EOF.
     pub async fn recv(&mut self) -> Result<Option<Bytes>, MsgError> {
+        // A prepended message is delivered once; the endpoint's own reader then takes
+        // this one's place (a placeholder that allocates nothing fills the gap).
+        while let MsgReader::Prepended { first, rest } = self {
+            let first = first.take();
+            let placeholder = MsgReader::U32be {
+                input: Box::new(tokio::io::empty()),
+                max: 0,
+            };
+            let inner = std::mem::replace(&mut **rest, placeholder);
+            *self = inner;
+            if let Some(m) = first {
+                return Ok(Some(m));
+            }
+        }
         match self {
+            // Unwrapped above.
+            MsgReader::Prepended { .. } => Ok(None),
             #[cfg(windows)]
             MsgReader::Npipe(p) => p.recv().await,
             #[cfg(unix)]

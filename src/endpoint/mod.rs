@@ -263,14 +263,22 @@ pub struct OpenContext {
 }
 
 impl Local {
-    /// This side with `first` read ahead of its byte stream: the session sends it
-    /// first. Empty `first`, or a side that reads no bytes, stays as it is.
+    /// This side with `first` read ahead of its byte stream (or, for a side that reads
+    /// messages, as one whole message): the session sends it first. Empty `first`, or a
+    /// side that reads nothing, stays as it is.
     pub fn prepend(mut self, first: bytes::Bytes) -> Local {
         use tokio::io::AsyncReadExt;
         self.reader = match self.reader {
             Some(Reader::Bytes(r)) if !first.is_empty() => Some(Reader::Bytes(Box::new(
                 std::io::Cursor::new(first).chain(r),
             ))),
+            // One message, whole (a seqpacket caller's first record).
+            Some(Reader::Messages(m)) if !first.is_empty() => {
+                Some(Reader::Messages(message::MsgReader::Prepended {
+                    first: Some(first),
+                    rest: Box::new(m),
+                }))
+            }
             other => other,
         };
         self
@@ -351,6 +359,39 @@ pub const AUTO_MAX_NPIPE_MESSAGE: usize = 4 << 20;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_message_prepended_comes_first_whole_then_the_endpoints_own() {
+        let mut framed = Vec::new();
+        for m in [&b"second"[..], b"", b"third"] {
+            framed.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            framed.extend_from_slice(m);
+        }
+        let local = Local {
+            reader: Some(Reader::Messages(message::MsgReader::U32be {
+                input: Box::new(std::io::Cursor::new(framed)),
+                max: 64,
+            })),
+            writer: None,
+            child: None,
+        }
+        .prepend(bytes::Bytes::from_static(b"first"));
+        let Some(Reader::Messages(mut r)) = local.reader else {
+            panic!("a message reader stays one");
+        };
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            match r.recv().await.unwrap() {
+                Some(m) => got.push(m),
+                None => break,
+            }
+        }
+        assert_eq!(got, [&b"first"[..], b"second", b"", b"third"]);
+        assert!(
+            !matches!(r, message::MsgReader::Prepended { .. }),
+            "the endpoint's reader takes the wrapper's place"
+        );
+    }
 
     #[test]
     #[cfg(windows)]
