@@ -1115,8 +1115,9 @@ fn check_config_rejects_a_client_pipe_for_an_identity_without_principal() {
 const LOCAL_CALLER_PY: &str = r#"
 import json, os, socket, sys
 res = {"uid": os.getuid(), "data": "", "error": None}
+kind = socket.SOCK_SEQPACKET if sys.argv[3:] == ["seqpacket"] else socket.SOCK_STREAM
 try:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = socket.socket(socket.AF_UNIX, kind)
     s.settimeout(20)
     s.connect(sys.argv[1])
     try:
@@ -1138,6 +1139,18 @@ print(json.dumps(res))
 
 /// Runs [`LOCAL_CALLER_PY`] as `uid`/`gid` (no supplementary groups) through setpriv.
 fn call_as(fx: &Fixture, uid: u32, gid: u32, sock: &Path, data: &str) -> serde_json::Value {
+    call_as_kind(fx, uid, gid, sock, data, "stream")
+}
+
+/// [`call_as`] on a socket of `kind` (`stream` or `seqpacket`: one record, its echoes).
+fn call_as_kind(
+    fx: &Fixture,
+    uid: u32,
+    gid: u32,
+    sock: &Path,
+    data: &str,
+    kind: &str,
+) -> serde_json::Value {
     let mut cmd = Command::new("setpriv");
     cmd.arg(format!("--reuid={uid}"))
         .arg(format!("--regid={gid}"))
@@ -1146,7 +1159,8 @@ fn call_as(fx: &Fixture, uid: u32, gid: u32, sock: &Path, data: &str) -> serde_j
         .arg(python())
         .args(["-I", "-c", LOCAL_CALLER_PY])
         .arg(sock)
-        .arg(data);
+        .arg(data)
+        .arg(kind);
     let out = run_command(cmd, fx.dir(), b"", Duration::from_secs(40));
     out.expect_code(0);
     let v: serde_json::Value = serde_json::from_str(out.out().trim())
@@ -1217,6 +1231,86 @@ fn forward_allow_local_admits_only_the_listed_uid() {
         "uid 12001 reaches the echo pipe: {v}"
     );
     let v = call_as(&fx, 12002, 12002, &hosted, "ping-12002");
+    assert_eq!(v["data"], "", "uid 12002 is closed without data: {v}");
+    // Nothing of the refused caller reached the exporting gateway: one audit line only.
+    a.proc
+        .wait_until(Duration::from_secs(10), |log| !audit_lines(log).is_empty());
+    std::thread::sleep(Duration::from_millis(300));
+    let sessions = audit_lines(&a.log());
+    assert_eq!(
+        sessions.len(),
+        1,
+        "only the admitted caller opened a session: {sessions:#?}\nforward log:\n{}",
+        b.log()
+    );
+    assert!(
+        strip_ansi(&b.log()).contains("allow_local"),
+        "the forward logs the refusal:\n{}",
+        b.log()
+    );
+}
+
+/// A seqpacket echo target on background threads, for as long as the test runs.
+fn seqpacket_echo(path: &Path) {
+    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketAddrUnix, SocketType};
+    let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None)
+        .expect("seqpacket socket");
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path).expect("addr")).expect("bind");
+    rustix::net::listen(&fd, 16).expect("listen");
+    std::thread::spawn(move || {
+        while let Ok(c) = rustix::net::accept(&fd) {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, _)) = rustix::net::recv(&c, &mut buf[..], RecvFlags::empty()) {
+                    if n == 0 || rustix::net::send(&c, &buf[..n], SendFlags::NOSIGNAL).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn seqpacket_forward_allow_local_admits_only_the_listed_uid() {
+    if !root_or_skip("seqpacket_forward_allow_local_admits_only_the_listed_uid") {
+        return;
+    }
+    let fx = fixture();
+    let target = fx.path("seq.sock");
+    seqpacket_echo(&target);
+    let mut a = fx.serve(
+        "a.toml",
+        &config(
+            &fx,
+            "",
+            &pipe(
+                "seq",
+                &format!("seqpacket:{}", target.display()),
+                &["u1"],
+                "run_as = \"gateway\"",
+            ),
+        ),
+    );
+    let hosted = fx.path("fwd-seq.sock");
+    let text = forward(
+        &hosted,
+        &a.url("seq"),
+        &fx.ca(),
+        &fx.cert("u1"),
+        &fx.key("u1"),
+        "allow_local = [\"uid:12001\"]",
+    )
+    .replacen("listen = \"unix:", "listen = \"seqpacket:", 1);
+    let b = fx.serve("b.toml", &text);
+    wait_for_socket(&hosted);
+
+    let v = call_as_kind(&fx, 12001, 12001, &hosted, "ping-12001", "seqpacket");
+    assert_eq!(
+        v["data"], "ping-12001",
+        "uid 12001 reaches the seqpacket pipe: {v}"
+    );
+    let v = call_as_kind(&fx, 12002, 12002, &hosted, "ping-12002", "seqpacket");
     assert_eq!(v["data"], "", "uid 12002 is closed without data: {v}");
     // Nothing of the refused caller reached the exporting gateway: one audit line only.
     a.proc
