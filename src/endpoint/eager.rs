@@ -72,12 +72,9 @@ impl<W: WriteNow> AsyncWrite for EagerWrite<W> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.direct {
-            match this.inner.write_now(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(rustix::io::Errno::AGAIN) => this.direct = false,
-                Err(e) => return Poll::Ready(Err(e.into())),
-            }
+        let inner = &this.inner;
+        if let Some(r) = direct_write(&mut this.direct, || inner.write_now(buf)) {
+            return Poll::Ready(r);
         }
         Pin::new(&mut this.inner).poll_write(cx, buf)
     }
@@ -91,6 +88,24 @@ impl<W: WriteNow> AsyncWrite for EagerWrite<W> {
     }
 }
 
+/// While `direct`, one `write` straight to the descriptor: its result, or `None` (and
+/// `direct` cleared for good) when it would block, for tokio to take over.
+fn direct_write(
+    direct: &mut bool,
+    write: impl FnOnce() -> rustix::io::Result<usize>,
+) -> Option<io::Result<usize>> {
+    if !*direct {
+        return None;
+    }
+    match write() {
+        Err(rustix::io::Errno::AGAIN) => {
+            *direct = false;
+            None
+        }
+        r => Some(r.map_err(io::Error::from)),
+    }
+}
+
 /// Sends one seqpacket message: straight to the socket while `direct` (cleared by the
 /// first send that would block), else through tokio's readiness.
 pub async fn send_record(
@@ -99,15 +114,12 @@ pub async fn send_record(
     data: &[u8],
 ) -> io::Result<usize> {
     use rustix::net::SendFlags;
-    if *direct {
-        // As tokio-seqpacket's own send: each send one record.
-        match rustix::net::send(sock, data, SendFlags::NOSIGNAL | SendFlags::EOR) {
-            Ok(n) => return Ok(n),
-            Err(rustix::io::Errno::AGAIN) => *direct = false,
-            Err(e) => return Err(e.into()),
-        }
+    // As tokio-seqpacket's own send: each send one record.
+    let now = || rustix::net::send(sock, data, SendFlags::NOSIGNAL | SendFlags::EOR);
+    match direct_write(direct, now) {
+        Some(r) => r,
+        None => sock.send(data).await,
     }
-    sock.send(data).await
 }
 
 #[cfg(test)]
