@@ -1138,15 +1138,23 @@ async fn forward_one(
     target: &Target,
     span: tracing::Span,
 ) {
-    if !fwd.allow_local.is_empty() && !caller.as_ref().is_some_and(|c| c.allowed(&fwd.allow_local))
-    {
-        span.in_scope(|| warn!("local caller not in allow_local; closing"));
-        return;
+    if !fwd.allow_local.is_empty() {
+        let admitted = match &caller {
+            Some(c) => c.admitted(&fwd.allow_local).await,
+            None => false,
+        };
+        if !admitted {
+            span.in_scope(|| warn!("local caller not in allow_local; closing"));
+            return;
+        }
     }
     // The user database is consulted only when a credential path names `{user}`: it is
     // a per-connection cost on the hot path of new sessions otherwise.
     let dialer = if target.per_user {
-        let user = caller.as_ref().and_then(|c| c.user_name());
+        let user = match &caller {
+            Some(c) => c.name().await,
+            None => None,
+        };
         let creds = substitute_user(&fwd.credentials, user.as_deref());
         session_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2, DIALER_TTL)
             .await

@@ -1321,6 +1321,168 @@ fn seqpacket_forward_allow_local_admits_only_the_listed_uid() {
     only_uid_12001_gets_through(&fx, &mut a, &b, &hosted, "seqpacket");
 }
 
+/// An NSS module whose `getpwuid_r` takes 4 s for uid 12003 (marking `$SLOW_NSS_MARK.entered`
+/// and `.left` around the wait) and finds nothing, so the next source (`files`) answers.
+const SLOW_NSS_C: &str = r#"
+#include <fcntl.h>
+#include <nss.h>
+#include <pwd.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static void mark(const char *what) {
+    const char *base = getenv("SLOW_NSS_MARK");
+    char path[4096];
+    if (base == NULL) return;
+    snprintf(path, sizeof path, "%s.%s", base, what);
+    int fd = open(path, O_CREAT | O_WRONLY | O_CLOEXEC, 0644);
+    if (fd >= 0) close(fd);
+}
+
+enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, size_t len,
+                                     int *errnop) {
+    (void)pw; (void)buf; (void)len; (void)errnop;
+    if (uid == 12003) {
+        mark("entered");
+        sleep(4);
+        mark("left");
+    }
+    return NSS_STATUS_NOTFOUND;
+}
+"#;
+
+/// A forward's `allow_local` lookups of a caller's name run off the thread that runs the
+/// forward's other sessions: while the user database takes 4 s to answer for one caller
+/// (an NSS module that sleeps, loaded in the forwarding gateway's own mount namespace),
+/// another forward's session on the same single shard opens, echoes and ends. Then the
+/// slow caller is refused (uid 12003 is not `nobody`), and `nobody` is admitted.
+#[test]
+fn a_slow_user_database_holds_only_the_session_that_asks_it() {
+    if !root_or_skip("a_slow_user_database_holds_only_the_session_that_asks_it") {
+        return;
+    }
+    let fx = fixture();
+    let src = fx.path("slow.c");
+    std::fs::write(&src, SLOW_NSS_C).expect("write slow.c");
+    let lib = fx.path("libnss_slow.so.2");
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&lib)
+        .arg(&src)
+        .output()
+        .expect("run gcc (the NSS module for this test)");
+    assert!(
+        out.status.success(),
+        "gcc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nsswitch = fx.path("nsswitch.conf");
+    std::fs::write(
+        &nsswitch,
+        "passwd: slow files\ngroup: files\nshadow: files\nhosts: files\n",
+    )
+    .expect("write nsswitch.conf");
+
+    let echo = fx.path("echo.sock");
+    let _srv = UnixServer::echo(&echo);
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let a = fx.serve(
+        "a.toml",
+        &config(
+            &fx,
+            "",
+            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
+        ),
+    );
+    let (slow, quick) = (fx.path("fwd-named.sock"), fx.path("fwd-open.sock"));
+    let fwd = |listen: &Path, extra: &str| {
+        forward(
+            listen,
+            &a.url("echo"),
+            &fx.ca(),
+            &fx.cert("u1"),
+            &fx.key("u1"),
+            extra,
+        )
+    };
+    let text = fwd(&slow, "allow_local = [\"nobody\"]") + &fwd(&quick, "");
+    let mark = fx.path("nss");
+    let (entered, left) = (fx.path("nss.entered"), fx.path("nss.left"));
+    let b = fx.serve_via(
+        "b.toml",
+        &text,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/nsswitch.conf && exec \"$@\"",
+            &nsswitch.display().to_string(),
+        ],
+        &[
+            ("PIPEBRIDGE_SHARDS", "1"),
+            ("LD_LIBRARY_PATH", &fx.dir().display().to_string()),
+            ("SLOW_NSS_MARK", &mark.display().to_string()),
+        ],
+    );
+    wait_for_socket(&slow);
+    wait_for_socket(&quick);
+
+    let slow_call = std::thread::scope(|scope| {
+        let caller = scope.spawn(|| call_as(&fx, 12003, 12003, &slow, "ping-12003"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !entered.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the forward never asked the slow user database:\n{}",
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut s = std::os::unix::net::UnixStream::connect(&quick).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        s.write_all(b"ping-quick").expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("read the echo");
+        assert_eq!(
+            back,
+            b"ping-quick",
+            "the other forward's session echoes; forward log:\n{}",
+            b.log()
+        );
+        assert!(
+            !left.exists(),
+            "the other forward's session waited for the slow lookup to end"
+        );
+        caller.join().expect("slow caller")
+    });
+    assert!(left.exists(), "the slow lookup ran to its end");
+    assert_eq!(
+        slow_call["data"], "",
+        "uid 12003 is not nobody and is closed without data: {slow_call}"
+    );
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("user db")
+        .expect("the system has a nobody user");
+    let v = call_as(
+        &fx,
+        nobody.uid.as_raw(),
+        nobody.gid.as_raw(),
+        &slow,
+        "ping-nobody",
+    );
+    assert_eq!(v["data"], "ping-nobody", "nobody is admitted: {v}");
+    assert!(
+        strip_ansi(&b.log()).contains("allow_local"),
+        "the forward logs the refusal:\n{}",
+        b.log()
+    );
+}
+
 #[test]
 fn forward_picks_credentials_per_local_caller() {
     if !root_or_skip("forward_picks_credentials_per_local_caller") {

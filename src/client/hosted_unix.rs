@@ -457,13 +457,38 @@ fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
 
 impl LocalCaller {
     /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller.
-    pub fn allowed(&self, rules: &[String]) -> bool {
+    /// A `uid:` rule is judged at once; a rule that names a user or a group asks the user
+    /// database on the blocking pool, as [`LocalCaller::name`] does. A lookup that fails
+    /// admits nothing.
+    pub async fn admitted(&self, rules: &[String]) -> bool {
+        if rules.iter().any(|r| uid_rule(r) == Some(self.uid)) {
+            return true;
+        }
+        if rules.iter().all(|r| r.starts_with("uid:")) {
+            return false;
+        }
+        let (me, rules) = (*self, rules.to_vec());
+        off_the_shard(move || me.allowed(&rules))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The caller's user name (for `{user}` in credential paths), from the user database
+    /// on the blocking pool: NSS may ask LDAP or sssd, and a slow answer holds this
+    /// session only, not the other sessions of the thread it runs on.
+    pub async fn name(&self) -> Option<String> {
+        let me = *self;
+        off_the_shard(move || me.user_name()).await.flatten()
+    }
+
+    /// [`LocalCaller::admitted`], in the calling thread.
+    fn allowed(&self, rules: &[String]) -> bool {
         let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
             .ok()
             .flatten();
         rules.iter().any(|r| {
-            if let Some(n) = r.strip_prefix("uid:") {
-                n.parse::<u32>().is_ok_and(|n| n == self.uid)
+            if r.starts_with("uid:") {
+                uid_rule(r) == Some(self.uid)
             } else if let Some(g) = r.strip_prefix('@') {
                 match nix::unistd::Group::from_name(g).ok().flatten() {
                     Some(grp) => {
@@ -480,13 +505,24 @@ impl LocalCaller {
         })
     }
 
-    /// The caller's user name (for `{user}` in credential paths).
-    pub fn user_name(&self) -> Option<String> {
+    /// [`LocalCaller::name`], in the calling thread.
+    fn user_name(&self) -> Option<String> {
         nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
             .ok()
             .flatten()
             .map(|u| u.name)
     }
+}
+
+/// The uid an `allow_local` rule `uid:N` names (none for other rules, or a bad number).
+fn uid_rule(rule: &str) -> Option<u32> {
+    rule.strip_prefix("uid:").and_then(|n| n.parse().ok())
+}
+
+/// Runs a user-database lookup on the blocking pool; `None` if it could not run (the
+/// runtime is shutting down) or panicked.
+async fn off_the_shard<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    tokio::task::spawn_blocking(f).await.ok()
 }
 
 impl std::fmt::Display for LocalCaller {

@@ -34,8 +34,9 @@ fn same_account(rule: &str, account: &str) -> bool {
 
 impl LocalCaller {
     /// Whether `rules` (`allow_local`: account names, `DOMAIN\NAME`, `@group`) admit
-    /// this caller. A caller whose account could not be read matches nothing.
-    pub fn allowed(&self, rules: &[String]) -> bool {
+    /// this caller. A caller whose account could not be read matches nothing. Its account
+    /// and groups were read when it was accepted, on the blocking pool.
+    pub async fn admitted(&self, rules: &[String]) -> bool {
         let Some(user) = &self.0.user else {
             return false;
         };
@@ -46,7 +47,7 @@ impl LocalCaller {
     }
 
     /// The caller's account name without its domain (for `{user}` in credential paths).
-    pub fn user_name(&self) -> Option<String> {
+    pub async fn name(&self) -> Option<String> {
         self.0.user.as_deref().map(|u| bare(u).to_string())
     }
 }

@@ -144,8 +144,22 @@ impl Fixture {
 
     /// Like [`Fixture::serve`], with extra environment variables for the gateway.
     pub fn serve_env(&self, name: &str, text: &str, env: &[(&str, &str)]) -> Gateway {
+        self.serve_via(name, text, &[], env)
+    }
+
+    /// Like [`Fixture::serve_env`], started by way of `via`: a program and its arguments
+    /// that end by running the rest of the command line in their own process, as
+    /// `unshare` and `sh -c '... exec "$@"'` do (so the process is still the gateway's).
+    pub fn serve_via(&self, name: &str, text: &str, via: &[&str], env: &[(&str, &str)]) -> Gateway {
         let cfg = self.write(name, text);
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match via.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
         cmd.arg("serve").arg("--config").arg(&cfg);
         scrub(&mut cmd);
         for (k, v) in env {
