@@ -16,6 +16,7 @@
 //! ```text
 //! cargo bench --bench pipeline -- [--rounds N] [--smoke] [--only pipebridge,socat,...]
 //!     [--install-competitors] [--bulk-mib N] [--secs S] [--idle N] [--phases LIST]
+//!     [--kind stream|seqpacket]
 //! ```
 //! `--smoke` runs one tiny round of pipebridge only (a few seconds) and exits non-zero
 //! if the pipeline is broken. Every process started is ended by pid at the end (Drop
@@ -29,6 +30,11 @@
 //! baseline) sets `[tuning] busy_poll` in both gateways' configs; with
 //! `PIPEBRIDGE_BASELINE_BIN` pointing at the same build, one run compares polling
 //! against none.
+//! `--kind seqpacket` runs the same figures over SOCK_SEQPACKET at both ends (the target
+//! serves records; pipebridge exports a `seqpacket:` endpoint and hosts a `seqpacket:`
+//! forward; bulk moves 64 KiB records; every record must arrive whole): pipebridge, its
+//! baseline and `direct` only, since the other tools carry bytes and keep no record's
+//! boundaries.
 //! `PIPEBRIDGE_BENCH_RUN_AS=user:nobody` (and `PIPEBRIDGE_BASELINE_RUN_AS`) sets the
 //! exported pipe's `run_as` (default `gateway`): with an account, every session's
 //! connect to the target is made as that account (the session thread's switch),
@@ -36,6 +42,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream as StdUnix;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -93,11 +100,12 @@ struct Opts {
     conc: [usize; 2],
     new_conc: usize,
     phases: Option<Vec<String>>,
+    kind: Kind,
 }
 
 const USAGE: &str = "usage: cargo bench --bench pipeline -- [--rounds N] [--smoke] \
 [--only pipebridge,baseline,socat,stunnel,ssh,websocat,direct] [--install-competitors] [--bulk-mib N] \
-[--secs S] [--idle N] [--phases bulk,echo,c64,c512,new,idle]";
+[--secs S] [--idle N] [--phases bulk,echo,c64,c512,new,idle] [--kind stream|seqpacket]";
 
 fn parse_opts() -> R<Opts> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -115,6 +123,7 @@ fn parse_opts() -> R<Opts> {
             conc: [8, 32],
             new_conc: 4,
             phases: None,
+            kind: Kind::Stream,
         }
     } else {
         Opts {
@@ -129,6 +138,7 @@ fn parse_opts() -> R<Opts> {
             conc: [64, 512],
             new_conc: 16,
             phases: None,
+            kind: Kind::Stream,
         }
     };
     let mut it = args.into_iter();
@@ -155,6 +165,13 @@ fn parse_opts() -> R<Opts> {
             "--phases" => o.phases = Some(list(val("--phases")?)),
             "--bulk-mib" => o.bulk_bytes = num::<u64>(&val("--bulk-mib")?, "--bulk-mib")? << 20,
             "--idle" => o.idle = num(&val("--idle")?, "--idle")?,
+            "--kind" => {
+                o.kind = match val("--kind")?.as_str() {
+                    "stream" => Kind::Stream,
+                    "seqpacket" => Kind::Seqpacket,
+                    k => return Err(format!("--kind: stream or seqpacket, not {k:?}")),
+                }
+            }
             "--secs" => {
                 o.secs = num(&val("--secs")?, "--secs")?;
                 if !(0.05..=60.0).contains(&o.secs) {
@@ -187,6 +204,154 @@ impl Opts {
     }
     fn dur(&self) -> Duration {
         Duration::from_secs_f64(self.secs)
+    }
+}
+
+// === socket kinds ===
+
+/// What the pipelines carry: a byte stream (Unix stream sockets: every tool) or records
+/// (SOCK_SEQPACKET at both ends: pipebridge, its baseline and `direct`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Stream,
+    Seqpacket,
+}
+
+/// The run's kind, set once from `--kind` before any pipeline starts.
+static KIND: OnceLock<Kind> = OnceLock::new();
+
+fn kind() -> Kind {
+    KIND.get().copied().unwrap_or(Kind::Stream)
+}
+
+/// The record size of seqpacket bulk transfers (each write and read one record).
+const RECORD: usize = 64 * 1024;
+
+/// Bytes per bulk write: [`CHUNK`] of a stream, one [`RECORD`].
+fn chunk() -> usize {
+    match kind() {
+        Kind::Stream => CHUNK,
+        Kind::Seqpacket => RECORD,
+    }
+}
+
+/// The endpoint scheme of the run's kind in pipebridge's config.
+fn scheme() -> &'static str {
+    match kind() {
+        Kind::Stream => "unix",
+        Kind::Seqpacket => "seqpacket",
+    }
+}
+
+/// A blocking load-client connection: a stream, or a seqpacket socket whose every send is
+/// one record and every read one whole record.
+enum BConn {
+    Stream(StdUnix),
+    Seq(OwnedFd),
+}
+
+impl BConn {
+    fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            BConn::Stream(s) => s.write_all(b),
+            BConn::Seq(fd) => {
+                let n = rustix::net::send(&*fd, b, rustix::net::SendFlags::NOSIGNAL)?;
+                if n == b.len() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "sent {n} of a {}-byte record",
+                        b.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Up to `b.len()` bytes of the stream, or one whole record (longer: an error).
+    fn recv(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            BConn::Stream(s) => s.read(b),
+            BConn::Seq(fd) => {
+                let (n, len) = rustix::net::recv(&*fd, b, rustix::net::RecvFlags::TRUNC)?;
+                if len > n {
+                    return Err(std::io::Error::other(format!(
+                        "a {len}-byte record is longer than {n}"
+                    )));
+                }
+                Ok(n)
+            }
+        }
+    }
+
+    /// Exactly `b.len()` bytes of the stream, or one record of exactly that length.
+    fn recv_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            BConn::Stream(s) => s.read_exact(b),
+            BConn::Seq(_) => {
+                let mut rec = [0u8; MSG + 9];
+                let n = self.recv(&mut rec)?;
+                if n != b.len() {
+                    return Err(std::io::Error::other(format!(
+                        "a {n}-byte record where {} were expected",
+                        b.len()
+                    )));
+                }
+                b.copy_from_slice(&rec[..n]);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// An async load-client connection of either kind (as [`BConn`]).
+enum AConn {
+    Stream(UnixStream),
+    Seq(tokio_seqpacket::UnixSeqpacket),
+}
+
+impl AConn {
+    async fn connect(sock: &Path) -> std::io::Result<AConn> {
+        Ok(match kind() {
+            Kind::Stream => AConn::Stream(UnixStream::connect(sock).await?),
+            Kind::Seqpacket => AConn::Seq(tokio_seqpacket::UnixSeqpacket::connect(sock).await?),
+        })
+    }
+
+    async fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            AConn::Stream(s) => s.write_all(b).await,
+            AConn::Seq(s) => {
+                let n = s.send(b).await?;
+                if n == b.len() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!(
+                        "sent {n} of a {}-byte record",
+                        b.len()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Exactly `b.len()` bytes of the stream, or one record of that length.
+    async fn recv_exact(&mut self, b: &mut [u8]) -> std::io::Result<()> {
+        match self {
+            AConn::Stream(s) => s.read_exact(b).await.map(drop),
+            AConn::Seq(s) => {
+                let m = s.recv(b).await?;
+                if m.truncated() || m.bytes_read() != b.len() {
+                    return Err(std::io::Error::other(format!(
+                        "a record of {} bytes{} where {} were expected",
+                        m.bytes_read(),
+                        if m.truncated() { " or more" } else { "" },
+                        b.len()
+                    )));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -225,6 +390,10 @@ impl Tool {
             Tool::Websocat => "websocat",
             Tool::Baseline => "baseline",
         }
+    }
+    /// Whether the tool keeps records whole (`--kind seqpacket`).
+    fn carries_records(self) -> bool {
+        matches!(self, Tool::Direct | Tool::Pipebridge | Tool::Baseline)
     }
     fn competitor(self) -> bool {
         !matches!(self, Tool::Direct | Tool::Pipebridge | Tool::Baseline)
@@ -681,6 +850,86 @@ async fn target_conn(mut s: UnixStream) -> std::io::Result<()> {
     }
 }
 
+/// [`start_target`] over SOCK_SEQPACKET: the first record's first byte picks the mode and
+/// the rest of it is the first echo (`E`) or the u64 LE length (`S`, `O`); data moves in
+/// records of at most [`RECORD`] bytes, and the sink's answer is one 8-byte record.
+fn start_seq_target(path: &Path) -> R<tokio::runtime::Runtime> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("target")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut listener = {
+        let _g = rt.enter();
+        tokio_seqpacket::UnixSeqpacketListener::bind(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    rt.spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok(s) => {
+                    tokio::spawn(async move {
+                        let _ = seq_target_conn(s).await;
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    });
+    Ok(rt)
+}
+
+async fn seq_target_conn(s: tokio_seqpacket::UnixSeqpacket) -> std::io::Result<()> {
+    let mut buf = vec![0u8; RECORD];
+    let n = s.recv(&mut buf).await?.bytes_read();
+    let len = |b: &[u8]| <[u8; 8]>::try_from(&b[1..]).map(u64::from_le_bytes).ok();
+    match (buf.first(), n) {
+        (Some(b'E'), 1..) => {
+            // The first record's rest is the first echo, if any; then every record back
+            // until EOF (or an empty record, which reads alike).
+            if n > 1 {
+                s.send(&buf[1..n]).await?;
+            }
+            loop {
+                let n = s.recv(&mut buf).await?.bytes_read();
+                if n == 0 {
+                    return Ok(());
+                }
+                s.send(&buf[..n]).await?;
+            }
+        }
+        (Some(b'S'), 9) => {
+            let want = len(&buf[..9]).unwrap_or(0);
+            let (mut got, mut ok) = (0u64, true);
+            while got < want {
+                let m = s.recv(&mut buf).await?;
+                let n = m.bytes_read();
+                if n == 0 {
+                    break;
+                }
+                ok &= !m.truncated() && buf[..n] == *expected(got, n);
+                got += n as u64;
+            }
+            let answer = if ok { got } else { u64::MAX };
+            s.send(&answer.to_le_bytes()).await.map(drop)
+        }
+        (Some(b'O'), 9) => {
+            let want = len(&buf[..9]).unwrap_or(0);
+            let mut sent = 0u64;
+            while sent < want {
+                let n = ((want - sent) as usize).min(RECORD);
+                s.send(expected(sent, n)).await?;
+                sent += n as u64;
+            }
+            // Wait for the client's close, as the stream target does.
+            while s.recv(&mut buf).await?.bytes_read() > 0 {}
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 // === pipelines ===
 
 struct Env {
@@ -798,7 +1047,7 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
         q(&pki.join("server.pem")),
         q(&pki.join("server.key")),
         q(&pki.join("ca.pem")),
-        q(Path::new(&format!("unix:{}", env.target.display()))),
+        q(Path::new(&format!("{}:{}", scheme(), env.target.display()))),
         q(Path::new(&run_as)),
     );
     let srv_cfg = env.dir.join(format!("{name}-server.toml"));
@@ -828,7 +1077,7 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
     let cli = format!(
         "{tuning}[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n",
-        q(Path::new(&format!("unix:{}", sock.display()))),
+        q(Path::new(&format!("{}:{}", scheme(), sock.display()))),
         q(&pki.join("ca.pem")),
         q(&pki.join("bench.pem")),
         q(&pki.join("bench.key")),
@@ -1085,13 +1334,34 @@ fn wait_tcp(port: u16) -> R<()> {
 
 // === load: blocking figures ===
 
-fn connect_blocking(sock: &Path, timeout: Duration) -> R<StdUnix> {
-    let s = StdUnix::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    Ok(s)
+fn connect_blocking(sock: &Path, timeout: Duration) -> R<BConn> {
+    let failed = |e: std::io::Error| format!("connect {}: {e}", sock.display());
+    match kind() {
+        Kind::Stream => {
+            let s = StdUnix::connect(sock).map_err(failed)?;
+            s.set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            s.set_write_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            Ok(BConn::Stream(s))
+        }
+        Kind::Seqpacket => {
+            use rustix::net::{sockopt, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+            let io = |e: rustix::io::Errno| failed(e.into());
+            let fd = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::SEQPACKET,
+                SocketFlags::CLOEXEC,
+                None,
+            )
+            .map_err(io)?;
+            rustix::net::connect(&fd, &SocketAddrUnix::new(sock).map_err(io)?).map_err(io)?;
+            for t in [sockopt::Timeout::Recv, sockopt::Timeout::Send] {
+                sockopt::set_socket_timeout(&fd, t, Some(timeout)).map_err(io)?;
+            }
+            Ok(BConn::Seq(fd))
+        }
+    }
 }
 
 /// Connect, one 64-byte echo, close.
@@ -1101,9 +1371,9 @@ fn session_blocking(sock: &Path, seq: u64, timeout: Duration) -> R<()> {
     let mut first = [0u8; MSG + 1];
     first[0] = b'E';
     first[1..].copy_from_slice(&msg);
-    s.write_all(&first).map_err(|e| format!("write: {e}"))?;
+    s.send(&first).map_err(|e| format!("write: {e}"))?;
     let mut back = [0u8; MSG];
-    s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+    s.recv_exact(&mut back).map_err(|e| format!("read: {e}"))?;
     if back != msg {
         return Err("echo mismatch on a new session".into());
     }
@@ -1116,16 +1386,16 @@ fn bulk_up(sock: &Path, len: u64) -> R<f64> {
     let mut hdr = [0u8; 9];
     hdr[0] = b'S';
     hdr[1..].copy_from_slice(&len.to_le_bytes());
-    s.write_all(&hdr).map_err(|e| format!("write: {e}"))?;
+    s.send(&hdr).map_err(|e| format!("write: {e}"))?;
     let mut off = 0u64;
     while off < len {
-        let n = ((len - off) as usize).min(CHUNK);
-        s.write_all(expected(off, n))
+        let n = ((len - off) as usize).min(chunk());
+        s.send(expected(off, n))
             .map_err(|e| format!("write at {off}: {e}"))?;
         off += n as u64;
     }
     let mut ack = [0u8; 8];
-    s.read_exact(&mut ack)
+    s.recv_exact(&mut ack)
         .map_err(|e| format!("read ack: {e}"))?;
     let secs = t.elapsed().as_secs_f64();
     match u64::from_le_bytes(ack) {
@@ -1141,13 +1411,13 @@ fn bulk_down(sock: &Path, len: u64) -> R<f64> {
     let mut hdr = [0u8; 9];
     hdr[0] = b'O';
     hdr[1..].copy_from_slice(&len.to_le_bytes());
-    s.write_all(&hdr).map_err(|e| format!("write: {e}"))?;
+    s.send(&hdr).map_err(|e| format!("write: {e}"))?;
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     while got < len {
         let want = ((len - got) as usize).min(CHUNK);
         let n = s
-            .read(&mut buf[..want])
+            .recv(&mut buf[..want])
             .map_err(|e| format!("read at {got}: {e}"))?;
         if n == 0 {
             return Err(format!("download: EOF after {got} of {len} bytes"));
@@ -1163,7 +1433,7 @@ fn bulk_down(sock: &Path, len: u64) -> R<f64> {
 /// One connection, closed-loop 64-byte echoes: (p50, p99) in µs.
 fn echo_latency(sock: &Path, max_msgs: usize, dur: Duration) -> R<(f64, f64)> {
     let mut s = connect_blocking(sock, IO_TIMEOUT)?;
-    s.write_all(b"E").map_err(|e| e.to_string())?;
+    s.send(b"E").map_err(|e| e.to_string())?;
     let warmup = (max_msgs / 20).clamp(10, 500);
     let mut lat = Vec::with_capacity(max_msgs);
     let mut back = [0u8; MSG];
@@ -1174,8 +1444,8 @@ fn echo_latency(sock: &Path, max_msgs: usize, dur: Duration) -> R<(f64, f64)> {
         }
         let msg = echo_msg(0, seq);
         let t = Instant::now();
-        s.write_all(&msg).map_err(|e| format!("write: {e}"))?;
-        s.read_exact(&mut back).map_err(|e| format!("read: {e}"))?;
+        s.send(&msg).map_err(|e| format!("write: {e}"))?;
+        s.recv_exact(&mut back).map_err(|e| format!("read: {e}"))?;
         let ns = t.elapsed().as_nanos() as u64;
         if back != msg {
             return Err(format!("echo mismatch at message {seq}"));
@@ -1207,15 +1477,15 @@ async fn timed<T>(what: &str, f: impl std::future::Future<Output = std::io::Resu
 }
 
 /// Connect, mode byte and a first 64-byte echo (the session is up end to end).
-async fn open_echo(sock: Arc<PathBuf>, conn: u64) -> R<UnixStream> {
-    let mut s = timed("connect", UnixStream::connect(sock.as_path())).await?;
+async fn open_echo(sock: Arc<PathBuf>, conn: u64) -> R<AConn> {
+    let mut s = timed("connect", AConn::connect(sock.as_path())).await?;
     let msg = echo_msg(conn, 0);
     let mut first = [0u8; MSG + 1];
     first[0] = b'E';
     first[1..].copy_from_slice(&msg);
-    timed("write", s.write_all(&first)).await?;
+    timed("write", s.send(&first)).await?;
     let mut back = [0u8; MSG];
-    timed("read", s.read_exact(&mut back)).await?;
+    timed("read", s.recv_exact(&mut back)).await?;
     if back != msg {
         return Err("echo mismatch on the first message".into());
     }
@@ -1223,7 +1493,7 @@ async fn open_echo(sock: Arc<PathBuf>, conn: u64) -> R<UnixStream> {
 }
 
 /// Opens `n` echo sessions, [`OPEN_PARALLELISM`] at a time, within `limit`.
-async fn open_many(sock: &Path, n: usize, limit: Duration) -> R<Vec<UnixStream>> {
+async fn open_many(sock: &Path, n: usize, limit: Duration) -> R<Vec<AConn>> {
     let sock = Arc::new(sock.to_path_buf());
     let sem = Arc::new(tokio::sync::Semaphore::new(OPEN_PARALLELISM));
     let end = Instant::now() + limit;
@@ -1256,7 +1526,7 @@ async fn open_many(sock: &Path, n: usize, limit: Duration) -> R<Vec<UnixStream>>
 }
 
 /// Closed-loop echo on every stream for `dur`: (msgs/s, p99 µs) and the streams back.
-async fn conc_echo(streams: Vec<UnixStream>, dur: Duration) -> R<(f64, f64, Vec<UnixStream>)> {
+async fn conc_echo(streams: Vec<AConn>, dur: Duration) -> R<(f64, f64, Vec<AConn>)> {
     let start = Instant::now();
     let deadline = start + dur;
     let mut set = tokio::task::JoinSet::new();
@@ -1268,8 +1538,8 @@ async fn conc_echo(streams: Vec<UnixStream>, dur: Duration) -> R<(f64, f64, Vec<
             while Instant::now() < deadline && lat.len() < 10_000_000 {
                 let msg = echo_msg(i as u64 + 1, seq);
                 let t = Instant::now();
-                timed("write", s.write_all(&msg)).await?;
-                timed("read", s.read_exact(&mut back)).await?;
+                timed("write", s.send(&msg)).await?;
+                timed("read", s.recv_exact(&mut back)).await?;
                 lat.push(t.elapsed().as_nanos() as u64);
                 if back != msg {
                     return Err(format!("echo mismatch on connection {i}"));
@@ -1806,6 +2076,7 @@ fn run(o: &Opts) -> R<bool> {
         install_competitors()?;
     }
     raise_nofile();
+    KIND.set(o.kind).map_err(|_| "the kind is set twice")?;
     let load_at_start = loadavg();
     let wanted: Vec<Tool> = ALL_TOOLS
         .iter()
@@ -1825,7 +2096,12 @@ fn run(o: &Opts) -> R<bool> {
     }
     let mut tools = Vec::new();
     for t in wanted {
-        if available(t) {
+        if o.kind == Kind::Seqpacket && !t.carries_records() {
+            eprintln!(
+                "bench: {} carries bytes, not records; skipped with --kind seqpacket",
+                t.name()
+            );
+        } else if available(t) {
             tools.push(t);
         } else {
             eprintln!(
@@ -1852,7 +2128,10 @@ fn run(o: &Opts) -> R<bool> {
         force: false,
     })
     .map_err(|e| format!("pki init: {e}"))?;
-    let target_rt = start_target(&env.target)?;
+    let target_rt = match o.kind {
+        Kind::Stream => start_target(&env.target)?,
+        Kind::Seqpacket => start_seq_target(&env.target)?,
+    };
     if ["PIPEBRIDGE_BENCH_RUN_AS", "PIPEBRIDGE_BASELINE_RUN_AS"]
         .iter()
         .any(|v| std::env::var(v).is_ok_and(|v| v != "gateway"))
@@ -1907,6 +2186,12 @@ fn run(o: &Opts) -> R<bool> {
     }
     let table = report(o, &active, &res, &idle_n);
     println!("{}\n", machine(load_at_start));
+    if o.kind == Kind::Seqpacket {
+        println!(
+            "Kind: SOCK_SEQPACKET at both ends (echo messages are records; bulk moves {} KiB records).\n",
+            RECORD / 1024
+        );
+    }
     println!("{table}");
     // End every gateway (Drop kills by pid), then the in-process servers.
     drop(pipes);

@@ -5,6 +5,7 @@
 #   scripts/bench.sh --install-competitors    # apt-get install socat stunnel4 openssh first
 #   scripts/bench.sh --smoke                  # a few seconds, pipebridge only (CI)
 #   scripts/bench.sh --only pipebridge,ssh --rounds 8
+#   scripts/bench.sh --kind seqpacket         # records end to end: pipebridge and direct
 # The table goes to stdout (markdown), progress to stderr. See BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
