@@ -272,3 +272,54 @@ impl MsgWriter {
         }
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn reader(sock: UnixSeqpacket, max: usize) -> MsgReader {
+        MsgReader::Seqpacket {
+            sock: Arc::new(sock),
+            max,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_come_whole_in_order_at_their_own_size() {
+        let (a, b) = UnixSeqpacket::pair().unwrap();
+        let sizes = [1usize, 100, 4096, 65_536, 200_000, 7];
+        let mut r = reader(b, 200_000);
+        for (i, &n) in sizes.iter().enumerate() {
+            let rec: Vec<u8> = (0..n).map(|k| (k * 31 + i) as u8).collect();
+            assert_eq!(a.send(&rec).await.unwrap(), n);
+            let got = r.recv().await.unwrap().expect("a record");
+            assert_eq!(got.len(), n, "record {i}");
+            assert_eq!(&got[..], &rec[..], "record {i}");
+        }
+        drop(a);
+        assert!(r.recv().await.unwrap().is_none(), "EOF");
+    }
+
+    #[tokio::test]
+    async fn a_record_over_the_limit_is_refused_with_its_size() {
+        let (a, b) = UnixSeqpacket::pair().unwrap();
+        let mut r = reader(b, 1000);
+        a.send(&[7u8; 1000]).await.unwrap();
+        a.send(&[8u8; 1001]).await.unwrap();
+        assert_eq!(r.recv().await.unwrap().unwrap().len(), 1000, "at the limit");
+        match r.recv().await {
+            Err(MsgError::TooBig { size, max }) => assert_eq!((size, max), (1001, 1000)),
+            other => panic!("expected TooBig, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_record_reads_as_eof() {
+        let (a, b) = UnixSeqpacket::pair().unwrap();
+        let mut r = reader(b, 1000);
+        a.send(b"x").await.unwrap();
+        a.send(b"").await.unwrap();
+        assert_eq!(&r.recv().await.unwrap().unwrap()[..], b"x");
+        assert!(r.recv().await.unwrap().is_none(), "an empty record is EOF");
+    }
+}
