@@ -1104,21 +1104,26 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Runs a forwarded session as a task tracked by `tracker`.
+/// Runs a forwarded session as a task tracked by `tracker`; `early` is what the local
+/// side already sent (it goes with the session's request).
 fn spawn_session(
     tracker: &TaskTracker,
     fwd: &Arc<ForwardConfig>,
     target: &Arc<Target>,
     local: Local,
     caller: Option<LocalCaller>,
+    early: Bytes,
 ) -> tokio::task::JoinHandle<()> {
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&target, caller.as_ref());
+    if !early.is_empty() {
+        span.in_scope(|| debug!(bytes = early.len(), "first bytes taken early"));
+    }
     // Boxed once, as shard::spawn does: moved by value, the session's future would be
     // copied whole at each step of the spawn.
     tracker.spawn(Box::pin(async move {
-        forward_one(local, Bytes::new(), caller, &fwd, &target, span).await
+        forward_one(local, early, caller, &fwd, &target, span).await
     }))
 }
 

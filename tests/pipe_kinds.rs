@@ -933,6 +933,29 @@ fn seqpacket_hosted_forward_keeps_message_boundaries_end_to_end() {
 /// stopped meanwhile), is taken early and goes with the session's request (HTTP/2) or
 /// first on the session (HTTP/1.1); it and the records behind it come back whole and in
 /// order, whether the first fits the early read (16 KiB) or not.
+/// Waits (at most 10 s) until every thread of process `pid` has stopped: `kill` returns
+/// once SIGSTOP is queued, and a thread running on another core can still run (accept,
+/// read) for a moment.
+fn wait_stopped(pid: u32) {
+    let stopped = || -> bool {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|st| {
+                // The state follows the command name, which ends at the last ')'.
+                st.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state == "T" || state == "t")
+            })
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(10), stopped),
+        "process {pid} did not stop"
+    );
+}
+
 #[test]
 fn seqpacket_forward_callers_first_records_arrive_whole_and_in_order() {
     let fx = Fx::new();
@@ -966,6 +989,7 @@ fn seqpacket_forward_callers_first_records_arrive_whole_and_in_order() {
             // socket when it accepts. Nothing here panics before it runs again.
             let pid = rustix::process::Pid::from_raw(b.proc.child.id() as i32).expect("pid");
             rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+            wait_stopped(b.proc.child.id());
             let fd = seq_connect(hosted);
             let sent: Vec<_> = match &fd {
                 Ok(fd) => {
@@ -1504,14 +1528,14 @@ fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
         &[],
     );
     let hosted = fx.path("hosted-in.fifo");
-    let _b = fx.serve(
+    let b = fx.serve(
         "b.toml",
         &fx.forward_config(&fx.forward(
             &format!("fifo:{}", hosted.display()),
             &format!("{}?direction=in", a.url("sink")),
             "",
         )),
-        &[],
+        &[("PIPEBRIDGE_LOG", "pipebridge=debug")],
     );
     fx.sh(&format!(
         "printf 'local writer data' > {}",
@@ -1526,6 +1550,49 @@ fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
             == Some(b"local writer data".as_slice())),
         "the remote file holds {:?}",
         std::fs::read_to_string(&dest).ok()
+    );
+    // The writer's data was already in the FIFO when the session opened: it went with
+    // the session's request (one write of 17 bytes, atomic in a pipe).
+    let early = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("first bytes taken early"))
+            .filter_map(|l| {
+                Some(
+                    l.split("bytes=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .to_string(),
+                )
+            })
+            .collect()
+    };
+    eventually(Duration::from_secs(10), || !early(&b.log()).is_empty());
+    assert_eq!(early(&b.log()), ["17"], "forward log:\n{}", b.log());
+
+    // The next round: more than the early read takes (16 KiB) and more than a pipe
+    // holds; the rest follows the early part, in order.
+    let data = random_letters(300_000);
+    let src = fx.path("big-input");
+    std::fs::write(&src, &data).expect("write the input");
+    fx.sh(&format!("cat {} > {}", src.display(), hosted.display()))
+        .finish(Duration::from_secs(30))
+        .expect_code(0);
+    assert!(
+        eventually(Duration::from_secs(15), || std::fs::read(&dest)
+            .ok()
+            .is_some_and(|d| d == data)),
+        "the remote file holds {} bytes, not the {} written (or not them in order)",
+        std::fs::read(&dest).map(|d| d.len()).unwrap_or(0),
+        data.len()
+    );
+    eventually(Duration::from_secs(10), || early(&b.log()).len() > 1);
+    let sizes = early(&b.log());
+    assert_eq!(sizes.len(), 2, "forward log:\n{}", b.log());
+    let second: usize = sizes[1].parse().expect("a byte count");
+    assert!(
+        (1..=16 * 1024).contains(&second),
+        "the second round's early part: {second} bytes"
     );
 }
 

@@ -335,11 +335,11 @@ fn read_early_record(fd: &OwnedFd) -> Bytes {
 /// Most data taken from a new caller before its session opens ([`read_early`]).
 const EARLY_BYTES: usize = 16 * 1024;
 
-/// What a new caller has already sent (most callers speak first: a request), read
-/// without waiting: it goes out with the session's request. Empty when nothing is
-/// there yet, at end of stream (which the session's reads see again) or on an error
-/// (likewise).
-fn read_early(stream: &std::os::unix::net::UnixStream) -> Bytes {
+/// What a new caller (or a hosted `in` FIFO's first writer) has already sent (most
+/// callers speak first: a request), read without waiting from its non-blocking
+/// descriptor: it goes out with the session's request. Empty when nothing is there yet,
+/// at end of stream (which the session's reads see again) or on an error (likewise).
+fn read_early(stream: impl AsFd) -> Bytes {
     // Read into memory not zeroed first: a zeroed 16 KiB per session was a memset as
     // long as the rest of the session's set-up copies.
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); EARLY_BYTES];
@@ -388,6 +388,7 @@ async fn fifo_rounds(
     tracker: &TaskTracker,
 ) {
     loop {
+        let mut early = Bytes::new();
         let local = if direction == Direction::In {
             // Local writers feed the remote pipe: wait for the first writer's data or close.
             let rx = match fifo::open_reader(path) {
@@ -402,6 +403,8 @@ async fn fifo_rounds(
                 warn!(error = %e, "hosted FIFO failed");
                 continue;
             }
+            // The first writer's data already there goes with the session's request.
+            early = read_early(&rx);
             Local {
                 reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
                 writer: None,
@@ -426,7 +429,7 @@ async fn fifo_rounds(
             }
         };
         let (fwd, target) = settings.get();
-        let _ = spawn_session(tracker, &fwd, &target, local, None).await;
+        let _ = spawn_session(tracker, &fwd, &target, local, None, early).await;
         if direction == Direction::Out {
             // The writer closed after readers drained the pipe; give them a moment to
             // read the EOF before the next round opens a writer again.

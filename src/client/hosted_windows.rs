@@ -154,7 +154,14 @@ impl Forward {
                     };
                     match windows::local_instance(inst, opts) {
                         Ok(local) => {
-                            spawn_session(&tracker, &fwd, &target, local, caller);
+                            spawn_session(
+                                &tracker,
+                                &fwd,
+                                &target,
+                                local,
+                                caller,
+                                bytes::Bytes::new(),
+                            );
                         }
                         Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
                     }
