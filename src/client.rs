@@ -1146,11 +1146,20 @@ async fn forward_one(
     if !fwd.allow_local.is_empty() {
         let admitted = match &caller {
             Some(c) => c.admitted(&fwd.allow_local).await,
-            None => false,
+            None => Ok(false),
         };
-        if !admitted {
-            span.in_scope(|| warn!("local caller not in allow_local; closing"));
-            return;
+        match admitted {
+            Ok(true) => {}
+            Ok(false) => {
+                span.in_scope(|| warn!("local caller not in allow_local; closing"));
+                return;
+            }
+            Err(e) => {
+                span.in_scope(
+                    || warn!(error = %e, "cannot judge the local caller by allow_local; closing"),
+                );
+                return;
+            }
         }
     }
     // The user database is consulted only when a credential path names `{user}`: it is
@@ -1158,9 +1167,21 @@ async fn forward_one(
     let dialer = if target.per_user {
         let user = match &caller {
             Some(c) => c.name().await,
-            None => None,
+            None => Ok(None),
         };
-        let creds = substitute_user(&fwd.credentials, user.as_deref());
+        let user = match user {
+            // A name that would step out of its place in a path is no name here.
+            Ok(Some(u)) if !u.is_empty() && !u.contains('/') && u != "." && u != ".." => u,
+            Ok(_) => {
+                span.in_scope(|| warn!("the local caller has no usable user name for {{user}} in the credential paths; closing"));
+                return;
+            }
+            Err(e) => {
+                span.in_scope(|| warn!(error = %e, "cannot look up the local caller's user name for {{user}}; closing"));
+                return;
+            }
+        };
+        let creds = substitute_user(&fwd.credentials, &user);
         session_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2, DIALER_TTL)
             .await
             .map(|(d, _)| d)
@@ -1397,13 +1418,9 @@ fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
     Some(h.finalize().into())
 }
 
-fn substitute_user(c: &CredentialPaths, user: Option<&str>) -> CredentialPaths {
-    let sub = |s: &Option<String>| -> Option<String> {
-        s.as_ref().map(|p| match user {
-            Some(u) => p.replace("{user}", u),
-            None => p.clone(),
-        })
-    };
+fn substitute_user(c: &CredentialPaths, user: &str) -> CredentialPaths {
+    let sub =
+        |s: &Option<String>| -> Option<String> { s.as_ref().map(|p| p.replace("{user}", user)) };
     CredentialPaths {
         ca: sub(&c.ca),
         cert: sub(&c.cert),

@@ -1321,8 +1321,9 @@ fn seqpacket_forward_allow_local_admits_only_the_listed_uid() {
     only_uid_12001_gets_through(&fx, &mut a, &b, &hosted, "seqpacket");
 }
 
-/// An NSS module whose `getpwuid_r` takes 4 s for uid 12003 (marking `$SLOW_NSS_MARK.entered`
-/// and `.left` around the wait) and finds nothing, so the next source (`files`) answers.
+/// An NSS module whose `getpwuid_r` finds nothing (so the next source, `files`, answers)
+/// after a wait: for uid 12003 until `$SLOW_NSS_MARK.release` exists (at most 30 s),
+/// marking `.entered` and `.left` around it; for uid 12004, 30 s (a hung source).
 const SLOW_NSS_C: &str = r#"
 #include <fcntl.h>
 #include <nss.h>
@@ -1344,19 +1345,25 @@ enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, si
                                      int *errnop) {
     (void)pw; (void)buf; (void)len; (void)errnop;
     if (uid == 12003) {
+        const char *base = getenv("SLOW_NSS_MARK");
+        char release[4096];
+        snprintf(release, sizeof release, "%s.release", base ? base : "");
         mark("entered");
-        sleep(4);
+        for (int i = 0; i < 3000 && access(release, F_OK) != 0; i++) usleep(10000);
         mark("left");
+    } else if (uid == 12004) {
+        sleep(30);
     }
     return NSS_STATUS_NOTFOUND;
 }
 "#;
 
 /// A forward's `allow_local` lookups of a caller's name run off the thread that runs the
-/// forward's other sessions: while the user database takes 4 s to answer for one caller
-/// (an NSS module that sleeps, loaded in the forwarding gateway's own mount namespace),
-/// another forward's session on the same single shard opens, echoes and ends. Then the
-/// slow caller is refused (uid 12003 is not `nobody`), and `nobody` is admitted.
+/// forward's other sessions: while the user database holds one caller's answer (an NSS
+/// module that waits, loaded in the forwarding gateway's own mount namespace), another
+/// forward's session on the same single shard opens, echoes and ends. Then the slow
+/// caller is refused (uid 12003 is not `nobody`); a caller whose lookup never answers
+/// is refused after the lookup timeout (10 s); and `nobody` is admitted.
 #[test]
 fn a_slow_user_database_holds_only_the_session_that_asks_it() {
     if !root_or_skip("a_slow_user_database_holds_only_the_session_that_asks_it") {
@@ -1408,7 +1415,11 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
     };
     let text = fwd(&slow, "allow_local = [\"nobody\"]") + &fwd(&quick, "");
     let mark = fx.path("nss");
-    let (entered, left) = (fx.path("nss.entered"), fx.path("nss.left"));
+    let (entered, left, release) = (
+        fx.path("nss.entered"),
+        fx.path("nss.left"),
+        fx.path("nss.release"),
+    );
     let b = fx.serve_via(
         "b.toml",
         &text,
@@ -1447,23 +1458,36 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         s.write_all(b"ping-quick").expect("write");
         s.shutdown(std::net::Shutdown::Write).expect("shutdown");
         let mut back = Vec::new();
-        s.read_to_end(&mut back).expect("read the echo");
+        s.read_to_end(&mut back).unwrap_or_else(|e| {
+            panic!(
+                "the other forward's session waited for the slow lookup ({e}); forward log:\n{}",
+                b.log()
+            )
+        });
         assert_eq!(
             back,
             b"ping-quick",
             "the other forward's session echoes; forward log:\n{}",
             b.log()
         );
-        assert!(
-            !left.exists(),
-            "the other forward's session waited for the slow lookup to end"
-        );
+        assert!(!left.exists(), "the slow lookup is still waiting");
+        std::fs::write(&release, b"").expect("release the slow lookup");
         caller.join().expect("slow caller")
     });
     assert!(left.exists(), "the slow lookup ran to its end");
     assert_eq!(
         slow_call["data"], "",
         "uid 12003 is not nobody and is closed without data: {slow_call}"
+    );
+    let hung = call_as(&fx, 12004, 12004, &slow, "ping-12004");
+    assert_eq!(
+        hung["data"], "",
+        "a caller whose lookup never answers is closed without data: {hung}"
+    );
+    assert!(
+        strip_ansi(&b.log()).contains("the user database did not answer within 10 s"),
+        "the forward logs why:\n{}",
+        b.log()
     );
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("user db")

@@ -459,29 +459,28 @@ fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
 }
 
 impl LocalCaller {
-    /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller.
-    /// A `uid:` rule is judged at once; a rule that names a user or a group asks the user
-    /// database on the blocking pool, as [`LocalCaller::name`] does. A lookup that fails
-    /// admits nothing.
-    pub async fn admitted(&self, rules: &[String]) -> bool {
+    /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller;
+    /// an error (which admits nothing) when the user database could not be asked
+    /// ([`off_the_shard`]). A `uid:` rule is judged at once; a rule that names a user or
+    /// a group asks the user database on the blocking pool, as [`LocalCaller::name`] does.
+    pub async fn admitted(&self, rules: &[String]) -> Result<bool, String> {
         if rules.iter().any(|r| uid_rule(r) == Some(self.uid)) {
-            return true;
+            return Ok(true);
         }
         if rules.iter().all(|r| r.starts_with("uid:")) {
-            return false;
+            return Ok(false);
         }
         let (me, rules) = (*self, rules.to_vec());
-        off_the_shard(move || me.allowed(&rules))
-            .await
-            .unwrap_or(false)
+        off_the_shard(move || me.allowed(&rules)).await
     }
 
-    /// The caller's user name (for `{user}` in credential paths), from the user database
-    /// on the blocking pool: NSS may ask LDAP or sssd, and a slow answer holds this
-    /// session only, not the other sessions of the thread it runs on.
-    pub async fn name(&self) -> Option<String> {
+    /// The caller's user name (for `{user}` in credential paths; `None`: it has none),
+    /// from the user database on the blocking pool ([`off_the_shard`]): NSS may ask LDAP
+    /// or sssd, and a slow answer holds this session only, not the other sessions of
+    /// the thread it runs on.
+    pub async fn name(&self) -> Result<Option<String>, String> {
         let me = *self;
-        off_the_shard(move || me.user_name()).await.flatten()
+        off_the_shard(move || me.user_name()).await
     }
 
     /// [`LocalCaller::admitted`], in the calling thread.
@@ -522,10 +521,40 @@ fn uid_rule(rule: &str) -> Option<u32> {
     rule.strip_prefix("uid:").and_then(|n| n.parse().ok())
 }
 
-/// Runs a user-database lookup on the blocking pool; `None` if it could not run (the
-/// runtime is shutting down) or panicked.
-async fn off_the_shard<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(f).await.ok()
+/// Most user-database lookups running at once, gateway-wide: a hung NSS source holds at
+/// most this many blocking threads, however many callers come.
+const MAX_LOOKUPS: usize = 16;
+/// How long a session waits for its lookup (its turn, then the answer) before it is
+/// refused.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a user-database lookup on the blocking pool, at most [`MAX_LOOKUPS`] at once;
+/// an error if it did not answer within [`LOOKUP_TIMEOUT`] (it keeps its thread and its
+/// turn until it returns), panicked, or the gateway is stopping.
+async fn off_the_shard<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+    let lookup = async {
+        let turn = LOOKUPS
+            .acquire()
+            .await
+            .map_err(|_| "the gateway is stopping".to_string())?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            f()
+        })
+        .await
+        .map_err(|e| format!("the user-database lookup failed: {e}"))
+    };
+    tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the user database did not answer within {} s",
+                LOOKUP_TIMEOUT.as_secs()
+            ))
+        })
 }
 
 impl std::fmt::Display for LocalCaller {

@@ -36,19 +36,21 @@ impl LocalCaller {
     /// Whether `rules` (`allow_local`: account names, `DOMAIN\NAME`, `@group`) admit
     /// this caller. A caller whose account could not be read matches nothing. Its account
     /// and groups were read when it was accepted, on the blocking pool.
-    pub async fn admitted(&self, rules: &[String]) -> bool {
+    /// Never an error (the Unix side's lookups can fail).
+    pub async fn admitted(&self, rules: &[String]) -> Result<bool, String> {
         let Some(user) = &self.0.user else {
-            return false;
+            return Ok(false);
         };
-        rules.iter().any(|r| match r.strip_prefix('@') {
+        Ok(rules.iter().any(|r| match r.strip_prefix('@') {
             Some(g) => self.0.groups.iter().any(|have| same_account(g, have)),
             None => same_account(r, user),
-        })
+        }))
     }
 
-    /// The caller's account name without its domain (for `{user}` in credential paths).
-    pub async fn name(&self) -> Option<String> {
-        self.0.user.as_deref().map(|u| bare(u).to_string())
+    /// The caller's account name without its domain (for `{user}` in credential paths;
+    /// `None`: it could not be read). Never an error.
+    pub async fn name(&self) -> Result<Option<String>, String> {
+        Ok(self.0.user.as_deref().map(|u| bare(u).to_string()))
     }
 }
 
