@@ -902,13 +902,15 @@ async fn seq_target_conn(s: tokio_seqpacket::UnixSeqpacket) -> std::io::Result<(
         (Some(b'S'), 9) => {
             let want = len(&buf[..9]).unwrap_or(0);
             let (mut got, mut ok) = (0u64, true);
-            while got < want {
+            while got < want && ok {
                 let m = s.recv(&mut buf).await?;
                 let n = m.bytes_read();
                 if n == 0 {
                     break;
                 }
-                ok &= !m.truncated() && buf[..n] == *expected(got, n);
+                // Each record whole: as long as the client sent it, and its bytes.
+                let whole = ((want - got) as usize).min(RECORD);
+                ok = !m.truncated() && n == whole && buf[..n] == *expected(got, n);
                 got += n as u64;
             }
             let answer = if ok { got } else { u64::MAX };
@@ -1415,12 +1417,18 @@ fn bulk_down(sock: &Path, len: u64) -> R<f64> {
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
     while got < len {
-        let want = ((len - got) as usize).min(CHUNK);
+        let want = ((len - got) as usize).min(chunk());
         let n = s
             .recv(&mut buf[..want])
             .map_err(|e| format!("read at {got}: {e}"))?;
         if n == 0 {
             return Err(format!("download: EOF after {got} of {len} bytes"));
+        }
+        // A longer record is an error already (`BConn::recv`); a shorter one too.
+        if kind() == Kind::Seqpacket && n != want {
+            return Err(format!(
+                "download: a record of {n} bytes at {got}, where the target sent {want}"
+            ));
         }
         if buf[..n] != *expected(got, n) {
             return Err(format!("download: corrupted data at offset {got}"));
