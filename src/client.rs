@@ -1104,26 +1104,22 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// Runs a forwarded session as a task tracked by `tracker`; `early` is what the local
-/// side already sent (it goes with the session's request).
+/// Runs a forwarded session as a task tracked by `tracker`; its result says whether the
+/// remote session opened ([`forward_one`]).
 fn spawn_session(
     tracker: &TaskTracker,
     fwd: &Arc<ForwardConfig>,
     target: &Arc<Target>,
     local: Local,
     caller: Option<LocalCaller>,
-    early: Bytes,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<bool> {
     let fwd = fwd.clone();
     let target = target.clone();
     let span = session_span(&target, caller.as_ref());
-    if !early.is_empty() {
-        span.in_scope(|| debug!(bytes = early.len(), "first bytes taken early"));
-    }
     // Boxed once, as shard::spawn does: moved by value, the session's future would be
     // copied whole at each step of the spawn.
     tracker.spawn(Box::pin(async move {
-        forward_one(local, early, caller, &fwd, &target, span).await
+        forward_one(local, Bytes::new(), caller, &fwd, &target, span).await
     }))
 }
 
@@ -1134,7 +1130,8 @@ fn session_span(target: &Target, caller: Option<&LocalCaller>) -> tracing::Span 
 
 /// One forwarded session: `local` (whose first data, already read, is `early`) bridged
 /// to a session opened on `target`, in `span`, which is entered while the session opens
-/// and for its log lines, but not at every poll while it runs ([`bridge::run`]).
+/// and for its log lines, but not at every poll while it runs ([`bridge::run`]). False
+/// when the remote session did not open (refused here or there, or unreachable).
 async fn forward_one(
     local: Local,
     early: Bytes,
@@ -1142,7 +1139,7 @@ async fn forward_one(
     fwd: &ForwardConfig,
     target: &Target,
     span: tracing::Span,
-) {
+) -> bool {
     if !fwd.allow_local.is_empty() {
         let admitted = match &caller {
             Some(c) => c.admitted(&fwd.allow_local).await,
@@ -1152,13 +1149,13 @@ async fn forward_one(
             Ok(true) => {}
             Ok(false) => {
                 span.in_scope(|| warn!("local caller not in allow_local; closing"));
-                return;
+                return false;
             }
             Err(e) => {
                 span.in_scope(
                     || warn!(error = %e, "cannot judge the local caller by allow_local; closing"),
                 );
-                return;
+                return false;
             }
         }
     }
@@ -1174,11 +1171,11 @@ async fn forward_one(
             Ok(Some(u)) if !u.is_empty() && !u.contains('/') && u != "." && u != ".." => u,
             Ok(_) => {
                 span.in_scope(|| warn!("the local caller has no usable user name for {{user}} in the credential paths; closing"));
-                return;
+                return false;
             }
             Err(e) => {
                 span.in_scope(|| warn!(error = %e, "cannot look up the local caller's user name for {{user}}; closing"));
-                return;
+                return false;
             }
         };
         let creds = substitute_user(&fwd.credentials, &user);
@@ -1201,7 +1198,7 @@ async fn forward_one(
         Ok((s, sent)) => (s.ws, sent),
         Err(e) => {
             span.in_scope(|| warn!(error = %e, "forward could not open the remote session; closing the local connection"));
-            return;
+            return false;
         }
     };
     let counters = Counters::default();
@@ -1236,6 +1233,7 @@ async fn forward_one(
             "forward session end"
         )
     });
+    true
 }
 
 /// How long a forward reuses a dialer (its TLS config and session-resumption cache)

@@ -1474,6 +1474,10 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         std::fs::write(&release, b"").expect("release the slow lookup");
         caller.join().expect("slow caller")
     });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !left.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(left.exists(), "the slow lookup ran to its end");
     assert_eq!(
         slow_call["data"], "",
@@ -1484,8 +1488,13 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         hung["data"], "",
         "a caller whose lookup never answers is closed without data: {hung}"
     );
+    let why = "the user database did not answer within 10 s";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !strip_ansi(&b.log()).contains(why) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
-        strip_ansi(&b.log()).contains("the user database did not answer within 10 s"),
+        strip_ansi(&b.log()).contains(why),
         "the forward logs why:\n{}",
         b.log()
     );

@@ -278,7 +278,9 @@ fn caller_session(
         let stream = std::os::unix::net::UnixStream::from(fd);
         let early = read_early(&stream);
         match tokio::net::UnixStream::from_std(stream) {
-            Ok(s) => forward_one(stream_local(s), early, caller, &fwd, &target, span).await,
+            Ok(s) => {
+                forward_one(stream_local(s), early, caller, &fwd, &target, span).await;
+            }
             Err(e) => span.in_scope(|| warn!(error = %e, "cannot register the local caller")),
         }
     }
@@ -302,7 +304,9 @@ fn seqpacket_session(
         let local = tokio_seqpacket::UnixSeqpacket::try_from(fd)
             .and_then(|s| seqpacket::local(s, seqpacket::auto_max_message(), true, true));
         match local {
-            Ok(local) => forward_one(local, early, caller, &fwd, &target, span).await,
+            Ok(local) => {
+                forward_one(local, early, caller, &fwd, &target, span).await;
+            }
             Err(e) => {
                 span.in_scope(|| warn!(error = %e, "cannot set up the accepted seqpacket socket"))
             }
@@ -335,11 +339,11 @@ fn read_early_record(fd: &OwnedFd) -> Bytes {
 /// Most data taken from a new caller before its session opens ([`read_early`]).
 const EARLY_BYTES: usize = 16 * 1024;
 
-/// What a new caller (or a hosted `in` FIFO's first writer) has already sent (most
-/// callers speak first: a request), read without waiting from its non-blocking
-/// descriptor: it goes out with the session's request. Empty when nothing is there yet,
-/// at end of stream (which the session's reads see again) or on an error (likewise).
-fn read_early(stream: impl AsFd) -> Bytes {
+/// What a new caller has already sent (most callers speak first: a request), read
+/// without waiting: it goes out with the session's request. Empty when nothing is
+/// there yet, at end of stream (which the session's reads see again) or on an error
+/// (likewise).
+fn read_early(stream: &std::os::unix::net::UnixStream) -> Bytes {
     // Read into memory not zeroed first: a zeroed 16 KiB per session was a memset as
     // long as the rest of the session's set-up copies.
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); EARLY_BYTES];
@@ -361,6 +365,8 @@ fn stream_local(stream: tokio::net::UnixStream) -> Local {
 
 /// Pause between two rounds of a hosted `out` FIFO.
 const FIFO_ROUND_GAP: Duration = Duration::from_millis(200);
+/// Pause after a hosted FIFO's session failed to open, before the next round.
+const FIFO_RETRY: Duration = Duration::from_secs(1);
 
 /// A hosted FIFO serves one local writer group (or reader) at a time, sequentially, until
 /// `shutdown`. Each round's session runs as a task of its own (tracked by `tracker`), so
@@ -388,7 +394,6 @@ async fn fifo_rounds(
     tracker: &TaskTracker,
 ) {
     loop {
-        let mut early = Bytes::new();
         let local = if direction == Direction::In {
             // Local writers feed the remote pipe: wait for the first writer's data or close.
             let rx = match fifo::open_reader(path) {
@@ -403,8 +408,6 @@ async fn fifo_rounds(
                 warn!(error = %e, "hosted FIFO failed");
                 continue;
             }
-            // The first writer's data already there goes with the session's request.
-            early = read_early(&rx);
             Local {
                 reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
                 writer: None,
@@ -429,7 +432,16 @@ async fn fifo_rounds(
             }
         };
         let (fwd, target) = settings.get();
-        let _ = spawn_session(tracker, &fwd, &target, local, None, early).await;
+        // Its early bytes are not read here: a session that then failed to open would
+        // lose them, where unread they stay in the pipe for the next round.
+        let opened = spawn_session(tracker, &fwd, &target, local, None)
+            .await
+            .unwrap_or(false);
+        if !opened {
+            // The far side is down or refuses: no tight loop of failing rounds.
+            tokio::time::sleep(FIFO_RETRY).await;
+            continue;
+        }
         if direction == Direction::Out {
             // The writer closed after readers drained the pipe; give them a moment to
             // read the EOF before the next round opens a writer again.

@@ -156,14 +156,7 @@ impl Forward {
                     };
                     match windows::local_instance(inst, opts) {
                         Ok(local) => {
-                            spawn_session(
-                                &tracker,
-                                &fwd,
-                                &target,
-                                local,
-                                caller,
-                                bytes::Bytes::new(),
-                            );
+                            spawn_session(&tracker, &fwd, &target, local, caller);
                         }
                         Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
                     }
