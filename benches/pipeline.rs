@@ -772,17 +772,22 @@ fn echo_msg(conn: u64, seq: u64) -> [u8; MSG] {
 
 // === target server (in-process) ===
 
+/// The runtime the in-process target runs on: one worker thread of its own.
+fn target_runtime() -> R<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("target")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Serves `path` on its own runtime thread until the runtime is dropped. The first byte
 /// of a connection picks the mode: `E` echo until EOF; `S` + u64 LE length: sink that many
 /// bytes (checked against the pattern) and answer the u64 count (u64::MAX on a mismatch);
 /// `O` + u64 LE length: source that many pattern bytes.
 fn start_target(path: &Path) -> R<tokio::runtime::Runtime> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("target")
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = target_runtime()?;
     let listener = {
         let _g = rt.enter();
         tokio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?
@@ -854,12 +859,7 @@ async fn target_conn(mut s: UnixStream) -> std::io::Result<()> {
 /// the rest of it is the first echo (`E`) or the u64 LE length (`S`, `O`); data moves in
 /// records of at most [`RECORD`] bytes, and the sink's answer is one 8-byte record.
 fn start_seq_target(path: &Path) -> R<tokio::runtime::Runtime> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("target")
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = target_runtime()?;
     let mut listener = {
         let _g = rt.enter();
         tokio_seqpacket::UnixSeqpacketListener::bind(path)

@@ -400,7 +400,7 @@ async fn fifo_rounds(
                 Ok(rx) => rx,
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(FIFO_RETRY).await;
                     continue;
                 }
             };
@@ -426,12 +426,18 @@ async fn fifo_rounds(
                 },
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(FIFO_RETRY).await;
                     continue;
                 }
             }
         };
         let (fwd, target) = settings.get();
+        // Local writers keep a reader until the next round's is open (this one never
+        // reads): through a session that fails to open and the pause after it, their
+        // data waits in the pipe and their writes neither fail (EPIPE) nor end them.
+        let _spare = (direction == Direction::In)
+            .then(|| fifo::open_reader(path).ok())
+            .flatten();
         // Its early bytes are not read here: a session that then failed to open would
         // lose them, where unread they stay in the pipe for the next round.
         let opened = spawn_session(tracker, &fwd, &target, local, None)
@@ -542,7 +548,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs a user-database lookup on the blocking pool, at most [`MAX_LOOKUPS`] at once;
 /// an error if it did not answer within [`LOOKUP_TIMEOUT`] (it keeps its thread and its
-/// turn until it returns), panicked, or the gateway is stopping.
+/// turn until it returns), panicked, or could not run (the runtime is shutting down).
 async fn off_the_shard<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
@@ -551,7 +557,7 @@ async fn off_the_shard<T: Send + 'static>(
         let turn = LOOKUPS
             .acquire()
             .await
-            .map_err(|_| "the gateway is stopping".to_string())?;
+            .map_err(|_| "the lookup limiter was closed".to_string())?;
         tokio::task::spawn_blocking(move || {
             let _turn = turn;
             f()
