@@ -393,11 +393,19 @@ async fn fifo_rounds(
     settings: &ForwardSettings,
     tracker: &TaskTracker,
 ) {
+    // Local writers of an `in` FIFO always have a reader: this spare (which never reads)
+    // from one round's session until the next round's reader is open. Through a session
+    // that fails to open and the pause after it, their data waits in the pipe and their
+    // writes neither fail (EPIPE) nor end them.
+    let mut spare = None;
     loop {
         let local = if direction == Direction::In {
             // Local writers feed the remote pipe: wait for the first writer's data or close.
             let rx = match fifo::open_reader(path) {
-                Ok(rx) => rx,
+                Ok(rx) => {
+                    drop(spare.take());
+                    rx
+                }
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");
                     tokio::time::sleep(FIFO_RETRY).await;
@@ -432,12 +440,9 @@ async fn fifo_rounds(
             }
         };
         let (fwd, target) = settings.get();
-        // Local writers keep a reader until the next round's is open (this one never
-        // reads): through a session that fails to open and the pause after it, their
-        // data waits in the pipe and their writes neither fail (EPIPE) nor end them.
-        let _spare = (direction == Direction::In)
-            .then(|| fifo::open_reader(path).ok())
-            .flatten();
+        if direction == Direction::In {
+            spare = fifo::open_reader(path).ok();
+        }
         // Its early bytes are not read here: a session that then failed to open would
         // lose them, where unread they stay in the pipe for the next round.
         let opened = spawn_session(tracker, &fwd, &target, local, None)
