@@ -243,6 +243,18 @@ fn scheme() -> &'static str {
     }
 }
 
+/// Ok when a send of record `b` sent all `n` of its bytes.
+fn whole_record(n: usize, b: &[u8]) -> std::io::Result<()> {
+    if n == b.len() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "sent {n} of a {}-byte record",
+            b.len()
+        )))
+    }
+}
+
 /// A blocking load-client connection: a stream, or a seqpacket socket whose every send is
 /// one record and every read one whole record.
 enum BConn {
@@ -254,17 +266,10 @@ impl BConn {
     fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             BConn::Stream(s) => s.write_all(b),
-            BConn::Seq(fd) => {
-                let n = rustix::net::send(&*fd, b, rustix::net::SendFlags::NOSIGNAL)?;
-                if n == b.len() {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(format!(
-                        "sent {n} of a {}-byte record",
-                        b.len()
-                    )))
-                }
-            }
+            BConn::Seq(fd) => whole_record(
+                rustix::net::send(&*fd, b, rustix::net::SendFlags::NOSIGNAL)?,
+                b,
+            ),
         }
     }
 
@@ -321,17 +326,7 @@ impl AConn {
     async fn send(&mut self, b: &[u8]) -> std::io::Result<()> {
         match self {
             AConn::Stream(s) => s.write_all(b).await,
-            AConn::Seq(s) => {
-                let n = s.send(b).await?;
-                if n == b.len() {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::other(format!(
-                        "sent {n} of a {}-byte record",
-                        b.len()
-                    )))
-                }
-            }
+            AConn::Seq(s) => whole_record(s.send(b).await?, b),
         }
     }
 

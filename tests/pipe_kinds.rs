@@ -588,6 +588,15 @@ fn same_messages(what: &str, got: &[Vec<u8>], want: &[Vec<u8>]) {
 
 // === local servers ===
 
+/// A seqpacket transformer target at `sp.sock` and a gateway (config `name`) exporting
+/// it as pipe `sp`.
+fn seqpacket_export(fx: &Fx, name: &str) -> (SeqServer, Gw) {
+    let sock = fx.path("sp.sock");
+    let srv = SeqServer::transformer(&sock);
+    let text = fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), ""));
+    (srv, fx.serve(name, &text, &[]))
+}
+
 /// A SOCK_SEQPACKET server run by background threads; stops accepting when dropped.
 struct SeqServer {
     path: PathBuf,
@@ -795,13 +804,7 @@ fn eventually(timeout: Duration, f: impl Fn() -> bool) -> bool {
 #[test]
 fn seqpacket_export_u32be_framing_keeps_message_boundaries() {
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let gw = fx.serve(
-        "gw.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, gw) = seqpacket_export(&fx, "gw.toml");
     let msgs: Vec<Vec<u8>> = SIZES.iter().map(|&n| random_bytes(n)).collect();
     let stdin: Vec<u8> = msgs.iter().flat_map(|m| u32be_frame(m)).collect();
     let out = fx.connect(
@@ -817,13 +820,7 @@ fn seqpacket_export_u32be_framing_keeps_message_boundaries() {
 #[test]
 fn seqpacket_export_lines_framing_keeps_message_boundaries() {
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let gw = fx.serve(
-        "gw.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, gw) = seqpacket_export(&fx, "gw.toml");
     let msgs: Vec<Vec<u8>> = SIZES.iter().map(|&n| random_letters(n)).collect();
     let mut stdin = Vec::new();
     for m in &msgs {
@@ -855,13 +852,7 @@ fn seqpacket_zero_length_messages_from_the_network_are_dropped() {
     // message.rs documents the choice: a zero-length record would read as EOF on Linux,
     // so the gateway drops zero-length messages instead of writing them.
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let gw = fx.serve(
-        "gw.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, gw) = seqpacket_export(&fx, "gw.toml");
     let out = fx.connect(&gw.url("sp"), &["--mode", "message"], b"a\n\nbc\n");
     out.expect_code(0);
     assert_eq!(out.out(), "1:a\n2:cb\n", "stderr:\n{}", out.stderr);
@@ -872,13 +863,7 @@ fn seqpacket_zero_length_messages_from_the_network_are_dropped() {
 #[test]
 fn seqpacket_hosted_forward_keeps_message_boundaries_end_to_end() {
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let a = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, a) = seqpacket_export(&fx, "a.toml");
     let hosted = fx.path("hosted/sp.sock");
     let _b = fx.serve(
         "b.toml",
@@ -959,13 +944,7 @@ fn wait_stopped(pid: u32) {
 #[test]
 fn seqpacket_forward_callers_first_records_arrive_whole_and_in_order() {
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let a = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, a) = seqpacket_export(&fx, "a.toml");
     let h2 = fx.path("h2.sock");
     let h1 = fx.path("h1.sock");
     let b = fx.serve(
@@ -1049,13 +1028,7 @@ fn seqpacket_forward_callers_first_records_arrive_whole_and_in_order() {
 #[test]
 fn seqpacket_hosted_socket_is_not_stolen_and_is_removed_on_shutdown() {
     let fx = Fx::new();
-    let sock = fx.path("sp.sock");
-    let _srv = SeqServer::transformer(&sock);
-    let a = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
-        &[],
-    );
+    let (_srv, a) = seqpacket_export(&fx, "a.toml");
     // A live seqpacket listener on the path is never taken over.
     let live = fx.path("live.sock");
     let _live = SeqServer::transformer(&live);
