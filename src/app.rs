@@ -847,6 +847,7 @@ fn stdio_local(dir: Direction, mode: Mode, framing: Framing) -> Local {
         reader,
         writer,
         child: None,
+        hangup: None,
     }
 }
 

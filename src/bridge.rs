@@ -127,7 +127,7 @@ impl StopSignal {
 
 /// What ended one wait of a session's loop ([`run_in`]).
 enum Event {
-    Up(Result<(), Failure>),
+    Up(Result<bool, Failure>),
     Down(Failure),
     Eof,
     Stopped((ErrorKind, String)),
@@ -448,6 +448,7 @@ async fn run_in<S: Transport>(
         reader,
         mut writer,
         mut child,
+        hangup,
     } = local;
     let eof_seen = AtomicBool::new(false);
     let activity = Activity::new();
@@ -459,9 +460,24 @@ async fn run_in<S: Transport>(
     let mut peer_error = None;
     // The peer's Close came after both directions were done: answered, not waited for.
     let mut peer_closed = false;
+    // The peer's local side left (its eof, then a Close, before our direction was done).
+    let mut peer_left = false;
+    // Ours did (its socket closed entirely before the peer's eof came). Only a socket
+    // we write to can tell: one we never write to was shut down for writing by us, and
+    // its peer's half-close alone then reads as closed.
+    let mut we_left = false;
+    let may_leave = writer.is_some();
 
     let failure = {
-        let up = upstream(reader, child.as_mut(), &sink, counters, &activity, span);
+        let up = upstream(
+            reader,
+            hangup,
+            child.as_mut(),
+            &sink,
+            counters,
+            &activity,
+            span,
+        );
         let down = downstream(
             &mut stream,
             &sink,
@@ -536,14 +552,27 @@ async fn run_in<S: Transport>(
             })
             .await;
             match event {
-                Event::Up(Ok(())) => up_done = true,
+                Event::Up(Ok(gone)) => {
+                    up_done = true;
+                    // Our local peer closed its socket: nothing more it could be sent
+                    // can be delivered, so the session ends without waiting for the far
+                    // side's data (our `eof` is out; the Close follows it).
+                    if gone && may_leave && !eof_seen.load(Ordering::Acquire) {
+                        we_left = true;
+                        break None;
+                    }
+                }
                 Event::Up(Err(f)) => break Some(f),
                 Event::Down(f) => {
                     // Both directions done and then the peer's Close: orderly.
-                    if up_done
-                        && eof_seen.load(Ordering::Acquire)
-                        && matches!(f, Failure::PeerClosed(_))
-                    {
+                    let eof = eof_seen.load(Ordering::Acquire);
+                    // Or: the peer's eof, then a normal Close before our direction was
+                    // done: the peer's local side is gone (see the `gone` above), and
+                    // what ours would still send could go nowhere. Orderly too.
+                    let left = eof
+                        && matches!(&f, Failure::PeerClosed(Some(c)) if c.code == CloseCode::Normal);
+                    if (up_done && eof && matches!(f, Failure::PeerClosed(_))) || left {
+                        peer_left = !up_done;
                         peer_closed = true;
                         break None;
                     }
@@ -589,13 +618,19 @@ async fn run_in<S: Transport>(
         }
         None => {}
     }
-    // The child, if any, is killed (and reaped by tokio) when dropped.
-    if let Some(c) = child.as_mut() {
-        let _ = c.start_kill();
+    // An exec child whose peer left has had its stdin end, and its stdout closed with
+    // the reader: as `data | child` whose reader went away, it runs on to its own end
+    // (awaited below, once the Close is answered). Any other child is killed (and
+    // reaped by tokio) when dropped.
+    let linger = peer_left && child.is_some();
+    if !linger {
+        if let Some(c) = child.as_mut() {
+            let _ = c.start_kill();
+        }
     }
     // Boxed: it runs once, at the end, and inline it would make every session's state
     // (idle ones too) as big as this last step's.
-    Box::pin(finish(
+    let mut out = Box::pin(finish(
         sink.lock.into_inner(),
         stream,
         failure,
@@ -603,7 +638,48 @@ async fn run_in<S: Transport>(
         exit,
         peer_error,
     ))
-    .await
+    .await;
+    if we_left {
+        out.reason = "the local side closed".into();
+    } else if peer_left {
+        out.reason = "the peer's local side closed".into();
+    }
+    if let (true, Some(c)) = (linger, child.as_mut()) {
+        Box::pin(outlive_peer(c, &mut stop, opts.idle_timeout, span)).await;
+    }
+    out
+}
+
+/// Waits for an exec child that outlives its session's peer, unless the gateway stops
+/// the session first (drain, reload, withdrawn access) or the idle timeout passes (as it
+/// would have for the session): then it is killed.
+async fn outlive_peer(
+    child: &mut tokio::process::Child,
+    stop: &mut StopSignal,
+    idle: Option<Duration>,
+    span: &tracing::Span,
+) {
+    let idle = async {
+        match idle {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => span.in_scope(|| {
+                tracing::info!(status = %status, "exec child exited after the peer left")
+            }),
+            Err(e) => span.in_scope(|| tracing::warn!(error = %e, "wait for child")),
+        },
+        _ = stop.wait() => {
+            let _ = child.start_kill();
+        }
+        () = idle => {
+            span.in_scope(|| tracing::info!("exec child killed: idle after the peer left"));
+            let _ = child.start_kill();
+        }
+    }
 }
 
 async fn finish<W: OwnedWrite, R: ChunkRead>(
@@ -734,12 +810,14 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
 /// Local → network: read chunks, send binary messages; then the child's `exit`, then `eof`.
 async fn upstream<W: OwnedWrite>(
     reader: Option<Reader>,
+    hangup: Option<crate::endpoint::Hangup>,
     child: Option<&mut tokio::process::Child>,
     sink: &SharedSink<W>,
     counters: &Counters,
     activity: &Activity,
     span: &tracing::Span,
-) -> Result<(), Failure> {
+) -> Result<bool, Failure> {
+    let mut gone = false;
     match reader {
         Some(Reader::Bytes(mut r)) => {
             // Reads land behind room for the frame header, so the sink frames them in
@@ -756,6 +834,7 @@ async fn upstream<W: OwnedWrite>(
                     .await
                     .map_err(|e| Failure::Local(format!("read: {e}")))?;
                 if n == 0 {
+                    gone = hangup.is_some_and(|h| h.peer_gone());
                     break;
                 }
                 crate::shard::note_traffic();
@@ -787,7 +866,10 @@ async fn upstream<W: OwnedWrite>(
                     sent.map_err(|e| ws_failure(e, span))?;
                     counters.from_local.fetch_add(n, Ordering::Relaxed);
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    gone = hangup.is_some_and(|h| h.peer_gone());
+                    break;
+                }
                 Err(e @ MsgError::TooBig { .. }) => {
                     span.in_scope(|| tracing::warn!(error = %e, "local message too big; closing the session with 1009"));
                     return Err(Failure::Protocol(ErrorKind::MessageTooBig, e.to_string()));
@@ -811,7 +893,7 @@ async fn upstream<W: OwnedWrite>(
     sink.send(Message::text(Control::Eof.encode()))
         .await
         .map_err(|e| ws_failure(e, span))?;
-    Ok(())
+    Ok(gone)
 }
 
 fn exit_control(status: std::process::ExitStatus) -> Control {

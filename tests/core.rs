@@ -237,6 +237,126 @@ fn half_close_through_forward_config_and_forward_verb() {
     assert_eq!(String::from_utf8_lossy(&reply), sha_hex(&data));
 }
 
+/// Waits (bounded) until `gw`'s log holds a line with every one of `parts`; returns it.
+fn log_line_with(gw: &Gateway, parts: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let log = gw.log();
+        if let Some(l) = log.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no log line with {parts:?} within {timeout:?}; the log:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A caller that reads its whole reply and then closes its socket entirely (not a
+/// half-close) ends its session at once: the exporting gateway closes the target's
+/// connection, so a write the target makes after that fails, as on a direct socket, and
+/// both gateways log a normal end (1000) saying which side closed. Before, the target was
+/// only shut down for writing, its late write went through, and the dialling gateway's
+/// write of it into the closed caller failed (1011).
+#[test]
+fn a_caller_that_closes_entirely_ends_its_session_in_order() {
+    let fx = Fixture::new();
+    let listener = UnixListener::bind(fx.path("late.sock")).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut req = [0u8; 3];
+        s.read_exact(&mut req).expect("the caller's request");
+        s.write_all(&[b'r'; 4096]).expect("the reply");
+        let mut rest = Vec::new();
+        let eof = s.read_to_end(&mut rest).map(|_| rest.len());
+        // A late word, well after the caller left.
+        thread::sleep(Duration::from_millis(300));
+        let late = s.write_all(b"late").map_err(|e| e.kind());
+        let _ = tx.send((eof.map_err(|e| e.kind()), late));
+    });
+    let (a, b, fwd) = exported_and_forwarded(&fx, "late", "late.sock", "", "");
+    let mut c = unix_connect(&fwd);
+    c.write_all(b"go\n").expect("request");
+    let mut reply = [0u8; 4096];
+    c.read_exact(&mut reply).expect("the whole reply");
+    assert!(reply.iter().all(|&x| x == b'r'));
+    drop(c);
+    let (eof, late) = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the target thread reports");
+    target.join().expect("target thread");
+    assert_eq!(
+        eof,
+        Ok(0),
+        "the target reads the caller's end, and nothing else"
+    );
+    assert!(
+        matches!(
+            late,
+            Err(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+        ),
+        "the target's write after the caller left: {late:?}"
+    );
+    let t = Duration::from_secs(10);
+    let end = log_line_with(&a, &["session end", "pipe=late"], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the peer's local side closed"),
+        "exporting side: {end}"
+    );
+    let end = log_line_with(&b, &["close_code="], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the local side closed"),
+        "dialling side: {end}"
+    );
+}
+
+/// An `exec:` child whose caller sent its input and closed its socket entirely is not
+/// killed when the dialling gateway ends the session at once: it runs to its own end, as
+/// `data | child` would (here it writes the input to a file only after a pause).
+#[test]
+fn an_exec_child_outlives_a_caller_that_closed_entirely() {
+    let fx = Fixture::new();
+    let out = fx.path("out");
+    let child = format!(
+        "exec:sh -c 'cat > {0}.tmp; sleep 0.5; mv {0}.tmp {0}'",
+        out.display()
+    );
+    let a = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe("store", &child, &["alice"], "")),
+    );
+    let fwd = fx.path("fwd.sock");
+    let b = fx.serve("b.toml", &forward(&fx, &fwd, &a.url("store"), "alice", ""));
+    let data = random_bytes(200_000);
+    let mut c = unix_connect(&fwd);
+    c.write_all(&data).expect("write the input");
+    drop(c);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !out.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the child never finished; exporting side:\n{}",
+            a.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        std::fs::read(&out).expect("read out") == data,
+        "the child's file differs"
+    );
+    log_line_with(
+        &a,
+        &["exec child exited after the peer left"],
+        Duration::from_secs(10),
+    );
+    let end = log_line_with(&b, &["close_code="], Duration::from_secs(10));
+    assert!(end.contains("close_code=1000"), "dialling side: {end}");
+}
+
 // === 3. byte-exact under load ===
 
 /// Streams `total` random bytes into `path` while reading the echo; returns

@@ -301,8 +301,12 @@ fn seqpacket_session(
         if !early.is_empty() {
             span.in_scope(|| debug!(bytes = early.len(), "first record taken early"));
         }
-        let local = tokio_seqpacket::UnixSeqpacket::try_from(fd)
-            .and_then(|s| seqpacket::local(s, seqpacket::auto_max_message(), true, true));
+        let local = tokio_seqpacket::UnixSeqpacket::try_from(fd).and_then(|s| {
+            // A caller that closes entirely ends its session at once (`Local::hangup`).
+            let hangup = Some(crate::endpoint::Hangup::of(&s));
+            seqpacket::local(s, seqpacket::auto_max_message(), true, true)
+                .map(|l| Local { hangup, ..l })
+        });
         match local {
             Ok(local) => {
                 forward_one(local, early, caller, &fwd, &target, span).await;
@@ -355,11 +359,14 @@ fn read_early(stream: &std::os::unix::net::UnixStream) -> Bytes {
 
 /// A local caller's stream as a session's local side.
 fn stream_local(stream: tokio::net::UnixStream) -> Local {
+    // A caller that closes entirely ends its session at once (`Local::hangup`).
+    let hangup = Some(crate::endpoint::Hangup::of(&stream));
     let (r, w) = stream.into_split();
     Local {
         reader: Some(Reader::Bytes(Box::new(r) as BoxRead)),
         writer: Some(Writer::Bytes(Box::new(w) as BoxWrite)),
         child: None,
+        hangup,
     }
 }
 
@@ -420,6 +427,7 @@ async fn fifo_rounds(
                 reader: Some(Reader::Bytes(Box::new(rx) as BoxRead)),
                 writer: None,
                 child: None,
+                hangup: None,
             }
         } else {
             // The remote pipe feeds local readers: wait for a reader.
@@ -431,6 +439,7 @@ async fn fifo_rounds(
                         Box::new(fifo::DrainingSender::new(tx)) as BoxWrite
                     )),
                     child: None,
+                    hangup: None,
                 },
                 Err(e) => {
                     warn!(error = %e, "cannot open the hosted FIFO");

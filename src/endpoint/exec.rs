@@ -85,5 +85,6 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         reader,
         writer,
         child: Some(child),
+        hangup: None,
     })
 }

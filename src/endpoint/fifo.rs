@@ -104,6 +104,7 @@ pub async fn open(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError> {
         reader: rx.map(|r| Reader::Bytes(Box::new(r) as BoxRead)),
         writer: tx.map(|w| Writer::Bytes(Box::new(super::eager::EagerWrite::new(w)) as BoxWrite)),
         child: None,
+        hangup: None,
     })
 }
 

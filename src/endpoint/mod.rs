@@ -243,6 +243,39 @@ pub struct Local {
     /// An `exec:` child: awaited after `reader` ends, its status sent as `exit`.
     /// Dropping it kills the child.
     pub child: Option<tokio::process::Child>,
+    /// For a forward's caller socket: tells, at the end of `reader`'s data, whether the
+    /// caller is gone entirely (closed) rather than only done sending (a half-close).
+    /// Then the session ends at once: nothing more could reach the caller. (Not set for
+    /// exported targets: a target that closes while its caller still sends must look like
+    /// a failed write to that caller, as on a direct socket, not like a clean end.)
+    pub hangup: Option<Hangup>,
+}
+
+/// A local socket whose peer may close it entirely: asked only while the [`Local`]'s
+/// reader, which holds the socket open, is alive.
+#[derive(Clone, Copy, Debug)]
+pub struct Hangup {
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
+}
+
+impl Hangup {
+    /// The socket `s`; its [`Local`] must hold it open for as long as this is asked.
+    #[cfg(unix)]
+    pub fn of(s: &impl std::os::fd::AsRawFd) -> Hangup {
+        Hangup { fd: s.as_raw_fd() }
+    }
+
+    /// Whether the peer closed the socket (or shut it down both ways), so nothing more
+    /// written to it can be read: then the session need not wait for the far side's end.
+    pub fn peer_gone(&self) -> bool {
+        // Linux's AF_UNIX poll reports POLLHUP only once both directions are shut down;
+        // elsewhere the answer is not that exact, so no.
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        return crate::platform::hung_up(self.fd);
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        false
+    }
 }
 
 /// Who is opening a pipe, for `exec:` environments and logs.
@@ -374,6 +407,7 @@ mod tests {
             })),
             writer: None,
             child: None,
+            hangup: None,
         }
         .prepend(bytes::Bytes::from_static(b"first"));
         let Some(Reader::Messages(mut r)) = local.reader else {

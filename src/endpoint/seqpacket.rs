@@ -101,6 +101,7 @@ pub fn local(sock: UnixSeqpacket, max: usize, reads: bool, writes: bool) -> io::
             })
         }),
         child: None,
+        hangup: None,
     })
 }
 

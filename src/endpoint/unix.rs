@@ -38,6 +38,7 @@ pub async fn connect(path: &Path, ctx: &OpenContext) -> Result<Local, OpenError>
             .client_writes()
             .then(|| super::Writer::Bytes(Box::new(super::eager::EagerWrite::new(w)))),
         child: None,
+        hangup: None,
     })
 }
 

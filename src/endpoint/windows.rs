@@ -639,6 +639,7 @@ fn local_shared(sh: Arc<Shared>, opts: PipeOptions) -> io::Result<Local> {
         reader,
         writer,
         child: None,
+        hangup: None,
     })
 }
 

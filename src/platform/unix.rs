@@ -162,6 +162,20 @@ pub fn set_keepalive(
         sockopt::set_tcp_user_timeout(tcp, u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX));
 }
 
+/// Whether the socket `fd`'s peer is gone entirely: `POLLHUP` (on a Unix socket, both
+/// directions shut down). Asks without waiting; an error counts as not known, so no.
+#[allow(unsafe_code)]
+pub fn hung_up(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLHUP != 0
+}
+
 /// The signal that ended a child, if one did.
 pub fn exit_signal(status: &std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;
