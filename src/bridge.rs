@@ -489,6 +489,7 @@ async fn run_in<S: Transport>(
             &mut peer_error,
             &activity,
             discard_on_epipe,
+            hangup,
             span,
         );
         tokio::pin!(up, down);
@@ -818,6 +819,11 @@ async fn upstream<W: OwnedWrite>(
     span: &tracing::Span,
 ) -> Result<bool, Failure> {
     let mut gone = false;
+    // A Unix socket whose peer closed with data of ours unread fails one read with
+    // ECONNRESET, and on a seqpacket socket that comes before the records the peer sent
+    // last, still queued. So they are read on, and only then does the reset count: as the
+    // end of a caller that closed (`gone`), or as the local endpoint's failure.
+    let mut reset = false;
     match reader {
         Some(Reader::Bytes(mut r)) => {
             // Reads land behind room for the frame header, so the sink frames them in
@@ -829,10 +835,14 @@ async fn upstream<W: OwnedWrite>(
                 // the transport by value, `buf` is empty and reclaims or reallocates).
                 buf.reserve(HEADROOM + want);
                 buf.resize(HEADROOM, 0);
-                let n = r
-                    .read_buf(&mut bytes::BufMut::limit(&mut buf, want))
-                    .await
-                    .map_err(|e| Failure::Local(format!("read: {e}")))?;
+                let n = match r.read_buf(&mut bytes::BufMut::limit(&mut buf, want)).await {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !reset => {
+                        reset = true;
+                        continue;
+                    }
+                    Err(e) => return Err(Failure::Local(format!("read: {e}"))),
+                };
                 if n == 0 {
                     gone = hangup.is_some_and(|h| h.peer_gone());
                     break;
@@ -870,6 +880,11 @@ async fn upstream<W: OwnedWrite>(
                     gone = hangup.is_some_and(|h| h.peer_gone());
                     break;
                 }
+                Err(MsgError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionReset && !reset =>
+                {
+                    reset = true;
+                }
                 Err(e @ MsgError::TooBig { .. }) => {
                     span.in_scope(|| tracing::warn!(error = %e, "local message too big; closing the session with 1009"));
                     return Err(Failure::Protocol(ErrorKind::MessageTooBig, e.to_string()));
@@ -878,6 +893,11 @@ async fn upstream<W: OwnedWrite>(
             }
         },
         None => {}
+    }
+    if reset && !gone {
+        return Err(Failure::Local(
+            "read: the local peer closed with data unread (connection reset)".into(),
+        ));
     }
     if let Some(child) = child {
         let status = child
@@ -918,6 +938,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
     discard_on_epipe: bool,
+    hangup: Option<crate::endpoint::Hangup>,
     span: &tracing::Span,
 ) -> Failure {
     let mut discarding = false;
@@ -958,9 +979,20 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                     }
                 };
                 if let Err(e) = r {
-                    if discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe {
+                    // A caller that closed its socket entirely: its end comes through
+                    // the upstream (and ends the session in order); until then what
+                    // is left for it goes nowhere, as for a child that closed its stdin.
+                    let caller_gone = matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) && hangup.is_some_and(|h| h.peer_gone());
+                    if caller_gone
+                        || (discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe)
+                    {
                         span.in_scope(|| {
-                            tracing::debug!("the child closed its stdin; discarding further input")
+                            tracing::debug!(
+                                "the local side stopped reading; discarding further input"
+                            )
                         });
                         *writer = None;
                         discarding = true;

@@ -314,6 +314,66 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
     );
 }
 
+/// A caller that closes its socket entirely while the target still streams, with part
+/// of the stream unread, also ends its session in order (1000): the read that meets the
+/// reset, or the write into the closed caller, is the caller's end, not a failure of the
+/// local endpoint (before, both sides ended with 1011). The target's writes then fail.
+#[test]
+fn a_caller_that_closes_with_a_stream_unread_ends_its_session_in_order() {
+    let fx = Fixture::new();
+    let listener = UnixListener::bind(fx.path("stream.sock")).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut go = [0u8; 3];
+        s.read_exact(&mut go).expect("the caller's request");
+        let start = Instant::now();
+        // Streams until a write fails, for at most 30 s.
+        let r = loop {
+            if start.elapsed() > Duration::from_secs(30) {
+                break Err("the target's writes never failed".to_string());
+            }
+            match s.write_all(&[b'x'; 1024]) {
+                Ok(()) => thread::sleep(Duration::from_millis(1)),
+                Err(e) => break Ok(e.kind()),
+            }
+        };
+        let _ = tx.send(r);
+    });
+    let (a, b, fwd) = exported_and_forwarded(&fx, "stream", "stream.sock", "", "");
+    let mut c = unix_connect(&fwd);
+    c.write_all(b"go\n").expect("request");
+    let mut got = [0u8; 4096];
+    c.read_exact(&mut got)
+        .expect("the stream reaches the caller");
+    assert!(got.iter().all(|&x| x == b'x'));
+    // More of the stream arrives meanwhile, and is left unread.
+    thread::sleep(Duration::from_millis(50));
+    drop(c);
+    let r = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the target thread reports");
+    target.join().expect("target thread");
+    assert!(
+        matches!(
+            r,
+            Ok(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)
+        ),
+        "the target's write after the caller left: {r:?}"
+    );
+    let t = Duration::from_secs(10);
+    let end = log_line_with(&a, &["session end", "pipe=stream"], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the peer's local side closed"),
+        "exporting side: {end}"
+    );
+    let end = log_line_with(&b, &["close_code="], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the local side closed"),
+        "dialling side: {end}"
+    );
+}
+
 /// An `exec:` child whose caller sent its input and closed its socket entirely is not
 /// killed when the dialling gateway ends the session at once: it runs to its own end, as
 /// `data | child` would (here it writes the input to a file only after a pause).

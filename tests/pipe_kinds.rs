@@ -937,6 +937,91 @@ fn wait_stopped(pid: u32) {
     );
 }
 
+/// An exported seqpacket target that sends its last records and closes with a record of
+/// the caller's still unread: Linux fails the gateway's next read with ECONNRESET ahead
+/// of those records. They still reach the caller, whole and in order, and only then does
+/// the session end with 1011 (the local endpoint failed). Before, they were lost.
+#[test]
+fn seqpacket_target_closing_with_a_record_unread_still_delivers_its_last_records() {
+    let fx = Fx::new();
+    let sock = fx.path("rst.sock");
+    let l = seq_socket();
+    rustix::net::bind(&l, &SocketAddrUnix::new(&sock).expect("addr")).expect("bind");
+    rustix::net::listen(&l, 4).expect("listen");
+    let (to_test, from_target) = std::sync::mpsc::channel::<bool>();
+    let (to_target, from_test) = std::sync::mpsc::channel::<()>();
+    let target = thread::spawn(move || {
+        let c = rustix::net::accept(&l).expect("accept");
+        recv_timeout(&c, Duration::from_secs(30));
+        let mut buf = vec![0u8; 4096];
+        let first = seq_recv(&c, &mut buf)
+            .expect("recv")
+            .expect("a first record");
+        assert_eq!(first, b"request");
+        // Until the caller's second record waits here, unread (bounded).
+        let queued = eventually(Duration::from_secs(20), || {
+            let mut peek = [0u8; 16];
+            rustix::net::recv(&c, &mut peek[..], RecvFlags::PEEK | RecvFlags::DONTWAIT).is_ok()
+        });
+        let _ = to_test.send(queued);
+        if from_test.recv_timeout(Duration::from_secs(30)).is_ok() {
+            for r in [&b"last-1"[..], b"last-2", b"last-3"] {
+                seq_send(&c, r).expect("send");
+            }
+        }
+        // Closed with the caller's record unread.
+    });
+    let a = fx.serve(
+        "a.toml",
+        &fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), "")),
+        &[],
+    );
+    let hosted = fx.path("fwd.sock");
+    let _b = fx.serve(
+        "b.toml",
+        &fx.forward_config(&fx.forward(
+            &format!("seqpacket:{}", hosted.display()),
+            &a.url("sp"),
+            "",
+        )),
+        &[],
+    );
+    let caller = seq_connect(&hosted).expect("connect to the forward");
+    seq_send(&caller, b"request").expect("send");
+    seq_send(&caller, b"unread").expect("send");
+    assert_eq!(
+        from_target.recv_timeout(Duration::from_secs(30)),
+        Ok(true),
+        "the caller's second record never reached the target"
+    );
+    // The exporting gateway is stopped while the target sends and closes, so its first
+    // read after that meets the reset. Nothing here panics before SIGCONT but
+    // `wait_stopped`, and a stopped gateway is still killed (SIGKILL) on drop.
+    let pid = rustix::process::Pid::from_raw(a.proc.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    wait_stopped(a.proc.child.id());
+    let _ = to_target.send(());
+    let done = target.join();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    done.expect("target thread");
+    recv_timeout(&caller, Duration::from_secs(30));
+    let mut buf = vec![0u8; 4096];
+    for want in ["last-1", "last-2", "last-3"] {
+        let got = seq_recv(&caller, &mut buf)
+            .expect("recv")
+            .unwrap_or_else(|| panic!("EOF instead of {want}; exporting side:\n{}", a.log()));
+        assert_eq!(String::from_utf8_lossy(&got), want);
+    }
+    assert_eq!(seq_recv(&caller, &mut buf).expect("recv at the end"), None);
+    assert!(
+        eventually(Duration::from_secs(10), || a
+            .log()
+            .contains("close_code=1011")),
+        "the exporting side should end with 1011:\n{}",
+        a.log()
+    );
+}
+
 /// A caller's first record, sent before the gateway has even accepted it (the gateway is
 /// stopped meanwhile), is taken early and goes with the session's request (HTTP/2) or
 /// first on the session (HTTP/1.1); it and the records behind it come back whole and in
