@@ -182,6 +182,9 @@ enum Failure {
     Protocol(ErrorKind, String),
     PeerGone(String),
     PeerClosed(Option<CloseFrame>),
+    /// The local side (a forward's caller) can read nothing more, and has sent all it
+    /// will: the session ends in order.
+    LocalLeft,
     Stopped(ErrorKind, String),
     Idle,
 }
@@ -467,6 +470,11 @@ async fn run_in<S: Transport>(
     // its peer's half-close alone then reads as closed.
     let mut we_left = false;
     let may_leave = writer.is_some();
+    // A write into the caller found it gone (set by the downstream), and the upstream
+    // has ended (set here, so the downstream then ends the session instead of
+    // discarding what is left for the caller for ever).
+    let local_gone = AtomicBool::new(false);
+    let up_finished = AtomicBool::new(false);
 
     let failure = {
         let up = upstream(
@@ -489,7 +497,7 @@ async fn run_in<S: Transport>(
             &mut peer_error,
             &activity,
             discard_on_epipe,
-            hangup,
+            hangup.is_some().then_some((&local_gone, &up_finished)),
             span,
         );
         tokio::pin!(up, down);
@@ -555,6 +563,8 @@ async fn run_in<S: Transport>(
             match event {
                 Event::Up(Ok(gone)) => {
                     up_done = true;
+                    up_finished.store(true, Ordering::Release);
+                    let gone = gone || local_gone.load(Ordering::Acquire);
                     // Our local peer closed its socket: nothing more it could be sent
                     // can be delivered, so the session ends without waiting for the far
                     // side's data (our `eof` is out; the Close follows it).
@@ -564,6 +574,10 @@ async fn run_in<S: Transport>(
                     }
                 }
                 Event::Up(Err(f)) => break Some(f),
+                Event::Down(Failure::LocalLeft) => {
+                    we_left = true;
+                    break None;
+                }
                 Event::Down(f) => {
                     // Both directions done and then the peer's Close: orderly.
                     let eof = eof_seen.load(Ordering::Acquire);
@@ -699,7 +713,7 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
         clean: false,
     };
     let (send_close, error_msg) = match failure {
-        None => {
+        None | Some(Failure::LocalLeft) => {
             out.clean = true;
             (Some((protocol::CLOSE_NORMAL, String::new())), None)
         }
@@ -938,7 +952,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
     discard_on_epipe: bool,
-    hangup: Option<crate::endpoint::Hangup>,
+    caller: Option<(&AtomicBool, &AtomicBool)>,
     span: &tracing::Span,
 ) -> Failure {
     let mut discarding = false;
@@ -979,14 +993,22 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                     }
                 };
                 if let Err(e) = r {
-                    // A caller that closed its socket entirely: its end comes through
-                    // the upstream (and ends the session in order); until then what
-                    // is left for it goes nowhere, as for a child that closed its stdin.
-                    let caller_gone = matches!(
+                    // A forward's caller that can read no more (on a Unix socket, EPIPE
+                    // or ECONNRESET say so): what is left for it goes nowhere, as for a
+                    // child that closed its stdin. Its end comes through the upstream
+                    // and ends the session in order; if that end already came (it had
+                    // shut down for writing first), the session ends now.
+                    let broken = matches!(
                         e.kind(),
                         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-                    ) && hangup.is_some_and(|h| h.peer_gone());
-                    if caller_gone
+                    );
+                    if let (true, Some((gone, up_finished))) = (broken, caller) {
+                        gone.store(true, Ordering::Release);
+                        if up_finished.load(Ordering::Acquire) {
+                            return Failure::LocalLeft;
+                        }
+                    }
+                    if (broken && caller.is_some())
                         || (discard_on_epipe && e.kind() == std::io::ErrorKind::BrokenPipe)
                     {
                         span.in_scope(|| {

@@ -273,9 +273,17 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
         s.write_all(&[b'r'; 4096]).expect("the reply");
         let mut rest = Vec::new();
         let eof = s.read_to_end(&mut rest).map(|_| rest.len());
-        // A late word, well after the caller left.
-        thread::sleep(Duration::from_millis(300));
-        let late = s.write_all(b"late").map_err(|e| e.kind());
+        // Late words after the caller left, until one fails (at most 10 s).
+        let start = Instant::now();
+        let late = loop {
+            if let Err(e) = s.write_all(b"late") {
+                break Err(e.kind());
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                break Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
         let _ = tx.send((eof.map_err(|e| e.kind()), late));
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "late", "late.sock", "", "");
@@ -320,11 +328,24 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
 /// local endpoint (before, both sides ended with 1011). The target's writes then fail.
 #[test]
 fn a_caller_that_closes_with_a_stream_unread_ends_its_session_in_order() {
+    caller_leaves_a_stream(false);
+}
+
+/// The same for a caller that first shuts its socket down for writing (its end goes to
+/// the target as EOF) and later closes it: the next write into it ends the session.
+#[test]
+fn a_half_closed_caller_that_then_closes_ends_its_session_in_order() {
+    caller_leaves_a_stream(true);
+}
+
+fn caller_leaves_a_stream(half_close_first: bool) {
     let fx = Fixture::new();
     let listener = UnixListener::bind(fx.path("stream.sock")).expect("bind");
     let (tx, rx) = std::sync::mpsc::channel();
     let target = thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
+        s.set_write_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         let mut go = [0u8; 3];
         s.read_exact(&mut go).expect("the caller's request");
         let start = Instant::now();
@@ -343,6 +364,9 @@ fn a_caller_that_closes_with_a_stream_unread_ends_its_session_in_order() {
     let (a, b, fwd) = exported_and_forwarded(&fx, "stream", "stream.sock", "", "");
     let mut c = unix_connect(&fwd);
     c.write_all(b"go\n").expect("request");
+    if half_close_first {
+        c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    }
     let mut got = [0u8; 4096];
     c.read_exact(&mut got)
         .expect("the stream reaches the caller");
@@ -381,9 +405,13 @@ fn a_caller_that_closes_with_a_stream_unread_ends_its_session_in_order() {
 fn an_exec_child_outlives_a_caller_that_closed_entirely() {
     let fx = Fixture::new();
     let out = fx.path("out");
+    let go = fx.path("go");
+    // It keeps its input aside until the test says go (at most 30 s), so it is still
+    // running when the session has ended.
     let child = format!(
-        "exec:sh -c 'cat > {0}.tmp; sleep 0.5; mv {0}.tmp {0}'",
-        out.display()
+        "exec:sh -c 'cat > {0}.tmp; i=0; while [ ! -e {1} ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; mv {0}.tmp {0}'",
+        out.display(),
+        go.display()
     );
     let a = fx.serve(
         "a.toml",
@@ -395,6 +423,9 @@ fn an_exec_child_outlives_a_caller_that_closed_entirely() {
     let mut c = unix_connect(&fwd);
     c.write_all(&data).expect("write the input");
     drop(c);
+    let end = log_line_with(&b, &["close_code="], Duration::from_secs(20));
+    assert!(end.contains("close_code=1000"), "dialling side: {end}");
+    std::fs::write(&go, b"").expect("go");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !out.exists() {
         assert!(
@@ -413,8 +444,6 @@ fn an_exec_child_outlives_a_caller_that_closed_entirely() {
         &["exec child exited after the peer left"],
         Duration::from_secs(10),
     );
-    let end = log_line_with(&b, &["close_code="], Duration::from_secs(10));
-    assert!(end.contains("close_code=1000"), "dialling side: {end}");
 }
 
 // === 3. byte-exact under load ===
