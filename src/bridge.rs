@@ -713,6 +713,7 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
         clean: false,
     };
     let (send_close, error_msg) = match failure {
+        // (`LocalLeft` ends the loop as `None`, in `run_in`.)
         None | Some(Failure::LocalLeft) => {
             out.clean = true;
             (Some((protocol::CLOSE_NORMAL, String::new())), None)
@@ -908,6 +909,8 @@ async fn upstream<W: OwnedWrite>(
         },
         None => {}
     }
+    // A caller's reset is its end too (it closed), on any system.
+    gone |= reset && hangup.is_some();
     if reset && !gone {
         return Err(Failure::Local(
             "read: the local peer closed with data unread (connection reset)".into(),

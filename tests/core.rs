@@ -288,6 +288,10 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "late", "late.sock", "", "");
     let mut c = unix_connect(&fwd);
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     c.write_all(b"go\n").expect("request");
     let mut reply = [0u8; 4096];
     c.read_exact(&mut reply).expect("the whole reply");
@@ -363,6 +367,10 @@ fn caller_leaves_a_stream(half_close_first: bool) {
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "stream", "stream.sock", "", "");
     let mut c = unix_connect(&fwd);
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     c.write_all(b"go\n").expect("request");
     if half_close_first {
         c.shutdown(std::net::Shutdown::Write).expect("shutdown");
@@ -398,6 +406,59 @@ fn caller_leaves_a_stream(half_close_first: bool) {
     );
 }
 
+/// A caller that stops reading (`SHUT_RD`) but goes on sending: every byte it sends
+/// still reaches the target, then its end; what the target sends back meanwhile is
+/// discarded, and the session ends in order once the caller is done. Before, the first
+/// write into the caller failed the session (1011) and cut its upload short.
+#[test]
+fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
+    let fx = Fixture::new();
+    let listener = UnixListener::bind(fx.path("echo.sock")).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        // Echoes what comes (writes may fail once the gateway closes) until EOF.
+        let r = loop {
+            match s.read(&mut buf) {
+                Ok(0) => break Ok(hex(&h.finalize())),
+                Ok(n) => {
+                    h.update(&buf[..n]);
+                    let _ = s.write_all(&buf[..n]);
+                }
+                Err(e) => break Err(e.to_string()),
+            }
+        };
+        let _ = tx.send(r);
+    });
+    let (a, b, fwd) = exported_and_forwarded(&fx, "echo", "echo.sock", "", "");
+    let mut c = unix_connect(&fwd);
+    c.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.shutdown(std::net::Shutdown::Read).expect("shutdown");
+    let data = random_bytes(3 << 20);
+    for chunk in data.chunks(64 * 1024) {
+        c.write_all(chunk).expect("write into the forward");
+    }
+    c.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let got = rx
+        .recv_timeout(Duration::from_secs(40))
+        .expect("the target thread reports");
+    target.join().expect("target thread");
+    assert_eq!(got, Ok(sha_hex(&data)), "what the target received");
+    drop(c);
+    let t = Duration::from_secs(10);
+    let end = log_line_with(&a, &["session end", "pipe=echo"], t);
+    assert!(end.contains("close_code=1000"), "exporting side: {end}");
+    let end = log_line_with(&b, &["close_code="], t);
+    assert!(end.contains("close_code=1000"), "dialling side: {end}");
+}
+
 /// An `exec:` child whose caller sent its input and closed its socket entirely is not
 /// killed when the dialling gateway ends the session at once: it runs to its own end, as
 /// `data | child` would (here it writes the input to a file only after a pause).
@@ -421,6 +482,8 @@ fn an_exec_child_outlives_a_caller_that_closed_entirely() {
     let b = fx.serve("b.toml", &forward(&fx, &fwd, &a.url("store"), "alice", ""));
     let data = random_bytes(200_000);
     let mut c = unix_connect(&fwd);
+    c.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
     c.write_all(&data).expect("write the input");
     drop(c);
     let end = log_line_with(&b, &["close_code="], Duration::from_secs(20));
