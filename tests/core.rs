@@ -253,6 +253,32 @@ fn log_line_with(gw: &Gateway, parts: &[&str], timeout: Duration) -> String {
     }
 }
 
+/// Asserts that both gateways logged the session on `pipe` as ended in order by the
+/// forward's caller leaving: 1000, each saying which side closed.
+fn assert_caller_left(a: &Gateway, b: &Gateway, pipe: &str) {
+    let t = Duration::from_secs(10);
+    let end = log_line_with(a, &["session end", &format!("pipe={pipe}")], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the peer's local side closed"),
+        "exporting side: {end}"
+    );
+    let end = log_line_with(b, &["close_code="], t);
+    assert!(
+        end.contains("close_code=1000") && end.contains("the local side closed"),
+        "dialling side: {end}"
+    );
+}
+
+/// A caller of the forward at `path`, whose reads and writes give up after 30 s.
+fn caller(path: &Path) -> UnixStream {
+    let c = unix_connect(path);
+    c.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c.set_write_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    c
+}
+
 /// A caller that reads its whole reply and then closes its socket entirely (not a
 /// half-close) ends its session at once: the exporting gateway closes the target's
 /// connection, so a write the target makes after that fails, as on a direct socket, and
@@ -287,11 +313,7 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
         let _ = tx.send((eof.map_err(|e| e.kind()), late));
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "late", "late.sock", "", "");
-    let mut c = unix_connect(&fwd);
-    c.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    c.set_write_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut c = caller(&fwd);
     c.write_all(b"go\n").expect("request");
     let mut reply = [0u8; 4096];
     c.read_exact(&mut reply).expect("the whole reply");
@@ -313,17 +335,7 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
         ),
         "the target's write after the caller left: {late:?}"
     );
-    let t = Duration::from_secs(10);
-    let end = log_line_with(&a, &["session end", "pipe=late"], t);
-    assert!(
-        end.contains("close_code=1000") && end.contains("the peer's local side closed"),
-        "exporting side: {end}"
-    );
-    let end = log_line_with(&b, &["close_code="], t);
-    assert!(
-        end.contains("close_code=1000") && end.contains("the local side closed"),
-        "dialling side: {end}"
-    );
+    assert_caller_left(&a, &b, "late");
 }
 
 /// A caller that closes its socket entirely while the target still streams, with part
@@ -366,11 +378,7 @@ fn caller_leaves_a_stream(half_close_first: bool) {
         let _ = tx.send(r);
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "stream", "stream.sock", "", "");
-    let mut c = unix_connect(&fwd);
-    c.set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
-    c.set_write_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut c = caller(&fwd);
     c.write_all(b"go\n").expect("request");
     if half_close_first {
         c.shutdown(std::net::Shutdown::Write).expect("shutdown");
@@ -393,17 +401,7 @@ fn caller_leaves_a_stream(half_close_first: bool) {
         ),
         "the target's write after the caller left: {r:?}"
     );
-    let t = Duration::from_secs(10);
-    let end = log_line_with(&a, &["session end", "pipe=stream"], t);
-    assert!(
-        end.contains("close_code=1000") && end.contains("the peer's local side closed"),
-        "exporting side: {end}"
-    );
-    let end = log_line_with(&b, &["close_code="], t);
-    assert!(
-        end.contains("close_code=1000") && end.contains("the local side closed"),
-        "dialling side: {end}"
-    );
+    assert_caller_left(&a, &b, "stream");
 }
 
 /// A caller that stops reading (`SHUT_RD`) but goes on sending: every byte it sends
@@ -437,9 +435,7 @@ fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
         let _ = tx.send(r);
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "echo", "echo.sock", "", "");
-    let mut c = unix_connect(&fwd);
-    c.set_write_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut c = caller(&fwd);
     c.shutdown(std::net::Shutdown::Read).expect("shutdown");
     let data = random_bytes(3 << 20);
     for chunk in data.chunks(64 * 1024) {
@@ -481,9 +477,7 @@ fn an_exec_child_outlives_a_caller_that_closed_entirely() {
     let fwd = fx.path("fwd.sock");
     let b = fx.serve("b.toml", &forward(&fx, &fwd, &a.url("store"), "alice", ""));
     let data = random_bytes(200_000);
-    let mut c = unix_connect(&fwd);
-    c.set_write_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    let mut c = caller(&fwd);
     c.write_all(&data).expect("write the input");
     drop(c);
     let end = log_line_with(&b, &["close_code="], Duration::from_secs(20));

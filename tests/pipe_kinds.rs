@@ -597,6 +597,20 @@ fn seqpacket_export(fx: &Fx, name: &str) -> (SeqServer, Gw) {
     (srv, fx.serve(name, &text, &[]))
 }
 
+/// A gateway (config `name`) hosting a `seqpacket:` forward at `hosted` to `a`'s pipe
+/// "sp".
+fn seqpacket_forward(fx: &Fx, name: &str, hosted: &Path, a: &Gw) -> Gw {
+    fx.serve(
+        name,
+        &fx.forward_config(&fx.forward(
+            &format!("seqpacket:{}", hosted.display()),
+            &a.url("sp"),
+            "",
+        )),
+        &[],
+    )
+}
+
 /// A SOCK_SEQPACKET server run by background threads; stops accepting when dropped.
 struct SeqServer {
     path: PathBuf,
@@ -865,15 +879,7 @@ fn seqpacket_hosted_forward_keeps_message_boundaries_end_to_end() {
     let fx = Fx::new();
     let (_srv, a) = seqpacket_export(&fx, "a.toml");
     let hosted = fx.path("hosted/sp.sock");
-    let _b = fx.serve(
-        "b.toml",
-        &fx.forward_config(&fx.forward(
-            &format!("seqpacket:{}", hosted.display()),
-            &a.url("sp"),
-            "",
-        )),
-        &[],
-    );
+    let _b = seqpacket_forward(&fx, "b.toml", &hosted, &a);
     let md = std::fs::symlink_metadata(&hosted).expect("hosted socket exists");
     assert!(
         md.file_type().is_socket(),
@@ -977,15 +983,7 @@ fn seqpacket_target_closing_with_a_record_unread_still_delivers_its_last_records
         &[],
     );
     let hosted = fx.path("fwd.sock");
-    let _b = fx.serve(
-        "b.toml",
-        &fx.forward_config(&fx.forward(
-            &format!("seqpacket:{}", hosted.display()),
-            &a.url("sp"),
-            "",
-        )),
-        &[],
-    );
+    let _b = seqpacket_forward(&fx, "b.toml", &hosted, &a);
     let caller = seq_connect(&hosted).expect("connect to the forward");
     seq_send(&caller, b"request").expect("send");
     seq_send(&caller, b"unread").expect("send");
