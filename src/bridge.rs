@@ -461,15 +461,15 @@ async fn run_in<S: Transport>(
     let eof_notify = Notify::new();
     let mut exit: Option<Control> = None;
     let mut peer_error = None;
-    // The peer's Close came after both directions were done: answered, not waited for.
+    // The peer's Close came after its eof (both directions done, or its local side
+    // left): answered, not waited for.
     let mut peer_closed = false;
     // The peer's local side left (its eof, then a Close, before our direction was done).
     let mut peer_left = false;
-    // Ours did (its socket closed entirely before the peer's eof came). Only a socket
-    // we write to can tell: one we never write to was shut down for writing by us, and
-    // its peer's half-close alone then reads as closed.
+    // Ours did (its socket closed entirely before the peer's eof came). Only before
+    // that eof: it shuts our write side down, and a caller's half-close alone would
+    // then read as hung up.
     let mut we_left = false;
-    let may_leave = writer.is_some();
     // A write into the caller found it gone (set by the downstream), and the upstream
     // has ended (set here, so the downstream then ends the session instead of
     // discarding what is left for the caller for ever).
@@ -568,7 +568,7 @@ async fn run_in<S: Transport>(
                     // Our local peer closed its socket: nothing more it could be sent
                     // can be delivered, so the session ends without waiting for the far
                     // side's data (our `eof` is out; the Close follows it).
-                    if gone && may_leave && !eof_seen.load(Ordering::Acquire) {
+                    if gone && !eof_seen.load(Ordering::Acquire) {
                         we_left = true;
                         break None;
                     }
@@ -824,6 +824,8 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
 }
 
 /// Local → network: read chunks, send binary messages; then the child's `exit`, then `eof`.
+/// Returns whether the local side is a caller that is gone entirely (see
+/// [`crate::endpoint::Local::hangup`]), so the session need not wait for the peer's end.
 async fn upstream<W: OwnedWrite>(
     reader: Option<Reader>,
     hangup: Option<crate::endpoint::Hangup>,

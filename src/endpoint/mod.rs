@@ -243,11 +243,14 @@ pub struct Local {
     /// An `exec:` child: awaited after `reader` ends, its status sent as `exit`.
     /// Dropping it kills the child.
     pub child: Option<tokio::process::Child>,
-    /// For a forward's caller socket: tells, at the end of `reader`'s data, whether the
-    /// caller is gone entirely (closed) rather than only done sending (a half-close).
-    /// Then the session ends at once: nothing more could reach the caller. (Not set for
-    /// exported targets: a target that closes while its caller still sends must look like
-    /// a failed write to that caller, as on a direct socket, not like a clean end.)
+    /// Set for a forward's caller socket, and marks this side as a caller: at the end
+    /// of `reader`'s data it tells whether the caller is gone entirely (closed) rather
+    /// than only done sending (a half-close), and then the session ends at once, as
+    /// nothing more could reach the caller. A caller's read reset (`ECONNRESET`) counts
+    /// as its end too, and a write into it that fails (`EPIPE`, `ECONNRESET`) discards
+    /// what is left for it, or ends the session in order if its own data has ended.
+    /// (Not set for exported targets: a target that closes while its caller still sends
+    /// must look like a failed write to that caller, as on a direct socket.)
     pub hangup: Option<Hangup>,
 }
 
@@ -268,6 +271,8 @@ impl Hangup {
 
     /// Whether the peer closed the socket (or shut it down both ways), so nothing more
     /// written to it can be read: then the session need not wait for the far side's end.
+    /// Our own shutdown for writing plus the peer's reads as hung up too, so this is
+    /// asked only while our write side is open.
     pub fn peer_gone(&self) -> bool {
         // Linux's AF_UNIX poll reports POLLHUP only once both directions are shut down;
         // elsewhere the answer is not that exact, so no.
