@@ -943,6 +943,43 @@ fn wait_stopped(pid: u32) {
     );
 }
 
+/// A seqpacket caller that reads its reply and closes its socket entirely ends its
+/// session at once and in order: both sides log 1000 and say which side closed (before,
+/// the exporting side shut its target down for writing and waited for its end: "done").
+#[test]
+fn seqpacket_caller_that_closes_entirely_ends_its_session_in_order() {
+    let fx = Fx::new();
+    let (_srv, a) = seqpacket_export(&fx, "a.toml");
+    let hosted = fx.path("fwd.sock");
+    let b = seqpacket_forward(&fx, "b.toml", &hosted, &a);
+    let caller = seq_connect(&hosted).expect("connect to the forward");
+    recv_timeout(&caller, Duration::from_secs(30));
+    seq_send(&caller, b"record").expect("send");
+    let mut buf = vec![0u8; 4096];
+    let reply = seq_recv(&caller, &mut buf)
+        .expect("recv")
+        .expect("a reply, not EOF");
+    same("the reply", &reply, &transform(b"record"));
+    drop(caller);
+    let ended = |gw: &Gw, reason: &str| {
+        eventually(Duration::from_secs(10), || {
+            gw.log()
+                .lines()
+                .any(|l| l.contains("close_code=1000") && l.contains(reason))
+        })
+    };
+    assert!(
+        ended(&a, "the peer's local side closed"),
+        "exporting side:\n{}",
+        a.log()
+    );
+    assert!(
+        ended(&b, "the local side closed"),
+        "dialling side:\n{}",
+        b.log()
+    );
+}
+
 /// An exported seqpacket target that sends its last records and closes with a record of
 /// the caller's still unread: Linux fails the gateway's next read with ECONNRESET ahead
 /// of those records. They still reach the caller, whole and in order, and only then does
