@@ -421,10 +421,16 @@ fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
             .expect("timeout");
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
-        // Echoes what comes (writes may fail once the gateway closes) until EOF.
+        // Echoes what comes (writes may fail once the gateway closes) until EOF. The
+        // gateway closes this connection with echoes of it unread when they were still
+        // on their way, and then the end reads as a reset, after all the data (Linux
+        // reports it only once the queue is empty).
         let r = loop {
             match s.read(&mut buf) {
                 Ok(0) => break Ok(hex(&h.finalize())),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    break Ok(hex(&h.finalize()))
+                }
                 Ok(n) => {
                     h.update(&buf[..n]);
                     let _ = s.write_all(&buf[..n]);
