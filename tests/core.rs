@@ -279,6 +279,38 @@ fn caller(path: &Path) -> UnixStream {
     c
 }
 
+/// A Unix server that accepts one connection and serves it on a thread of its own, with
+/// 30 s read and write timeouts, until `serve` returns.
+struct OneShot<T> {
+    rx: std::sync::mpsc::Receiver<T>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl<T: Send + 'static> OneShot<T> {
+    fn start(path: &Path, serve: impl FnOnce(UnixStream) -> T + Send + 'static) -> OneShot<T> {
+        let listener = UnixListener::bind(path).expect("bind");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = thread::spawn(move || {
+            let (s, _) = listener.accept().expect("accept");
+            let t = Some(Duration::from_secs(30));
+            s.set_read_timeout(t).expect("timeout");
+            s.set_write_timeout(t).expect("timeout");
+            let _ = tx.send(serve(s));
+        });
+        OneShot { rx, thread }
+    }
+
+    /// What `serve` returned (waited for at most 40 s).
+    fn result(self) -> T {
+        let r = self
+            .rx
+            .recv_timeout(Duration::from_secs(40))
+            .expect("the target thread reports");
+        self.thread.join().expect("target thread");
+        r
+    }
+}
+
 /// A caller that reads its whole reply and then closes its socket entirely (not a
 /// half-close) ends its session at once: the exporting gateway closes the target's
 /// connection, so a write the target makes after that fails, as on a direct socket, and
@@ -288,12 +320,7 @@ fn caller(path: &Path) -> UnixStream {
 #[test]
 fn a_caller_that_closes_entirely_ends_its_session_in_order() {
     let fx = Fixture::new();
-    let listener = UnixListener::bind(fx.path("late.sock")).expect("bind");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let target = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
+    let target = OneShot::start(&fx.path("late.sock"), |mut s| {
         let mut req = [0u8; 3];
         s.read_exact(&mut req).expect("the caller's request");
         s.write_all(&[b'r'; 4096]).expect("the reply");
@@ -310,7 +337,7 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
             }
             thread::sleep(Duration::from_millis(50));
         };
-        let _ = tx.send((eof.map_err(|e| e.kind()), late));
+        (eof.map_err(|e| e.kind()), late)
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "late", "late.sock", "", "");
     let mut c = caller(&fwd);
@@ -319,10 +346,7 @@ fn a_caller_that_closes_entirely_ends_its_session_in_order() {
     c.read_exact(&mut reply).expect("the whole reply");
     assert!(reply.iter().all(|&x| x == b'r'));
     drop(c);
-    let (eof, late) = rx
-        .recv_timeout(Duration::from_secs(40))
-        .expect("the target thread reports");
-    target.join().expect("target thread");
+    let (eof, late) = target.result();
     assert_eq!(
         eof,
         Ok(0),
@@ -356,17 +380,12 @@ fn a_half_closed_caller_that_then_closes_ends_its_session_in_order() {
 
 fn caller_leaves_a_stream(half_close_first: bool) {
     let fx = Fixture::new();
-    let listener = UnixListener::bind(fx.path("stream.sock")).expect("bind");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let target = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_write_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
+    let target = OneShot::start(&fx.path("stream.sock"), |mut s| {
         let mut go = [0u8; 3];
         s.read_exact(&mut go).expect("the caller's request");
         let start = Instant::now();
         // Streams until a write fails, for at most 30 s.
-        let r = loop {
+        loop {
             if start.elapsed() > Duration::from_secs(30) {
                 break Err("the target's writes never failed".to_string());
             }
@@ -374,8 +393,7 @@ fn caller_leaves_a_stream(half_close_first: bool) {
                 Ok(()) => thread::sleep(Duration::from_millis(1)),
                 Err(e) => break Ok(e.kind()),
             }
-        };
-        let _ = tx.send(r);
+        }
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "stream", "stream.sock", "", "");
     let mut c = caller(&fwd);
@@ -390,10 +408,7 @@ fn caller_leaves_a_stream(half_close_first: bool) {
     // More of the stream arrives meanwhile, and is left unread.
     thread::sleep(Duration::from_millis(50));
     drop(c);
-    let r = rx
-        .recv_timeout(Duration::from_secs(40))
-        .expect("the target thread reports");
-    target.join().expect("target thread");
+    let r = target.result();
     assert!(
         matches!(
             r,
@@ -411,21 +426,14 @@ fn caller_leaves_a_stream(half_close_first: bool) {
 #[test]
 fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
     let fx = Fixture::new();
-    let listener = UnixListener::bind(fx.path("echo.sock")).expect("bind");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let target = thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        s.set_write_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
+    let target = OneShot::start(&fx.path("echo.sock"), |mut s| {
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         // Echoes what comes (writes may fail once the gateway closes) until EOF. The
         // gateway closes this connection with echoes of it unread when they were still
         // on their way, and then the end reads as a reset, after all the data (Linux
         // reports it only once the queue is empty).
-        let r = loop {
+        loop {
             match s.read(&mut buf) {
                 Ok(0) => break Ok(hex(&h.finalize())),
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
@@ -437,8 +445,7 @@ fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
                 }
                 Err(e) => break Err(e.to_string()),
             }
-        };
-        let _ = tx.send(r);
+        }
     });
     let (a, b, fwd) = exported_and_forwarded(&fx, "echo", "echo.sock", "", "");
     let mut c = caller(&fwd);
@@ -448,10 +455,7 @@ fn a_caller_that_stops_reading_still_delivers_all_it_sends() {
         c.write_all(chunk).expect("write into the forward");
     }
     c.shutdown(std::net::Shutdown::Write).expect("shutdown");
-    let got = rx
-        .recv_timeout(Duration::from_secs(40))
-        .expect("the target thread reports");
-    target.join().expect("target thread");
+    let got = target.result();
     assert_eq!(got, Ok(sha_hex(&data)), "what the target received");
     drop(c);
     let t = Duration::from_secs(10);

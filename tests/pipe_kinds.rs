@@ -1605,24 +1605,21 @@ fn fifo_hosted_out_feeds_local_readers_from_exec_and_fifo_exports() {
     writer.finish(Duration::from_secs(10)).expect_code(0);
 }
 
-#[test]
-fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
-    let fx = Fx::new();
-    let dest = fx.path("landed");
-    let a = fx.serve(
-        "a.toml",
-        &fx.server_config(&pipe(
-            "sink",
-            "exec",
-            &format!(
-                "argv = [\"sh\", \"-c\", {}]\ndirection = \"in\"",
-                q(&format!("cat > {}", dest.display()))
-            ),
-        )),
-        &[],
-    );
-    let hosted = fx.path("hosted-in.fifo");
-    let _b = fx.serve(
+/// The pipe "sink": an `in` exec pipe whose child writes what it gets to `dest`.
+fn sink_pipe(dest: &Path) -> String {
+    pipe(
+        "sink",
+        "exec",
+        &format!(
+            "argv = [\"sh\", \"-c\", {}]\ndirection = \"in\"",
+            q(&format!("cat > {}", dest.display()))
+        ),
+    )
+}
+
+/// A gateway (config "b.toml") hosting an `in` FIFO forward at `hosted` to `a`'s "sink".
+fn fifo_in_forward(fx: &Fx, hosted: &Path, a: &Gw) -> Gw {
+    fx.serve(
         "b.toml",
         &fx.forward_config(&fx.forward(
             &format!("fifo:{}", hosted.display()),
@@ -1630,7 +1627,16 @@ fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
             "",
         )),
         &[],
-    );
+    )
+}
+
+#[test]
+fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
+    let fx = Fx::new();
+    let dest = fx.path("landed");
+    let a = fx.serve("a.toml", &fx.server_config(&sink_pipe(&dest)), &[]);
+    let hosted = fx.path("hosted-in.fifo");
+    let _b = fifo_in_forward(&fx, &hosted, &a);
     fx.sh(&format!(
         "printf 'local writer data' > {}",
         hosted.display()
@@ -1655,26 +1661,11 @@ fn fifo_hosted_in_feeds_a_remote_exec_in_pipe() {
 fn fifo_hosted_in_keeps_a_writers_data_while_its_sessions_are_refused() {
     let fx = Fx::new();
     let dest = fx.path("landed");
-    let sink = pipe(
-        "sink",
-        "exec",
-        &format!(
-            "argv = [\"sh\", \"-c\", {}]\ndirection = \"in\"",
-            q(&format!("cat > {}", dest.display()))
-        ),
-    );
+    let sink = sink_pipe(&dest);
     let other = pipe("other", "exec", "argv = [\"true\"]");
     let mut a = fx.serve("a.toml", &fx.server_config(&other), &[]);
     let hosted = fx.path("hosted-in.fifo");
-    let b = fx.serve(
-        "b.toml",
-        &fx.forward_config(&fx.forward(
-            &format!("fifo:{}", hosted.display()),
-            &format!("{}?direction=in", a.url("sink")),
-            "",
-        )),
-        &[],
-    );
+    let b = fifo_in_forward(&fx, &hosted, &a);
     // Opening for writing waits for the forward's reader; from then on the FIFO keeps
     // a reader, through refused rounds and the pauses between them.
     let mut w = std::fs::OpenOptions::new()
