@@ -39,6 +39,9 @@
 //! exported pipe's `run_as` (default `gateway`): with an account, every session's
 //! connect to the target is made as that account (the session thread's switch),
 //! and the target socket is opened to all (mode 0666 in a 0711 directory).
+//! `PIPEBRIDGE_BENCH_ALLOW_LOCAL='"root"'` (and `PIPEBRIDGE_BASELINE_ALLOW_LOCAL`) sets
+//! the forward's `allow_local` list (TOML items, comma-separated): a rule that names a
+//! user or a group asks the user database for every caller.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -1035,6 +1038,12 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
         _ => "PIPEBRIDGE_BENCH_RUN_AS",
     })
     .unwrap_or_else(|_| "gateway".into());
+    let allow_local = std::env::var(match tool {
+        Tool::Baseline => "PIPEBRIDGE_BASELINE_ALLOW_LOCAL",
+        _ => "PIPEBRIDGE_BENCH_ALLOW_LOCAL",
+    })
+    .map(|v| format!("allow_local = [{v}]\n"))
+    .unwrap_or_default();
     let srv = format!(
         "{tuning}[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
          [limits]\nmax_sessions = 100000\nmax_sessions_per_identity = 100000\n\n\
@@ -1073,7 +1082,7 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
     let cli = format!(
-        "{tuning}[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n",
+        "{tuning}[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n{allow_local}",
         q(Path::new(&format!("{}:{}", scheme(), sock.display()))),
         q(&pki.join("ca.pem")),
         q(&pki.join("bench.pem")),

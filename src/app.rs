@@ -634,6 +634,7 @@ async fn reload_inner(
     }
     let new = Arc::new(new);
     crate::shard::set_busy_poll(new.tuning.busy_poll);
+    client::forget_user_db();
     let ended = match (&r.gateway, tls) {
         (Some(gw), Some(tls)) => gw.replace(new.clone(), tls),
         _ => 0,

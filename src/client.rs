@@ -978,6 +978,13 @@ mod hosted;
 mod hosted;
 pub use hosted::{Forward, LocalCaller};
 
+/// Forgets the user database's answers kept about forwards' local callers (a reload;
+/// Unix only: on Windows a caller's account comes from its own token).
+pub fn forget_user_db() {
+    #[cfg(unix)]
+    hosted::forget_user_db();
+}
+
 /// A running forward's settings, which a reload may replace without binding its local
 /// endpoint again when only the remote side changed (the URL's host and path,
 /// credentials, `allow_local`, keepalive, HTTP/2): each new caller's session takes the

@@ -1321,11 +1321,14 @@ fn seqpacket_forward_allow_local_admits_only_the_listed_uid() {
     only_uid_12001_gets_through(&fx, &mut a, &b, &hosted, "seqpacket");
 }
 
-/// An NSS module whose `getpwuid_r` finds nothing (so the next source, `files`, answers)
-/// after a wait: for uid 12003 until `$SLOW_NSS_MARK.release` exists (at most 30 s),
-/// marking `.entered` and `.left` around it; for uid 12004, 30 s (a hung source).
+/// An NSS module whose `getpwuid_r` and `getgrnam_r` find nothing (so the next source,
+/// `files`, answers), each noted in `$SLOW_NSS_MARK.asked` (`pw UID` or `gr NAME`, a line
+/// per call); `getpwuid_r` after a wait: for uid 12003 until `$SLOW_NSS_MARK.release`
+/// exists (at most 30 s), marking `.entered` and `.left` around it; for uid 12004, 30 s
+/// (a hung source).
 const SLOW_NSS_C: &str = r#"
 #include <fcntl.h>
+#include <grp.h>
 #include <nss.h>
 #include <pwd.h>
 #include <stdio.h>
@@ -1341,9 +1344,31 @@ static void mark(const char *what) {
     if (fd >= 0) close(fd);
 }
 
+static void asked(const char *kind, const char *what) {
+    const char *base = getenv("SLOW_NSS_MARK");
+    char path[4096], line[512];
+    if (base == NULL) return;
+    snprintf(path, sizeof path, "%s.asked", base);
+    int fd = open(path, O_CREAT | O_WRONLY | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    int n = snprintf(line, sizeof line, "%s %s\n", kind, what);
+    if (n > 0 && write(fd, line, (size_t)n) < 0) {}
+    close(fd);
+}
+
+enum nss_status _nss_slow_getgrnam_r(const char *name, struct group *gr, char *buf, size_t len,
+                                     int *errnop) {
+    (void)gr; (void)buf; (void)len; (void)errnop;
+    asked("gr", name);
+    return NSS_STATUS_NOTFOUND;
+}
+
 enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, size_t len,
                                      int *errnop) {
     (void)pw; (void)buf; (void)len; (void)errnop;
+    char id[32];
+    snprintf(id, sizeof id, "%u", (unsigned)uid);
+    asked("pw", id);
     if (uid == 12003) {
         const char *base = getenv("SLOW_NSS_MARK");
         char release[4096];
@@ -1358,18 +1383,10 @@ enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, si
 }
 "#;
 
-/// A forward's `allow_local` lookups of a caller's name run off the thread that runs the
-/// forward's other sessions: while the user database holds one caller's answer (an NSS
-/// module that waits, loaded in the forwarding gateway's own mount namespace), another
-/// forward's session on the same single shard opens, echoes and ends. Then the slow
-/// caller is refused (uid 12003 is not `nobody`); a caller whose lookup never answers
-/// is refused after the lookup timeout (10 s); and `nobody` is admitted.
-#[test]
-fn a_slow_user_database_holds_only_the_session_that_asks_it() {
-    if !root_or_skip("a_slow_user_database_holds_only_the_session_that_asks_it") {
-        return;
-    }
-    let fx = fixture();
+/// Serves `text` as `name` with [`SLOW_NSS_C`] first for `passwd` (and for `group` too
+/// unless `group` is `"files"`), in a mount namespace of the gateway's own whose
+/// `/etc/nsswitch.conf` says so, on one shard. Its marks go to `fx.path("nss")`.
+fn serve_with_slow_nss(fx: &Fixture, name: &str, text: &str, group: &str) -> common::Gateway {
     let src = fx.path("slow.c");
     std::fs::write(&src, SLOW_NSS_C).expect("write slow.c");
     let lib = fx.path("libnss_slow.so.2");
@@ -1387,10 +1404,125 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
     let nsswitch = fx.path("nsswitch.conf");
     std::fs::write(
         &nsswitch,
-        "passwd: slow files\ngroup: files\nshadow: files\nhosts: files\n",
+        format!("passwd: slow files\ngroup: {group}\nshadow: files\nhosts: files\n"),
     )
     .expect("write nsswitch.conf");
+    fx.serve_via(
+        name,
+        text,
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/nsswitch.conf && exec \"$@\"",
+            &nsswitch.display().to_string(),
+        ],
+        &[
+            ("PIPEBRIDGE_SHARDS", "1"),
+            ("LD_LIBRARY_PATH", &fx.dir().display().to_string()),
+            ("SLOW_NSS_MARK", &fx.path("nss").display().to_string()),
+        ],
+    )
+}
 
+/// A forward keeps the user database's answers about its callers for a while (10 s)
+/// and forgets them at a reload: `allow_local` names a user and a group, and the
+/// database ([`SLOW_NSS_C`], which notes each question) is asked once for three
+/// sessions of one caller, once for two refused sessions of a uid without a user, and
+/// again after SIGHUP. The answers still judge right: nobody is admitted each time, the
+/// nameless uid refused.
+#[test]
+fn a_forwards_user_database_answers_are_kept_until_a_reload() {
+    if !root_or_skip("a_forwards_user_database_answers_are_kept_until_a_reload") {
+        return;
+    }
+    let fx = fixture();
+    let echo = fx.path("echo.sock");
+    let _srv = UnixServer::echo(&echo);
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let _a = fx.serve(
+        "a.toml",
+        &config(
+            &fx,
+            "",
+            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
+        ),
+    );
+    let hosted = fx.path("fwd.sock");
+    let text = forward(
+        &hosted,
+        &_a.url("echo"),
+        &fx.ca(),
+        &fx.cert("u1"),
+        &fx.key("u1"),
+        "allow_local = [\"nobody\", \"@pb-no-such-group\"]",
+    );
+    let b = serve_with_slow_nss(&fx, "b.toml", &text, "slow files");
+    wait_for_socket(&hosted);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .expect("user db")
+        .expect("the system has a nobody user");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let asked = |what: &str| {
+        std::fs::read_to_string(fx.path("nss.asked"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == what)
+            .count()
+    };
+    let (pw_nobody, pw_nameless, gr) = (
+        format!("pw {uid}"),
+        "pw 12005".to_string(),
+        "gr pb-no-such-group".to_string(),
+    );
+    for i in 0..3 {
+        let v = call_as(&fx, uid, gid, &hosted, &format!("ping-{i}"));
+        assert_eq!(v["data"], format!("ping-{i}"), "nobody is admitted: {v}");
+    }
+    assert_eq!(
+        asked(&pw_nobody),
+        1,
+        "one question for three sessions:\n{}",
+        b.log()
+    );
+    assert_eq!(asked(&gr), 1, "the group once too:\n{}", b.log());
+    for i in 0..2 {
+        let v = call_as(&fx, 12005, 12005, &hosted, &format!("nameless-{i}"));
+        assert_eq!(v["data"], "", "a uid without a user is refused: {v}");
+    }
+    assert_eq!(
+        asked(&pw_nameless),
+        1,
+        "\"no such user\" is kept too:\n{}",
+        b.log()
+    );
+    sighup(&b);
+    wait_log(&b.proc, "reloaded the config");
+    let v = call_as(&fx, uid, gid, &hosted, "after-reload");
+    assert_eq!(v["data"], "after-reload", "nobody is admitted: {v}");
+    assert_eq!(
+        asked(&pw_nobody),
+        2,
+        "a reload forgets the answers:\n{}",
+        b.log()
+    );
+}
+
+/// A forward's `allow_local` lookups of a caller's name run off the thread that runs the
+/// forward's other sessions: while the user database holds one caller's answer (an NSS
+/// module that waits, loaded in the forwarding gateway's own mount namespace), another
+/// forward's session on the same single shard opens, echoes and ends. Then the slow
+/// caller is refused (uid 12003 is not `nobody`); a caller whose lookup never answers
+/// is refused after the lookup timeout (10 s); and `nobody` is admitted.
+#[test]
+fn a_slow_user_database_holds_only_the_session_that_asks_it() {
+    if !root_or_skip("a_slow_user_database_holds_only_the_session_that_asks_it") {
+        return;
+    }
+    let fx = fixture();
     let echo = fx.path("echo.sock");
     let _srv = UnixServer::echo(&echo);
     std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
@@ -1414,31 +1546,12 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         )
     };
     let text = fwd(&slow, "allow_local = [\"nobody\"]") + &fwd(&quick, "");
-    let mark = fx.path("nss");
     let (entered, left, release) = (
         fx.path("nss.entered"),
         fx.path("nss.left"),
         fx.path("nss.release"),
     );
-    let b = fx.serve_via(
-        "b.toml",
-        &text,
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            "mount --bind \"$0\" /etc/nsswitch.conf && exec \"$@\"",
-            &nsswitch.display().to_string(),
-        ],
-        &[
-            ("PIPEBRIDGE_SHARDS", "1"),
-            ("LD_LIBRARY_PATH", &fx.dir().display().to_string()),
-            ("SLOW_NSS_MARK", &mark.display().to_string()),
-        ],
-    );
+    let b = serve_with_slow_nss(&fx, "b.toml", &text, "files");
     wait_for_socket(&slow);
     wait_for_socket(&quick);
 

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -494,7 +494,9 @@ impl LocalCaller {
     /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller;
     /// an error (which admits nothing) when the user database could not be asked
     /// ([`off_the_shard`]). A `uid:` rule is judged at once; a rule that names a user or
-    /// a group asks the user database on the blocking pool, as [`LocalCaller::name`] does.
+    /// a group needs the user database's answers about this caller's uid and those
+    /// groups: from the cache while they are fresh ([`USER_DB_TTL`]), else asked on the
+    /// blocking pool, as [`LocalCaller::name`] does.
     pub async fn admitted(&self, rules: &[String]) -> Result<bool, String> {
         if rules.iter().any(|r| uid_rule(r) == Some(self.uid)) {
             return Ok(true);
@@ -502,50 +504,192 @@ impl LocalCaller {
         if rules.iter().all(|r| r.starts_with("uid:")) {
             return Ok(false);
         }
-        let (me, rules) = (*self, rules.to_vec());
-        off_the_shard(move || me.allowed(&rules)).await
+        let groups: Vec<String> = rules
+            .iter()
+            .filter_map(|r| r.strip_prefix('@'))
+            .map(str::to_string)
+            .collect();
+        let facts = match UserDb::cached(self.uid, &groups, Instant::now()) {
+            Some(f) => f,
+            None => {
+                let uid = self.uid;
+                let f = off_the_shard(move || Facts::ask(uid, &groups)).await?;
+                UserDb::remember(uid, &f, Instant::now());
+                f
+            }
+        };
+        Ok(self.allowed(rules, &facts))
     }
 
-    /// The caller's user name (for `{user}` in credential paths; `None`: it has none),
-    /// from the user database on the blocking pool ([`off_the_shard`]): NSS may ask LDAP
-    /// or sssd, and a slow answer holds this session only, not the other sessions of
-    /// the thread it runs on.
+    /// The caller's user name (for `{user}` in credential paths; `None`: it has none):
+    /// from the cache while fresh, else from the user database on the blocking pool
+    /// ([`off_the_shard`]): NSS may ask LDAP or sssd, and a slow answer holds this
+    /// session only, not the other sessions of the thread it runs on.
     pub async fn name(&self) -> Result<Option<String>, String> {
-        let me = *self;
-        off_the_shard(move || me.user_name()).await
+        if let Some(f) = UserDb::cached(self.uid, &[], Instant::now()) {
+            return Ok(f.user.map(|u| u.name));
+        }
+        let uid = self.uid;
+        let f = off_the_shard(move || Facts::ask(uid, &[])).await?;
+        UserDb::remember(uid, &f, Instant::now());
+        Ok(f.user.map(|u| u.name))
     }
 
-    /// [`LocalCaller::admitted`], in the calling thread.
-    fn allowed(&self, rules: &[String]) -> bool {
-        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
-            .ok()
-            .flatten();
+    /// Whether `rules` admit this caller, given the user database's `facts` about it.
+    fn allowed(&self, rules: &[String], facts: &Facts) -> bool {
+        let user = facts.user.as_ref();
         rules.iter().any(|r| {
             if r.starts_with("uid:") {
                 uid_rule(r) == Some(self.uid)
             } else if let Some(g) = r.strip_prefix('@') {
-                match nix::unistd::Group::from_name(g).ok().flatten() {
+                let group = facts.groups.iter().find(|(n, _)| n == g);
+                match group.and_then(|(_, e)| e.as_ref()) {
                     Some(grp) => {
-                        grp.gid.as_raw() == self.gid
+                        grp.gid == self.gid
                             || user
-                                .as_ref()
-                                .is_some_and(|u| grp.mem.contains(&u.name) || u.gid == grp.gid)
+                                .is_some_and(|u| grp.members.contains(&u.name) || u.gid == grp.gid)
                     }
                     None => false,
                 }
             } else {
-                user.as_ref().is_some_and(|u| u.name == *r)
+                user.is_some_and(|u| u.name == *r)
             }
         })
     }
+}
 
-    /// [`LocalCaller::name`], in the calling thread.
-    fn user_name(&self) -> Option<String> {
-        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(self.uid))
-            .ok()
-            .flatten()
-            .map(|u| u.name)
+/// How long the user database's answers about callers stay good here: the user a uid
+/// names, a group's id and members. Asking on every session costs two thread hops (the
+/// blocking pool) and a read of the databases; callers come back, and their accounts
+/// rarely change. So a user removed from a group, or renamed, is judged by the old
+/// answer for at most this long (nscd keeps such answers 10 minutes by default); a
+/// reload forgets every answer ([`forget_user_db`]). Failed lookups are not kept.
+pub const USER_DB_TTL: Duration = Duration::from_secs(10);
+
+/// Most answers kept (uids and group names together); one more empties the cache.
+const USER_DB_MAX: usize = 4096;
+
+/// A user database entry: a user's name and primary group.
+#[derive(Debug, Clone, PartialEq)]
+struct UserEntry {
+    name: String,
+    gid: u32,
+}
+
+/// A group database entry: its id and listed members.
+#[derive(Debug, Clone, PartialEq)]
+struct GroupEntry {
+    gid: u32,
+    members: Vec<String>,
+}
+
+/// What the user database says about one caller: its uid's user, and the groups some
+/// rules name (`None`: no such user or group).
+#[derive(Debug, Clone, Default)]
+struct Facts {
+    user: Option<UserEntry>,
+    groups: Vec<(String, Option<Arc<GroupEntry>>)>,
+    /// Whether every answer came (a lookup error is judged as "none", but not kept).
+    complete: bool,
+}
+
+impl Facts {
+    /// Asks the user database (blocking: NSS) about `uid` and `groups`.
+    fn ask(uid: u32, groups: &[String]) -> Facts {
+        let mut complete = true;
+        let user = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+            Ok(u) => u.map(|u| UserEntry {
+                name: u.name,
+                gid: u.gid.as_raw(),
+            }),
+            Err(_) => {
+                complete = false;
+                None
+            }
+        };
+        let groups = groups
+            .iter()
+            .map(|g| {
+                let e = match nix::unistd::Group::from_name(g) {
+                    Ok(e) => e.map(|e| {
+                        Arc::new(GroupEntry {
+                            gid: e.gid.as_raw(),
+                            members: e.mem,
+                        })
+                    }),
+                    Err(_) => {
+                        complete = false;
+                        None
+                    }
+                };
+                (g.clone(), e)
+            })
+            .collect();
+        Facts {
+            user,
+            groups,
+            complete,
+        }
     }
+}
+
+/// The user database's answers kept for [`USER_DB_TTL`], gateway-wide.
+#[derive(Default)]
+struct UserDb {
+    users: std::collections::HashMap<u32, (Instant, Option<UserEntry>)>,
+    groups: std::collections::HashMap<String, (Instant, Option<Arc<GroupEntry>>)>,
+}
+
+static USER_DB: std::sync::Mutex<Option<UserDb>> = std::sync::Mutex::new(None);
+
+impl UserDb {
+    fn with<T>(f: impl FnOnce(&mut UserDb) -> T) -> T {
+        let mut g = USER_DB.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.get_or_insert_with(UserDb::default))
+    }
+
+    /// The kept answers about `uid` and `groups` if all are younger than
+    /// [`USER_DB_TTL`] at `now`.
+    fn cached(uid: u32, groups: &[String], now: Instant) -> Option<Facts> {
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < USER_DB_TTL;
+        UserDb::with(|db| {
+            let user = db.users.get(&uid).filter(|(at, _)| fresh(at))?.1.clone();
+            let groups = groups
+                .iter()
+                .map(|g| {
+                    let e = db.groups.get(g).filter(|(at, _)| fresh(at))?;
+                    Some((g.clone(), e.1.clone()))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(Facts {
+                user,
+                groups,
+                complete: true,
+            })
+        })
+    }
+
+    /// Keeps `facts` about `uid`, asked at `now`, if every lookup answered.
+    fn remember(uid: u32, facts: &Facts, now: Instant) {
+        if !facts.complete {
+            return;
+        }
+        UserDb::with(|db| {
+            if db.users.len() + db.groups.len() + 1 + facts.groups.len() > USER_DB_MAX {
+                *db = UserDb::default();
+            }
+            db.users.insert(uid, (now, facts.user.clone()));
+            for (g, e) in &facts.groups {
+                db.groups.insert(g.clone(), (now, e.clone()));
+            }
+        });
+    }
+}
+
+/// Forgets every kept user-database answer (a reload: accounts may have changed with
+/// the config).
+pub fn forget_user_db() {
+    *USER_DB.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }
 
 /// The uid an `allow_local` rule `uid:N` names (none for other rules, or a bad number).
@@ -622,6 +766,129 @@ mod tests {
         assert!(len <= got, "record of {len} bytes cut");
         buf.truncate(got);
         buf
+    }
+
+    /// What a user database would say: a user's name and primary gid, and groups
+    /// (name, gid and members, or none).
+    /// A group as a database would have it: name, and gid and members (none: no such group).
+    type Grp<'a> = (&'a str, Option<(u32, &'a [&'a str])>);
+
+    fn facts(user: Option<(&str, u32)>, groups: &[Grp]) -> Facts {
+        Facts {
+            user: user.map(|(name, gid)| UserEntry {
+                name: name.into(),
+                gid,
+            }),
+            groups: groups
+                .iter()
+                .map(|(n, e)| {
+                    let e = e.map(|(gid, members)| {
+                        Arc::new(GroupEntry {
+                            gid,
+                            members: members.iter().map(|m| m.to_string()).collect(),
+                        })
+                    });
+                    (n.to_string(), e)
+                })
+                .collect(),
+            complete: true,
+        }
+    }
+
+    fn rules(r: &[&str]) -> Vec<String> {
+        r.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn allow_local_rules_judge_the_user_databases_answers() {
+        let alice = facts(
+            Some(("alice", 1000)),
+            &[
+                ("docker", Some((999, &["alice"]))),
+                ("wheel", Some((10, &["bob"]))),
+                ("users", Some((1000, &[]))),
+                ("gone", None),
+            ],
+        );
+        let c = LocalCaller {
+            uid: 1000,
+            gid: 1000,
+        };
+        assert!(c.allowed(&rules(&["alice"]), &alice));
+        assert!(!c.allowed(&rules(&["bob"]), &alice));
+        assert!(c.allowed(&rules(&["@docker"]), &alice), "a listed member");
+        assert!(!c.allowed(&rules(&["@wheel"]), &alice), "not a member");
+        assert!(c.allowed(&rules(&["@users"]), &alice), "the caller's gid");
+        assert!(!c.allowed(&rules(&["@gone"]), &alice), "no such group");
+        assert!(c.allowed(&rules(&["bob", "@wheel", "uid:1000"]), &alice));
+        // The caller runs with another gid: its user's primary group still counts.
+        let other_gid = LocalCaller { uid: 1000, gid: 5 };
+        assert!(other_gid.allowed(&rules(&["@users"]), &alice));
+        // A uid without a user: no name matches; a group only by the caller's gid.
+        let nameless = facts(None, &[("users", Some((1000, &["alice"])))]);
+        assert!(!c.allowed(&rules(&["alice"]), &nameless));
+        assert!(c.allowed(&rules(&["@users"]), &nameless));
+        assert!(!other_gid.allowed(&rules(&["@users"]), &nameless));
+    }
+
+    /// The only test that touches the gateway-wide cache (tests run at once).
+    #[test]
+    fn user_database_answers_are_kept_for_the_ttl_unless_failed_or_forgotten() {
+        let t0 = Instant::now();
+        let uid = 4_000_100;
+        let group = rules(&["pb-test-group"]);
+        assert!(UserDb::cached(uid, &[], t0).is_none(), "nothing asked yet");
+        let carol = facts(Some(("carol", 77)), &[("pb-test-group", Some((77, &[])))]);
+        UserDb::remember(uid, &carol, t0);
+        let got = UserDb::cached(uid, &group, t0 + USER_DB_TTL / 2).expect("fresh");
+        assert_eq!((got.user, got.groups), (carol.user.clone(), carol.groups));
+        assert_eq!(
+            UserDb::cached(uid, &[], t0).expect("fresh").user,
+            carol.user
+        );
+        assert!(
+            UserDb::cached(uid, &group, t0 + USER_DB_TTL).is_none(),
+            "stale at the TTL"
+        );
+        assert!(
+            UserDb::cached(uid, &rules(&["pb-test-other"]), t0).is_none(),
+            "a group not asked about yet"
+        );
+        // "No such user" is an answer, kept too; a lookup that failed is not.
+        UserDb::remember(uid + 1, &facts(None, &[]), t0);
+        assert_eq!(UserDb::cached(uid + 1, &[], t0).expect("kept").user, None);
+        let failed = Facts {
+            complete: false,
+            ..facts(Some(("dave", 1)), &[])
+        };
+        UserDb::remember(uid + 2, &failed, t0);
+        assert!(
+            UserDb::cached(uid + 2, &[], t0).is_none(),
+            "a failure is not kept"
+        );
+        // A reload forgets everything.
+        forget_user_db();
+        assert!(UserDb::cached(uid, &[], t0).is_none(), "forgotten");
+        // Bounded: one answer past the limit starts the cache afresh.
+        for i in 0..USER_DB_MAX as u32 {
+            UserDb::remember(uid + 10 + i, &facts(None, &[]), t0);
+        }
+        assert!(
+            UserDb::cached(uid + 10, &[], t0).is_some(),
+            "full, not past the limit"
+        );
+        let last = uid + 10 + USER_DB_MAX as u32;
+        UserDb::remember(last, &facts(None, &[]), t0);
+        assert!(
+            UserDb::cached(uid + 10, &[], t0).is_none(),
+            "emptied past the limit"
+        );
+        assert!(
+            UserDb::cached(last, &[], t0).is_some(),
+            "the newest is kept"
+        );
+        assert!(UserDb::with(|db| db.users.len() + db.groups.len()) <= USER_DB_MAX);
+        forget_user_db();
     }
 
     #[test]
