@@ -1325,8 +1325,10 @@ fn seqpacket_forward_allow_local_admits_only_the_listed_uid() {
 /// `files`, answers), each noted in `$SLOW_NSS_MARK.asked` (`pw UID` or `gr NAME`, a line
 /// per call); `getpwuid_r` after a wait: for uid 12003 until `$SLOW_NSS_MARK.release`
 /// exists (at most 30 s), marking `.entered` and `.left` around it; for uid 12004, 30 s
-/// (a hung source).
+/// (a hung source). For uid 12006 it fails (`EIO`, unavailable: with `[UNAVAIL=return]`
+/// the lookup fails).
 const SLOW_NSS_C: &str = r#"
+#include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <nss.h>
@@ -1378,15 +1380,24 @@ enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, si
         mark("left");
     } else if (uid == 12004) {
         sleep(30);
+    } else if (uid == 12006) {
+        *errnop = EIO;
+        return NSS_STATUS_UNAVAIL;
     }
     return NSS_STATUS_NOTFOUND;
 }
 "#;
 
-/// Serves `text` as `name` with [`SLOW_NSS_C`] first for `passwd` (and for `group` too
-/// unless `group` is `"files"`), in a mount namespace of the gateway's own whose
-/// `/etc/nsswitch.conf` says so, on one shard. Its marks go to `fx.path("nss")`.
-fn serve_with_slow_nss(fx: &Fixture, name: &str, text: &str, group: &str) -> common::Gateway {
+/// Serves `text` as `name` with [`SLOW_NSS_C`] built as the NSS source `slow`, in a mount
+/// namespace of the gateway's own whose `/etc/nsswitch.conf` has the `passwd:` and
+/// `group:` lines `passwd` and `group`, on one shard. Its marks go to `fx.path("nss")`.
+fn serve_with_slow_nss(
+    fx: &Fixture,
+    name: &str,
+    text: &str,
+    passwd: &str,
+    group: &str,
+) -> common::Gateway {
     let src = fx.path("slow.c");
     std::fs::write(&src, SLOW_NSS_C).expect("write slow.c");
     let lib = fx.path("libnss_slow.so.2");
@@ -1404,7 +1415,7 @@ fn serve_with_slow_nss(fx: &Fixture, name: &str, text: &str, group: &str) -> com
     let nsswitch = fx.path("nsswitch.conf");
     std::fs::write(
         &nsswitch,
-        format!("passwd: slow files\ngroup: {group}\nshadow: files\nhosts: files\n"),
+        format!("passwd: {passwd}\ngroup: {group}\nshadow: files\nhosts: files\n"),
     )
     .expect("write nsswitch.conf");
     fx.serve_via(
@@ -1431,9 +1442,10 @@ fn serve_with_slow_nss(fx: &Fixture, name: &str, text: &str, group: &str) -> com
 /// A forward keeps the user database's answers about its callers for a while (10 s)
 /// and forgets them at a reload: `allow_local` names a user and a group, and the
 /// database ([`SLOW_NSS_C`], which notes each question) is asked once for three
-/// sessions of one caller, once for two refused sessions of a uid without a user, and
-/// again after SIGHUP. The answers still judge right: nobody is admitted each time, the
-/// nameless uid refused.
+/// sessions of one caller (whose name admits it: its groups are not asked), once for
+/// two refused sessions of a uid without a user (and the group once), at every session
+/// of a uid whose lookup fails, and again after SIGHUP. The answers still judge right:
+/// nobody is admitted each time, the others refused.
 #[test]
 fn a_forwards_user_database_answers_are_kept_until_a_reload() {
     if !root_or_skip("a_forwards_user_database_answers_are_kept_until_a_reload") {
@@ -1443,7 +1455,7 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
     let echo = fx.path("echo.sock");
     let _srv = UnixServer::echo(&echo);
     std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let _a = fx.serve(
+    let a = fx.serve(
         "a.toml",
         &config(
             &fx,
@@ -1454,13 +1466,19 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
     let hosted = fx.path("fwd.sock");
     let text = forward(
         &hosted,
-        &_a.url("echo"),
+        &a.url("echo"),
         &fx.ca(),
         &fx.cert("u1"),
         &fx.key("u1"),
         "allow_local = [\"nobody\", \"@pb-no-such-group\"]",
     );
-    let b = serve_with_slow_nss(&fx, "b.toml", &text, "slow files");
+    let b = serve_with_slow_nss(
+        &fx,
+        "b.toml",
+        &text,
+        "slow [UNAVAIL=return] files",
+        "slow files",
+    );
     wait_for_socket(&hosted);
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("user db")
@@ -1473,11 +1491,9 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
             .filter(|l| *l == what)
             .count()
     };
-    let (pw_nobody, pw_nameless, gr) = (
-        format!("pw {uid}"),
-        "pw 12005".to_string(),
-        "gr pb-no-such-group".to_string(),
-    );
+    let pw_nobody = format!("pw {uid}");
+    let gr = "gr pb-no-such-group";
+    let first = Instant::now();
     for i in 0..3 {
         let v = call_as(&fx, uid, gid, &hosted, &format!("ping-{i}"));
         assert_eq!(v["data"], format!("ping-{i}"), "nobody is admitted: {v}");
@@ -1488,21 +1504,42 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
         "one question for three sessions:\n{}",
         b.log()
     );
-    assert_eq!(asked(&gr), 1, "the group once too:\n{}", b.log());
+    assert_eq!(
+        asked(gr),
+        0,
+        "a name that admits needs no group:\n{}",
+        b.log()
+    );
     for i in 0..2 {
         let v = call_as(&fx, 12005, 12005, &hosted, &format!("nameless-{i}"));
         assert_eq!(v["data"], "", "a uid without a user is refused: {v}");
     }
     assert_eq!(
-        asked(&pw_nameless),
+        asked("pw 12005"),
         1,
         "\"no such user\" is kept too:\n{}",
+        b.log()
+    );
+    assert_eq!(asked(gr), 1, "and \"no such group\":\n{}", b.log());
+    for i in 0..2 {
+        let v = call_as(&fx, 12006, 12006, &hosted, &format!("failed-{i}"));
+        assert_eq!(v["data"], "", "a uid whose lookup fails is refused: {v}");
+    }
+    assert_eq!(
+        asked("pw 12006"),
+        2,
+        "a failed lookup is not kept:\n{}",
         b.log()
     );
     sighup(&b);
     wait_log(&b.proc, "reloaded the config");
     let v = call_as(&fx, uid, gid, &hosted, "after-reload");
     assert_eq!(v["data"], "after-reload", "nobody is admitted: {v}");
+    assert!(
+        first.elapsed() < Duration::from_secs(10),
+        "the test took {:?}, past the answers' 10 s: it cannot tell a reload from their age",
+        first.elapsed()
+    );
     assert_eq!(
         asked(&pw_nobody),
         2,
@@ -1551,7 +1588,7 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         fx.path("nss.left"),
         fx.path("nss.release"),
     );
-    let b = serve_with_slow_nss(&fx, "b.toml", &text, "files");
+    let b = serve_with_slow_nss(&fx, "b.toml", &text, "slow files", "files");
     wait_for_socket(&slow);
     wait_for_socket(&quick);
 

@@ -493,10 +493,10 @@ fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
 impl LocalCaller {
     /// Whether `rules` (`allow_local`: user names, `@group`, `uid:N`) admit this caller;
     /// an error (which admits nothing) when the user database could not be asked
-    /// ([`off_the_shard`]). A `uid:` rule is judged at once; a rule that names a user or
-    /// a group needs the user database's answers about this caller's uid and those
-    /// groups: from the cache while they are fresh ([`USER_DB_TTL`]), else asked on the
-    /// blocking pool, as [`LocalCaller::name`] does.
+    /// ([`off_the_shard`]). A `uid:` rule is judged at once. Then the user the caller's
+    /// uid names, for the name rules; only if none of those admits it, the groups the
+    /// `@group` rules name. Each answer comes from the cache while fresh
+    /// ([`USER_DB_TTL`]), else from the user database on the blocking pool.
     pub async fn admitted(&self, rules: &[String]) -> Result<bool, String> {
         if rules.iter().any(|r| uid_rule(r) == Some(self.uid)) {
             return Ok(true);
@@ -504,21 +504,24 @@ impl LocalCaller {
         if rules.iter().all(|r| r.starts_with("uid:")) {
             return Ok(false);
         }
-        let groups: Vec<String> = rules
+        let user = user_entry(self.uid).await?;
+        let named = |r: &String| !r.starts_with('@') && !r.starts_with("uid:");
+        if user
+            .as_ref()
+            .is_some_and(|u| rules.iter().filter(|r| named(r)).any(|r| u.name == *r))
+        {
+            return Ok(true);
+        }
+        let wanted: Vec<String> = rules
             .iter()
             .filter_map(|r| r.strip_prefix('@'))
             .map(str::to_string)
             .collect();
-        let facts = match UserDb::cached(self.uid, &groups, Instant::now()) {
-            Some(f) => f,
-            None => {
-                let uid = self.uid;
-                let f = off_the_shard(move || Facts::ask(uid, &groups)).await?;
-                UserDb::remember(uid, &f, Instant::now());
-                f
-            }
-        };
-        Ok(self.allowed(rules, &facts))
+        if wanted.is_empty() {
+            return Ok(false);
+        }
+        let groups = group_entries(wanted).await?;
+        Ok(self.allowed(rules, &Facts { user, groups }))
     }
 
     /// The caller's user name (for `{user}` in credential paths; `None`: it has none):
@@ -526,24 +529,18 @@ impl LocalCaller {
     /// ([`off_the_shard`]): NSS may ask LDAP or sssd, and a slow answer holds this
     /// session only, not the other sessions of the thread it runs on.
     pub async fn name(&self) -> Result<Option<String>, String> {
-        if let Some(f) = UserDb::cached(self.uid, &[], Instant::now()) {
-            return Ok(f.user.map(|u| u.name));
-        }
-        let uid = self.uid;
-        let f = off_the_shard(move || Facts::ask(uid, &[])).await?;
-        UserDb::remember(uid, &f, Instant::now());
-        Ok(f.user.map(|u| u.name))
+        Ok(user_entry(self.uid).await?.map(|u| u.name.clone()))
     }
 
     /// Whether `rules` admit this caller, given the user database's `facts` about it.
     fn allowed(&self, rules: &[String], facts: &Facts) -> bool {
-        let user = facts.user.as_ref();
+        let user = facts.user.as_deref();
         rules.iter().any(|r| {
             if r.starts_with("uid:") {
                 uid_rule(r) == Some(self.uid)
             } else if let Some(g) = r.strip_prefix('@') {
                 let group = facts.groups.iter().find(|(n, _)| n == g);
-                match group.and_then(|(_, e)| e.as_ref()) {
+                match group.and_then(|(_, e)| e.as_deref()) {
                     Some(grp) => {
                         grp.gid == self.gid
                             || user
@@ -559,85 +556,131 @@ impl LocalCaller {
 }
 
 /// How long the user database's answers about callers stay good here: the user a uid
-/// names, a group's id and members. Asking on every session costs two thread hops (the
-/// blocking pool) and a read of the databases; callers come back, and their accounts
-/// rarely change. So a user removed from a group, or renamed, is judged by the old
-/// answer for at most this long (nscd keeps such answers 10 minutes by default); a
-/// reload forgets every answer ([`forget_user_db`]). Failed lookups are not kept.
-pub const USER_DB_TTL: Duration = Duration::from_secs(10);
+/// names (or that it names none), a group's id and members (or that there is no such
+/// group), counted from when they were asked. Asking on every session costs two thread
+/// hops (the blocking pool) and a read of the databases; callers come back, and their
+/// accounts rarely change. So for at most this long a user removed from a group, or
+/// renamed, is still judged by the old answer, and a user or member just added is not
+/// yet known (name-service caches such as nscd keep answers far longer by default). An
+/// accepted reload forgets every answer ([`forget_user_db`]); a lookup that failed is
+/// never kept.
+const USER_DB_TTL: Duration = Duration::from_secs(10);
 
-/// Most answers kept (uids and group names together); one more empties the cache.
+/// Most answers kept (uids and group names together); a new one past this drops the
+/// stale ones, or all if none is stale.
 const USER_DB_MAX: usize = 4096;
 
 /// A user database entry: a user's name and primary group.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 struct UserEntry {
     name: String,
     gid: u32,
 }
 
 /// A group database entry: its id and listed members.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 struct GroupEntry {
     gid: u32,
     members: Vec<String>,
 }
 
+/// An answer of the user database (`None`: no such user or group).
+type Answer<T> = Option<Arc<T>>;
+
 /// What the user database says about one caller: its uid's user, and the groups some
-/// rules name (`None`: no such user or group).
-#[derive(Debug, Clone, Default)]
+/// rules name.
+#[derive(Debug)]
 struct Facts {
-    user: Option<UserEntry>,
-    groups: Vec<(String, Option<Arc<GroupEntry>>)>,
-    /// Whether every answer came (a lookup error is judged as "none", but not kept).
-    complete: bool,
+    user: Answer<UserEntry>,
+    groups: Vec<(String, Answer<GroupEntry>)>,
 }
 
-impl Facts {
-    /// Asks the user database (blocking: NSS) about `uid` and `groups`.
-    fn ask(uid: u32, groups: &[String]) -> Facts {
-        let mut complete = true;
-        let user = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-            Ok(u) => u.map(|u| UserEntry {
-                name: u.name,
-                gid: u.gid.as_raw(),
-            }),
-            Err(_) => {
-                complete = false;
-                None
+/// The user `uid` names: kept, or asked on the blocking pool (and kept if it answered).
+async fn user_entry(uid: u32) -> Result<Answer<UserEntry>, String> {
+    let asked = Instant::now();
+    if let Some(u) = UserDb::with(|db| db.user(uid, asked)) {
+        return Ok(u);
+    }
+    let generation = UserDb::with(|db| db.generation);
+    let got = off_the_shard(move || {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map(|u| {
+            u.map(|u| {
+                Arc::new(UserEntry {
+                    name: u.name,
+                    gid: u.gid.as_raw(),
+                })
+            })
+        })
+    })
+    .await?;
+    Ok(match got {
+        Ok(u) => {
+            UserDb::with(|db| db.keep_user(uid, &u, asked, generation));
+            u
+        }
+        // Judged as no user (which admits by no name), but not kept.
+        Err(_) => None,
+    })
+}
+
+/// The groups `names`: those kept, the others asked on the blocking pool (and kept if
+/// they answered).
+async fn group_entries(names: Vec<String>) -> Result<Vec<(String, Answer<GroupEntry>)>, String> {
+    let asked = Instant::now();
+    let (mut have, missing) = UserDb::with(|db| {
+        let mut have = Vec::new();
+        let mut missing = Vec::new();
+        for n in names {
+            match db.group(&n, asked) {
+                Some(e) => have.push((n, e)),
+                None => missing.push(n),
             }
-        };
-        let groups = groups
-            .iter()
-            .map(|g| {
-                let e = match nix::unistd::Group::from_name(g) {
-                    Ok(e) => e.map(|e| {
+        }
+        (have, missing)
+    });
+    if missing.is_empty() {
+        return Ok(have);
+    }
+    let generation = UserDb::with(|db| db.generation);
+    let got = off_the_shard(move || {
+        missing
+            .into_iter()
+            .map(|n| {
+                let e = nix::unistd::Group::from_name(&n).map(|e| {
+                    e.map(|e| {
                         Arc::new(GroupEntry {
                             gid: e.gid.as_raw(),
                             members: e.mem,
                         })
-                    }),
-                    Err(_) => {
-                        complete = false;
-                        None
-                    }
-                };
-                (g.clone(), e)
+                    })
+                });
+                (n, e)
             })
-            .collect();
-        Facts {
-            user,
-            groups,
-            complete,
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    UserDb::with(|db| {
+        for (n, e) in got {
+            match e {
+                Ok(e) => {
+                    db.keep_group(&n, &e, asked, generation);
+                    have.push((n, e));
+                }
+                // Judged as no such group, but not kept.
+                Err(_) => have.push((n, None)),
+            }
         }
-    }
+    });
+    Ok(have)
 }
 
 /// The user database's answers kept for [`USER_DB_TTL`], gateway-wide.
 #[derive(Default)]
 struct UserDb {
-    users: std::collections::HashMap<u32, (Instant, Option<UserEntry>)>,
-    groups: std::collections::HashMap<String, (Instant, Option<Arc<GroupEntry>>)>,
+    users: std::collections::HashMap<u32, (Instant, Answer<UserEntry>)>,
+    groups: std::collections::HashMap<String, (Instant, Answer<GroupEntry>)>,
+    /// Counts [`forget_user_db`]s: an answer asked before one is not kept after it.
+    generation: u64,
 }
 
 static USER_DB: std::sync::Mutex<Option<UserDb>> = std::sync::Mutex::new(None);
@@ -648,48 +691,62 @@ impl UserDb {
         f(g.get_or_insert_with(UserDb::default))
     }
 
-    /// The kept answers about `uid` and `groups` if all are younger than
-    /// [`USER_DB_TTL`] at `now`.
-    fn cached(uid: u32, groups: &[String], now: Instant) -> Option<Facts> {
-        let fresh = |at: &Instant| now.saturating_duration_since(*at) < USER_DB_TTL;
-        UserDb::with(|db| {
-            let user = db.users.get(&uid).filter(|(at, _)| fresh(at))?.1.clone();
-            let groups = groups
-                .iter()
-                .map(|g| {
-                    let e = db.groups.get(g).filter(|(at, _)| fresh(at))?;
-                    Some((g.clone(), e.1.clone()))
-                })
-                .collect::<Option<Vec<_>>>()?;
-            Some(Facts {
-                user,
-                groups,
-                complete: true,
-            })
-        })
+    /// The answer about `uid` if it was asked less than [`USER_DB_TTL`] before `now`.
+    fn user(&self, uid: u32, now: Instant) -> Option<Answer<UserEntry>> {
+        let (at, e) = self.users.get(&uid)?;
+        fresh(*at, now).then(|| e.clone())
     }
 
-    /// Keeps `facts` about `uid`, asked at `now`, if every lookup answered.
-    fn remember(uid: u32, facts: &Facts, now: Instant) {
-        if !facts.complete {
-            return;
+    /// The answer about group `name`, likewise.
+    fn group(&self, name: &str, now: Instant) -> Option<Answer<GroupEntry>> {
+        let (at, e) = self.groups.get(name)?;
+        fresh(*at, now).then(|| e.clone())
+    }
+
+    /// Keeps `e`, the answer about `uid` asked at `asked`, unless the answers were
+    /// forgotten since `generation` was read.
+    fn keep_user(&mut self, uid: u32, e: &Answer<UserEntry>, asked: Instant, generation: u64) {
+        if generation == self.generation {
+            self.make_room(!self.users.contains_key(&uid), asked);
+            self.users.insert(uid, (asked, e.clone()));
         }
-        UserDb::with(|db| {
-            if db.users.len() + db.groups.len() + 1 + facts.groups.len() > USER_DB_MAX {
-                *db = UserDb::default();
+    }
+
+    /// Keeps `e`, the answer about group `name`, likewise.
+    fn keep_group(&mut self, name: &str, e: &Answer<GroupEntry>, asked: Instant, generation: u64) {
+        if generation == self.generation {
+            self.make_room(!self.groups.contains_key(name), asked);
+            self.groups.insert(name.to_string(), (asked, e.clone()));
+        }
+    }
+
+    /// Makes room for one more answer (if `new`): past [`USER_DB_MAX`], the stale ones
+    /// at `now` go, and if none was stale, all.
+    fn make_room(&mut self, new: bool, now: Instant) {
+        if new && self.users.len() + self.groups.len() >= USER_DB_MAX {
+            self.users.retain(|_, (at, _)| fresh(*at, now));
+            self.groups.retain(|_, (at, _)| fresh(*at, now));
+            if self.users.len() + self.groups.len() >= USER_DB_MAX {
+                self.users.clear();
+                self.groups.clear();
             }
-            db.users.insert(uid, (now, facts.user.clone()));
-            for (g, e) in &facts.groups {
-                db.groups.insert(g.clone(), (now, e.clone()));
-            }
-        });
+        }
     }
 }
 
-/// Forgets every kept user-database answer (a reload: accounts may have changed with
-/// the config).
+/// Whether an answer asked at `at` is still good at `now`.
+fn fresh(at: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(at) < USER_DB_TTL
+}
+
+/// Forgets every kept user-database answer, and any being asked now (an accepted
+/// reload: accounts may have changed with the config).
 pub fn forget_user_db() {
-    *USER_DB.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    UserDb::with(|db| {
+        db.users.clear();
+        db.groups.clear();
+        db.generation += 1;
+    });
 }
 
 /// The uid an `allow_local` rule `uid:N` names (none for other rules, or a bad number).
@@ -768,16 +825,17 @@ mod tests {
         buf
     }
 
-    /// What a user database would say: a user's name and primary gid, and groups
-    /// (name, gid and members, or none).
     /// A group as a database would have it: name, and gid and members (none: no such group).
     type Grp<'a> = (&'a str, Option<(u32, &'a [&'a str])>);
 
+    /// What a user database would say: a user's name and primary gid, and groups.
     fn facts(user: Option<(&str, u32)>, groups: &[Grp]) -> Facts {
         Facts {
-            user: user.map(|(name, gid)| UserEntry {
-                name: name.into(),
-                gid,
+            user: user.map(|(name, gid)| {
+                Arc::new(UserEntry {
+                    name: name.into(),
+                    gid,
+                })
             }),
             groups: groups
                 .iter()
@@ -791,7 +849,6 @@ mod tests {
                     (n.to_string(), e)
                 })
                 .collect(),
-            complete: true,
         }
     }
 
@@ -820,6 +877,10 @@ mod tests {
         assert!(!c.allowed(&rules(&["@wheel"]), &alice), "not a member");
         assert!(c.allowed(&rules(&["@users"]), &alice), "the caller's gid");
         assert!(!c.allowed(&rules(&["@gone"]), &alice), "no such group");
+        assert!(
+            !c.allowed(&rules(&["@unasked"]), &alice),
+            "a group not asked"
+        );
         assert!(c.allowed(&rules(&["bob", "@wheel", "uid:1000"]), &alice));
         // The caller runs with another gid: its user's primary group still counts.
         let other_gid = LocalCaller { uid: 1000, gid: 5 };
@@ -831,64 +892,85 @@ mod tests {
         assert!(!other_gid.allowed(&rules(&["@users"]), &nameless));
     }
 
-    /// The only test that touches the gateway-wide cache (tests run at once).
     #[test]
-    fn user_database_answers_are_kept_for_the_ttl_unless_failed_or_forgotten() {
+    fn user_database_answers_are_kept_for_the_ttl_from_when_they_were_asked() {
         let t0 = Instant::now();
-        let uid = 4_000_100;
-        let group = rules(&["pb-test-group"]);
-        assert!(UserDb::cached(uid, &[], t0).is_none(), "nothing asked yet");
-        let carol = facts(Some(("carol", 77)), &[("pb-test-group", Some((77, &[])))]);
-        UserDb::remember(uid, &carol, t0);
-        let got = UserDb::cached(uid, &group, t0 + USER_DB_TTL / 2).expect("fresh");
-        assert_eq!((got.user, got.groups), (carol.user.clone(), carol.groups));
+        let mut db = UserDb::default();
+        let carol = facts(Some(("carol", 77)), &[("staff", Some((77, &["carol"])))]);
+        assert!(db.user(7, t0).is_none(), "nothing asked yet");
+        db.keep_user(7, &carol.user, t0, 0);
+        assert_eq!(db.user(7, t0 + USER_DB_TTL / 2), Some(carol.user.clone()));
+        assert_eq!(db.user(7, t0 + USER_DB_TTL), None, "stale at the TTL");
+        // "No such user" is an answer, kept too.
+        db.keep_user(8, &None, t0, 0);
+        assert_eq!(db.user(8, t0), Some(None));
+        // A group's answer ages on its own: asked before the user's, stale before it.
+        db.keep_group("staff", &carol.groups[0].1, t0, 0);
+        db.keep_user(7, &carol.user, t0 + USER_DB_TTL / 2, 0);
+        assert_eq!(db.group("staff", t0), Some(carol.groups[0].1.clone()));
+        assert!(db.user(7, t0 + USER_DB_TTL).is_some());
         assert_eq!(
-            UserDb::cached(uid, &[], t0).expect("fresh").user,
-            carol.user
+            db.group("staff", t0 + USER_DB_TTL),
+            None,
+            "the group is stale"
         );
-        assert!(
-            UserDb::cached(uid, &group, t0 + USER_DB_TTL).is_none(),
-            "stale at the TTL"
-        );
-        assert!(
-            UserDb::cached(uid, &rules(&["pb-test-other"]), t0).is_none(),
-            "a group not asked about yet"
-        );
-        // "No such user" is an answer, kept too; a lookup that failed is not.
-        UserDb::remember(uid + 1, &facts(None, &[]), t0);
-        assert_eq!(UserDb::cached(uid + 1, &[], t0).expect("kept").user, None);
-        let failed = Facts {
-            complete: false,
-            ..facts(Some(("dave", 1)), &[])
-        };
-        UserDb::remember(uid + 2, &failed, t0);
-        assert!(
-            UserDb::cached(uid + 2, &[], t0).is_none(),
-            "a failure is not kept"
-        );
-        // A reload forgets everything.
-        forget_user_db();
-        assert!(UserDb::cached(uid, &[], t0).is_none(), "forgotten");
-        // Bounded: one answer past the limit starts the cache afresh.
-        for i in 0..USER_DB_MAX as u32 {
-            UserDb::remember(uid + 10 + i, &facts(None, &[]), t0);
+        assert_eq!(db.group("other", t0), None, "a group not asked about yet");
+    }
+
+    #[test]
+    fn an_answer_asked_before_a_reload_is_not_kept_after_it() {
+        let t0 = Instant::now();
+        let mut db = UserDb::default();
+        let dave = facts(Some(("dave", 1)), &[("g", None)]);
+        let before = db.generation;
+        db.generation += 1; // forget_user_db while the lookup ran
+        db.keep_user(9, &dave.user, t0, before);
+        db.keep_group("g", &None, t0, before);
+        assert!(db.user(9, t0).is_none() && db.group("g", t0).is_none());
+        db.keep_user(9, &dave.user, t0, db.generation);
+        assert!(db.user(9, t0).is_some(), "asked after it: kept");
+    }
+
+    #[test]
+    fn the_kept_answers_are_bounded() {
+        let t0 = Instant::now();
+        let mut db = UserDb::default();
+        for uid in 0..USER_DB_MAX as u32 {
+            db.keep_user(uid, &None, t0, 0);
         }
-        assert!(
-            UserDb::cached(uid + 10, &[], t0).is_some(),
-            "full, not past the limit"
+        // Full: a refreshed answer takes no room; a new one, when all are fresh, starts
+        // afresh.
+        db.keep_user(0, &None, t0, 0);
+        assert_eq!(db.users.len(), USER_DB_MAX);
+        db.keep_group("g", &None, t0, 0);
+        assert_eq!((db.users.len(), db.groups.len()), (0, 1));
+        // Past the limit with stale answers: only those go.
+        for uid in 0..USER_DB_MAX as u32 - 2 {
+            db.keep_user(uid, &None, t0, 0);
+        }
+        let t1 = t0 + USER_DB_TTL;
+        db.keep_user(u32::MAX, &None, t1, 0);
+        assert_eq!(db.users.len() + db.groups.len(), USER_DB_MAX);
+        db.keep_user(u32::MAX - 1, &None, t1, 0);
+        assert_eq!(
+            (db.users.len(), db.groups.len()),
+            (2, 0),
+            "only the stale answers went"
         );
-        let last = uid + 10 + USER_DB_MAX as u32;
-        UserDb::remember(last, &facts(None, &[]), t0);
-        assert!(
-            UserDb::cached(uid + 10, &[], t0).is_none(),
-            "emptied past the limit"
-        );
-        assert!(
-            UserDb::cached(last, &[], t0).is_some(),
-            "the newest is kept"
-        );
-        assert!(UserDb::with(|db| db.users.len() + db.groups.len()) <= USER_DB_MAX);
+    }
+
+    /// The only test that touches the gateway-wide answers (tests run at once).
+    #[test]
+    fn forgetting_drops_the_gateway_wide_answers_and_those_being_asked() {
+        let t0 = Instant::now();
+        let generation = UserDb::with(|db| {
+            db.keep_user(4_000_100, &None, t0, db.generation);
+            db.generation
+        });
+        assert!(UserDb::with(|db| db.user(4_000_100, t0)).is_some());
         forget_user_db();
+        assert!(UserDb::with(|db| db.user(4_000_100, t0)).is_none());
+        assert_eq!(UserDb::with(|db| db.generation), generation + 1);
     }
 
     #[test]
