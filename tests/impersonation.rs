@@ -1388,6 +1388,22 @@ enum nss_status _nss_slow_getpwuid_r(uid_t uid, struct passwd *pw, char *buf, si
 }
 "#;
 
+/// An echo server open to all, exported as pipe `echo` to identity `u1` by gateway `a`.
+fn echo_for_u1(fx: &Fixture) -> (UnixServer, common::Gateway) {
+    let echo = fx.path("echo.sock");
+    let srv = UnixServer::echo(&echo);
+    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let a = fx.serve(
+        "a.toml",
+        &config(
+            fx,
+            "",
+            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
+        ),
+    );
+    (srv, a)
+}
+
 /// Serves `text` as `name` with [`SLOW_NSS_C`] built as the NSS source `slow`, in a mount
 /// namespace of the gateway's own whose `/etc/nsswitch.conf` has the `passwd:` and
 /// `group:` lines `passwd` and `group`, on one shard. Its marks go to `fx.path("nss")`.
@@ -1452,17 +1468,7 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
         return;
     }
     let fx = fixture();
-    let echo = fx.path("echo.sock");
-    let _srv = UnixServer::echo(&echo);
-    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let a = fx.serve(
-        "a.toml",
-        &config(
-            &fx,
-            "",
-            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
-        ),
-    );
+    let (_srv, a) = echo_for_u1(&fx);
     let hosted = fx.path("fwd.sock");
     let text = forward(
         &hosted,
@@ -1560,17 +1566,7 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         return;
     }
     let fx = fixture();
-    let echo = fx.path("echo.sock");
-    let _srv = UnixServer::echo(&echo);
-    std::fs::set_permissions(&echo, std::fs::Permissions::from_mode(0o666)).expect("chmod");
-    let a = fx.serve(
-        "a.toml",
-        &config(
-            &fx,
-            "",
-            &pipe("echo", &format!("unix:{}", echo.display()), &["u1"], ""),
-        ),
-    );
+    let (_srv, a) = echo_for_u1(&fx);
     let (slow, quick) = (fx.path("fwd-named.sock"), fx.path("fwd-open.sock"));
     let fwd = |listen: &Path, extra: &str| {
         forward(
