@@ -42,6 +42,9 @@
 //! `PIPEBRIDGE_BENCH_ALLOW_LOCAL='"root"'` (and `PIPEBRIDGE_BASELINE_ALLOW_LOCAL`) sets
 //! the forward's `allow_local` list (TOML items, comma-separated): a rule that names a
 //! user or a group asks the user database for every caller.
+//! `PIPEBRIDGE_BENCH_PER_USER=1` (and `PIPEBRIDGE_BASELINE_PER_USER`) names the forward's
+//! certificate and key by `{user}` (copies of the bench's, named after the account the
+//! bench runs as): each caller's user name is looked up for its credentials.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
@@ -1081,12 +1084,36 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let sock = env.dir.join(format!("{name}.sock"));
     // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
+    let per_user = std::env::var(match tool {
+        Tool::Baseline => "PIPEBRIDGE_BASELINE_PER_USER",
+        _ => "PIPEBRIDGE_BENCH_PER_USER",
+    })
+    .is_ok_and(|v| v == "1");
+    let (cert, key) = if per_user {
+        // `{user}` is the caller's user name: the load client runs as this process.
+        let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .map_err(|e| e.to_string())?
+            .ok_or("the bench's own uid has no user name")?
+            .name;
+        let dir = pki.join("per-user");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        for ext in ["pem", "key"] {
+            std::fs::copy(
+                pki.join(format!("bench.{ext}")),
+                dir.join(format!("{me}.{ext}")),
+            )
+            .map_err(|e| e.to_string())?;
+        }
+        (dir.join("{user}.pem"), dir.join("{user}.key"))
+    } else {
+        (pki.join("bench.pem"), pki.join("bench.key"))
+    };
     let cli = format!(
         "{tuning}[[forward]]\nlisten = {}\nto = \"wss://127.0.0.1:{port}/pipes/target\"\nca = {}\ncert = {}\nkey = {}\nhttp2 = {http2}\n{allow_local}",
         q(Path::new(&format!("{}:{}", scheme(), sock.display()))),
         q(&pki.join("ca.pem")),
-        q(&pki.join("bench.pem")),
-        q(&pki.join("bench.key")),
+        q(&cert),
+        q(&key),
     );
     let cli_cfg = env.dir.join(format!("{name}-client.toml"));
     std::fs::write(&cli_cfg, cli).map_err(|e| e.to_string())?;
