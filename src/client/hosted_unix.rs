@@ -509,9 +509,11 @@ impl LocalCaller {
         if let Some(v) = self.judge(rules, || kept.user(uid), |g| kept.group(g)) {
             return Ok(v);
         }
-        let (me, rules, ask) = (*self, rules.to_vec(), Lookup { ask: true, ..kept });
+        let (me, rules) = (*self, rules.to_vec());
         off_the_shard(move || {
-            // With `ask`, every answer comes: never undecided.
+            // Kept answers judged by the time now (the turn may have waited); with
+            // `ask`, every answer comes: never undecided.
+            let ask = kept.asking();
             me.judge(&rules, || ask.user(uid), |g| ask.group(g))
                 .unwrap_or(false)
         })
@@ -527,10 +529,7 @@ impl LocalCaller {
         let uid = self.uid;
         let user = match kept.user(uid) {
             Some(u) => u,
-            None => {
-                let ask = Lookup { ask: true, ..kept };
-                off_the_shard(move || ask.user(uid).flatten()).await?
-            }
+            None => off_the_shard(move || kept.asking().user(uid).flatten()).await?,
         };
         Ok(user.map(|u| u.name.clone()))
     }
@@ -620,6 +619,16 @@ impl Lookup {
             asked: Instant::now(),
             generation: UserDb::with(|db| db.generation),
             ask,
+        }
+    }
+
+    /// This lookup, asking the user database now (on the blocking pool), with kept
+    /// answers judged by the time now; its generation stays the one it started with.
+    fn asking(self) -> Lookup {
+        Lookup {
+            asked: Instant::now(),
+            ask: true,
+            ..self
         }
     }
 
@@ -903,8 +912,14 @@ mod tests {
             Some(true)
         );
         assert_eq!(
-            judged(other_gid, &["@users"], nameless, &groups).0,
+            judged(other_gid, &["@users"], nameless.clone(), &groups).0,
             Some(false)
+        );
+        let listed = [("users", group(1000, &["alice"]))];
+        assert_eq!(
+            judged(other_gid, &["@users"], nameless, &listed).0,
+            Some(false),
+            "a member list needs a user name to match"
         );
     }
 
@@ -1014,7 +1029,8 @@ mod tests {
         }
         db.keep_user(u32::MAX, &None, now, 0);
         assert_eq!(db.users.len(), USER_DB_MAX);
-        db.keep_group("g", &None, now, 0);
+        // (Stamped when it was asked, long ago: staleness is judged by the clock.)
+        db.keep_group("g", &None, old, 0);
         assert_eq!(
             (db.users.len(), db.groups.len()),
             (1, 1),
