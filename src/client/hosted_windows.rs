@@ -144,22 +144,30 @@ impl Forward {
                 Ok(inst) => {
                     let (fwd, target) = settings.get();
                     let with_groups = fwd.allow_local.iter().any(|r| r.starts_with('@'));
-                    // Token lookups may reach a domain controller: off the async workers.
-                    let looked_up = tokio::task::spawn_blocking(move || {
-                        let caller = pipe_caller(inst.handle(), with_groups).map(LocalCaller);
-                        (inst, caller)
-                    })
-                    .await;
-                    let Ok((inst, caller)) = looked_up else {
-                        warn!("identifying the pipe's caller failed; closing the instance");
-                        continue;
-                    };
-                    match windows::local_instance(inst, opts) {
-                        Ok(local) => {
-                            spawn_session(&tracker, &fwd, &target, local, caller);
+                    let sessions = tracker.clone();
+                    // Token lookups may reach a domain controller: off the async workers,
+                    // and in a task of the caller's own, so that a slow one holds only that
+                    // caller, never the accepting of the next (at most `max_instances` at
+                    // once: each holds its pipe instance).
+                    tracker.spawn(async move {
+                        let looked_up = tokio::task::spawn_blocking(move || {
+                            let caller = pipe_caller(inst.handle(), with_groups).map(LocalCaller);
+                            (inst, caller)
+                        })
+                        .await;
+                        let Ok((inst, caller)) = looked_up else {
+                            warn!("identifying the pipe's caller failed; closing the instance");
+                            return;
+                        };
+                        match windows::local_instance(inst, opts) {
+                            Ok(local) => {
+                                spawn_session(&sessions, &fwd, &target, local, caller);
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "cannot set up the connected pipe instance")
+                            }
                         }
-                        Err(e) => warn!(error = %e, "cannot set up the connected pipe instance"),
-                    }
+                    });
                 }
                 Err(e) => accept_failed(e).await,
             }
