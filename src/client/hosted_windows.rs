@@ -63,6 +63,9 @@ impl std::fmt::Display for LocalCaller {
     }
 }
 
+/// Most callers' account lookups running at once, gateway-wide (as on Unix).
+const MAX_LOOKUPS: usize = 16;
+
 /// A running forward.
 pub struct Forward {
     server: PipeServer,
@@ -147,9 +150,14 @@ impl Forward {
                     let sessions = tracker.clone();
                     // Token lookups may reach a domain controller: off the async workers,
                     // and in a task of the caller's own, so that a slow one holds only that
-                    // caller, never the accepting of the next (at most `max_instances` at
-                    // once: each holds its pipe instance).
+                    // caller, never the accepting of the next; at most `MAX_LOOKUPS` at once,
+                    // gateway-wide, so slow ones never fill the blocking pool.
                     tracker.spawn(async move {
+                        static LOOKUPS: tokio::sync::Semaphore =
+                            tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+                        let Ok(_turn) = LOOKUPS.acquire().await else {
+                            return;
+                        };
                         let looked_up = tokio::task::spawn_blocking(move || {
                             let caller = pipe_caller(inst.handle(), with_groups).map(LocalCaller);
                             (inst, caller)
