@@ -1029,24 +1029,21 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     // `[tuning] busy_poll` for both gateways of this build, only when asked (a baseline
     // build may predate the key): PIPEBRIDGE_BENCH_BUSY_POLL for `pipebridge`,
     // PIPEBRIDGE_BASELINE_BUSY_POLL for `baseline`.
-    let var = match tool {
-        Tool::Baseline => "PIPEBRIDGE_BASELINE_BUSY_POLL",
-        _ => "PIPEBRIDGE_BENCH_BUSY_POLL",
+    let setting = |what: &str| {
+        let who = if tool == Tool::Baseline {
+            "BASELINE"
+        } else {
+            "BENCH"
+        };
+        std::env::var(format!("PIPEBRIDGE_{who}_{what}")).ok()
     };
-    let tuning = std::env::var(var)
+    let tuning = setting("BUSY_POLL")
         .map(|v| format!("[tuning]\nbusy_poll = {}\n\n", q(Path::new(&v))))
         .unwrap_or_default();
-    let run_as = std::env::var(match tool {
-        Tool::Baseline => "PIPEBRIDGE_BASELINE_RUN_AS",
-        _ => "PIPEBRIDGE_BENCH_RUN_AS",
-    })
-    .unwrap_or_else(|_| "gateway".into());
-    let allow_local = std::env::var(match tool {
-        Tool::Baseline => "PIPEBRIDGE_BASELINE_ALLOW_LOCAL",
-        _ => "PIPEBRIDGE_BENCH_ALLOW_LOCAL",
-    })
-    .map(|v| format!("allow_local = [{v}]\n"))
-    .unwrap_or_default();
+    let run_as = setting("RUN_AS").unwrap_or_else(|| "gateway".into());
+    let allow_local = setting("ALLOW_LOCAL")
+        .map(|v| format!("allow_local = [{v}]\n"))
+        .unwrap_or_default();
     let srv = format!(
         "{tuning}[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n\n\
          [limits]\nmax_sessions = 100000\nmax_sessions_per_identity = 100000\n\n\
@@ -1084,11 +1081,7 @@ fn start_pipebridge(env: &Env, tool: Tool, bin: &Path) -> R<Pipeline> {
     let sock = env.dir.join(format!("{name}.sock"));
     // PIPEBRIDGE_BENCH_HTTP2=0 measures forwards on dedicated HTTP/1.1 connections.
     let http2 = std::env::var("PIPEBRIDGE_BENCH_HTTP2").map_or(true, |v| v != "0");
-    let per_user = std::env::var(match tool {
-        Tool::Baseline => "PIPEBRIDGE_BASELINE_PER_USER",
-        _ => "PIPEBRIDGE_BENCH_PER_USER",
-    })
-    .is_ok_and(|v| v == "1");
+    let per_user = setting("PER_USER").is_some_and(|v| v == "1");
     let (cert, key) = if per_user {
         // `{user}` is the caller's user name: the load client runs as this process.
         let me = nix::unistd::User::from_uid(nix::unistd::geteuid())

@@ -635,47 +635,52 @@ impl Lookup {
     /// The user `uid` names: kept, else asked if `ask` (a failed lookup is judged as
     /// none, and not kept), else not at hand.
     fn user(&self, uid: u32) -> Option<Answer<UserEntry>> {
-        if let Some(u) = UserDb::with(|db| db.user(uid, self.asked)) {
-            return Some(u);
-        }
-        if !self.ask {
-            return None;
-        }
-        Some(
-            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                Ok(u) => {
-                    let u = u.map(|u| {
-                        Arc::new(UserEntry {
-                            name: u.name,
-                            gid: u.gid.as_raw(),
-                        })
-                    });
-                    UserDb::with(|db| db.keep_user(uid, &u, self.asked, self.generation));
-                    u
-                }
-                Err(_) => None,
+        self.answer(
+            UserDb::with(|db| db.user(uid, self.asked)),
+            || {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map(|u| {
+                    u.map(|u| UserEntry {
+                        name: u.name,
+                        gid: u.gid.as_raw(),
+                    })
+                })
             },
+            |db, e| db.keep_user(uid, e, self.asked, self.generation),
         )
     }
 
     /// The group `name`, likewise.
     fn group(&self, name: &str) -> Option<Answer<GroupEntry>> {
-        if let Some(g) = UserDb::with(|db| db.group(name, self.asked)) {
-            return Some(g);
-        }
-        if !self.ask {
-            return None;
-        }
-        Some(match nix::unistd::Group::from_name(name) {
-            Ok(g) => {
-                let g = g.map(|g| {
-                    Arc::new(GroupEntry {
+        self.answer(
+            UserDb::with(|db| db.group(name, self.asked)),
+            || {
+                nix::unistd::Group::from_name(name).map(|g| {
+                    g.map(|g| GroupEntry {
                         gid: g.gid.as_raw(),
                         members: g.mem,
                     })
-                });
-                UserDb::with(|db| db.keep_group(name, &g, self.asked, self.generation));
-                g
+                })
+            },
+            |db, e| db.keep_group(name, e, self.asked, self.generation),
+        )
+    }
+
+    /// `kept` if at hand; else, if `ask`, what `query` answers, kept by `keep` (a failed
+    /// lookup is judged as none, and not kept); else not at hand.
+    fn answer<T>(
+        &self,
+        kept: Option<Answer<T>>,
+        query: impl FnOnce() -> nix::Result<Option<T>>,
+        keep: impl FnOnce(&mut UserDb, &Answer<T>),
+    ) -> Option<Answer<T>> {
+        if kept.is_some() || !self.ask {
+            return kept;
+        }
+        Some(match query() {
+            Ok(e) => {
+                let e = e.map(Arc::new);
+                UserDb::with(|db| keep(db, &e));
+                e
             }
             Err(_) => None,
         })
@@ -701,22 +706,19 @@ impl UserDb {
 
     /// The answer about `uid` if it was asked less than [`USER_DB_TTL`] before `now`.
     fn user(&self, uid: u32, now: Instant) -> Option<Answer<UserEntry>> {
-        let (at, e) = self.users.get(&uid)?;
-        fresh(*at, now).then(|| e.clone())
+        fresh_answer(self.users.get(&uid), now)
     }
 
     /// The answer about group `name`, likewise.
     fn group(&self, name: &str, now: Instant) -> Option<Answer<GroupEntry>> {
-        let (at, e) = self.groups.get(name)?;
-        fresh(*at, now).then(|| e.clone())
+        fresh_answer(self.groups.get(name), now)
     }
 
     /// Keeps `e`, the answer about `uid` asked at `asked`, unless the answers were
     /// forgotten since `generation` was read or a later-asked answer is kept.
     fn keep_user(&mut self, uid: u32, e: &Answer<UserEntry>, asked: Instant, generation: u64) {
         let kept = self.users.get(&uid).map(|(at, _)| *at);
-        if generation == self.generation && kept.is_none_or(|at| at <= asked) {
-            self.make_room(kept.is_none());
+        if self.may_keep(kept, asked, generation) {
             self.users.insert(uid, (asked, e.clone()));
         }
     }
@@ -724,10 +726,19 @@ impl UserDb {
     /// Keeps `e`, the answer about group `name`, likewise.
     fn keep_group(&mut self, name: &str, e: &Answer<GroupEntry>, asked: Instant, generation: u64) {
         let kept = self.groups.get(name).map(|(at, _)| *at);
-        if generation == self.generation && kept.is_none_or(|at| at <= asked) {
-            self.make_room(kept.is_none());
+        if self.may_keep(kept, asked, generation) {
             self.groups.insert(name.to_string(), (asked, e.clone()));
         }
+    }
+
+    /// Whether an answer asked at `asked` under `generation` may replace the one kept
+    /// (asked at `kept`, if any); if so, with room made for it.
+    fn may_keep(&mut self, kept: Option<Instant>, asked: Instant, generation: u64) -> bool {
+        let ok = generation == self.generation && kept.is_none_or(|at| at <= asked);
+        if ok {
+            self.make_room(kept.is_none());
+        }
+        ok
     }
 
     /// Makes room for one more answer (if `new`): past [`USER_DB_MAX`], the stale ones
@@ -743,6 +754,12 @@ impl UserDb {
             }
         }
     }
+}
+
+/// A kept answer (asked at, answer) if it is still good at `now`.
+fn fresh_answer<T>(kept: Option<&(Instant, Answer<T>)>, now: Instant) -> Option<Answer<T>> {
+    let (at, e) = kept?;
+    fresh(*at, now).then(|| e.clone())
 }
 
 /// Whether an answer asked at `at` is still good at `now`.
