@@ -1406,13 +1406,15 @@ fn echo_for_u1(fx: &Fixture) -> (UnixServer, common::Gateway) {
 
 /// Serves `text` as `name` with [`SLOW_NSS_C`] built as the NSS source `slow`, in a mount
 /// namespace of the gateway's own whose `/etc/nsswitch.conf` has the `passwd:` and
-/// `group:` lines `passwd` and `group`, on one shard. Its marks go to `fx.path("nss")`.
+/// `group:` lines `passwd` and `group`, on one shard, with `env` added to its
+/// environment. Its marks go to `fx.path("nss")`.
 fn serve_with_slow_nss(
     fx: &Fixture,
     name: &str,
     text: &str,
     passwd: &str,
     group: &str,
+    env: &[(&str, &str)],
 ) -> common::Gateway {
     let src = fx.path("slow.c");
     std::fs::write(&src, SLOW_NSS_C).expect("write slow.c");
@@ -1451,7 +1453,10 @@ fn serve_with_slow_nss(
             ("PIPEBRIDGE_SHARDS", "1"),
             ("LD_LIBRARY_PATH", &fx.dir().display().to_string()),
             ("SLOW_NSS_MARK", &fx.path("nss").display().to_string()),
-        ],
+        ]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect::<Vec<_>>(),
     )
 }
 
@@ -1484,6 +1489,7 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
         &text,
         "slow [UNAVAIL=return] files",
         "slow files",
+        &[],
     );
     wait_for_socket(&hosted);
     let nobody = nix::unistd::User::from_name("nobody")
@@ -1555,6 +1561,73 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
     );
 }
 
+/// Callers of one user that come together ask the user database once: while the first
+/// one's lookup waits (uid 12003 in [`SLOW_NSS_C`]), the others wait for its answer (a
+/// debug line each says so), and when it comes all are judged by it (refused: 12003 is
+/// not `nobody`), with one question in all.
+#[test]
+fn callers_of_one_user_that_come_together_ask_the_user_database_once() {
+    if !root_or_skip("callers_of_one_user_that_come_together_ask_the_user_database_once") {
+        return;
+    }
+    let fx = fixture();
+    let (_srv, a) = echo_for_u1(&fx);
+    let hosted = fx.path("fwd.sock");
+    let text = forward(
+        &hosted,
+        &a.url("echo"),
+        &fx.ca(),
+        &fx.cert("u1"),
+        &fx.key("u1"),
+        "allow_local = [\"nobody\"]",
+    );
+    let b = serve_with_slow_nss(
+        &fx,
+        "b.toml",
+        &text,
+        "slow files",
+        "files",
+        &[("PIPEBRIDGE_LOG", "info,pipebridge::client::hosted=debug")],
+    );
+    wait_for_socket(&hosted);
+    const CALLERS: usize = 4;
+    let waiting = "waiting for the user database's answer another session asked for";
+    let replies = std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|i| {
+                let (fx, hosted) = (&fx, &hosted);
+                scope.spawn(move || call_as(fx, 12003, 12003, hosted, &format!("together-{i}")))
+            })
+            .collect();
+        // Released once every other caller waits for the first one's answer.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while strip_ansi(&b.log()).matches(waiting).count() < CALLERS - 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the other callers did not wait for the first one's lookup; nss asked:\n{}\nforward log:\n{}",
+                std::fs::read_to_string(fx.path("nss.asked")).unwrap_or_default(),
+                b.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::fs::write(fx.path("nss.release"), b"").expect("release the slow lookup");
+        callers
+            .into_iter()
+            .map(|c| c.join().expect("caller"))
+            .collect::<Vec<_>>()
+    });
+    for v in &replies {
+        assert_eq!(v["data"], "", "uid 12003 is not nobody and is refused: {v}");
+    }
+    let asked = std::fs::read_to_string(fx.path("nss.asked")).unwrap_or_default();
+    assert_eq!(
+        asked.lines().filter(|l| *l == "pw 12003").count(),
+        1,
+        "one question for {CALLERS} callers:\n{asked}\nforward log:\n{}",
+        b.log()
+    );
+}
+
 /// A forward's `allow_local` lookups of a caller's name run off the thread that runs the
 /// forward's other sessions: while the user database holds one caller's answer (an NSS
 /// module that waits, loaded in the forwarding gateway's own mount namespace), another
@@ -1585,7 +1658,7 @@ fn a_slow_user_database_holds_only_the_session_that_asks_it() {
         fx.path("nss.left"),
         fx.path("nss.release"),
     );
-    let b = serve_with_slow_nss(&fx, "b.toml", &text, "slow files", "files");
+    let b = serve_with_slow_nss(&fx, "b.toml", &text, "slow files", "files", &[]);
     wait_for_socket(&slow);
     wait_for_socket(&quick);
 

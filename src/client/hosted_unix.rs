@@ -636,7 +636,8 @@ impl Lookup {
     /// none, and not kept), else not at hand.
     fn user(&self, uid: u32) -> Option<Answer<UserEntry>> {
         self.answer(
-            UserDb::with(|db| db.user(uid, self.asked)),
+            Question::User(uid),
+            |db| db.user(uid, self.asked),
             || {
                 nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).map(|u| {
                     u.map(|u| UserEntry {
@@ -652,7 +653,8 @@ impl Lookup {
     /// The group `name`, likewise.
     fn group(&self, name: &str) -> Option<Answer<GroupEntry>> {
         self.answer(
-            UserDb::with(|db| db.group(name, self.asked)),
+            Question::Group(name.to_string()),
+            |db| db.group(name, self.asked),
             || {
                 nix::unistd::Group::from_name(name).map(|g| {
                     g.map(|g| GroupEntry {
@@ -665,25 +667,132 @@ impl Lookup {
         )
     }
 
-    /// `kept` if at hand; else, if `ask`, what `query` answers, kept by `keep` (a failed
-    /// lookup is judged as none, and not kept); else not at hand.
+    /// The answer `kept` finds if at hand; else, if `ask`, what `query` answers, kept by
+    /// `keep` (a failed lookup is judged as none, and not kept); else not at hand.
+    /// While one lookup asks `question`, others that want the same answer wait for it
+    /// (at most [`LOOKUP_TIMEOUT`]) instead of asking too: a burst of one user's callers
+    /// asks the user database once. If the answer was not kept (the lookup failed, or a
+    /// reload came in between), each waiter asks for itself.
     fn answer<T>(
         &self,
-        kept: Option<Answer<T>>,
+        question: Question,
+        kept: impl Fn(&UserDb) -> Option<Answer<T>>,
         query: impl FnOnce() -> nix::Result<Option<T>>,
         keep: impl FnOnce(&mut UserDb, &Answer<T>),
     ) -> Option<Answer<T>> {
-        if kept.is_some() || !self.ask {
-            return kept;
+        if !self.ask {
+            return UserDb::with(|db| kept(db));
         }
-        Some(match query() {
-            Ok(e) => {
-                let e = e.map(Arc::new);
-                UserDb::with(|db| keep(db, &e));
-                e
+        let turn = UserDb::with(|db| {
+            if let Some(k) = kept(db) {
+                return Ok(k);
             }
-            Err(_) => None,
-        })
+            Err(match db.asking.get(&question) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    db.asking.insert(question.clone(), f.clone());
+                    (f, true)
+                }
+            })
+        });
+        let _landing = match turn {
+            Ok(k) => return Some(k),
+            Err((flight, true)) => Landing { question, flight },
+            Err((flight, false)) => {
+                tracing::debug!(
+                    question = %question,
+                    "waiting for the user database's answer another session asked for"
+                );
+                flight.wait(LOOKUP_TIMEOUT);
+                if let Some(k) = UserDb::with(|db| kept(db)) {
+                    return Some(k);
+                }
+                return Some(ask_now(query, keep));
+            }
+        };
+        Some(ask_now(query, keep))
+    }
+}
+
+/// What `query` answers, kept by `keep`; a failed lookup is judged as none, not kept.
+fn ask_now<T>(
+    query: impl FnOnce() -> nix::Result<Option<T>>,
+    keep: impl FnOnce(&mut UserDb, &Answer<T>),
+) -> Answer<T> {
+    match query() {
+        Ok(e) => {
+            let e = e.map(Arc::new);
+            UserDb::with(|db| keep(db, &e));
+            e
+        }
+        Err(_) => None,
+    }
+}
+
+/// A question to the user database.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Question {
+    /// The user a uid names.
+    User(u32),
+    /// A group by name.
+    Group(String),
+}
+
+impl std::fmt::Display for Question {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Question::User(uid) => write!(f, "uid {uid}"),
+            Question::Group(name) => write!(f, "group {name}"),
+        }
+    }
+}
+
+/// A question being asked now ([`UserDb::asking`]): it lands when its lookup returns.
+#[derive(Default)]
+struct Flight {
+    landed: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Flight {
+    /// Waits until the question lands, at most `limit`.
+    fn wait(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut landed = self.landed.lock().unwrap_or_else(|e| e.into_inner());
+        while !*landed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            landed = match self.cv.wait_timeout(landed, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// The asking of a [`Flight`]: when dropped (the lookup returned, its answer kept or
+/// not, or it panicked), the question is no longer being asked and its waiters wake.
+struct Landing {
+    question: Question,
+    flight: Arc<Flight>,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        UserDb::with(|db| {
+            if db
+                .asking
+                .get(&self.question)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+            {
+                db.asking.remove(&self.question);
+            }
+        });
+        *self.flight.landed.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.flight.cv.notify_all();
     }
 }
 
@@ -694,6 +803,8 @@ struct UserDb {
     groups: std::collections::HashMap<String, (Instant, Answer<GroupEntry>)>,
     /// Counts [`forget_user_db`]s: an answer asked before one is not kept after it.
     generation: u64,
+    /// The questions being asked now, which others that want the same answer wait for.
+    asking: std::collections::HashMap<Question, Arc<Flight>>,
 }
 
 static USER_DB: std::sync::Mutex<Option<UserDb>> = std::sync::Mutex::new(None);
@@ -773,6 +884,8 @@ pub fn forget_user_db() {
     UserDb::with(|db| {
         db.users.clear();
         db.groups.clear();
+        // Their answers will not be kept: later lookups ask anew instead of waiting.
+        db.asking.clear();
         db.generation += 1;
     });
 }
@@ -1057,7 +1170,61 @@ mod tests {
 
     /// The only test that touches the gateway-wide answers (tests run at once).
     #[test]
-    fn forgetting_drops_the_gateway_wide_answers_and_those_being_asked() {
+    fn a_question_is_asked_once_at_a_time_and_forgetting_drops_the_answers() {
+        // (The one test of the gateway-wide answers, so that no other test's forgetting
+        // runs in between.) While one lookup asks a question, another that wants the
+        // same answer waits for it and takes it, not asking.
+        let uid = 4_000_200;
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let carol = user("carol", 7);
+        let ask = |release: Option<std::sync::mpsc::Receiver<()>>| {
+            let look = Lookup::start(true);
+            look.answer(
+                Question::User(uid),
+                |db| db.user(uid, look.asked),
+                || {
+                    asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(r) = release {
+                        let _ = r.recv_timeout(Duration::from_secs(10));
+                    }
+                    Ok(Some(UserEntry {
+                        name: "carol".into(),
+                        gid: 7,
+                    }))
+                },
+                |db, e| db.keep_user(uid, e, look.asked, look.generation),
+            )
+        };
+        let until = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let flight = || UserDb::with(|db| db.asking.get(&Question::User(uid)).cloned());
+        std::thread::scope(|scope| {
+            let (release, wait) = std::sync::mpsc::channel();
+            let first = scope.spawn(|| ask(Some(wait)));
+            until("the first lookup never asked", &|| flight().is_some());
+            let second = scope.spawn(|| ask(None));
+            // The question's flight is held by the table, the asker and the waiter.
+            until("the second lookup never waited", &|| {
+                flight().is_some_and(|f| Arc::strong_count(&f) >= 4)
+            });
+            assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+            release.send(()).unwrap();
+            assert_eq!(first.join().unwrap(), Some(carol.clone()));
+            assert_eq!(second.join().unwrap(), Some(carol.clone()));
+        });
+        assert_eq!(
+            asked.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "asked once for both"
+        );
+        assert!(flight().is_none(), "the question landed");
+
+        // Forgetting drops the kept answers and moves the generation on.
         let t0 = Instant::now();
         let generation = UserDb::with(|db| {
             db.keep_user(4_000_100, &None, t0, db.generation);
