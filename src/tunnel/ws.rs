@@ -170,6 +170,7 @@ impl<S: Transport> WebSocket<S> {
                 io: w,
                 role,
                 out: BytesMut::new(),
+                owned: Bytes::new(),
                 sent_close: false,
             },
             source: WsSource {
@@ -202,10 +203,18 @@ impl<S: Transport> WebSocket<S> {
 }
 
 /// The sending half.
+///
+/// A send may be cut off mid-frame (its future dropped: a time bound ran out, or the
+/// session ended while the transport was full). What the transport has not taken of
+/// that frame stays here, in `out` or `owned`, and the next send, or the end of the
+/// stream, writes it first: frames stay whole on the wire, so the peer never reads the
+/// next frame (an error report, a Close) as the rest of a cut-off one.
 pub struct WsSink<W> {
     io: W,
     role: Role,
     out: BytesMut,
+    /// The rest of a big frame handed to the transport by value.
+    owned: Bytes,
     sent_close: bool,
 }
 
@@ -318,10 +327,14 @@ impl<W: OwnedWrite> WsSink<W> {
         r
     }
 
-    /// Writes what a send cut off mid-frame left in `out` (a Ping or Pong sent under a
-    /// time bound, dropped when the bound ran out), so that frames stay whole on the
-    /// wire: the next send, or the end of the stream, writes the rest first.
+    /// Writes what a send cut off mid-frame left (in `owned` or `out`), so that frames
+    /// stay whole on the wire: the next send, or the end of the stream, writes the rest
+    /// first.
     async fn write_pending(&mut self) -> Result<()> {
+        if !self.owned.is_empty() {
+            let (io, owned) = (&mut self.io, &mut self.owned);
+            std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write_owned(cx, owned)).await?;
+        }
         while !self.out.is_empty() {
             let n = self.io.write(&self.out).await?;
             if n == 0 {
@@ -356,14 +369,39 @@ impl<W: OwnedWrite> WsSink<W> {
             buf.advance(start);
             return self.write_owned(buf.split().freeze()).await;
         }
-        let r = write_out(&mut self.io, &buf[start..]).await;
+        // As much as the transport takes now, straight from `buf`; the rest (if any)
+        // into `out` before anything waits, so that a cut-off send leaves it here.
+        let (io, out) = (&mut self.io, &mut self.out);
+        let mut rest = &buf[start..];
+        let now = std::future::poll_fn(|cx| {
+            while !rest.is_empty() {
+                match Pin::new(&mut *io).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())))
+                    }
+                    Poll::Ready(Ok(n)) => rest = &rest[n..],
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                    Poll::Pending => {
+                        out.extend_from_slice(rest);
+                        rest = &[];
+                    }
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await;
         buf.clear();
-        r
+        now?;
+        self.write_pending().await?;
+        self.io.flush().await?;
+        Ok(())
     }
 
-    /// Writes a whole frame by value and flushes.
-    async fn write_owned(&mut self, mut frame: Bytes) -> Result<()> {
-        std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_write_owned(cx, &mut frame)).await?;
+    /// Writes a whole frame by value and flushes; a cut-off write leaves the rest in
+    /// `owned`.
+    async fn write_owned(&mut self, frame: Bytes) -> Result<()> {
+        self.owned = frame;
+        self.write_pending().await?;
         self.io.flush().await?;
         Ok(())
     }
@@ -382,12 +420,6 @@ impl<W: OwnedWrite> WsSink<W> {
         })?;
         self.io.shutdown().await
     }
-}
-
-async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, data: &[u8]) -> Result<()> {
-    io.write_all(data).await?;
-    io.flush().await?;
-    Ok(())
 }
 
 impl<R: ChunkRead> WsSource<R> {
@@ -670,6 +702,47 @@ mod tests {
             second.expect("a message").expect("whole"),
             Message::Binary(Bytes::from_static(b"after"))
         );
+    }
+
+    /// A binary message cut off mid-frame (the session ended while the transport was
+    /// full), big (handed over by value) or small (written from the caller's buffer), is
+    /// finished before the Close that follows it: the reader gets the message whole, then
+    /// the Close, never the Close's bytes as the rest of the message.
+    #[tokio::test]
+    async fn a_binary_message_cut_off_mid_frame_is_finished_before_the_close() {
+        for len in [40_000usize, 1_000] {
+            let (a, b) = tokio::io::duplex(64);
+            let (mut sink, _source) = WebSocket::new(a, Role::Server, 1 << 20).split();
+            let mut reader = WebSocket::new(b, Role::Client, 1 << 20);
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut buf = BytesMut::zeroed(HEADROOM);
+            buf.extend_from_slice(&payload);
+            let cut = tokio::time::timeout(
+                std::time::Duration::from_millis(50),
+                sink.send_framed(&mut buf),
+            )
+            .await;
+            assert!(cut.is_err(), "{len} bytes fit a 64-byte pipe");
+            let read = tokio::spawn(async move {
+                let first = reader.next().await;
+                let second = reader.next().await;
+                (first, second)
+            });
+            let close = Message::Close(Some(CloseFrame {
+                code: CloseCode::Away,
+                reason: "draining".into(),
+            }));
+            sink.send(close.clone()).await.expect("send the Close");
+            let (first, second) = tokio::time::timeout(std::time::Duration::from_secs(10), read)
+                .await
+                .expect("read in time")
+                .expect("reader");
+            match first.expect("a message").expect("whole") {
+                Message::Binary(b) => assert!(b[..] == payload[..], "{len}: the message differs"),
+                other => panic!("{len}: {other:?}"),
+            }
+            assert_eq!(second.expect("a message").expect("whole"), close);
+        }
     }
 
     #[test]
