@@ -640,7 +640,7 @@ async fn run_in<S: Transport>(
     let linger = peer_left && child.is_some();
     if !linger {
         if let Some(c) = child.as_mut() {
-            let _ = c.start_kill();
+            crate::endpoint::exec::kill(c);
         }
     }
     // Boxed: it runs once, at the end, and inline it would make every session's state
@@ -688,11 +688,11 @@ async fn outlive_peer(
             Err(e) => span.in_scope(|| tracing::warn!(error = %e, "wait for child")),
         },
         _ = stop.wait() => {
-            let _ = child.start_kill();
+            crate::endpoint::exec::kill(child);
         }
         () = idle => {
             span.in_scope(|| tracing::info!("exec child killed: idle after the peer left"));
-            let _ = child.start_kill();
+            crate::endpoint::exec::kill(child);
         }
     }
 }

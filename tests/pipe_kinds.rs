@@ -1824,6 +1824,31 @@ fn exec_out_reads_the_childs_stdout_with_identity_and_signals() {
     );
 }
 
+/// A child's stderr is read to its end whatever it writes: a line that is not UTF-8 is
+/// logged (with replacement characters), and the child's next warning neither fails nor
+/// kills it (the gateway had stopped reading, and the child died of SIGPIPE).
+#[test]
+fn exec_childs_stderr_that_is_not_utf8_is_logged_and_read_on() {
+    let fx = Fx::new();
+    let body = pipe(
+        "warns",
+        r#"exec:sh -c 'printf "bad \\377 byte\\n" >&2; sleep 0.3; echo later-warning >&2; echo out'"#,
+        "direction = \"out\"",
+    );
+    let mut gw = fx.serve("gw.toml", &fx.server_config(&body), &[]);
+    let out = fx.connect(&gw.url("warns"), &[], b"");
+    out.expect_code(0);
+    assert_eq!(out.out(), "out\n");
+    gw.proc.wait_until(
+        Duration::from_secs(10),
+        "both stderr lines in the log",
+        |p| {
+            let log = p.stderr();
+            log.contains("bad \u{fffd} byte") && log.contains("later-warning")
+        },
+    );
+}
+
 #[test]
 fn exec_child_that_stops_reading_still_delivers_its_output_and_exit_status() {
     // Like `yes | head -c 5` in a shell: a child that stops reading its stdin is not a
@@ -1991,6 +2016,70 @@ async fn send_data_expect_close(mut s: pipebridge::client::Session) -> (Vec<Stri
     .await
     .expect("no Close within 15s");
     (texts, code)
+}
+
+/// When the gateway ends an `exec:` session (here: data on an `out` session, 1008), the
+/// processes the child started go with it (its process group), not only the child: a
+/// script's background job does not run on as the session's account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_exec_session_kills_the_childs_process_group() {
+    let fx = Fx::new();
+    let pidfile = fx.path("bg.pid");
+    let body = pipe(
+        "bg",
+        &format!(
+            "exec:sh -c 'sleep 60 & echo $! > {}; exec sleep 30'",
+            pidfile.display()
+        ),
+        "direction = \"out\"",
+    );
+    let gw = fx.serve("gw.toml", &fx.server_config(&body), &[]);
+    let s = raw_session(&fx, &gw.url("bg")).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never started its job"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Running (or sleeping), not a zombie nor gone.
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|st| {
+                let state = st.rsplit_once(") ")?.1.chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    };
+    assert!(alive(pid), "the background job runs");
+    // Ended by its pid whatever the test finds.
+    struct KillOnDrop(u32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+    let _job = KillOnDrop(pid);
+    let (_, code) = send_data_expect_close(s).await;
+    assert_eq!(code, Some(1008));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child's background job {pid} outlived its session:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

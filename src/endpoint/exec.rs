@@ -1,11 +1,12 @@
 //! `exec:` endpoints: one child per session whose stdin/stdout are anonymous pipes. The
 //! environment is scrubbed (DESIGN.md), stderr goes to the gateway log inside the session
-//! span, and the child is killed when the session ends (kill-on-drop; tokio reaps it).
+//! span, and the child is killed when the session ends ([`kill`], with its process group
+//! on Unix; kill-on-drop otherwise; tokio reaps it).
 
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tracing::Instrument;
 
@@ -51,6 +52,10 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         })
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // A process group of its own, which [`kill`] ends with it: a shell pipeline's or a
+    // script's other processes do not run on, as the principal, after the session.
+    #[cfg(unix)]
+    cmd.process_group(0);
     if let Some(p) = &ctx.principal {
         crate::identity::exec_as(&mut cmd, p)?;
     }
@@ -61,15 +66,7 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         )
     })?;
     if let Some(stderr) = child.stderr.take() {
-        tokio::spawn(
-            async move {
-                let mut lines = tokio::io::BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    tracing::info!(target: "pipebridge::exec", stderr = %line);
-                }
-            }
-            .in_current_span(),
-        );
+        tokio::spawn(log_stderr(stderr).in_current_span());
     }
     let reader = child
         .stdout
@@ -87,4 +84,138 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         child: Some(child),
         hangup: None,
     })
+}
+
+/// Kills an `exec:` child the session ends, and on Unix the process group it leads (the
+/// processes it started that stayed in it). Only while the child is not yet reaped: its
+/// pid, and so its group's id, cannot have been given to anyone else by then.
+pub fn kill(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+    }
+    let _ = child.start_kill();
+}
+
+/// Longest stderr line logged as one; a longer one is logged in pieces this long.
+const STDERR_LINE_MAX: usize = 4096;
+
+/// Logs what a child writes to stderr, line by line, until its end: a line that is not
+/// UTF-8 is logged with replacement characters, one longer than [`STDERR_LINE_MAX`] (a
+/// progress bar redrawn with `\r`, say) in pieces, so the gateway holds at most that
+/// much of it. It reads on to the end whatever the child writes: a child whose stderr
+/// closed would die of `SIGPIPE` at its next warning.
+async fn log_stderr(mut stderr: impl AsyncRead + Unpin) {
+    let mut line = Vec::with_capacity(256);
+    let mut chunk = [0u8; STDERR_LINE_MAX];
+    let log = |bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes.strip_suffix(b"\r").unwrap_or(bytes));
+        tracing::info!(target: "pipebridge::exec", stderr = %text);
+    };
+    loop {
+        let n = match stderr.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            let end = rest.iter().position(|&b| b == b'\n');
+            let text = end.unwrap_or(rest.len());
+            let room = STDERR_LINE_MAX - line.len();
+            if text > room {
+                // A piece of a long line.
+                line.extend_from_slice(&rest[..room]);
+                log(&line);
+                line.clear();
+                rest = &rest[room..];
+            } else if end.is_some() {
+                line.extend_from_slice(&rest[..text]);
+                log(&line);
+                line.clear();
+                rest = &rest[text + 1..];
+            } else {
+                line.extend_from_slice(rest);
+                rest = &[];
+            }
+        }
+    }
+    if !line.is_empty() {
+        log(&line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines [`log_stderr`] logs for `input` written in `pieces`.
+    async fn logged(input: &[u8], pieces: usize) -> Vec<String> {
+        let (mut w, r) = tokio::io::duplex(64 * 1024);
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sub = {
+            let lines = lines.clone();
+            tracing_subscriber::fmt()
+                .with_writer(move || Capture(lines.clone()))
+                .without_time()
+                .with_level(false)
+                .with_target(false)
+                .with_ansi(false)
+                .finish()
+        };
+        let _g = tracing::subscriber::set_default(sub);
+        let reading = log_stderr(r);
+        let writing = async {
+            use tokio::io::AsyncWriteExt;
+            for c in input.chunks(input.len().div_ceil(pieces).max(1)) {
+                w.write_all(c).await.unwrap();
+            }
+            drop(w);
+        };
+        tokio::join!(reading, writing);
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|l| l.trim_start_matches("stderr=").to_string())
+            .collect()
+    }
+
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn stderr_is_logged_by_line_whatever_the_child_writes() {
+        for pieces in [1, 3, 1000] {
+            // Lines, a \r\n ending, bytes that are not UTF-8, and a last line unended.
+            let got = logged(b"one\ntwo\r\nbad \xff\xfe byte\nlast", pieces).await;
+            assert_eq!(
+                got,
+                ["one", "two", "bad \u{fffd}\u{fffd} byte", "last"],
+                "{pieces}"
+            );
+            // A line longer than the most held at once goes in pieces; one exactly that
+            // long is one line.
+            let mut long = vec![b'a'; STDERR_LINE_MAX * 2 + 10];
+            long.push(b'\n');
+            long.extend(vec![b'b'; STDERR_LINE_MAX]);
+            long.push(b'\n');
+            let got = logged(&long, pieces).await;
+            let lens: Vec<usize> = got.iter().map(|l| l.len()).collect();
+            assert_eq!(
+                lens,
+                [STDERR_LINE_MAX, STDERR_LINE_MAX, 10, STDERR_LINE_MAX],
+                "{pieces}"
+            );
+        }
+    }
 }
