@@ -217,10 +217,14 @@ impl Activity {
         self.last_ms.store(self.elapsed_ms(), Ordering::Relaxed);
     }
 
-    /// A frame arrived from the peer.
-    fn received(&self) {
+    /// A frame arrived from the peer: it is alive; and, unless the frame was a Ping or
+    /// Pong, the session is not idle (keepalive's own frames, every `interval`, would
+    /// otherwise keep any `idle_timeout` longer than that from ever passing).
+    fn received(&self, keepalive: bool) {
         let now = self.elapsed_ms();
-        self.last_ms.store(now, Ordering::Relaxed);
+        if !keepalive {
+            self.last_ms.store(now, Ordering::Relaxed);
+        }
         self.last_rx_ms.store(now, Ordering::Relaxed);
     }
 
@@ -967,7 +971,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
             Some(Err(e)) => return ws_failure(e, span),
             Some(Ok(m)) => m,
         };
-        activity.received();
+        activity.received(matches!(msg, Message::Ping(_) | Message::Pong(_)));
         match msg {
             Message::Binary(data) => {
                 if eof_seen.load(Ordering::Relaxed) {

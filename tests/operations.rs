@@ -1475,6 +1475,27 @@ fn idle_timeout_closes_an_idle_session() {
     busy.expect_exit(0, CLIENT_TIMEOUT);
 }
 
+/// Keepalive's Pings and Pongs are not activity: with Pings every 300 ms, an idle session
+/// is still closed at its `idle_timeout` (each Pong used to reset the timer, so any
+/// timeout longer than the keepalive interval never passed).
+#[test]
+fn keepalive_pings_do_not_keep_an_idle_session_open() {
+    let fx = Fixture::new();
+    let text = fx.server_config(&format!(
+        "[limits]\nidle_timeout = \"2s\"\n[keepalive]\ninterval = \"300ms\"\ntimeout = \"3s\"\n\n{}",
+        pipe("idle", "exec:cat", &["alice"], "")
+    ));
+    let gw = fx.serve("gw.toml", &text);
+    let mut live = Live::connect(&fx, &gw.url("idle"), "alice");
+    let took = live.expect_exit(1, Duration::from_secs(15));
+    let err = live.stderr();
+    assert!(err.contains("idle timeout"), "connect stderr:\n{err}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
+        "the idle session was closed after {took:?} (idle_timeout 2s)"
+    );
+}
+
 #[test]
 fn idle_timeout_never_fires_while_the_local_reader_is_stalled() {
     let fx = Fixture::new();
