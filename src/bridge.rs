@@ -568,7 +568,10 @@ async fn run_in<S: Transport>(
                 Event::Up(Ok(gone)) => {
                     up_done = true;
                     up_finished.store(true, Ordering::Release);
-                    let gone = gone || local_gone.load(Ordering::Acquire);
+                    // An exec child's upstream ends once the child has exited (and its
+                    // `exit` is out): its stdin is read by no one any more, as with a
+                    // caller gone.
+                    let gone = gone || local_gone.load(Ordering::Acquire) || discard_on_epipe;
                     // Our local peer closed its socket: nothing more it could be sent
                     // can be delivered, so the session ends without waiting for the far
                     // side's data (our `eof` is out; the Close follows it).

@@ -1475,6 +1475,26 @@ fn idle_timeout_closes_an_idle_session() {
     busy.expect_exit(0, CLIENT_TIMEOUT);
 }
 
+/// An `exec:` child that exits ends its session although the client's stdin is still
+/// open (a remote shell's `exit` typed at a terminal): `connect` prints what it wrote and
+/// exits with its code, as `ssh host` does, instead of waiting for an EOF that nothing
+/// could read any more.
+#[test]
+fn an_exec_child_that_exits_ends_the_session_while_stdin_stays_open() {
+    let fx = Fixture::new();
+    let text = fx.server_config(&pipe(
+        "shell",
+        "exec:sh -c 'read line; echo \"got $line\"; exit 5'",
+        &["alice"],
+        "",
+    ));
+    let gw = fx.serve("gw.toml", &text);
+    let mut live = Live::connect(&fx, &gw.url("shell"), "alice");
+    live.send(b"hello\n");
+    live.expect_exit(5, Duration::from_secs(15));
+    assert_eq!(String::from_utf8_lossy(&live.out()), "got hello\n");
+}
+
 /// Keepalive's Pings and Pongs are not activity: with Pings every 300 ms, an idle session
 /// is still closed at its `idle_timeout` (each Pong used to reset the timer, so any
 /// timeout longer than the keepalive interval never passed).
