@@ -988,11 +988,13 @@ impl Validator<'_> {
         }
         if let Some(d) = r.max_header_size {
             if let Some(v) = self.size(&d, "limits.max_header_size") {
-                if !(1024..=(1 << 20)).contains(&v) {
+                // At least 8 KiB: HTTP/1.1's parser (hyper) cannot hold its limit lower,
+                // so a smaller one would hold for HTTP/2 only.
+                if !(8192..=(1 << 20)).contains(&v) {
                     self.err(
                         d.span(),
                         "limits.max_header_size",
-                        "must be between 1KiB and 1MiB",
+                        "must be between 8KiB and 1MiB",
                     );
                 } else {
                     l.max_header_size = v as usize;
@@ -1072,6 +1074,12 @@ impl Validator<'_> {
     fn identities(&mut self, raw: Vec<S<RawIdentity>>) -> Vec<IdentityConfig> {
         let mut out: Vec<IdentityConfig> = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
+        // A token, or a set of certificate fields, that an earlier identity has: the
+        // later identity could never be reached by it (the first match wins), and which
+        // one a credential opens would hang on the order of the file.
+        let mut tokens: HashMap<[u8; 32], String> = HashMap::new();
+        type CertFields = (Option<String>, Option<String>, Option<String>);
+        let mut certs: HashMap<CertFields, String> = HashMap::new();
         for (i, r) in raw.into_iter().enumerate() {
             let span = r.span();
             let r = r.into_inner();
@@ -1208,6 +1216,46 @@ impl Validator<'_> {
                     None
                 }
             });
+            if let Some(t) = token {
+                if let Some(first) = tokens.get(&t) {
+                    let (span, field) = match (&r.token_sha256, &r.token_sha256_file) {
+                        (Some(v), _) => (v.span(), "token_sha256"),
+                        (None, Some(f)) => (f.span(), "token_sha256_file"),
+                        (None, None) => (name.span(), "token_sha256"),
+                    };
+                    self.err(
+                        span,
+                        format!("{key}.{field}"),
+                        format!(
+                            "identity {first:?} has the same token: a token must name one identity"
+                        ),
+                    );
+                } else {
+                    tokens.insert(t, name.get_ref().clone());
+                }
+            }
+            let fields: CertFields = (
+                r.cert_cn.as_ref().map(|v| v.get_ref().clone()),
+                r.cert_san_uri.as_ref().map(|v| v.get_ref().clone()),
+                r.cert_san_dns.as_ref().map(|v| v.get_ref().clone()),
+            );
+            if fields != (None, None, None) {
+                if let Some(first) = certs.get(&fields) {
+                    let (span, field) = match (&r.cert_cn, &r.cert_san_uri, &r.cert_san_dns) {
+                        (Some(v), _, _) => (v.span(), "cert_cn"),
+                        (None, Some(v), _) => (v.span(), "cert_san_uri"),
+                        (None, None, Some(v)) => (v.span(), "cert_san_dns"),
+                        (None, None, None) => (name.span(), "cert_cn"),
+                    };
+                    self.err(
+                        span,
+                        format!("{key}.{field}"),
+                        format!("identity {first:?} matches the same certificates: a certificate must name one identity"),
+                    );
+                } else {
+                    certs.insert(fields, name.get_ref().clone());
+                }
+            }
             names.insert(name.get_ref().clone());
             out.push(IdentityConfig {
                 name: name.into_inner(),
@@ -1701,6 +1749,33 @@ groups = ["ops"]
         assert_eq!(p.max_instances, DEFAULT_MAX_INSTANCES);
         assert_eq!(p.allow, vec![AllowRule::Group("ops".into())]);
         assert_eq!(cfg.limits.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+    }
+
+    #[test]
+    fn a_token_or_certificate_fields_of_two_identities_are_refused() {
+        let hash = "a".repeat(64);
+        let text = format!(
+            "{BASE}[[identity]]\nname = \"alice2\"\ncert_cn = \"alice\"\n\
+             [[identity]]\nname = \"bot1\"\ntoken_sha256 = \"{hash}\"\n\
+             [[identity]]\nname = \"bot2\"\ntoken_sha256 = \"sha256:{hash}\"\n\
+             [[identity]]\nname = \"uri1\"\ncert_cn = \"alice\"\ncert_san_uri = \"spiffe://x\"\n"
+        );
+        let errs = parse(&text).unwrap_err().0;
+        let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "identity \"alice2\".cert_cn",
+                "identity \"bot2\".token_sha256"
+            ],
+            "{errs:?}"
+        );
+        assert!(errs[0].message.contains("identity \"alice\""), "{errs:?}");
+        assert!(errs[1].message.contains("identity \"bot1\""), "{errs:?}");
+        assert!(
+            !errs[1].message.contains(&hash),
+            "the hash is not repeated: {errs:?}"
+        );
     }
 
     #[test]
