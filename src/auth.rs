@@ -121,6 +121,16 @@ pub fn authenticate(
     cert: Option<&CertNames>,
     bearer: Option<&str>,
 ) -> Result<Identity, Refusal> {
+    authenticate_hashed(identities, cert, bearer.map(token_hash).as_ref())
+}
+
+/// [`authenticate`] with the token's SHA-256 (what a live session keeps of it, to be
+/// authenticated again when a reload changes the identities).
+pub fn authenticate_hashed(
+    identities: &[IdentityConfig],
+    cert: Option<&CertNames>,
+    token: Option<&[u8; 32]>,
+) -> Result<Identity, Refusal> {
     let by_cert = match cert {
         Some(names) => match identities.iter().position(|id| cert_matches(id, names)) {
             Some(i) => Some(i),
@@ -133,14 +143,13 @@ pub fn authenticate(
         },
         None => None,
     };
-    let by_token = match bearer {
-        Some(t) => {
-            let h = token_hash(t);
+    let by_token = match token {
+        Some(h) => {
             // Compare against every identity, without early exit.
             let mut found: Option<usize> = None;
             for (i, id) in identities.iter().enumerate() {
                 if let Some(want) = &id.token_sha256 {
-                    if bool::from(want.ct_eq(&h)) && found.is_none() {
+                    if bool::from(want.ct_eq(h)) && found.is_none() {
                         found = Some(i);
                     }
                 }

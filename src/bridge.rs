@@ -113,6 +113,11 @@ impl StopSignal {
         StopSignal(None)
     }
 
+    /// Why the session was stopped, if it was already.
+    pub fn fired(&self) -> Option<(ErrorKind, String)> {
+        self.0.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
     async fn wait(&mut self) -> (ErrorKind, String) {
         let Some(rx) = self.0.as_mut() else {
             return std::future::pending().await;
@@ -515,7 +520,14 @@ async fn run_in<S: Transport>(
                 bit,
             }))
         });
+        // A session stopped before it began (a reload that withdrew its access while
+        // the response went out) moves nothing: the stop comes before the first poll of
+        // either direction, which would move what is already there.
+        let mut stopped_already = stop.fired();
         loop {
+            if let Some((kind, message)) = stopped_already.take() {
+                break Some(Failure::Stopped(kind, message));
+            }
             if up_done && eof_seen.load(Ordering::Acquire) {
                 break None;
             }

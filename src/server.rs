@@ -111,15 +111,25 @@ impl Gateway {
         }
         let mut ended = 0;
         for s in self.registry.snapshot() {
-            let reason = withdrawn(&config, &s.identity, &s.pipe).or_else(|| {
-                // Checked with the new TLS setup. A certificate no longer trusted has its
-                // connection asked to close; its live sessions end only if a CRL revoked
-                // it (a CA rotation drops no session).
-                s.conn
-                    .as_ref()
-                    .is_some_and(|c| self.retire_untrusted(c))
-                    .then_some("the client certificate was revoked")
-            });
+            let reason = withdrawn(&config, &s.identity, &s.pipe)
+                .or_else(|| {
+                    // A rotated token, or a certificate now mapped to another identity
+                    // (or to none), no longer opens this session.
+                    let cert = s.conn.as_ref().and_then(|c| c.cert.as_ref());
+                    let same =
+                        auth::authenticate_hashed(&config.identities, cert, s.token.as_ref())
+                            .is_ok_and(|i| i.name == s.identity);
+                    (!same).then_some("its credentials no longer authenticate this identity")
+                })
+                .or_else(|| {
+                    // Checked with the new TLS setup. A certificate no longer trusted has its
+                    // connection asked to close; its live sessions end only if a CRL revoked
+                    // it (a CA rotation drops no session).
+                    s.conn
+                        .as_ref()
+                        .is_some_and(|c| self.retire_untrusted(c))
+                        .then_some("the client certificate was revoked")
+                });
             if let Some(r) = reason {
                 info!(id = s.id, identity = %s.identity, pipe = %s.pipe, reason = r, "ending a session: access withdrawn");
                 s.stop.stop(protocol::ErrorKind::AccessWithdrawn, r);
@@ -303,6 +313,9 @@ pub struct SessionEntry {
     pub counters: Counters,
     /// Its connection, if its client presented a certificate (checked again on reload).
     conn: Option<Arc<ConnInfo>>,
+    /// The SHA-256 of the bearer token it presented, if any (never the token): a reload
+    /// authenticates the session again with it and the certificate.
+    token: Option<[u8; 32]>,
     stop: StopHandle,
     metrics: Arc<crate::metrics::SessionMetrics>,
 }
@@ -366,7 +379,7 @@ impl Registry {
         identity: &str,
         peer: Preformatted,
         direction: Direction,
-        conn: Option<Arc<ConnInfo>>,
+        (conn, token): (Option<Arc<ConnInfo>>, Option<[u8; 32]>),
         stop: StopHandle,
     ) -> Result<Admission, Refusal> {
         let mut g = self.lock();
@@ -413,6 +426,7 @@ impl Registry {
             started: Instant::now(),
             counters: Counters::default(),
             conn,
+            token,
             stop,
             metrics,
         });
@@ -569,6 +583,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(remaining)
+        // (The config holds it at 8 KiB or more; hyper panics below that.)
         .max_buf_size(cfg.limits.max_header_size.max(8192));
     // The connection future ends when a session upgrades (the bridge runs elsewhere),
     // so this bounds only the HTTP phase: requests, refusals and idle keep-alive.
@@ -891,6 +906,12 @@ fn untrusted(conn: &ConnInfo, gw: &Gateway, cfg: &Config) -> Refusal {
     )
 }
 
+/// The SHA-256 of the request's bearer token, if it has a well-formed one.
+fn bearer_hash<B>(req: &Request<B>) -> Option<[u8; 32]> {
+    let h = req.headers().get(header::AUTHORIZATION)?;
+    auth::bearer(Some(h.as_bytes())).ok()?.map(auth::token_hash)
+}
+
 fn authenticate_inner<B>(
     req: &Request<B>,
     conn: &ConnInfo,
@@ -1101,7 +1122,10 @@ async fn session<B>(
         &identity.name,
         conn.peer_text.clone(),
         direction,
-        (!conn.chain.is_empty()).then(|| conn.clone()),
+        (
+            (!conn.chain.is_empty()).then(|| conn.clone()),
+            bearer_hash(req),
+        ),
         stop,
     )?;
     // A reload between the authentication above and the admission did not see this
@@ -1134,21 +1158,55 @@ async fn session<B>(
         pipe = %pipe.name,
         direction = %direction,
     );
+    // An open waits at most half the handshake timeout; on HTTP/1.1, whose connection
+    // must upgrade within the handshake timeout from its accept, also no later than a
+    // tenth of it before that ends, so that a late request's refusal (502) still goes out
+    // instead of the connection being dropped.
+    let handshake = cfg.limits.handshake_timeout;
+    let mut open_within = handshake / 2;
+    if req.version() < hyper::Version::HTTP_2 {
+        let left = (conn.accepted + handshake).saturating_duration_since(Instant::now());
+        open_within = open_within.min(left.saturating_sub(handshake / 10));
+    }
     let ctx = OpenContext {
         identity: identity.name.clone(),
         direction,
-        timeout: cfg.limits.handshake_timeout / 2,
+        timeout: open_within,
         max_message: session_message_limit(pipe, mode),
         principal,
         mode,
     };
-    let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
+    // A reload that withdraws access, or a drain, after the admission stops the session
+    // through its registry entry: checked before the open and again after it (the open
+    // may wait, for a FIFO's reader say), so a stopped session opens nothing, or closes
+    // what it opened, and is refused.
+    let stopped = |signal: &bridge::StopSignal| {
+        signal.fired().map(|(kind, _)| {
+            info!(identity = %identity.name, pipe = %pipe.name, reason = kind.as_str(), "refusing a session stopped while it opened");
+            match kind {
+                crate::tunnel::protocol::ErrorKind::Draining => {
+                    Refusal::new(RefusalKind::Draining, "the gateway is shutting down")
+                }
+                _ => forbidden(),
+            }
+        })
+    };
+    if let Some(r) = stopped(&stop_signal) {
+        return Err(r);
+    }
+    let mut local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,
         Err(e) => {
             span.in_scope(|| warn!(error = %e.log, "cannot open the local endpoint"));
             return Err(Refusal::new(RefusalKind::EndpointUnavailable, e.public));
         }
     };
+    if let Some(r) = stopped(&stop_signal) {
+        if let Some(c) = local.child.as_mut() {
+            endpoint::exec::kill(c);
+        }
+        return Err(r);
+    }
     let start = SessionStart {
         local,
         max_message: session_message_limit(pipe, mode),

@@ -63,6 +63,12 @@ impl Target {
         let fx = Fixture::new();
         let echo = UnixServer::echo(&fx.path("echo.sock"));
         let allow = "allow = [\"alice\", \"bob\", \"tok\"]\nrun_as = \"gateway\"\n";
+        let noreader = fx.path("noreader.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&noreader)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
         let text = fx.server_config(&format!(
             "[[identity]]\nname = \"tok\"\ntoken_sha256 = {tok}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\
@@ -72,9 +78,11 @@ impl Target {
              direction = \"out\"\n{allow}\n\
              [[pipe]]\nname = \"sink\"\nendpoint = \"exec\"\nargv = [\"sleep\", \"30\"]\n{allow}\n\
              [[pipe]]\nname = \"zero\"\nendpoint = \"exec\"\nargv = [\"cat\", \"/dev/zero\"]\n\
-             direction = \"out\"\n{allow}\n",
+             direction = \"out\"\n{allow}\n\
+             [[pipe]]\nname = \"noreader\"\nendpoint = {fifo}\ndirection = \"in\"\n{allow}\n",
             tok = q(&pipebridge::pki::token_sha256_hex(TOKEN)),
             echo = q(&format!("unix:{}", fx.path("echo.sock").display())),
+            fifo = q(&format!("fifo:{}", noreader.display())),
         ));
         let mut gw = fx.serve("gw.toml", &text);
         let line = gw
@@ -407,6 +415,31 @@ async fn request(fx: &Fixture, port: u16, who: Who<'_>, request: &[u8]) -> Head 
         Ok((h, _, _)) => h,
         Err(e) => panic!("request {:?}: {e}", String::from_utf8_lossy(request)),
     }
+}
+
+/// An HTTP/1.1 request that comes late in the handshake window still gets its refusal:
+/// its open, which waits (an `in` FIFO with no reader), gives up before the connection's
+/// `handshake_timeout` (2 s) ends, with 502 `endpoint_unavailable`; it used to wait its
+/// own full second and the connection was dropped without a response.
+#[tokio::test]
+async fn a_late_request_whose_open_waits_gets_its_refusal_within_the_handshake_timeout() {
+    let t = Target::standard();
+    let mut s = tls(&t.fx, t.port(), Who::Cert("alice"), None)
+        .await
+        .expect("tls");
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let req = upgrade(t.port(), "/pipes/noreader", Some("pipebridge.v1"), "");
+    s.write_all(&req).await.expect("send the request");
+    let mut buf = Vec::new();
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s, &mut buf))
+        .await
+        .expect("a response in time")
+        .unwrap_or_else(|e| panic!("no response to a late request: {e}"));
+    head.expect_refusal(
+        502,
+        "endpoint_unavailable",
+        "a late open without a FIFO reader",
+    );
 }
 
 // === a normal session (tungstenite, masking done right) ===

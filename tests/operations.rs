@@ -1250,6 +1250,110 @@ fn file_change_and_certificate_symlink_swap_reload_without_dropping_a_session() 
 
 // === 4. withdrawal ===
 
+/// A reload that rotates a token identity's hash (its token leaked) ends the sessions
+/// opened with the old token, as a certificate's revocation does; the identity and its
+/// allow rules are unchanged, and another identity's session goes on.
+#[test]
+fn rotating_a_token_ends_the_sessions_opened_with_the_old_one() {
+    let fx = Fixture::new();
+    let text = |token: &str| {
+        fx.server_config(&format!(
+            "[[identity]]\nname = \"robot\"\ntoken_sha256 = {}\n\n{}",
+            q(&pipebridge::pki::token_sha256_hex(token)),
+            pipe("shared", "exec:cat", &["robot", "alice"], "")
+        ))
+    };
+    let old = "pbt_old_token_0123456789abcdef";
+    let gw = fx.serve("gw.toml", &text(old));
+    let mut robot = Live::connect_args(
+        &fx,
+        &gw.url("shared"),
+        &["--ca".to_string(), fx.ca()],
+        &[("PIPEBRIDGE_TOKEN", old)],
+    );
+    let mut a = Live::connect(&fx, &gw.url("shared"), "alice");
+    robot.echo(b"robot 1\n");
+    a.echo(b"alice 1\n");
+
+    std::fs::write(fx.path("gw.toml"), text("pbt_new_token_fedcba9876543210")).expect("rewrite");
+    signal(gw.proc.pid(), rustix::process::Signal::HUP);
+
+    robot.expect_exit(1, Duration::from_secs(15));
+    let err = robot.stderr();
+    assert!(
+        err.contains("remote error: access_withdrawn"),
+        "the old token's connect stderr:\n{err}"
+    );
+    assert!(
+        gw.log()
+            .contains("its credentials no longer authenticate this identity"),
+        "{}",
+        gw.log()
+    );
+    assert!(a.running(), "alice's session ended: {}", a.stderr());
+    a.echo(b"alice 2\n");
+    a.close_stdin();
+    a.expect_exit(0, CLIENT_TIMEOUT);
+}
+
+/// A reload that withdraws access while a session's open still waits (an `in` FIFO with
+/// no reader yet) refuses that session once the open completes: 403 (connect exits 3),
+/// and nothing the client sent reaches the pipe (the reader sees EOF at once). Before,
+/// the session was upgraded and its first pass moved the client's data into the pipe.
+#[test]
+fn a_session_whose_access_is_withdrawn_while_it_opens_is_refused() {
+    let fx = Fixture::new();
+    let f = fx.path("in.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let text = |allow: &[&str]| {
+        fx.server_config(&format!(
+            "{ADMIN}{}",
+            pipe(
+                "f",
+                &format!("fifo:{}", f.display()),
+                allow,
+                "direction = \"in\""
+            )
+        ))
+    };
+    let (gw, admin) = serve_admin(&fx, "gw.toml", &text(&["alice"]));
+    thread::scope(|sc| {
+        let client = sc.spawn(|| fx.connect(&gw.url("f"), "alice", b"secret\n"));
+        wait_metrics(
+            &admin,
+            Duration::from_secs(10),
+            "the session admitted",
+            |m| metric(m, "pipebridge_sessions_active", &[("pipe", "f")]) >= 1.0,
+        );
+        let reloads = |m: &str| metric(m, "pipebridge_reloads_total", &[("result", "ok")]);
+        let before = reloads(&scrape(&admin));
+        std::fs::write(fx.path("gw.toml"), text(&["bob"])).expect("rewrite");
+        signal(gw.proc.pid(), rustix::process::Signal::HUP);
+        wait_metrics(&admin, Duration::from_secs(10), "the reload", |m| {
+            reloads(m) > before
+        });
+        // The reader lets the open complete.
+        let lines = fifo_lines(&f);
+        let out = client.join().expect("connect thread");
+        out.expect_code(3);
+        assert_eq!(
+            lines.recv_timeout(Duration::from_secs(10)),
+            Ok(None),
+            "the pipe got data from a session whose access was withdrawn"
+        );
+    });
+    assert!(
+        gw.log()
+            .contains("refusing a session stopped while it opened"),
+        "{}",
+        gw.log()
+    );
+}
+
 #[test]
 fn reload_that_withdraws_access_ends_only_that_identitys_sessions() {
     let fx = Fixture::new();
