@@ -250,7 +250,16 @@ fn run_as_client_on_windows_fails_closed_without_a_token() {
         "{}",
         out.stderr
     );
-    let log = gw.log();
+    // (The log line may reach the test's reader of the gateway's stderr after the
+    // refusal reached the client: waited for, bounded.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut log = gw.log();
+    while !log.contains("no Windows access token for \"carol\"")
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        log = gw.log();
+    }
     assert!(
         log.contains("no Windows access token for \"carol\""),
         "the gateway must say why it refused:\n{log}"
