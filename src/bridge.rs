@@ -489,7 +489,7 @@ async fn run_in<S: Transport>(
         let up = upstream(
             reader,
             hangup,
-            child.as_mut(),
+            child.as_deref_mut(),
             &sink,
             counters,
             &activity,

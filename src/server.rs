@@ -563,6 +563,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         retire: tokio::sync::Notify::new(),
         refused_untrusted: std::sync::atomic::AtomicBool::new(false),
         accepted: started,
+        upgrade_by: started + timeout,
         busy: busy.clone(),
     });
     let remaining = timeout
@@ -744,6 +745,9 @@ struct ConnInfo {
     /// A request of it was refused for that ([`untrusted`]).
     refused_untrusted: std::sync::atomic::AtomicBool,
     accepted: Instant,
+    /// When its HTTP/1.1 phase must have ended (accepted + the handshake timeout in force
+    /// then), which an open on it must leave time before.
+    upgrade_by: Instant,
     /// Requests and sessions in flight on this connection (HTTP/2 idle detection).
     busy: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -1159,14 +1163,15 @@ async fn session<B>(
         direction = %direction,
     );
     // An open waits at most half the handshake timeout; on HTTP/1.1, whose connection
-    // must upgrade within the handshake timeout from its accept, also no later than a
-    // tenth of it before that ends, so that a late request's refusal (502) still goes out
-    // instead of the connection being dropped.
+    // must upgrade within the handshake timeout from its accept, also no later than
+    // shortly before that ends (a tenth of it, at most 100 ms), so that a late request's
+    // refusal (502) still goes out instead of the connection being dropped.
     let handshake = cfg.limits.handshake_timeout;
     let mut open_within = handshake / 2;
     if req.version() < hyper::Version::HTTP_2 {
-        let left = (conn.accepted + handshake).saturating_duration_since(Instant::now());
-        open_within = open_within.min(left.saturating_sub(handshake / 10));
+        let margin = (handshake / 10).min(Duration::from_millis(100));
+        let left = conn.upgrade_by.saturating_duration_since(Instant::now());
+        open_within = open_within.min(left.saturating_sub(margin));
     }
     let ctx = OpenContext {
         identity: identity.name.clone(),

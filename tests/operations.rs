@@ -1309,9 +1309,11 @@ fn a_session_whose_access_is_withdrawn_while_it_opens_is_refused() {
         .status()
         .expect("mkfifo");
     assert!(made.success());
+    // A long handshake timeout: the open (half of it) outlasts the reload on a loaded
+    // machine.
     let text = |allow: &[&str]| {
         fx.server_config(&format!(
-            "{ADMIN}{}",
+            "{ADMIN}[limits]\nhandshake_timeout = \"60s\"\n\n{}",
             pipe(
                 "f",
                 &format!("fifo:{}", f.display()),

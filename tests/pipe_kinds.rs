@@ -2059,16 +2059,19 @@ async fn an_ended_exec_session_kills_the_childs_process_group() {
     };
     assert!(alive(pid), "the background job runs");
     // Ended by its pid whatever the test finds.
-    struct KillOnDrop(u32);
+    // (Only while it runs: once gone, its pid may be someone else's.)
+    struct KillOnDrop(u32, fn(u32) -> bool);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
-            let _ = Command::new("kill")
-                .args(["-9", &self.0.to_string()])
-                .stderr(Stdio::null())
-                .status();
+            if (self.1)(self.0) {
+                let _ = Command::new("kill")
+                    .args(["-9", &self.0.to_string()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
-    let _job = KillOnDrop(pid);
+    let _job = KillOnDrop(pid, alive);
     let (_, code) = send_data_expect_close(s).await;
     assert_eq!(code, Some(1008));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

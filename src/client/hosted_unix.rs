@@ -670,9 +670,11 @@ impl Lookup {
     /// The answer `kept` finds if at hand; else, if `ask`, what `query` answers, kept by
     /// `keep` (a failed lookup is judged as none, and not kept); else not at hand.
     /// While one lookup asks `question`, others that want the same answer wait for it
-    /// (at most [`LOOKUP_TIMEOUT`]) instead of asking too: a burst of one user's callers
-    /// asks the user database once. If the answer was not kept (the lookup failed, or a
-    /// reload came in between), each waiter asks for itself.
+    /// (until the asker's [`LOOKUP_TIMEOUT`] ends, then they are judged unanswered)
+    /// instead of asking too: a burst of one user's callers asks the user database
+    /// once. If the answer was not kept (the lookup failed, or a reload came in
+    /// between), each waiter asks for itself; a question asked longer ago than the limit
+    /// is abandoned and asked again.
     fn answer<T>(
         &self,
         question: Question,
@@ -688,9 +690,11 @@ impl Lookup {
                 return Ok(k);
             }
             Err(match db.asking.get(&question) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Arc::new(Flight::default());
+                // A question asked longer than the lookup limit ago is abandoned (a hung
+                // source): this lookup asks again rather than wait for it.
+                Some(f) if f.asked.elapsed() < LOOKUP_TIMEOUT => (f.clone(), false),
+                _ => {
+                    let f = Arc::new(Flight::new());
                     db.asking.insert(question.clone(), f.clone());
                     (f, true)
                 }
@@ -704,7 +708,11 @@ impl Lookup {
                     question = %question,
                     "waiting for the user database's answer another session asked for"
                 );
-                flight.wait(LOOKUP_TIMEOUT);
+                // At most until the asker's own lookup limit ends: past it, the session
+                // that waits here has been refused too, so no answer is wanted any more.
+                if !flight.wait_until(flight.asked + LOOKUP_TIMEOUT) {
+                    return Some(None);
+                }
                 if let Some(k) = UserDb::with(|db| kept(db)) {
                     return Some(k);
                 }
@@ -749,27 +757,36 @@ impl std::fmt::Display for Question {
 }
 
 /// A question being asked now ([`UserDb::asking`]): it lands when its lookup returns.
-#[derive(Default)]
 struct Flight {
+    /// When it was asked.
+    asked: Instant,
     landed: std::sync::Mutex<bool>,
     cv: std::sync::Condvar,
 }
 
 impl Flight {
-    /// Waits until the question lands, at most `limit`.
-    fn wait(&self, limit: Duration) {
-        let deadline = Instant::now() + limit;
+    fn new() -> Flight {
+        Flight {
+            asked: Instant::now(),
+            landed: std::sync::Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Waits until the question lands, at most until `deadline`; whether it landed.
+    fn wait_until(&self, deadline: Instant) -> bool {
         let mut landed = self.landed.lock().unwrap_or_else(|e| e.into_inner());
         while !*landed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return;
+                return false;
             }
             landed = match self.cv.wait_timeout(landed, left) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
         }
+        true
     }
 }
 
@@ -1223,6 +1240,37 @@ mod tests {
             "asked once for both"
         );
         assert!(flight().is_none(), "the question landed");
+
+        // A question asked longer than the lookup limit ago (a hung source) is abandoned:
+        // the next lookup asks again, instead of waiting for it.
+        let hung = 4_000_300;
+        let stale = Arc::new(Flight {
+            asked: Instant::now() - LOOKUP_TIMEOUT - Duration::from_secs(1),
+            ..Flight::new()
+        });
+        UserDb::with(|db| db.asking.insert(Question::User(hung), stale.clone()));
+        let look = Lookup::start(true);
+        let started = Instant::now();
+        let got = look.answer(
+            Question::User(hung),
+            |db| db.user(hung, look.asked),
+            || {
+                Ok(Some(UserEntry {
+                    name: "dave".into(),
+                    gid: 8,
+                }))
+            },
+            |db, e| db.keep_user(hung, e, look.asked, look.generation),
+        );
+        assert_eq!(got, Some(user("dave", 8)));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "it waited for the hung one"
+        );
+        assert!(
+            UserDb::with(|db| !db.asking.contains_key(&Question::User(hung))),
+            "the new question landed, the abandoned one is gone"
+        );
 
         // Forgetting drops the kept answers and moves the generation on.
         let t0 = Instant::now();

@@ -1074,9 +1074,10 @@ impl Validator<'_> {
     fn identities(&mut self, raw: Vec<S<RawIdentity>>) -> Vec<IdentityConfig> {
         let mut out: Vec<IdentityConfig> = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
-        // A token, or a set of certificate fields, that an earlier identity has: the
-        // later identity could never be reached by it (the first match wins), and which
-        // one a credential opens would hang on the order of the file.
+        // A token an earlier identity has, or certificate fields that an earlier
+        // identity's all appear among (same values): the later identity could never be
+        // reached by it, since the first identity a credential matches wins (a
+        // certificate matches an identity when every field the identity sets matches).
         let mut tokens: HashMap<[u8; 32], String> = HashMap::new();
         type CertFields = (Option<String>, Option<String>, Option<String>);
         let mut certs: HashMap<CertFields, String> = HashMap::new();
@@ -1240,20 +1241,35 @@ impl Validator<'_> {
                 r.cert_san_dns.as_ref().map(|v| v.get_ref().clone()),
             );
             if fields != (None, None, None) {
-                if let Some(first) = certs.get(&fields) {
-                    let (span, field) = match (&r.cert_cn, &r.cert_san_uri, &r.cert_san_dns) {
-                        (Some(v), _, _) => (v.span(), "cert_cn"),
-                        (None, Some(v), _) => (v.span(), "cert_san_uri"),
-                        (None, None, Some(v)) => (v.span(), "cert_san_dns"),
-                        (None, None, None) => (name.span(), "cert_cn"),
+                // Every earlier identity whose fields are a part of these: the
+                // non-empty parts of this identity's fields, looked up whole.
+                let part = |mask: u8| -> CertFields {
+                    let keep = |bit: u8, v: &Option<String>| v.clone().filter(|_| mask & bit != 0);
+                    (keep(1, &fields.0), keep(2, &fields.1), keep(4, &fields.2))
+                };
+                let shadow = (1u8..8)
+                    .map(part)
+                    .filter(|p| *p != (None, None, None))
+                    .find_map(|p| certs.get(&p).map(|first| (first.clone(), p)));
+                if let Some((first, p)) = shadow {
+                    let (span, field) = match (&p, &r.cert_cn, &r.cert_san_uri, &r.cert_san_dns) {
+                        ((Some(_), _, _), Some(v), _, _) => (v.span(), "cert_cn"),
+                        ((None, Some(_), _), _, Some(v), _) => (v.span(), "cert_san_uri"),
+                        (_, _, _, Some(v)) => (v.span(), "cert_san_dns"),
+                        _ => (name.span(), "cert_cn"),
                     };
                     self.err(
                         span,
                         format!("{key}.{field}"),
-                        format!("identity {first:?} matches the same certificates: a certificate must name one identity"),
+                        format!(
+                            "identity {first:?} matches every certificate this identity does and comes first: \
+                             this one could never be reached by certificate"
+                        ),
                     );
                 } else {
-                    certs.insert(fields, name.get_ref().clone());
+                    certs
+                        .entry(fields)
+                        .or_insert_with(|| name.get_ref().clone());
                 }
             }
             names.insert(name.get_ref().clone());
@@ -1754,19 +1770,28 @@ groups = ["ops"]
     #[test]
     fn a_token_or_certificate_fields_of_two_identities_are_refused() {
         let hash = "a".repeat(64);
+        // (BASE's alice: cert_cn = "alice".)
         let text = format!(
             "{BASE}[[identity]]\nname = \"alice2\"\ncert_cn = \"alice\"\n\
              [[identity]]\nname = \"bot1\"\ntoken_sha256 = \"{hash}\"\n\
              [[identity]]\nname = \"bot2\"\ntoken_sha256 = \"sha256:{hash}\"\n\
-             [[identity]]\nname = \"uri1\"\ncert_cn = \"alice\"\ncert_san_uri = \"spiffe://x\"\n"
+             [[identity]]\nname = \"uri1\"\ncert_san_uri = \"spiffe://x\"\ncert_cn = \"alice\"\n\
+             [[identity]]\nname = \"dns1\"\ncert_cn = \"carol\"\ncert_san_dns = \"c.example\"\n\
+             [[identity]]\nname = \"dns2\"\ncert_cn = \"carol\"\n\
+             [[identity]]\nname = \"dns3\"\ncert_san_dns = \"c.example\"\n"
         );
         let errs = parse(&text).unwrap_err().0;
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+        // Refused: the same fields (alice2), the same token (bot2), more fields than an
+        // earlier identity's, all of which match it (uri1). Not: fewer fields than an
+        // earlier one's (dns2, dns3: a certificate of carol without c.example, or of
+        // c.example without carol, reaches them).
         assert_eq!(
             keys,
             [
                 "identity \"alice2\".cert_cn",
-                "identity \"bot2\".token_sha256"
+                "identity \"bot2\".token_sha256",
+                "identity \"uri1\".cert_cn"
             ],
             "{errs:?}"
         );
@@ -1776,6 +1801,7 @@ groups = ["ops"]
             !errs[1].message.contains(&hash),
             "the hash is not repeated: {errs:?}"
         );
+        assert!(errs[2].message.contains("identity \"alice\""), "{errs:?}");
     }
 
     #[test]

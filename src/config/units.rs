@@ -26,8 +26,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         ))
         }
     };
+    // Bounded, so that a deadline `now + d` can never overflow (a panic, which aborts).
+    if d > MAX_DURATION {
+        return Err(format!(
+            "invalid duration {s:?}: at most 36500d (a hundred years)"
+        ));
+    }
     Ok(d)
 }
+
+/// The longest duration a config may give.
+const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
 
 /// Parses a duration that may also be `"off"` (→ `None`).
 pub fn parse_optional_duration(s: &str) -> Result<Option<Duration>, String> {
@@ -95,6 +104,13 @@ mod tests {
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("3 fortnights").is_err());
+        assert_eq!(
+            parse_duration("36500d").unwrap(),
+            Duration::from_secs(36_500 * 86_400)
+        );
+        assert!(parse_duration("36501d").is_err());
+        assert!(parse_duration("1000000000000000d").is_err());
+        assert!(parse_duration("99999999999999999999s").is_err());
         assert_eq!(parse_optional_duration("off").unwrap(), None);
         assert!(parse_optional_duration("0s").is_err());
     }

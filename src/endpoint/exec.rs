@@ -81,9 +81,35 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
     Ok(Local {
         reader,
         writer,
-        child: Some(child),
+        child: Some(ExecChild(child)),
         hangup: None,
     })
+}
+
+/// A session's `exec:` child: dropped while it has not been reaped (a session that
+/// ended before its bridge ran, say, or whose task was dropped), it is killed with its
+/// process group ([`kill`]), not only the child (`kill_on_drop`).
+pub struct ExecChild(tokio::process::Child);
+
+impl std::ops::Deref for ExecChild {
+    type Target = tokio::process::Child;
+    fn deref(&self) -> &tokio::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ExecChild {
+    fn deref_mut(&mut self) -> &mut tokio::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ExecChild {
+    fn drop(&mut self) {
+        if self.0.id().is_some() {
+            kill(&mut self.0);
+        }
+    }
 }
 
 /// Kills an `exec:` child the session ends, and on Unix the process group it leads (the

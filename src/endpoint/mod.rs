@@ -242,7 +242,7 @@ pub struct Local {
     pub writer: Option<Writer>,
     /// An `exec:` child: awaited after `reader` ends, its status sent as `exit`.
     /// Dropping it kills the child.
-    pub child: Option<tokio::process::Child>,
+    pub child: Option<exec::ExecChild>,
     /// Set for a forward's caller socket, and marks this side as a caller: at the end
     /// of `reader`'s data it tells whether the caller is gone entirely (closed) rather
     /// than only done sending (a half-close), and then the session ends at once, as
