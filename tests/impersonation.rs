@@ -1460,6 +1460,37 @@ fn serve_with_slow_nss(
     )
 }
 
+/// A forward at `fwd.sock` to [`echo_for_u1`]'s pipe whose `allow_local` is `allow` (a
+/// TOML list), served by [`serve_with_slow_nss`] with the `passwd:` and `group:` lines
+/// and `env`, and listening: the echo server, the exporting and forwarding gateways, and
+/// the forward's socket.
+fn slow_nss_forward(
+    fx: &Fixture,
+    allow: &str,
+    passwd: &str,
+    group: &str,
+    env: &[(&str, &str)],
+) -> (
+    UnixServer,
+    common::Gateway,
+    std::path::PathBuf,
+    common::Gateway,
+) {
+    let (srv, a) = echo_for_u1(fx);
+    let hosted = fx.path("fwd.sock");
+    let text = forward(
+        &hosted,
+        &a.url("echo"),
+        &fx.ca(),
+        &fx.cert("u1"),
+        &fx.key("u1"),
+        &format!("allow_local = {allow}"),
+    );
+    let b = serve_with_slow_nss(fx, "b.toml", &text, passwd, group, env);
+    wait_for_socket(&hosted);
+    (srv, a, hosted, b)
+}
+
 /// A forward keeps the user database's answers about its callers for a while (10 s)
 /// and forgets them at a reload: `allow_local` names a user and a group, and the
 /// database ([`SLOW_NSS_C`], which notes each question) is asked once for three
@@ -1473,25 +1504,13 @@ fn a_forwards_user_database_answers_are_kept_until_a_reload() {
         return;
     }
     let fx = fixture();
-    let (_srv, a) = echo_for_u1(&fx);
-    let hosted = fx.path("fwd.sock");
-    let text = forward(
-        &hosted,
-        &a.url("echo"),
-        &fx.ca(),
-        &fx.cert("u1"),
-        &fx.key("u1"),
-        "allow_local = [\"@pb-no-such-group\", \"nobody\"]",
-    );
-    let b = serve_with_slow_nss(
+    let (_srv, _a, hosted, b) = slow_nss_forward(
         &fx,
-        "b.toml",
-        &text,
+        r#"["@pb-no-such-group", "nobody"]"#,
         "slow [UNAVAIL=return] files",
         "slow files",
         &[],
     );
-    wait_for_socket(&hosted);
     let nobody = nix::unistd::User::from_name("nobody")
         .expect("user db")
         .expect("the system has a nobody user");
@@ -1571,25 +1590,13 @@ fn callers_of_one_user_that_come_together_ask_the_user_database_once() {
         return;
     }
     let fx = fixture();
-    let (_srv, a) = echo_for_u1(&fx);
-    let hosted = fx.path("fwd.sock");
-    let text = forward(
-        &hosted,
-        &a.url("echo"),
-        &fx.ca(),
-        &fx.cert("u1"),
-        &fx.key("u1"),
-        "allow_local = [\"nobody\"]",
-    );
-    let b = serve_with_slow_nss(
+    let (_srv, _a, hosted, b) = slow_nss_forward(
         &fx,
-        "b.toml",
-        &text,
+        r#"["nobody"]"#,
         "slow files",
         "files",
         &[("PIPEBRIDGE_LOG", "info,pipebridge::client::hosted=debug")],
     );
-    wait_for_socket(&hosted);
     const CALLERS: usize = 4;
     let waiting = "waiting for the user database's answer another session asked for";
     let replies = std::thread::scope(|scope| {
