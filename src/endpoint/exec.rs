@@ -152,11 +152,21 @@ async fn log_stderr(mut stderr: impl AsyncRead + Unpin) {
             let text = end.unwrap_or(rest.len());
             let room = STDERR_LINE_MAX - line.len();
             if text > room {
-                // A piece of a long line.
+                // A piece of a long line (more of it follows in `rest`), cut before a
+                // UTF-8 character's continuation bytes (at most three back), so that
+                // characters stay whole; the cut-off bytes start the next piece.
                 line.extend_from_slice(&rest[..room]);
-                log(&line);
-                line.clear();
                 rest = &rest[room..];
+                let at = |i: usize| if i < line.len() { line[i] } else { rest[0] };
+                let mut cut = line.len();
+                while cut > 0 && line.len() - cut < 3 && at(cut) & 0xC0 == 0x80 {
+                    cut -= 1;
+                }
+                if cut == 0 {
+                    cut = line.len();
+                }
+                log(&line[..cut]);
+                line.drain(..cut);
             } else if end.is_some() {
                 line.extend_from_slice(&rest[..text]);
                 log(&line);
@@ -242,6 +252,11 @@ mod tests {
                 [STDERR_LINE_MAX, STDERR_LINE_MAX, 10, STDERR_LINE_MAX],
                 "{pieces}"
             );
+            // Pieces keep UTF-8 characters whole (3-byte ones: 4096 is not a multiple).
+            let euros = "€".repeat(3000);
+            let got = logged(format!("{euros}\n").as_bytes(), pieces).await;
+            assert!(got.len() > 1, "{pieces}: one piece");
+            assert_eq!(got.concat(), euros, "{pieces}: characters split");
         }
     }
 }
