@@ -111,17 +111,9 @@ impl Gateway {
         }
         let mut ended = 0;
         for s in self.registry.snapshot() {
-            let reason = withdrawn(&config, &s.identity, &s.pipe)
-                .or_else(|| {
-                    // A rotated token, or a certificate now mapped to another identity
-                    // (or to none), no longer opens this session.
-                    let cert = s.conn.as_ref().and_then(|c| c.cert.as_ref());
-                    let same =
-                        auth::authenticate_hashed(&config.identities, cert, s.token.as_ref())
-                            .is_ok_and(|i| i.name == s.identity);
-                    (!same).then_some("its credentials no longer authenticate this identity")
-                })
-                .or_else(|| {
+            let cert = s.conn.as_ref().and_then(|c| c.cert.as_ref());
+            let reason =
+                withdrawn(&config, &s.identity, &s.pipe, cert, s.token.as_ref()).or_else(|| {
                     // Checked with the new TLS setup. A certificate no longer trusted has its
                     // connection asked to close; its live sessions end only if a CRL revoked
                     // it (a CA rotation drops no session).
@@ -856,11 +848,23 @@ fn authenticate<B>(
 }
 
 /// Why `config` no longer lets `identity` use `pipe` (DESIGN's reload rule), if it does
-/// not: the identity or the pipe was removed, or the pipe no longer allows it.
-fn withdrawn(config: &Config, identity: &str, pipe: &str) -> Option<&'static str> {
+/// not: the identity or the pipe was removed, the pipe no longer allows it, or the
+/// session's credentials (its certificate's names, its token's SHA-256) no longer
+/// authenticate it as that identity (a rotated token, a certificate mapped elsewhere).
+fn withdrawn(
+    config: &Config,
+    identity: &str,
+    pipe: &str,
+    cert: Option<&CertNames>,
+    token: Option<&[u8; 32]>,
+) -> Option<&'static str> {
     let Some(ic) = config.identity(identity) else {
         return Some("the identity was removed");
     };
+    if !auth::authenticate_hashed(&config.identities, cert, token).is_ok_and(|i| i.name == identity)
+    {
+        return Some("its credentials no longer authenticate this identity");
+    }
     let id = Identity {
         name: ic.name.clone(),
         groups: ic.groups.clone(),
@@ -1119,6 +1123,8 @@ async fn session<B>(
         .as_ref()
         .map(|p| (p.uid, p.gid))
         .unwrap_or_else(crate::platform::current_ids);
+    // What a reload checks the session's credentials with again (never the token).
+    let token = bearer_hash(req);
     let (stop, stop_signal) = bridge::stop_pair();
     let admission = gw.registry.admit(
         &cfg,
@@ -1126,10 +1132,7 @@ async fn session<B>(
         &identity.name,
         conn.peer_text.clone(),
         direction,
-        (
-            (!conn.chain.is_empty()).then(|| conn.clone()),
-            bearer_hash(req),
-        ),
+        ((!conn.chain.is_empty()).then(|| conn.clone()), token),
         stop,
     )?;
     // A reload between the authentication above and the admission did not see this
@@ -1138,13 +1141,13 @@ async fn session<B>(
     // Without one, the checks above stand.
     let current = gw.config();
     if !Arc::ptr_eq(&current, &cfg) {
-        // Its credentials too: a rotated token, or a certificate now mapped elsewhere.
-        let same = authenticate_inner(req, conn, &current).is_ok_and(|i| i.name == identity.name);
-        let reason = if same {
-            withdrawn(&current, &identity.name, &pipe.name)
-        } else {
-            Some("its credentials no longer authenticate this identity")
-        };
+        let reason = withdrawn(
+            &current,
+            &identity.name,
+            &pipe.name,
+            conn.cert.as_ref(),
+            token.as_ref(),
+        );
         if let Some(r) = reason {
             info!(identity = %identity.name, pipe = %pipe.name, reason = r, "refusing a session admitted during a reload: access withdrawn");
             return Err(forbidden());
@@ -1199,7 +1202,7 @@ async fn session<B>(
     if let Some(r) = stopped(&stop_signal) {
         return Err(r);
     }
-    let mut local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
+    let local = match endpoint::open(pipe, &ctx).instrument(span.clone()).await {
         Ok(l) => l,
         Err(e) => {
             span.in_scope(|| warn!(error = %e.log, "cannot open the local endpoint"));
@@ -1207,9 +1210,7 @@ async fn session<B>(
         }
     };
     if let Some(r) = stopped(&stop_signal) {
-        if let Some(c) = local.child.as_mut() {
-            endpoint::exec::kill(c);
-        }
+        // (Dropping `local` kills an exec child with its process group.)
         return Err(r);
     }
     let start = SessionStart {

@@ -64,11 +64,7 @@ impl Target {
         let echo = UnixServer::echo(&fx.path("echo.sock"));
         let allow = "allow = [\"alice\", \"bob\", \"tok\"]\nrun_as = \"gateway\"\n";
         let noreader = fx.path("noreader.fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&noreader)
-            .status()
-            .expect("mkfifo");
-        assert!(made.success());
+        mkfifo(&noreader);
         let text = fx.server_config(&format!(
             "[[identity]]\nname = \"tok\"\ntoken_sha256 = {tok}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\n\

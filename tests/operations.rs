@@ -1304,11 +1304,7 @@ fn rotating_a_token_ends_the_sessions_opened_with_the_old_one() {
 fn a_session_whose_access_is_withdrawn_while_it_opens_is_refused() {
     let fx = Fixture::new();
     let f = fx.path("in.fifo");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&f)
-        .status()
-        .expect("mkfifo");
-    assert!(made.success());
+    mkfifo(&f);
     // A long handshake timeout: the open (half of it) outlasts the reload on a loaded
     // machine.
     let text = |allow: &[&str]| {

@@ -700,9 +700,12 @@ impl Lookup {
                 }
             })
         });
-        let _landing = match turn {
-            Ok(k) => return Some(k),
-            Err((flight, true)) => Landing { question, flight },
+        match turn {
+            Ok(k) => Some(k),
+            Err((flight, true)) => {
+                let _landing = Landing { question, flight };
+                Some(ask_now(query, keep))
+            }
             Err((flight, false)) => {
                 tracing::debug!(
                     question = %question,
@@ -713,13 +716,9 @@ impl Lookup {
                 if !flight.wait_until(flight.asked + LOOKUP_TIMEOUT) {
                     return Some(None);
                 }
-                if let Some(k) = UserDb::with(|db| kept(db)) {
-                    return Some(k);
-                }
-                return Some(ask_now(query, keep));
+                Some(UserDb::with(|db| kept(db)).unwrap_or_else(|| ask_now(query, keep)))
             }
-        };
-        Some(ask_now(query, keep))
+        }
     }
 }
 

@@ -854,3 +854,8 @@ pub fn rss_kb(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS in /proc status")
 }
+
+/// Makes a FIFO at `path` (mode 0600).
+pub fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+}
