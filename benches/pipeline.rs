@@ -30,6 +30,10 @@
 //! baseline) sets `[tuning] busy_poll` in both gateways' configs; with
 //! `PIPEBRIDGE_BASELINE_BIN` pointing at the same build, one run compares polling
 //! against none.
+//! `--only ...,floor` adds the yardstick `floor` (`support/floor.rs`): two relays that do
+//! the least any two-process bridge must (no TLS, no authentication, one warm TCP link,
+//! one `read` and one `write` per hop), to show what the machine allows the figures
+//! whose targets are ratios against other bridges (echo latency, new sessions).
 //! `--kind seqpacket` runs the same figures over SOCK_SEQPACKET at both ends (the target
 //! serves records; pipebridge exports a `seqpacket:` endpoint and hosts a `seqpacket:`
 //! forward; bulk moves 64 KiB records; every record must arrive whole): pipebridge, its
@@ -59,6 +63,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 type R<T> = Result<T, String>;
+
+#[path = "support/floor.rs"]
+mod floor;
 
 /// Size of one bulk write / read by the load client and the target.
 const CHUNK: usize = 256 * 1024;
@@ -110,7 +117,7 @@ struct Opts {
 }
 
 const USAGE: &str = "usage: cargo bench --bench pipeline -- [--rounds N] [--smoke] \
-[--only pipebridge,baseline,socat,stunnel,ssh,websocat,direct] [--install-competitors] [--bulk-mib N] \
+[--only pipebridge,baseline,socat,stunnel,ssh,websocat,direct,floor] [--install-competitors] [--bulk-mib N] \
 [--secs S] [--idle N] [--phases bulk,echo,c64,c512,new,idle] [--kind stream|seqpacket]";
 
 fn parse_opts() -> R<Opts> {
@@ -368,10 +375,14 @@ enum Tool {
     Websocat,
     /// Another pipebridge build (`PIPEBRIDGE_BASELINE_BIN`), for A/B runs of a change.
     Baseline,
+    /// The least work any two-process bridge does (`support/floor.rs`): no TLS, no
+    /// authentication, one warm link. A yardstick, not a competitor; only with `--only`.
+    Floor,
 }
 
-const ALL_TOOLS: [Tool; 7] = [
+const ALL_TOOLS: [Tool; 8] = [
     Tool::Direct,
+    Tool::Floor,
     Tool::Pipebridge,
     Tool::Baseline,
     Tool::Socat,
@@ -390,6 +401,7 @@ impl Tool {
             Tool::Ssh => "ssh",
             Tool::Websocat => "websocat",
             Tool::Baseline => "baseline",
+            Tool::Floor => "floor",
         }
     }
     /// Whether the tool keeps records whole (`--kind seqpacket`).
@@ -397,7 +409,10 @@ impl Tool {
         matches!(self, Tool::Direct | Tool::Pipebridge | Tool::Baseline)
     }
     fn competitor(self) -> bool {
-        !matches!(self, Tool::Direct | Tool::Pipebridge | Tool::Baseline)
+        !matches!(
+            self,
+            Tool::Direct | Tool::Pipebridge | Tool::Baseline | Tool::Floor
+        )
     }
     /// Idle sessions held for this tool at most (socat forks two processes per session).
     fn idle_cap(self) -> usize {
@@ -421,7 +436,7 @@ fn which(prog: &str) -> Option<PathBuf> {
 
 fn available(t: Tool) -> bool {
     match t {
-        Tool::Direct | Tool::Pipebridge => true,
+        Tool::Direct | Tool::Pipebridge | Tool::Floor => true,
         Tool::Baseline => baseline_bin().is_some(),
         Tool::Socat => which("socat").is_some(),
         Tool::Stunnel => which("stunnel4").or_else(|| which("stunnel")).is_some(),
@@ -1004,6 +1019,7 @@ fn start(tool: Tool, env: &Env) -> R<Pipeline> {
         Tool::Stunnel => start_stunnel(env)?,
         Tool::Ssh => start_ssh(env)?,
         Tool::Websocat => start_websocat(env)?,
+        Tool::Floor => start_floor(env)?,
     };
     // Ready means one echo goes through end to end.
     let end = Instant::now() + START_TIMEOUT;
@@ -1337,6 +1353,34 @@ fn start_websocat(env: &Env) -> R<Pipeline> {
     )?;
     Ok(Pipeline {
         tool: Tool::Websocat,
+        sock,
+        procs: vec![server, client],
+    })
+}
+
+/// The floor's two relays, both this bench binary (`--floor-relay`).
+fn start_floor(env: &Env) -> R<Pipeline> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let port = free_port()?;
+    let mut s = Command::new(&exe);
+    s.args(["--floor-relay", "export", &port.to_string()])
+        .arg(&env.target);
+    let mut server = Proc::spawn(
+        "floor export",
+        s,
+        &env.dir,
+        env.dir.join("floor-export.log"),
+    )?;
+    server.wait_log("export listening", START_TIMEOUT)?;
+    let sock = env.dir.join("floor.sock");
+    let mut c = Command::new(&exe);
+    c.args(["--floor-relay", "dial"])
+        .arg(&sock)
+        .arg(port.to_string());
+    let mut client = Proc::spawn("floor dial", c, &env.dir, env.dir.join("floor-dial.log"))?;
+    client.wait_log("dial ready", START_TIMEOUT)?;
+    Ok(Pipeline {
+        tool: Tool::Floor,
         sock,
         procs: vec![server, client],
     })
@@ -2074,6 +2118,7 @@ fn report(o: &Opts, tools: &[Tool], res: &Results, idle_n: &BTreeMap<Tool, usize
 }
 
 fn main() {
+    floor::main_if_relay(&std::env::args().skip(1).collect::<Vec<_>>());
     let o = match parse_opts() {
         Ok(o) => o,
         Err(e) => {
@@ -2116,7 +2161,7 @@ fn run(o: &Opts) -> R<bool> {
         .filter(|t| {
             o.only
                 .as_ref()
-                .is_none_or(|l| l.iter().any(|n| n == t.name()))
+                .map_or(*t != Tool::Floor, |l| l.iter().any(|n| n == t.name()))
         })
         .collect();
     if let Some(l) = &o.only {
