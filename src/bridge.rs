@@ -700,7 +700,7 @@ async fn outlive_peer(
         }
     };
     tokio::select! {
-        status = child.wait() => match status {
+        status = crate::endpoint::exec::wait(child) => match status {
             Ok(status) => span.in_scope(|| {
                 tracing::info!(status = %status, "exec child exited after the peer left")
             }),
@@ -938,8 +938,7 @@ async fn upstream<W: OwnedWrite>(
         ));
     }
     if let Some(child) = child {
-        let status = child
-            .wait()
+        let status = crate::endpoint::exec::wait(child)
             .await
             .map_err(|e| Failure::Local(format!("wait for child: {e}")))?;
         let ctl = exit_control(status);

@@ -531,6 +531,157 @@ fn exec_children_run_as_the_principal() {
     );
 }
 
+/// The gateway binary, linked (or copied) into the fixture's dir, which every account
+/// can reach: a build dir may sit under a home only root may enter.
+fn reachable_bin(fx: &Fixture) -> std::path::PathBuf {
+    let bin = fx.path("pipebridge-bin");
+    if std::fs::hard_link(BIN, &bin).is_err() {
+        std::fs::copy(BIN, &bin).expect("copy the gateway binary");
+    }
+    bin
+}
+
+/// The capability sets of an `exec:` child, as `grep ^Cap /proc/self/status` printed them.
+fn caps_of(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// A gateway run as a user that holds `CAP_SETUID`, `CAP_SETGID` and `CAP_KILL` as
+/// ambient capabilities (systemd's `User=` with `AmbientCapabilities=`): its `exec:`
+/// children, as a principal or as the gateway's own account, hold no capability. A
+/// switch between two uids that are not root keeps the sets, and exec made the ambient
+/// ones the child's: a child "as u1" could make itself root.
+#[test]
+fn exec_children_of_a_gateway_with_ambient_capabilities_hold_none() {
+    if !root_or_skip("exec_children_of_a_gateway_with_ambient_capabilities_hold_none") {
+        return;
+    }
+    let fx = fixture();
+    // The gateway's own account reads its keys.
+    let pki = fx.path("pki");
+    let files = std::fs::read_dir(&pki)
+        .expect("pki dir")
+        .map(|e| e.expect("entry").path());
+    for p in files.chain([pki.clone()]) {
+        rustix::fs::chown(&p, Some(rustix::fs::Uid::from_raw(12050)), None).expect("chown");
+    }
+    let caps = "exec:grep ^Cap /proc/self/status";
+    let pipes = pipe("caps", caps, &["u1"], "")
+        + &pipe("gwcaps", caps, &["u1"], "run_as = \"gateway\"")
+        + &pipe("idu", "exec:id -u", &["u1"], "");
+    let bin = reachable_bin(&fx);
+    let gw = fx.serve_via_bin(
+        "gw.toml",
+        &config(&fx, "", &pipes),
+        &[
+            "setpriv",
+            "--reuid=12050",
+            "--regid=12050",
+            "--clear-groups",
+            "--inh-caps=+setuid,+setgid,+kill",
+            "--ambient-caps=+setuid,+setgid,+kill",
+            "--",
+        ],
+        &bin,
+        &[],
+    );
+    let out = fx.connect(&gw.url("idu"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1").trim(),
+        "12001",
+        "the switch works"
+    );
+    for pipe in ["caps", "gwcaps"] {
+        let out = fx.connect(&gw.url(pipe), "u1", b"");
+        let got = caps_of(&stdout_of(&out, &gw, "u1"));
+        for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+            assert_eq!(
+                got.get(set).map(String::as_str),
+                Some("0000000000000000"),
+                "{pipe}: {set} of the child: {got:?}"
+            );
+        }
+    }
+}
+
+/// Writes a copy of the system's `/etc/passwd` with `extra` lines added, for a gateway
+/// started in a mount namespace with it bound over `/etc/passwd` ([`with_passwd`]).
+fn passwd_with(fx: &Fixture, extra: &str) -> String {
+    let mut text = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(extra);
+    let path = fx.path("passwd");
+    std::fs::write(&path, text).expect("write passwd");
+    path.display().to_string()
+}
+
+/// A gateway lacking `CAP_DAC_OVERRIDE` and `CAP_DAC_READ_SEARCH` (the shipped units'
+/// bounding set) enters an `exec:` child's working directory as the principal: a home
+/// only its owner may enter is entered, and one the principal cannot enter falls back
+/// to `/` (DESIGN.md: "else the principal's home, else /"). It used to `chdir` with the
+/// gateway's rights, before the switch: the first was refused (502), the second entered.
+#[test]
+fn an_exec_childs_home_is_entered_as_the_principal() {
+    if !root_or_skip("an_exec_childs_home_is_entered_as_the_principal") {
+        return;
+    }
+    let fx = fixture();
+    let own = fx.path("own-home");
+    let closed = fx.path("closed-home");
+    for (dir, uid) in [(&own, 12077), (&closed, 0)] {
+        std::fs::create_dir(dir).expect("mkdir");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let id = rustix::fs::Uid::from_raw(uid);
+        rustix::fs::chown(dir, Some(id), Some(rustix::fs::Gid::from_raw(uid))).expect("chown");
+    }
+    let passwd = passwd_with(
+        &fx,
+        &format!(
+            "pbhome:x:12077:12077::{}:/bin/sh\npbclosed:x:12078:12078::{}:/bin/sh\n",
+            own.display(),
+            closed.display()
+        ),
+    );
+    let pipes = pipe("pwd", "exec:pwd", &["u1"], "run_as = \"user:pbhome\"")
+        + &pipe("pwd2", "exec:pwd", &["u1"], "run_as = \"user:pbclosed\"");
+    let gw = fx.serve_via(
+        "gw.toml",
+        &config(&fx, "", &pipes),
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount --bind \"$0\" /etc/passwd && exec \"$@\"",
+            &passwd,
+            "setpriv",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search",
+            "--",
+        ],
+        &[],
+    );
+    let out = fx.connect(&gw.url("pwd"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1").trim(),
+        own.display().to_string(),
+        "the principal's own 0700 home"
+    );
+    let out = fx.connect(&gw.url("pwd2"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1").trim(),
+        "/",
+        "a home the principal cannot enter: /"
+    );
+}
+
 #[test]
 fn run_as_gateway_and_run_as_fixed_user() {
     if !root_or_skip("run_as_gateway_and_run_as_fixed_user") {

@@ -872,6 +872,46 @@ fn seqpacket_zero_length_messages_from_the_network_are_dropped() {
     assert_eq!(out.out(), "1:a\n2:cb\n", "stderr:\n{}", out.stderr);
 }
 
+/// A seqpacket target whose listen backlog is full (a burst it has not accepted yet)
+/// makes the open wait, not fail: a connect that gets `EAGAIN` is not connected, and the
+/// gateway retries it until the target accepts (it used to take the socket for
+/// connected, upgrade the session and then fail it with 1011).
+#[test]
+fn seqpacket_export_waits_out_a_full_listen_backlog() {
+    let fx = Fx::new();
+    let sock = fx.path("busy.sock");
+    let lis = seq_socket();
+    rustix::net::bind(&lis, &SocketAddrUnix::new(&sock).expect("addr")).expect("bind");
+    // A backlog of 0 holds one connection: with it queued, the queue is full.
+    rustix::net::listen(&lis, 0).expect("listen");
+    let queued = seq_connect(&sock).expect("queue one connection");
+    let text = fx.server_config(&pipe("sp", &format!("seqpacket:{}", sock.display()), ""));
+    let gw = fx.serve("gw.toml", &text, &[]);
+    // Accepts late: the queued connection, then the gateway's, each served by the
+    // transformer (the queued one until it is closed below).
+    let acceptor = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(700));
+        // An accept waits at most this long (SO_RCVTIMEO).
+        recv_timeout(&lis, Duration::from_secs(15));
+        let mut served = Vec::new();
+        for _ in 0..2 {
+            let Ok(c) = rustix::net::accept(&lis) else {
+                break;
+            };
+            served.push(thread::spawn(move || transform_conn(c)));
+        }
+        served
+    });
+    let out = fx.connect(&gw.url("sp"), &["--mode", "message"], b"abc\n");
+    drop(queued);
+    let served = acceptor.join().expect("acceptor");
+    for t in served {
+        t.join().expect("a transformer thread");
+    }
+    out.expect_code(0);
+    assert_eq!(out.out(), "3:cba\n", "stderr:\n{}", out.stderr);
+}
+
 // === 2. seqpacket hosted by a forward ===
 
 #[test]
@@ -2047,42 +2087,79 @@ async fn an_ended_exec_session_kills_the_childs_process_group() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    // Running (or sleeping), not a zombie nor gone.
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|st| {
-                let state = st.rsplit_once(") ")?.1.chars().next()?;
-                Some(state != 'Z' && state != 'X')
-            })
-            .unwrap_or(false)
-    };
-    assert!(alive(pid), "the background job runs");
-    // Ended by its pid whatever the test finds.
-    // (Only while it runs: once gone, its pid may be someone else's.)
-    struct KillOnDrop(u32, fn(u32) -> bool);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            if (self.1)(self.0) {
-                let _ = Command::new("kill")
-                    .args(["-9", &self.0.to_string()])
-                    .stderr(Stdio::null())
-                    .status();
-            }
-        }
-    }
-    let _job = KillOnDrop(pid, alive);
+    assert!(running(pid), "the background job runs");
+    let _job = KillIfRunning(pid);
     let (_, code) = send_data_expect_close(s).await;
     assert_eq!(code, Some(1008));
+    expect_gone(pid, &gw);
+}
+
+/// Whether `pid` runs (or sleeps): not a zombie, not gone.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            let state = st.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// Kills a process a test's child started, by its pid, if it still runs when dropped
+/// (once gone, its pid may be someone else's).
+struct KillIfRunning(u32);
+
+impl Drop for KillIfRunning {
+    fn drop(&mut self) {
+        if running(self.0) {
+            let _ = Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Waits (10 s at most) until an exec child's background job `pid` has ended.
+fn expect_gone(pid: u32, gw: &Gw) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
+    while running(pid) {
         assert!(
             std::time::Instant::now() < deadline,
             "the child's background job {pid} outlived its session:\n{}",
             gw.log()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The jobs an exec child left behind when it exited on its own (its session ending
+/// as it should) are killed with its process group before it is reaped: they do not run
+/// on as the principal. (A job that keeps the child's stdout holds the session open
+/// until it ends, as with `ssh host 'job &'`; this one writes elsewhere.)
+#[test]
+fn the_jobs_an_exec_child_leaves_when_it_exits_are_killed() {
+    let fx = Fx::new();
+    let pidfile = fx.path("bg.pid");
+    let body = pipe(
+        "bg",
+        &format!(
+            "exec:sh -c 'sleep 60 >/dev/null 2>&1 & echo $! > {}; exec cat'",
+            pidfile.display()
+        ),
+        "",
+    );
+    let gw = fx.serve("gw.toml", &fx.server_config(&body), &[]);
+    let out = fx.connect(&gw.url("bg"), &[], b"hello\n");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .expect("the child wrote its job's pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let _job = KillIfRunning(pid);
+    out.expect_code(0);
+    assert_eq!(out.out(), "hello\n");
+    expect_gone(pid, &gw);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,15 @@
 //! `exec:` endpoints: one child per session whose stdin/stdout are anonymous pipes. The
 //! environment is scrubbed (DESIGN.md), stderr goes to the gateway log inside the session
 //! span, and the child is killed when the session ends ([`kill`], with its process group
-//! on Unix; kill-on-drop otherwise; tokio reaps it).
+//! on Unix; kill-on-drop otherwise; tokio reaps it). A child that exits on its own has
+//! what is left of its process group killed before it is reaped ([`wait`], Linux).
+//!
+//! On Unix the switch to the principal, the working directory and dropping capabilities
+//! happen in the forked child, in that order, so the directory is entered with the
+//! principal's rights (a home only its owner may enter works; one the principal cannot
+//! enter falls back to `/`), and the child is started on a blocking thread, since the
+//! fork returns only once the child has entered its directory (an automounted or hung
+//! network home must not stall the shard's other sessions).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -13,8 +21,18 @@ use tracing::Instrument;
 use super::{BoxRead, BoxWrite, Local, OpenContext, OpenError, Reader, Writer};
 use crate::config::PipeConfig;
 
+/// The gateway's own account (name, home), looked up once.
+fn gateway_user() -> (String, PathBuf) {
+    static USER: std::sync::OnceLock<(String, PathBuf)> = std::sync::OnceLock::new();
+    USER.get_or_init(crate::platform::current_user).clone()
+}
+
 /// Spawns the child of an `exec:` pipe for one session.
-pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenError> {
+pub async fn spawn(
+    argv: &[String],
+    pipe: &PipeConfig,
+    ctx: &OpenContext,
+) -> Result<Local, OpenError> {
     let Some((program, args)) = argv.split_first() else {
         return Err(OpenError::new(
             "the local endpoint could not be opened",
@@ -23,13 +41,8 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
     };
     let (user, home) = match &ctx.principal {
         Some(p) => (p.name.clone(), p.home.clone()),
-        None => crate::platform::current_user(),
+        None => gateway_user(),
     };
-    let cwd = pipe
-        .cwd
-        .clone()
-        .or_else(|| Some(home.clone()).filter(|h| h.is_dir()))
-        .unwrap_or_else(|| PathBuf::from("/"));
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -39,7 +52,6 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
         .envs(&pipe.env)
         .env("PIPEBRIDGE_IDENTITY", &ctx.identity)
         .env("PIPEBRIDGE_PIPE", &pipe.name)
-        .current_dir(&cwd)
         .stdin(if ctx.direction.client_writes() {
             Stdio::piped()
         } else {
@@ -56,10 +68,24 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
     // script's other processes do not run on, as the principal, after the session.
     #[cfg(unix)]
     cmd.process_group(0);
-    if let Some(p) = &ctx.principal {
-        crate::identity::exec_as(&mut cmd, p)?;
+    match &ctx.principal {
+        Some(p) => crate::identity::exec_as(&mut cmd, p)?,
+        #[cfg(unix)]
+        None => crate::identity::unix::exec_without_capabilities(&mut cmd),
+        #[cfg(not(unix))]
+        None => {}
     }
-    let mut child = cmd.spawn().map_err(|e| {
+    // After the switch (closures run in the order they were added).
+    #[cfg(unix)]
+    enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
+    #[cfg(not(unix))]
+    cmd.current_dir(pipe.cwd.clone().unwrap_or(home));
+    let started = tokio::task::spawn_blocking(move || cmd.spawn().map(ExecChild));
+    let mut child = match started.await {
+        Ok(r) => r,
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    }
+    .map_err(|e| {
         OpenError::new(
             "the local endpoint could not be started",
             format!("exec {program:?}: {e}"),
@@ -81,9 +107,83 @@ pub fn spawn(argv: &[String], pipe: &PipeConfig, ctx: &OpenContext) -> Result<Lo
     Ok(Local {
         reader,
         writer,
-        child: Some(ExecChild(child)),
+        child: Some(child),
         hangup: None,
     })
+}
+
+/// Has `cmd`'s child enter its working directory once it runs as the principal: the
+/// pipe's `cwd` (failing the spawn when it cannot), else `home`, else `/` (DESIGN.md).
+#[cfg(unix)]
+fn enter_dir(
+    cmd: &mut Command,
+    cwd: Option<&std::path::Path>,
+    home: &std::path::Path,
+) -> Result<(), OpenError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &std::path::Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|_| {
+            OpenError::new(
+                "the local endpoint could not be started",
+                format!("exec: working directory {} holds a NUL byte", p.display()),
+            )
+        })
+    };
+    let dirs = match cwd {
+        Some(d) => vec![c(d)?],
+        None => vec![c(home)?, c(std::path::Path::new("/"))?],
+    };
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec and makes only chdir
+    // system calls through rustix on C strings allocated before the fork; it allocates
+    // nothing and takes no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut last = rustix::io::Errno::NOENT;
+            for d in &dirs {
+                match rustix::process::chdir(d.as_c_str()) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last.into())
+        });
+    }
+    Ok(())
+}
+
+/// Waits for an `exec:` child to exit and reaps it. On Linux the process group it led
+/// (jobs it left behind, which would run on as the principal) is killed first, while the
+/// child is a zombie, so its pid and group id cannot have been given to anyone else.
+/// Cancel-safe: dropped before the end, nothing is reaped.
+pub async fn wait(child: &mut tokio::process::Child) -> std::io::Result<std::process::ExitStatus> {
+    #[cfg(target_os = "linux")]
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let exited = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .ok()
+            .and_then(|fd| {
+                #[allow(unsafe_code)]
+                // SAFETY: the AsyncFd owns the pidfd, which stays open and the same until
+                // the AsyncFd is dropped; nothing else closes or replaces it.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .ok()
+            });
+        if let Some(fd) = exited {
+            // Readable once the process has exited (not reaped).
+            let _ = fd.readable().await;
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+    child.wait().await
 }
 
 /// A session's `exec:` child: dropped while it has not been reaped (a session that

@@ -357,7 +357,7 @@ pub async fn open(pipe: &PipeConfig, ctx: &OpenContext) -> Result<Local, OpenErr
         EndpointSpec::Unix(p) => unix::connect(p, ctx).await,
         #[cfg(unix)]
         EndpointSpec::Dotnet(n) => unix::connect(&dotnet_path(n), ctx).await,
-        EndpointSpec::Exec { argv } => exec::spawn(argv, pipe, ctx),
+        EndpointSpec::Exec { argv } => exec::spawn(argv, pipe, ctx).await,
         #[cfg(unix)]
         EndpointSpec::Seqpacket(p) => seqpacket::connect(p, ctx.max_message, ctx).await,
         #[cfg(unix)]

@@ -108,28 +108,17 @@ pub fn local(sock: UnixSeqpacket, max: usize, reads: bool, writes: bool) -> io::
 /// Connects to the seqpacket socket at `path` for an exported pipe (as the session's
 /// principal when it has one).
 pub async fn connect(path: &Path, max: usize, ctx: &OpenContext) -> Result<Local, OpenError> {
-    let sock = if let Some(p) = &ctx.principal {
-        let fd = crate::identity::unix::connect(
-            p,
-            rustix::net::SocketType::SEQPACKET,
-            path,
-            ctx.deadline(),
-        )
-        .await
-        .map_err(|e| super::unix::connect_error(path, &e))?;
-        UnixSeqpacket::try_from(fd).map_err(|e| super::unix::connect_error(path, &e))?
+    // A full backlog (`EAGAIN`) leaves the socket unconnected: both ways retry it until
+    // the open's deadline (tokio_seqpacket's own connect took it for "in progress").
+    let ty = rustix::net::SocketType::SEQPACKET;
+    let fd = if let Some(p) = &ctx.principal {
+        crate::identity::unix::connect(p, ty, path, ctx.deadline())
+            .await
+            .map_err(|e| super::unix::connect_error(path, &e))?
     } else {
-        match tokio::time::timeout(ctx.timeout, UnixSeqpacket::connect(path)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(super::unix::connect_error(path, &e)),
-            Err(_) => {
-                return Err(OpenError::new(
-                    "the local endpoint did not accept in time",
-                    format!("connect {}: timed out", path.display()),
-                ))
-            }
-        }
+        super::unix::connect_plain_fd(ty, path, ctx.deadline()).await?
     };
+    let sock = UnixSeqpacket::try_from(fd).map_err(|e| super::unix::connect_error(path, &e))?;
     local(
         sock,
         max,

@@ -53,15 +53,24 @@ const BUSY_RETRY: std::time::Duration = std::time::Duration::from_millis(5);
 /// connected: tokio's `UnixStream::connect` would wait one turn of the event loop for
 /// writability and then ask for `SO_ERROR`, before the session's first bytes could go.
 async fn connect_plain(path: &Path, deadline: std::time::Instant) -> Result<UnixStream, OpenError> {
+    let fd = connect_plain_fd(rustix::net::SocketType::STREAM, path, deadline).await?;
+    UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+        .map_err(|e| connect_error(path, &e))
+}
+
+/// Connects a non-blocking Unix socket of type `ty` at `path` as the gateway, retrying
+/// a full listen backlog (`EAGAIN`: not connected) until `deadline`.
+pub(super) async fn connect_plain_fd(
+    ty: rustix::net::SocketType,
+    path: &Path,
+    deadline: std::time::Instant,
+) -> Result<std::os::fd::OwnedFd, OpenError> {
     let addr =
         rustix::net::SocketAddrUnix::new(path).map_err(|e| connect_error(path, &e.into()))?;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match crate::identity::unix::connect_now(rustix::net::SocketType::STREAM, &addr) {
-            Ok(fd) => {
-                return UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-                    .map_err(|e| connect_error(path, &e))
-            }
+        match crate::identity::unix::connect_now(ty, &addr) {
+            Ok(fd) => return Ok(fd),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && left > BUSY_RETRY => {
                 tokio::time::sleep(BUSY_RETRY).await;
             }

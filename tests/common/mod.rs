@@ -151,14 +151,26 @@ impl Fixture {
     /// that end by running the rest of the command line in their own process, as
     /// `unshare` and `sh -c '... exec "$@"'` do (so the process is still the gateway's).
     pub fn serve_via(&self, name: &str, text: &str, via: &[&str], env: &[(&str, &str)]) -> Gateway {
+        self.serve_via_bin(name, text, via, Path::new(BIN), env)
+    }
+
+    /// [`Fixture::serve_via`] with the gateway binary at `bin`.
+    pub fn serve_via_bin(
+        &self,
+        name: &str,
+        text: &str,
+        via: &[&str],
+        bin: &Path,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let cfg = self.write(name, text);
         let mut cmd = match via.split_first() {
             Some((prog, args)) => {
                 let mut c = Command::new(prog);
-                c.args(args).arg(BIN);
+                c.args(args).arg(bin);
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new(bin),
         };
         cmd.arg("serve").arg("--config").arg(&cfg);
         scrub(&mut cmd);
