@@ -1879,6 +1879,48 @@ fn a_burst_of_first_sessions_dials_one_http2_connection_per_shard() {
     );
 }
 
+/// Sessions whose local callers stop reading fill their own HTTP/2 stream windows but
+/// never the connection's: the other sessions on the same pooled connection go on. (The
+/// connection window was 16 MiB, eight stalled streams' worth: a ninth session's data
+/// could no longer be sent, and its keepalive ended it.)
+#[test]
+fn callers_that_stop_reading_do_not_stall_the_other_sessions_on_their_connection() {
+    let fx = Fixture::new();
+    // One pipe: a caller that says "big" gets 6 MB, any other line comes back.
+    let pipe_cfg = pipe(
+        "chatty",
+        "exec:sh -c 'read x; if [ \"$x\" = big ]; then head -c 6000000 /dev/zero; else echo \"$x\"; fi'",
+        &["alice"],
+        "",
+    );
+    let gw = fx.serve("a.toml", &fx.server_config(&pipe_cfg));
+    let fwd = fx.path("fwd.sock");
+    // One shard: every session of the forward shares one HTTP/2 connection.
+    let _b = fx.serve_env(
+        "b.toml",
+        &forward(&fx, &fwd, &gw.url("chatty"), "alice", ""),
+        &[("PIPEBRIDGE_SHARDS", "1")],
+    );
+    // Ten callers that ask for 6 MB and read none of it: each stream's window (2 MiB)
+    // and more waits for them.
+    let stalled: Vec<UnixStream> = (0..10)
+        .map(|_| {
+            let mut s = unix_connect(&fwd);
+            s.write_all(b"big\n").expect("ask for 6 MB");
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_secs(2));
+    let reply = unix_request(&fwd, b"still here\n", Duration::from_secs(20));
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "still here\n",
+        "a session beside ten stalled ones on one connection"
+    );
+    assert_eq!(established_to(gw.port), 1, "one shared connection");
+    drop(stalled);
+}
+
 #[test]
 fn forward_over_http2_refusals_leave_the_shared_connection_usable() {
     let fx = Fixture::new();

@@ -10,8 +10,12 @@ pub mod ws;
 
 /// HTTP/2: per-stream flow-control window (bounds what one stalled session buffers).
 pub const H2_STREAM_WINDOW_BYTES: u32 = 2 << 20;
-/// HTTP/2: connection flow-control window.
-pub const H2_CONN_WINDOW_BYTES: u32 = 16 << 20;
+/// HTTP/2: connection flow-control window, the largest the protocol allows (2^31 - 1),
+/// so that only a stream's own window holds its session back: with less, a few
+/// sessions whose readers stalled would take all of it and stop every other session on
+/// the connection. What one connection buffers is bounded by its sessions' stream
+/// windows.
+pub const H2_CONN_WINDOW_BYTES: u32 = (1 << 31) - 1;
 /// HTTP/2: largest DATA frame.
 pub const H2_MAX_FRAME_BYTES: u32 = 256 << 10;
 /// HTTP/2: sessions at once on one connection.
