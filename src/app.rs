@@ -38,6 +38,7 @@ fn creds(a: &CredentialArgs) -> CredentialPaths {
         key: a.key.clone(),
         token_file: a.token_file.clone(),
         token: a.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
+        owner: None,
     }
     .discover()
 }

@@ -71,6 +71,9 @@ pub struct CredentialPaths {
     pub token_file: Option<String>,
     /// A bearer token given directly (`PIPEBRIDGE_TOKEN`).
     pub token: Option<Secret>,
+    /// The uid every file must belong to, unless it belongs to root: the local caller,
+    /// for paths made with `{user}` (Unix).
+    pub owner: Option<u32>,
 }
 
 impl CredentialPaths {
@@ -218,14 +221,16 @@ impl Dialer {
             (None, None) => None,
             _ => return Err(ClientError::Setup("--cert and --key go together".into())),
         };
-        let cfg = tls::client_config(creds.ca.as_deref().map(Path::new), cert_key)
+        let cfg = tls::client_config(creds.ca.as_deref().map(Path::new), cert_key, creds.owner)
             .map_err(|e| ClientError::Setup(e.to_string()))?;
         let token = match (&creds.token, &creds.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => {
-                let t = std::fs::read_to_string(f).map_err(|e| {
+                let t = tls::read_credential(Path::new(f), creds.owner).map_err(|e| {
                     ClientError::Setup(format!("cannot read the token file {f}: {e}"))
                 })?;
+                let t = String::from_utf8(t)
+                    .map_err(|_| ClientError::Setup(format!("the token file {f} is not UTF-8")))?;
                 let t = t.trim();
                 if t.is_empty() {
                     return Err(ClientError::Setup(format!("the token file {f} is empty")));
@@ -262,7 +267,10 @@ impl Dialer {
         h2: bool,
     ) -> Result<tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>, ClientError> {
         let tcp = match proxy_for(&self.host) {
-            Some(proxy) => connect_via_proxy(&proxy, &self.host, self.port).await?,
+            Some(proxy) => {
+                let proxy = proxy.map_err(ClientError::Network)?;
+                connect_via_proxy(&proxy, &self.host, self.port).await?
+            }
             None => TcpStream::connect((self.host.as_str(), self.port))
                 .await
                 .map_err(|e| {
@@ -789,9 +797,84 @@ fn session_headers<B>(
     ))
 }
 
+/// An HTTP proxy named by the environment: its address, and the `Proxy-Authorization`
+/// the user name and password in its URL make (never shown: errors name the address).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// `host:port` of the proxy.
+    pub addr: String,
+    /// `Basic` credentials, from `http://user:password@host:port`.
+    auth: Option<String>,
+}
+
+impl Proxy {
+    /// Parses an `http://[user[:password]@]host[:port][/]` proxy URL (the scheme may be
+    /// left out; the port defaults to 80; user and password are percent-decoded). Errors
+    /// never repeat the URL, which may hold a password.
+    pub fn parse(url: &str) -> Result<Proxy, String> {
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "HTTPS_PROXY: a {scheme}:// proxy is not supported (only http://)"
+                ))
+            }
+            None => url,
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        if hostport.is_empty() {
+            return Err("HTTPS_PROXY: the proxy URL names no host".into());
+        }
+        let has_port = match hostport.rfind(']') {
+            Some(end) => hostport[end..].contains(':'),
+            None => hostport.contains(':'),
+        };
+        let addr = if has_port {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:80")
+        };
+        let auth = match userinfo {
+            Some(u) => {
+                let plain = percent_decode(u)
+                    .ok_or("HTTPS_PROXY: the proxy URL's user name or password is not valid percent-encoding")?;
+                Some(format!(
+                    "Basic {}",
+                    data_encoding::BASE64.encode(plain.as_slice())
+                ))
+            }
+            None => None,
+        };
+        Ok(Proxy { addr, auth })
+    }
+}
+
+/// Decodes `%XX` escapes; None on a cut or invalid one.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
 /// The proxy to use for `host` from `HTTPS_PROXY`/`https_proxy`, unless `NO_PROXY`/
-/// `no_proxy` exempts it (exact names, domain suffixes, `*`).
-pub fn proxy_for(host: &str) -> Option<String> {
+/// `no_proxy` exempts it (exact names, domain suffixes, `*`); an error for a proxy URL
+/// that cannot be used.
+pub fn proxy_for(host: &str) -> Option<Result<Proxy, String>> {
     let env = |a: &str, b: &str| {
         std::env::var(a)
             .ok()
@@ -808,21 +891,18 @@ pub fn proxy_for(host: &str) -> Option<String> {
             }
         }
     }
-    let hostport = proxy
-        .strip_prefix("http://")
-        .unwrap_or(&proxy)
-        .trim_end_matches('/')
-        .to_string();
-    Some(if hostport.contains(':') {
-        hostport
-    } else {
-        format!("{hostport}:80")
-    })
+    Some(Proxy::parse(&proxy))
 }
 
 /// Opens a tunnel through an HTTP proxy with CONNECT.
-async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> Result<TcpStream, ClientError> {
+async fn connect_via_proxy(proxy: &Proxy, host: &str, port: u16) -> Result<TcpStream, ClientError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let auth = proxy
+        .auth
+        .as_ref()
+        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let proxy = proxy.addr.as_str();
     let mut tcp = TcpStream::connect(proxy)
         .await
         .map_err(|e| ClientError::Network(format!("cannot reach the proxy {proxy}: {e}")))?;
@@ -832,7 +912,7 @@ async fn connect_via_proxy(proxy: &str, host: &str, port: u16) -> Result<TcpStre
     } else {
         format!("{host}:{port}")
     };
-    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").as_bytes())
         .await
         .map_err(|e| ClientError::Network(format!("proxy {proxy}: {e}")))?;
     // Read the response head byte by byte so no tunnelled byte is consumed.
@@ -1185,7 +1265,12 @@ async fn forward_one(
                 return false;
             }
         };
-        let creds = substitute_user(&fwd.credentials, &user);
+        let creds = CredentialPaths {
+            // The caller's files, or root's: never another user's, which the gateway
+            // could read and the caller could not.
+            owner: caller_uid(caller.as_ref()),
+            ..substitute_user(&fwd.credentials, &user)
+        };
         session_dialer(&fwd.to, &creds, fwd.keepalive, fwd.http2, DIALER_TTL)
             .await
             .map(|(d, _)| d)
@@ -1328,12 +1413,13 @@ fn dialer_key(
     http2: bool,
 ) -> String {
     format!(
-        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{http2}|{keepalive:?}",
+        "{url}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{http2}|{keepalive:?}",
         creds.ca,
         creds.cert,
         creds.key,
         creds.token_file,
-        creds.token.is_some()
+        creds.token.is_some(),
+        creds.owner
     )
 }
 
@@ -1409,7 +1495,10 @@ fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
     }
     for path in [&creds.ca, &creds.cert, &creds.key, &creds.token_file] {
         match path {
-            Some(p) => hash_field(&mut h, &std::fs::read(p).ok()?),
+            Some(p) => hash_field(
+                &mut h,
+                &crate::tunnel::tls::read_credential(Path::new(p), creds.owner).ok()?,
+            ),
             None => h.update(u64::MAX.to_le_bytes()),
         }
     }
@@ -1423,6 +1512,18 @@ fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
     Some(h.finalize().into())
 }
 
+/// The local caller's uid (Unix): whose `{user}` credential files may be used.
+#[cfg(unix)]
+fn caller_uid(c: Option<&LocalCaller>) -> Option<u32> {
+    c.map(|c| c.uid)
+}
+
+/// Windows: credential files are not checked for their owner.
+#[cfg(not(unix))]
+fn caller_uid(_: Option<&LocalCaller>) -> Option<u32> {
+    None
+}
+
 fn substitute_user(c: &CredentialPaths, user: &str) -> CredentialPaths {
     let sub =
         |s: &Option<String>| -> Option<String> { s.as_ref().map(|p| p.replace("{user}", user)) };
@@ -1432,12 +1533,43 @@ fn substitute_user(c: &CredentialPaths, user: &str) -> CredentialPaths {
         key: sub(&c.key),
         token_file: sub(&c.token_file),
         token: c.token.clone(),
+        owner: c.owner,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_url_gives_an_address_and_its_credentials_never_show() {
+        let p = |u: &str| Proxy::parse(u);
+        let plain = |addr: &str| {
+            Ok(Proxy {
+                addr: addr.into(),
+                auth: None,
+            })
+        };
+        assert_eq!(p("http://proxy:3128"), plain("proxy:3128"));
+        assert_eq!(p("HTTP://proxy:3128/"), plain("proxy:3128"));
+        assert_eq!(p("proxy"), plain("proxy:80"));
+        assert_eq!(p("http://[::1]:8080/"), plain("[::1]:8080"));
+        assert_eq!(p("http://[::1]"), plain("[::1]:80"));
+        let with = p("http://pb%20user:p%40ss@proxy:3128/").expect("parse");
+        assert_eq!(with.addr, "proxy:3128");
+        // base64("pb user:p@ss")
+        assert_eq!(with.auth.as_deref(), Some("Basic cGIgdXNlcjpwQHNz"));
+        assert!(!format!("{:?}", with.addr).contains("ss"));
+        for bad in [
+            "https://u:secret@proxy:443",
+            "socks5://u:secret@p:1080",
+            "http://u:secret@",
+            "http://u:secret%4@p",
+        ] {
+            let e = p(bad).expect_err(bad);
+            assert!(!e.contains("secret"), "{bad}: {e}");
+        }
+    }
 
     fn pki(dir: &Path) {
         crate::pki::init(&crate::pki::CertsInit {
@@ -1457,6 +1589,7 @@ mod tests {
             key: p("a.key"),
             token_file: None,
             token: None,
+            owner: None,
         }
     }
 

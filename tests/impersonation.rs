@@ -1915,22 +1915,86 @@ fn forward_picks_credentials_per_local_caller() {
     );
     let hosted = fx.path("fwd-user.sock");
     let pki = fx.p("pki");
-    let b = fx.serve(
+    let user = |name: &str| {
+        nix::unistd::User::from_name(name)
+            .expect("user db")
+            .unwrap_or_else(|| panic!("the system has a {name} user"))
+    };
+    let (nobody, daemon) = (user("nobody"), user("daemon"));
+    // Credentials in each user's own dir: nobody's are nobody's files; daemon's are
+    // symlinks to nobody's, which the gateway can read and daemon cannot.
+    let own = fx.path("users");
+    let chown = |p: &Path, u: &nix::unistd::User| {
+        let ids = (
+            rustix::fs::Uid::from_raw(u.uid.as_raw()),
+            rustix::fs::Gid::from_raw(u.gid.as_raw()),
+        );
+        rustix::fs::chown(p, Some(ids.0), Some(ids.1)).expect("chown");
+    };
+    for (u, files) in [(&nobody, true), (&daemon, false)] {
+        let dir = own.join(&u.name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for (ext, link) in [("pem", "client.pem"), ("key", "client.key")] {
+            if files {
+                std::fs::copy(fx.path(&format!("pki/nobody.{ext}")), dir.join(link)).expect("copy");
+                chown(&dir.join(link), u);
+            } else {
+                std::os::unix::fs::symlink(format!("../nobody/{link}"), dir.join(link))
+                    .expect("symlink");
+            }
+        }
+        chown(&dir, u);
+    }
+    let hosted_own = fx.path("fwd-own.sock");
+    let mut b = fx.serve(
         "b.toml",
-        &forward(
+        &(forward(
             &hosted,
             &a.url("whoami"),
             &fx.ca(),
             &format!("{pki}/{{user}}.pem"),
             &format!("{pki}/{{user}}.key"),
             "",
-        ),
+        ) + &forward(
+            &hosted_own,
+            &a.url("whoami"),
+            &fx.ca(),
+            &format!("{}/{{user}}/client.pem", own.display()),
+            &format!("{}/{{user}}/client.key", own.display()),
+            "",
+        )),
     );
     wait_for_socket(&hosted);
+    wait_for_socket(&hosted_own);
+    let v = call_as(
+        &fx,
+        nobody.uid.as_raw(),
+        nobody.gid.as_raw(),
+        &hosted_own,
+        "",
+    );
+    assert_eq!(
+        v["data"].as_str().map(str::trim),
+        Some(format!("nobody {}", nobody.uid).as_str()),
+        "nobody's own files: {v}"
+    );
+    let v = call_as(
+        &fx,
+        daemon.uid.as_raw(),
+        daemon.gid.as_raw(),
+        &hosted_own,
+        "",
+    );
+    assert_eq!(
+        v["data"].as_str(),
+        Some(""),
+        "daemon's links to nobody's files must not make it nobody: {v}"
+    );
+    let refusal = format!("belongs to uid {}, neither the local caller", nobody.uid);
+    b.proc
+        .wait_until(Duration::from_secs(10), |log| log.contains(&refusal));
     for name in ["nobody", "daemon"] {
-        let u = nix::unistd::User::from_name(name)
-            .expect("user db")
-            .unwrap_or_else(|| panic!("the system has a {name} user"));
+        let u = user(name);
         let v = call_as(&fx, u.uid.as_raw(), u.gid.as_raw(), &hosted, "");
         assert_eq!(
             v["data"].as_str().map(str::trim),

@@ -1853,11 +1853,12 @@ fn forward_fails_fast_while_its_gateway_is_down_and_recovers_on_restart() {
 
 // === 8. HTTPS_PROXY / NO_PROXY ===
 
-/// A tiny HTTP CONNECT proxy counting the tunnels it opened.
+/// A tiny HTTP CONNECT proxy counting the tunnels it opened (and keeping each CONNECT's
+/// target and request head).
 struct Proxy {
     port: u16,
     connects: Arc<AtomicUsize>,
-    targets: Arc<Mutex<Vec<String>>>,
+    targets: Arc<Mutex<Vec<(String, String)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -1866,7 +1867,7 @@ impl Proxy {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = l.local_addr().expect("addr").port();
         let connects = Arc::new(AtomicUsize::new(0));
-        let targets: Arc<Mutex<Vec<String>>> = Arc::default();
+        let targets: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (c2, t2, s2) = (connects.clone(), targets.clone(), stop.clone());
         thread::spawn(move || {
@@ -1903,7 +1904,7 @@ impl Drop for Proxy {
     }
 }
 
-fn proxy_conn(mut c: TcpStream, connects: &AtomicUsize, targets: &Mutex<Vec<String>>) {
+fn proxy_conn(mut c: TcpStream, connects: &AtomicUsize, targets: &Mutex<Vec<(String, String)>>) {
     let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -1920,7 +1921,10 @@ fn proxy_conn(mut c: TcpStream, connects: &AtomicUsize, targets: &Mutex<Vec<Stri
         return;
     };
     connects.fetch_add(1, Ordering::SeqCst);
-    targets.lock().unwrap().push(target.to_string());
+    targets
+        .lock()
+        .unwrap()
+        .push((target.to_string(), head.clone()));
     let Ok(up) = TcpStream::connect(target) else {
         let _ = c.write_all(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n");
         return;
@@ -1968,8 +1972,14 @@ fn connect_and_forwards_honour_https_proxy_and_no_proxy() {
     assert_eq!(out.out(), "via proxy\n");
     assert_eq!(proxy.count(), 1, "CONNECTs seen by the proxy");
     assert_eq!(
-        proxy.targets.lock().unwrap()[0],
+        proxy.targets.lock().unwrap()[0].0,
         format!("localhost:{}", gw.port)
+    );
+    assert!(
+        !proxy.targets.lock().unwrap()[0]
+            .1
+            .contains("Proxy-Authorization"),
+        "no credentials, no Proxy-Authorization"
     );
 
     // https_proxy (lower case) too.
@@ -2001,6 +2011,31 @@ fn connect_and_forwards_honour_https_proxy_and_no_proxy() {
         b"forwarded\n"
     );
     assert_eq!(proxy.count(), 3, "the forward did not use the proxy");
+
+    // A user name and password in the URL (percent-encoded) go as Basic credentials.
+    let with_auth = format!("http://pb%20user:p%40ss@127.0.0.1:{}/", proxy.port);
+    let out = fx.run_env(
+        &a,
+        &[("HTTPS_PROXY", &with_auth)],
+        b"auth\n",
+        CLIENT_TIMEOUT,
+    );
+    out.expect_code(0);
+    assert_eq!(out.out(), "auth\n");
+    let head = proxy.targets.lock().unwrap()[3].1.clone();
+    assert!(
+        head.contains("\r\nProxy-Authorization: Basic cGIgdXNlcjpwQHNz\r\n"),
+        "base64 of \"pb user:p@ss\" in the CONNECT:\n{head}"
+    );
+    // A proxy that cannot be reached is named by its address, never with the password.
+    let unreachable = "http://pbuser:s3cret-pw@127.0.0.1:1";
+    let out = fx.run_env(&a, &[("HTTPS_PROXY", unreachable)], b"", CLIENT_TIMEOUT);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("127.0.0.1:1") && !out.stderr.contains("s3cret"),
+        "{}",
+        out.stderr
+    );
 }
 
 // === logging ===

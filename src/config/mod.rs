@@ -1645,6 +1645,7 @@ impl Validator<'_> {
             key: r.key.map(|s| s.into_inner()),
             token_file: r.token_file.map(|s| s.into_inner()),
             token: None,
+            owner: None,
         };
         let is_npipe = matches!(listen, Some(EndpointSpec::Npipe(_)));
         let query_mode = to

@@ -48,10 +48,46 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// Reads a credential file. With `owner` (Unix), only a file that belongs to that uid or
+/// to root: a local caller's `{user}` credentials, which must not be another user's
+/// (a symlink in the caller's own directory to someone else's key, say). The owner is
+/// checked on the opened file, so a path swapped after the check reads nothing else.
+pub fn read_credential(path: &Path, owner: Option<u32>) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    #[cfg(unix)]
+    if let Some(want) = owner {
+        use std::os::unix::fs::MetadataExt;
+        let uid = f.metadata()?.uid();
+        if uid != want && uid != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the file belongs to uid {uid}, neither the local caller (uid {want}) nor root"
+                ),
+            ));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = owner;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?
+    certs_owned_by(path, None)
+}
+
+/// Reads a PEM certificate chain from a file of `owner` or root ([`read_credential`]).
+fn certs_owned_by(
+    path: &Path,
+    owner: Option<u32>,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read_credential(path, owner)
+        .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, format!("bad PEM: {e}")))?;
     if certs.is_empty() {
@@ -62,13 +98,23 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads a PEM private key.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path)
+    key_owned_by(path, None)
+}
+
+fn key_owned_by(path: &Path, owner: Option<u32>) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read_credential(path, owner)
+        .map_err(|e| file_err(path, format!("cannot read a private key: {e}")))?;
+    PrivateKeyDer::from_pem_slice(&bytes)
         .map_err(|e| file_err(path, format!("cannot read a private key: {e}")))
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    roots_owned_by(path, None)
+}
+
+fn roots_owned_by(path: &Path, owner: Option<u32>) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for c in load_certs(path)? {
+    for c in certs_owned_by(path, owner)? {
         roots
             .add(c)
             .map_err(|e| file_err(path, format!("not a usable CA certificate: {e}")))?;
@@ -179,12 +225,14 @@ fn client_verifier(
 const SESSION_CACHE_ENTRIES: usize = 4096;
 
 /// Client config: trust `ca` (or the system trust store) and present `cert`/`key` if given.
+/// With `owner`, every file must belong to that uid or to root ([`read_credential`]).
 pub fn client_config(
     ca: Option<&Path>,
     cert_key: Option<(&Path, &Path)>,
+    owner: Option<u32>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match ca {
-        Some(p) => load_roots(p)?,
+        Some(p) => roots_owned_by(p, owner)?,
         None => {
             let mut roots = RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
@@ -200,7 +248,7 @@ pub fn client_config(
         .with_root_certificates(roots);
     let mut cfg = match cert_key {
         Some((c, k)) => builder
-            .with_client_auth_cert(load_certs(c)?, load_key(k)?)
+            .with_client_auth_cert(certs_owned_by(c, owner)?, key_owned_by(k, owner)?)
             .map_err(|e| file_err(k, format!("key does not fit the certificate: {e}")))?,
         None => builder.with_no_client_auth(),
     };
@@ -262,8 +310,12 @@ mod tests {
         )
         .unwrap()
         .config;
-        let client =
-            client_config(Some(&p("ca.pem")), Some((&p("dev.pem"), &p("dev.key")))).unwrap();
+        let client = client_config(
+            Some(&p("ca.pem")),
+            Some((&p("dev.pem"), &p("dev.key"))),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             handshake(client.clone(), server.clone()),
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
