@@ -1256,6 +1256,54 @@ fn seqpacket_hosted_socket_is_not_stolen_and_is_removed_on_shutdown() {
 fn hosted_fifo_needs_a_direction_and_seqpacket_needs_message_mode() {
     let fx = Fx::new();
     let to = "wss://localhost:9/pipes/x";
+    // check-config says it, with file, line and key (it used to print OK, and serve
+    // failed only when binding, with exit 1).
+    let fifo = format!("fifo:{}", fx.s("f.fifo"));
+    for (listen, url, extra, key, says) in [
+        (fifo.as_str(), to, "", "forward[0].to", "direction"),
+        (
+            fifo.as_str(),
+            &format!("{to}?direction=in") as &str,
+            "allow_local = [\"root\"]\n",
+            "forward[0].allow_local",
+            "no local caller",
+        ),
+        (
+            &format!("seqpacket:{}", fx.s("s.sock")) as &str,
+            &format!("{to}?mode=byte") as &str,
+            "",
+            "forward[0].to",
+            "message",
+        ),
+        (
+            &format!("unix:{}", fx.s("u.sock")) as &str,
+            to,
+            "socket_owner = \"no-such-user-pb\"\n",
+            "forward[0].socket_owner",
+            "no such user",
+        ),
+    ] {
+        let cfg = fx.path("check.toml");
+        let text = fx.forward_config(&fx.forward(listen, url, extra));
+        std::fs::write(&cfg, &text).expect("write config");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check-config").arg("--config").arg(&cfg);
+        scrub(&mut cmd);
+        let out = Proc::spawn(cmd, fx.tmp.path(), false).finish(Duration::from_secs(20));
+        assert_eq!(out.code, Some(2), "{key}: {}", out.stderr);
+        // The line of the key's value.
+        let field = key.rsplit('.').next().expect("field");
+        let line = 1 + text
+            .lines()
+            .position(|l| l.starts_with(&format!("{field} =")))
+            .expect("the key's line");
+        let want = format!("check.toml:{line}: {key}: ");
+        assert!(
+            out.stderr.contains(&want) && out.stderr.contains(says),
+            "{want}... {says}:\n{}",
+            out.stderr
+        );
+    }
     let out = fx.serve_fails(
         "fifo.toml",
         &fx.forward_config(&fx.forward(&format!("fifo:{}", fx.s("f.fifo")), to, "")),

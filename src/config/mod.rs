@@ -1049,15 +1049,26 @@ impl Validator<'_> {
             timeout: DEFAULT_KEEPALIVE_TIMEOUT,
         };
         let Some(r) = raw else { return k };
-        if let Some(v) = r
-            .interval
-            .and_then(|d| self.duration(&d, "keepalive.interval"))
-        {
-            k.interval = v;
+        if let Some(d) = r.interval {
+            match self.duration(&d, "keepalive.interval") {
+                Some(Duration::ZERO) => self.err(
+                    d.span(),
+                    "keepalive.interval",
+                    "must be more than 0 (a ping at every turn)",
+                ),
+                Some(v) => k.interval = v,
+                None => {}
+            }
         }
         if let Some(d) = r.timeout {
             if let Some(v) = self.duration(&d, "keepalive.timeout") {
-                if v < k.interval {
+                if v.is_zero() {
+                    self.err(
+                        d.span(),
+                        "keepalive.timeout",
+                        "must be more than 0 (every session would end at once)",
+                    );
+                } else if v < k.interval {
                     self.err(
                         d.span(),
                         "keepalive.timeout",
@@ -1639,6 +1650,7 @@ impl Validator<'_> {
                 .unwrap_or_default();
             self.err(s, format!("{key}.cert"), "cert and key go together");
         }
+        self.forward_kind_rules(&r, &key, listen.as_ref(), to.as_ref());
         let credentials = crate::client::CredentialPaths {
             ca: r.ca.map(|s| s.into_inner()),
             cert: r.cert.map(|s| s.into_inner()),
@@ -1697,6 +1709,102 @@ impl Validator<'_> {
             keepalive: (DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT),
             http2: r.http2.unwrap_or(true),
         })
+    }
+}
+
+impl Validator<'_> {
+    /// What a forward's kind of listener needs, judged here so that `check-config` says
+    /// it (not only `serve`, when binding): a `fifo:` forward is one-way and has no
+    /// local caller (FIFOs name none) for `allow_local` or `{user}`; a `seqpacket:`
+    /// forward carries messages; `socket_owner` and `socket_group` name existing
+    /// accounts.
+    fn forward_kind_rules(
+        &mut self,
+        r: &RawForward,
+        key: &str,
+        listen: Option<&EndpointSpec>,
+        to: Option<&hyper::Uri>,
+    ) {
+        let query = to.and_then(|u| crate::tunnel::protocol::SessionQuery::parse(u.query()).ok());
+        let to_span = r.to.as_ref().map(|t| t.span()).unwrap_or_default();
+        match listen {
+            Some(EndpointSpec::Fifo(_)) => {
+                let one_way = matches!(
+                    query.as_ref().and_then(|q| q.direction),
+                    Some(Direction::In | Direction::Out)
+                );
+                if to.is_some() && !one_way {
+                    self.err(
+                        to_span,
+                        format!("{key}.to"),
+                        "a fifo: forward is one-way: give ?direction=in (local writers feed the remote pipe) or ?direction=out (the remote pipe feeds local readers)",
+                    );
+                }
+                if let Some(first) = r.allow_local.first() {
+                    self.err(
+                        first.span(),
+                        format!("{key}.allow_local"),
+                        "a fifo: forward has no local caller to judge (a FIFO does not say who opened it); remove allow_local",
+                    );
+                }
+                for (field, v) in [
+                    ("ca", &r.ca),
+                    ("cert", &r.cert),
+                    ("key", &r.key),
+                    ("token_file", &r.token_file),
+                ] {
+                    if let Some(v) = v.as_ref().filter(|v| v.get_ref().contains("{user}")) {
+                        self.err(
+                            v.span(),
+                            format!("{key}.{field}"),
+                            "{user} names the local caller, and a fifo: forward has none",
+                        );
+                    }
+                }
+            }
+            Some(EndpointSpec::Seqpacket(_)) => {
+                if let Some(m) = query.as_ref().and_then(|q| q.mode) {
+                    if m != Mode::Message {
+                        self.err(
+                            to_span,
+                            format!("{key}.to"),
+                            "a seqpacket: forward needs a message-mode pipe (mode=message)",
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        #[cfg(unix)]
+        for (field, v, user) in [
+            ("socket_owner", &r.socket_owner, true),
+            ("socket_group", &r.socket_group, false),
+        ] {
+            let Some(v) = v else { continue };
+            let name = v.get_ref();
+            if name.parse::<u32>().is_ok() {
+                continue;
+            }
+            let found = if user {
+                nix::unistd::User::from_name(name).map(|u| u.is_some())
+            } else {
+                nix::unistd::Group::from_name(name).map(|g| g.is_some())
+            };
+            let what = if user { "user" } else { "group" };
+            match found {
+                Ok(true) => {}
+                Ok(false) => self.err(
+                    v.span(),
+                    format!("{key}.{field}"),
+                    format!("no such {what} {name:?}"),
+                ),
+                Err(e) => self.err(
+                    v.span(),
+                    format!("{key}.{field}"),
+                    format!("cannot look up the {what} {name:?}: {e}"),
+                ),
+            }
+        }
     }
 }
 
@@ -1845,7 +1953,7 @@ groups = ["ops"]
              [[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/e.sock\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n\
              [[pipe]]\nname = \"echo\"\nendpoint = \"unix:/tmp/f.sock\"\nallow = [\"alice\"]\nrun_as = \"gateway\"\n\
              [[forward]]\nlisten = \"unix:/tmp/fw.sock\"\nto = \"wss://h:1/pipes/x\"\ntoken_file = \"/tmp/t\"\n\
-             [[forward]]\nlisten = \"fifo:/tmp/fw.sock\"\nto = \"wss://h:1/pipes/y\"\ntoken_file = \"/tmp/t\"\n"
+             [[forward]]\nlisten = \"fifo:/tmp/fw.sock\"\nto = \"wss://h:1/pipes/y?direction=in\"\ntoken_file = \"/tmp/t\"\n"
         );
         let errs = parse(&text).unwrap_err().0;
         let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
@@ -1891,6 +1999,25 @@ groups = ["ops"]
             assert_eq!(errs[0].line, Some(text.lines().count()), "{v}");
             assert!(errs[0].message.contains(says), "{v}: {}", errs[0]);
         }
+    }
+
+    #[test]
+    fn keepalive_of_zero_is_refused() {
+        for (k, says) in [
+            ("interval", "a ping at every turn"),
+            ("timeout", "every session would end at once"),
+        ] {
+            let text = format!("{BASE}[keepalive]\n{k} = \"0s\"\n");
+            let errs = parse(&text).unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{k}: {errs:?}");
+            assert_eq!(errs[0].key, format!("keepalive.{k}"));
+            assert!(errs[0].message.contains(says), "{k}: {}", errs[0]);
+        }
+        let cfg = parse(&format!(
+            "{BASE}[keepalive]\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(cfg.keepalive.interval, Duration::from_secs(1));
     }
 
     #[test]
