@@ -334,6 +334,18 @@ pub struct Admission {
     registry: Arc<Registry>,
     /// The session's entry.
     pub entry: Arc<SessionEntry>,
+    /// The session ran ([`Admission::started`]): counted in `sessions` and
+    /// `session_duration`. One refused after its admission (its endpoint failed, say)
+    /// counts as a refusal only.
+    started: bool,
+}
+
+impl Admission {
+    /// Counts the session as started (its transport is up).
+    fn started(&mut self) {
+        self.started = true;
+        self.entry.metrics.started.inc();
+    }
 }
 
 impl Registry {
@@ -408,7 +420,6 @@ impl Registry {
             }
         };
         metrics.active.inc();
-        metrics.started.inc();
         let entry = Arc::new(SessionEntry {
             id,
             peer,
@@ -428,6 +439,7 @@ impl Registry {
         Ok(Admission {
             registry: self.clone(),
             entry,
+            started: false,
         })
     }
 }
@@ -443,8 +455,10 @@ impl Drop for Admission {
             .inc_by(self.entry.counters.to_local.load(Ordering::Relaxed));
         m.bytes_out
             .inc_by(self.entry.counters.from_local.load(Ordering::Relaxed));
-        m.duration
-            .observe(self.entry.started.elapsed().as_secs_f64());
+        if self.started {
+            m.duration
+                .observe(self.entry.started.elapsed().as_secs_f64());
+        }
         for (map, key) in [
             (&mut g.per_pipe, &self.entry.pipe),
             (&mut g.per_identity, &self.entry.identity),
@@ -1287,9 +1301,10 @@ impl SessionStart {
             busy,
             opts,
             stop_signal,
-            admission,
+            mut admission,
             span,
         } = self;
+        admission.started();
         let _busy = busy;
         crate::metrics::get()
             .handshake

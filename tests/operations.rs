@@ -563,9 +563,15 @@ fn closed_within(s: &mut UnixStream, timeout: Duration) -> bool {
 fn metrics_change_as_sessions_run_and_are_refused() {
     let fx = Fixture::new();
     let text = fx.server_config(&format!(
-        "{ADMIN}{}{}",
+        "{ADMIN}{}{}{}",
         pipe("m1", "exec:cat", &["alice"], ""),
-        pipe("wc", "exec:wc -c", &["alice"], "")
+        pipe("wc", "exec:wc -c", &["alice"], ""),
+        pipe(
+            "gone",
+            &format!("unix:{}", fx.path("nobody-listens.sock").display()),
+            &["alice"],
+            ""
+        )
     ));
     let (gw, admin) = serve_admin(&fx, "gw.toml", &text);
     let gw_url = |p: &str| gw.url(p);
@@ -713,10 +719,38 @@ fn metrics_change_as_sessions_run_and_are_refused() {
     let carol = fx.connect(&gw_url("m1"), "carol", b"");
     carol.expect_code(3);
     assert!(carol.stderr.contains("401"), "{}", carol.stderr);
+    // Admitted, then refused: its endpoint has no listener (502).
+    let gone = fx.connect(&gw_url("gone"), "alice", b"");
+    gone.expect_code(1);
+    assert!(gone.stderr.contains("502"), "{}", gone.stderr);
     let m4 = scrape(&admin);
     assert_eq!(
         metric(&m4, "pipebridge_refusals_total", &[("reason", "forbidden")]),
         forbidden0 + 2.0,
+        "{m4}"
+    );
+    assert_eq!(
+        metric(
+            &m4,
+            "pipebridge_refusals_total",
+            &[("reason", "endpoint_unavailable")]
+        ),
+        1.0,
+        "{m4}"
+    );
+    let s_gone = [("pipe", "gone"), ("identity", "alice")];
+    assert_eq!(
+        metric(&m4, "pipebridge_sessions_total", &s_gone),
+        0.0,
+        "a session refused after its admission is not a session:\n{m4}"
+    );
+    assert_eq!(
+        metric(
+            &m4,
+            "pipebridge_session_duration_seconds_count",
+            &[("pipe", "gone")]
+        ),
+        0.0,
         "{m4}"
     );
     assert_eq!(
