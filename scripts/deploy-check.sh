@@ -416,10 +416,11 @@ check_compose() {
     logs_of "$demo" | grep -x 'demo: echo pipe via hostb -> hello through hostb and hosta' >/dev/null || die "demo: echo"
     logs_of "$demo" | grep -x 'demo: wc pipe via hostb -> 12' >/dev/null || die "demo: wc"
 
-    # PID 1 in hosta is the gateway itself (no init): it must drain on SIGTERM (below).
-    docker exec "$HOSTA" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/usr/local/bin/pipebridge serve' >/dev/null ||
-        die "PID 1 in hosta is not the gateway"
-    docker exec "$HOSTA" pipebridge check-config --config /etc/pipebridge/pipebridge.toml >/dev/null
+    # PID 1 in hosta is an init (compose init: true, which reaps the orphans of killed
+    # exec: children) running the gateway; SIGTERM passes through it and drains (below).
+    docker exec "$HOSTA" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/[^ ]*init -- /usr/local/bin/pipebridge serve' >/dev/null ||
+        die "PID 1 in hosta is not an init running the gateway (compose init: true)"
+    docker exec "$HOSTA" pipebridge check-config --config /etc/pipebridge/config/hosta.toml >/dev/null
     [ "$(docker exec "$HOSTA" id -u)" = 10001 ] || die "hosta does not run as uid 10001"
 
     # Real sessions from hostb, bytes checked: sizes from 1 byte to 4 MiB, and 6 at once.
@@ -464,11 +465,11 @@ check_compose() {
         sh -c "[ \"\$(timeout 20 docker exec -i $HOSTB perl /demo/unix-client.pl /run/pipebridge/hosta-echo.sock again)\" = again ]"
     log "new session after the reconnect: ok ($(elapsed "$t0")s after the fault)"
 
-    # --- Stop and restart hosta: SIGTERM to PID 1 drains; the forward recovers. ---
+    # --- Stop and restart hosta: SIGTERM (passed on by the init) drains; the forward recovers. ---
     start_held_session
     na=$(nlines "$HOSTA")
     nb=$(nlines "$HOSTB")
-    log "docker stop hosta (SIGTERM to PID 1; grace_period 5s) with a session open"
+    log "docker stop hosta (SIGTERM through the init; grace_period 5s) with a session open"
     t0=$(now)
     timeout 60 docker stop -t 15 "$HOSTA" >/dev/null
     local stop_t code
