@@ -195,6 +195,9 @@ pub struct Dialer {
     /// The gateway answered the last dial without HTTP/2: sessions dial at once, each its
     /// own HTTP/1.1 connection, without the gate.
     h2_absent: Arc<AtomicBool>,
+    /// The gateway (or a TLS-terminating proxy in front of it) spoke HTTP/2 without
+    /// WebSocket over HTTP/2 (RFC 8441): this dialer speaks HTTP/1.1 to it from then on.
+    h2_no_websocket: Arc<AtomicBool>,
     /// The last HTTP/2 request URI and its path (a forward's sessions all open one):
     /// cloned, where formatting and parsing it was about 6,000 instructions a session.
     last_uri: Arc<std::sync::Mutex<Option<(String, Uri)>>>,
@@ -249,6 +252,7 @@ impl Dialer {
             h2_pool: Arc::default(),
             h2_dialing: Arc::default(),
             h2_absent: Arc::default(),
+            h2_no_websocket: Arc::default(),
             last_uri: Arc::default(),
             http2: false,
             token,
@@ -380,7 +384,7 @@ impl Dialer {
     ) -> Result<(Session, bool), ClientError> {
         let (upgraded, direction, mode) = tokio::time::timeout(DIAL_TIMEOUT, async {
             // A warm connection first.
-            if self.http2 {
+            if self.wants_h2() {
                 if let Some(r) = self.open_pooled(path, early).await {
                     return r;
                 }
@@ -403,6 +407,11 @@ impl Dialer {
         ))
     }
 
+    /// Whether sessions go over HTTP/2: asked for, and not found unable to carry them.
+    fn wants_h2(&self) -> bool {
+        self.http2 && !self.h2_no_websocket.load(Ordering::Relaxed)
+    }
+
     /// A session on a new connection: HTTP/2 (then pooled) if the gateway offers it,
     /// else HTTP/1.1.
     async fn dial(
@@ -410,8 +419,9 @@ impl Dialer {
         path: &str,
         early: &Bytes,
     ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
+        let http2 = self.wants_h2();
         // A dialer without HTTP/2 has no pooled connection to share: no gate.
-        let dial_gate = self.http2.then(|| self.dial_gate());
+        let dial_gate = http2.then(|| self.dial_gate());
         let mut gate = None;
         let failed = || {
             if let Some(g) = &dial_gate {
@@ -446,7 +456,7 @@ impl Dialer {
             // (a burst against a failing gateway fails at once, not one dial after another).
             break;
         }
-        let tls = match self.tls(self.http2).await {
+        let tls = match self.tls(http2).await {
             Ok(t) => t,
             Err(e) => {
                 if gate.is_some() {
@@ -456,7 +466,7 @@ impl Dialer {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        if self.http2 {
+        if http2 {
             self.h2_absent.store(!h2, Ordering::Relaxed);
         }
         if h2 {
@@ -478,10 +488,24 @@ impl Dialer {
             drop(gate);
             return match self.open_h2(sender, path, early).await {
                 Ok(v) => Ok(v),
+                // This session again, over HTTP/1.1 (nothing of it was sent).
+                Err(H2Error::Connection(_)) if !self.wants_h2() => {
+                    let tls = self.tls(false).await?;
+                    self.open_h1(tls, path).await
+                }
                 Err(H2Error::Connection(e) | H2Error::Session(e)) => Err(e),
             };
         }
         drop(gate);
+        self.open_h1(tls, path).await
+    }
+
+    /// A session on the new connection `tls` by an HTTP/1.1 upgrade.
+    async fn open_h1(
+        &self,
+        tls: tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
+        path: &str,
+    ) -> Result<(Carrier, Option<Direction>, Option<Mode>), ClientError> {
         let io = TokioIo::new(tls);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
@@ -652,7 +676,16 @@ impl Dialer {
         };
         let mut send = sender.send.clone().ready().await.map_err(conn_err)?;
         if !send.is_extended_connect_protocol_enabled() {
-            return Err(H2Error::Session(ClientError::Network(
+            // A TLS-terminating proxy that speaks HTTP/2 but not RFC 8441, say: the
+            // connection is dropped and this dialer's sessions (this one too) go over
+            // HTTP/1.1 from now on.
+            if !self.h2_no_websocket.swap(true, Ordering::Relaxed) {
+                warn!(
+                    "the gateway speaks HTTP/2 without WebSocket over HTTP/2 (RFC 8441); its sessions go over HTTP/1.1"
+                );
+            }
+            sender.alive.store(false, Ordering::Release);
+            return Err(H2Error::Connection(ClientError::Network(
                 "the gateway does not offer WebSocket over HTTP/2 (RFC 8441)".into(),
             )));
         }

@@ -2387,6 +2387,145 @@ async fn fake_h2_gateway(
     (port, seen)
 }
 
+/// A TLS-terminating front for `backend_port` (the fixture's server certificate, ALPN
+/// h2 and http/1.1), as an ingress that speaks HTTP/2 without RFC 8441 is: an h2
+/// connection gets SETTINGS without ENABLE_CONNECT_PROTOCOL and a 404 for any request;
+/// an http/1.1 one is carried, bytes as they are, over a new TLS connection to the
+/// gateway. Returns its port and the number of h2 connections it took.
+async fn h2_front_without_websocket(
+    fx: &Fixture,
+    backend_port: u16,
+) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = || Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<_> = CertificateDer::pem_file_iter(fx.p("pki/server.pem"))
+        .expect("server cert")
+        .map(|c| c.expect("cert PEM"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(fx.p("pki/server.key")).expect("server key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(fx.p("pki/ca.pem")).expect("ca") {
+        roots.add(c.expect("ca PEM")).expect("root");
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let h2_conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = h2_conns.clone();
+    tokio::spawn(async move {
+        for _ in 0..20 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, connector, counted) =
+                (acceptor.clone(), connector.clone(), counted.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Ok(mut h2c) = h2::server::Builder::new()
+                        .handshake::<_, bytes::Bytes>(tls)
+                        .await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok((_, mut respond))) = h2c.accept().await {
+                        let resp = hyper::Response::builder()
+                            .status(404)
+                            .body(())
+                            .expect("404");
+                        let _ = respond.send_response(resp, true);
+                    }
+                    return;
+                }
+                let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", backend_port)).await
+                else {
+                    return;
+                };
+                let name = ServerName::try_from("localhost").expect("name");
+                let Ok(mut up) = connector.connect(name, tcp).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (port, h2_conns)
+}
+
+/// Behind a front that speaks HTTP/2 but not WebSocket over HTTP/2 (RFC 8441, an
+/// ingress terminating TLS), a forward's sessions go over HTTP/1.1: the first one too,
+/// and the dialer dials no more HTTP/2 connections to it. (Every session used to fail
+/// with "the gateway does not offer WebSocket over HTTP/2", for ever.)
+#[test]
+fn a_forward_behind_http2_without_websocket_falls_back_to_http1() {
+    let fx = Fixture::new();
+    const TOKEN: &str = "pbt_front_token_0123456789abcdef";
+    let gw = fx.serve(
+        "a.toml",
+        &fx.server_config(&format!(
+            "[[identity]]\nname = \"robot\"\ntoken_sha256 = {}\n\n{}",
+            q(&pipebridge::pki::token_sha256_hex(TOKEN)),
+            pipe("cat", "exec:cat", &["robot"], "")
+        )),
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (front, h2_conns) = rt.block_on(h2_front_without_websocket(&fx, gw.port));
+    let token_file = fx.path("token");
+    std::fs::write(&token_file, TOKEN).expect("token file");
+    let fwd = fx.path("fwd.sock");
+    let b = fx.serve(
+        "b.toml",
+        &format!(
+            "[[forward]]\nlisten = {}\nto = {}\nca = {}\ntoken_file = {}\n",
+            q(&format!("unix:{}", fwd.display())),
+            q(&format!("wss://localhost:{front}/pipes/cat")),
+            q(&fx.ca()),
+            q(&token_file.display().to_string())
+        ),
+    );
+    for i in 0..3 {
+        let msg = format!("through the front {i}\n");
+        assert_eq!(
+            String::from_utf8_lossy(&unix_request(&fwd, msg.as_bytes(), CLIENT_TIMEOUT)),
+            msg,
+            "session {i}; forward log:\n{}",
+            b.log()
+        );
+    }
+    assert_eq!(
+        h2_conns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one HTTP/2 connection, then HTTP/1.1 only"
+    );
+    assert_eq!(
+        b.log().matches("its sessions go over HTTP/1.1").count(),
+        1,
+        "{}",
+        b.log()
+    );
+    drop(rt);
+}
+
 /// The payload of one whole masked WebSocket binary frame (a client's) of under 126
 /// bytes; panics on anything else.
 fn unmask_client_frame(f: &[u8]) -> Vec<u8> {
