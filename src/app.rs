@@ -539,7 +539,15 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         // The files as they were before the reload read them: one that changes while it
         // runs is seen as a change at the next tick (a fingerprint taken now would hide
         // it until the next one). Files the new config names first are taken as they are.
-        let new_paths = r.current().watched_files();
+        let mut new_paths = r.current().watched_files();
+        // A rejected config's files too (a CRL or token file it names before the file
+        // exists, say): when one appears or changes, it is tried again. An accepted
+        // config's are the same.
+        for p in Config::named_files(&r.config_path) {
+            if !new_paths.contains(&p) {
+                new_paths.push(p);
+            }
+        }
         let fresh = fingerprint(&new_paths);
         last = new_paths
             .iter()
@@ -632,6 +640,12 @@ async fn reload_inner(
         if old.listen != now.listen {
             warn!(listen = %old.listen, new_listen = %now.listen, "a new [server] listen address takes a restart; still listening on the old one");
         }
+    }
+    let admin = |c: &Config| c.admin.as_ref().map(|a| a.listen.clone());
+    let (old_admin, new_admin) = (admin(&r.current()), admin(&new));
+    if old_admin != new_admin {
+        let shown = |a: &Option<String>| a.clone().unwrap_or_else(|| "none".into());
+        warn!(admin = %shown(&old_admin), new_admin = %shown(&new_admin), "a changed [admin] listener takes a restart; the admin endpoint stays as it was");
     }
     let new = Arc::new(new);
     crate::shard::set_busy_poll(new.tuning.busy_poll);
@@ -780,8 +794,8 @@ pub async fn connect(a: ConnectArgs) -> i32 {
         eprintln!();
     }
     match out.exit {
-        Some(Control::ExitCode(c)) => return c,
-        Some(Control::ExitSignal(s)) => return 128 + s,
+        Some(Control::ExitCode(c)) => return exit_status_byte(c),
+        Some(Control::ExitSignal(s)) => return exit_status_byte(128i32.saturating_add(s)),
         _ => {}
     }
     if out.clean {
@@ -792,6 +806,20 @@ pub async fn connect(a: ConnectArgs) -> i32 {
         None => eprintln!("pipebridge: session ended: {}", out.reason),
     }
     EXIT_RUNTIME
+}
+
+/// The exit code `connect` gives for the remote child's code (or 128 + its signal):
+/// the system keeps only its low byte, so a code outside 0..=255 is cut to it, and one
+/// whose low byte is 0 (256, a Windows status that is a multiple of 256) becomes 1:
+/// a failed child never reads as success.
+fn exit_status_byte(c: i32) -> i32 {
+    if (0..=255).contains(&c) {
+        return c;
+    }
+    match c & 0xff {
+        0 => EXIT_RUNTIME,
+        low => low,
+    }
 }
 
 /// Prints bytes each way and the rate on stderr until aborted.
@@ -1072,4 +1100,26 @@ pub async fn status(admin: &str) -> i32 {
     }
     println!("{} session(s)", list.len());
     EXIT_OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_exit_code_is_cut_to_a_byte_and_failure_stays_failure() {
+        for (code, want) in [
+            (0, 0),
+            (1, 1),
+            (255, 255),
+            (256, EXIT_RUNTIME),
+            (257, 1),
+            (-1, 255),
+            (0x4000_0000, EXIT_RUNTIME),
+            (128 + 9, 137),
+            (128i32.saturating_add(i32::MAX), 255),
+        ] {
+            assert_eq!(exit_status_byte(code), want, "{code}");
+        }
+    }
 }

@@ -48,6 +48,10 @@ pub struct Gateway {
     /// Live sessions.
     pub registry: Arc<Registry>,
     draining: AtomicBool,
+    /// Cancelled when the drain starts: HTTP/2 connections send GOAWAY then (their live
+    /// sessions go on), so that idle ones close at once instead of holding the drain's
+    /// final wait to its limit.
+    drain_started: CancellationToken,
     tracker: TaskTracker,
     auth_failures: Mutex<HashMap<std::net::IpAddr, (u32, Instant)>>,
 }
@@ -83,6 +87,7 @@ impl Gateway {
             tls: RwLock::new(TlsSetup::new(tls, 0)),
             registry: Arc::new(Registry::default()),
             draining: AtomicBool::new(false),
+            drain_started: CancellationToken::new(),
             tracker: TaskTracker::new(),
             auth_failures: Mutex::new(HashMap::new()),
         })
@@ -247,6 +252,7 @@ impl Gateway {
     /// Starts draining: new sessions get 503 `draining`.
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.drain_started.cancel();
     }
 
     /// Whether the gateway is draining.
@@ -645,7 +651,8 @@ async fn serve_h2(
     );
     let idle_limit = cfg.keepalive.timeout.max(cfg.limits.handshake_timeout);
     let idle = idle_for(&conn.busy, idle_limit);
-    tokio::pin!(ka, idle);
+    let drain = gw.drain_started.clone().cancelled_owned();
+    tokio::pin!(ka, idle, drain);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -672,6 +679,11 @@ async fn serve_h2(
             }
             _ = &mut idle, if !closing => {
                 debug!("closing an HTTP/2 connection idle for {idle_limit:?}");
+                h2c.graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut drain, if !closing => {
+                debug!("draining: no new sessions on this HTTP/2 connection (GOAWAY)");
                 h2c.graceful_shutdown();
                 closing = true;
             }

@@ -902,6 +902,18 @@ fn sighup_reload_adds_a_pipe_without_dropping_a_live_transfer_and_rejects_a_brok
     }
     stream.wait_progress(&mut live, at_broken, 512 * 1024);
     stream.finish(&mut live);
+
+    // A moved [admin] listener takes a restart: the reload says so, and the admin
+    // endpoint stays where it was.
+    let v3 = v2.replace(ADMIN, "[admin]\nlisten = \"[::1]:0\"\n\n");
+    assert_ne!(v3, v2);
+    reload_by_sighup(&gw, &admin, &cfg, &v3, "ok");
+    assert!(
+        gw.log()
+            .contains("a changed [admin] listener takes a restart"),
+        "{}",
+        gw.log()
+    );
 }
 
 /// Sends `data` over a connected Unix socket and reads until `want` bytes came back.
@@ -1058,9 +1070,10 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
     assert_eq!(lines, want, "the FIFO session lost or reordered lines");
     drop((live_a, live_b));
 
-    // A changed forward whose new settings cannot be bound (no such owner) goes on with
-    // its old ones; the reload counts as failed and says why. Setting an owner needs
-    // CAP_CHOWN (without it the config is refused before anything is bound).
+    // A changed forward whose new settings name no account (no such owner): the config
+    // is refused as a whole (check-config says the same), so the forward goes on with
+    // its old settings and the reload counts as failed, saying why. Setting an owner
+    // needs CAP_CHOWN (without it the config is refused for that).
     if rustix::process::geteuid().is_root() {
         let v3 = v2.replace(
             &format!("listen = {}\n", q(&format!("unix:{}", c.display()))),
@@ -1072,7 +1085,8 @@ fn sighup_reloads_the_forwards_of_a_forwards_only_gateway() {
         assert_ne!(v3, v2);
         reload_by_sighup(&local, &admin, &cfg, &v3, "error");
         local.proc.wait_until(Duration::from_secs(10), |log| {
-            log.contains("goes on with its old settings") && log.contains("no-such-user-pb")
+            log.contains("reload rejected")
+                && log.contains("socket_owner: no such user \"no-such-user-pb\"")
         });
         assert_eq!(unix_request(&c, b"kept\n", CLIENT_TIMEOUT), b"kept\n");
         assert_eq!(unix_request(&b, b"b too\n", CLIENT_TIMEOUT), b"B TOO\n");
@@ -1280,6 +1294,51 @@ fn file_change_and_certificate_symlink_swap_reload_without_dropping_a_session() 
     stream.wait_progress(&mut live, at_swap, 1024 * 1024);
     assert_eq!(sessions(&admin).len(), 1, "the live session is listed");
     stream.finish(&mut live);
+}
+
+/// A config rejected because a file it names does not exist yet is loaded once that
+/// file appears: the watcher watches the rejected config's files too (it used to watch
+/// only the files of the config in force, so nothing happened until the next SIGHUP).
+#[test]
+fn a_config_rejected_for_a_missing_file_is_loaded_when_the_file_appears() {
+    let fx = Fixture::new();
+    let v1 = fx.server_config(&format!(
+        "{ADMIN}{}",
+        pipe("cat", "exec:cat", &["alice"], "")
+    ));
+    let (gw, admin) = serve_admin(&fx, "gw.toml", &v1);
+    let m0 = scrape(&admin);
+    let ok0 = metric(&m0, "pipebridge_reloads_total", &[("result", "ok")]);
+    let err0 = metric(&m0, "pipebridge_reloads_total", &[("result", "error")]);
+    let hash_file = fx.path("robot.sha256");
+    let v2 = format!(
+        "{v1}[[identity]]\nname = \"robot\"\ntoken_sha256_file = {}\n\n{}",
+        q(&hash_file.display().to_string()),
+        pipe("robotcat", "exec:cat", &["robot"], "")
+    );
+    std::fs::write(fx.path("gw.toml"), &v2).expect("rewrite");
+    wait_metrics(
+        &admin,
+        Duration::from_secs(15),
+        "the rejected reload",
+        |m| metric(m, "pipebridge_reloads_total", &[("result", "error")]) > err0,
+    );
+    let token = "pbt_robot_token_0123456789abcdef";
+    std::fs::write(&hash_file, pipebridge::pki::token_sha256_hex(token)).expect("hash file");
+    wait_metrics(
+        &admin,
+        Duration::from_secs(15),
+        "the reload once the file is there",
+        |m| metric(m, "pipebridge_reloads_total", &[("result", "ok")]) > ok0,
+    );
+    let out = fx.run_env(
+        &["connect", &gw.url("robotcat"), "--ca", &fx.ca()],
+        &[("PIPEBRIDGE_TOKEN", token)],
+        b"beep\n",
+        CLIENT_TIMEOUT,
+    );
+    out.expect_code(0);
+    assert_eq!(out.out(), "beep\n");
 }
 
 // === 4. withdrawal ===
@@ -1497,6 +1556,37 @@ fn drain_grace_period_ends_long_sessions_with_1001() {
         t0.elapsed() < Duration::from_secs(10),
         "the gateway took {:?} to exit",
         t0.elapsed()
+    );
+}
+
+/// A drain sends GOAWAY on the HTTP/2 connections forwards keep warm: one with no
+/// session left closes at once, and the gateway exits without waiting for it (it used
+/// to wait out its final limit, 6 s, on every shutdown a forward's connection was open).
+#[test]
+fn a_drain_closes_idle_http2_connections_at_once() {
+    let fx = Fixture::new();
+    let text = fx.server_config(&pipe("cat", "exec:cat", &["alice"], ""));
+    let mut gw = fx.serve("a.toml", &text);
+    let fwd = fx.path("fwd.sock");
+    let _b = fx.serve("b.toml", &forward(&fx, &fwd, &gw.url("cat"), "alice"));
+    assert_eq!(
+        unix_request(&fwd, b"warm\n", Duration::from_secs(10)),
+        b"warm\n"
+    );
+    wait_for(Duration::from_secs(10), "the session's audit line", || {
+        gw.log().contains("session end").then_some(())
+    });
+    let t0 = Instant::now();
+    gw.proc.sigterm();
+    let st = gw
+        .proc
+        .wait_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("the gateway did not exit:\n{}", gw.log()));
+    let took = t0.elapsed();
+    assert!(st.success(), "gateway exit status {st}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the gateway took {took:?} to exit with only an idle HTTP/2 connection open"
     );
 }
 

@@ -500,10 +500,13 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
+            // A value of the wrong type or an unknown key is named by its key; anything
+            // else is a syntax error.
+            let key = e.span().and_then(|s| key_at(text, s.start));
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
                 line,
-                key: "(syntax)".into(),
+                key: key.unwrap_or_else(|| "(syntax)".into()),
                 message: e.message().trim().to_string(),
             }])
         })?;
@@ -538,6 +541,41 @@ impl Config {
         v
     }
 
+    /// The files the config at `path` names that [`Config::watched_files`] would watch,
+    /// read from its TOML without validating it: a config rejected for a file it names
+    /// (one that does not exist yet, say) can be watched for that file. Empty when the
+    /// file cannot be read or is not TOML.
+    pub fn named_files(path: &Path) -> Vec<PathBuf> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let Ok(doc) = text.parse::<toml::Table>() else {
+            return Vec::new();
+        };
+        let mut v = vec![path.to_path_buf()];
+        let strs = |x: Option<&toml::Value>| -> Vec<PathBuf> {
+            match x {
+                Some(toml::Value::String(s)) => vec![PathBuf::from(s)],
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|e| e.as_str().map(PathBuf::from))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        if let Some(t) = doc.get("tls").and_then(|t| t.as_table()) {
+            for k in ["cert", "key", "client_ca", "crl"] {
+                v.extend(strs(t.get(k)));
+            }
+        }
+        if let Some(ids) = doc.get("identity").and_then(|i| i.as_array()) {
+            for id in ids.iter().filter_map(|i| i.as_table()) {
+                v.extend(strs(id.get("token_sha256_file")));
+            }
+        }
+        v
+    }
+
     /// The pipe called `name`.
     pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
         find_named(&self.by_name.pipes, &self.pipes, name, |p| &p.name)
@@ -563,6 +601,65 @@ fn find_named<'a, T>(
         Some(x) if name_of(x) == name => Some(x),
         _ => items.iter().find(|x| name_of(x) == name),
     }
+}
+
+/// The key at `offset` of a config's text, as `table.key` (`table[i].key` in an array
+/// of tables, `i` from 0): the nearest `key =` line at or above it within its table.
+/// `None` at a table header or where no such line is (a syntax error).
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let lines: Vec<&str> = text.split('\n').collect();
+    let at = text[..offset].matches('\n').count();
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let mut key = None;
+    let mut i = at;
+    loop {
+        let l = lines.get(i)?.trim();
+        if l.starts_with('[') {
+            break;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            if bare(k.trim()) {
+                key = Some(k.trim().to_string());
+                break;
+            }
+        }
+        i = i.checked_sub(1)?;
+    }
+    let key = key?;
+    let header = lines[..i]
+        .iter()
+        .rposition(|l| l.trim_start().starts_with('['));
+    let Some(h) = header else {
+        return Some(key);
+    };
+    let head = lines[h].trim();
+    let table = |open: &str, close: &str| {
+        head.strip_prefix(open)
+            .and_then(|r| r.split(close).next())
+            .map(|n| n.trim().to_string())
+    };
+    if let Some(name) = table("[[", "]]") {
+        let nth = lines[..=h]
+            .iter()
+            .filter(|l| table_name(l) == Some(name.as_str()))
+            .count();
+        Some(format!("{name}[{}].{key}", nth - 1))
+    } else {
+        Some(format!("{}.{key}", table("[", "]")?))
+    }
+}
+
+/// The name of an array-of-tables header line (`[[name]]`).
+fn table_name(line: &str) -> Option<&str> {
+    line.trim()
+        .strip_prefix("[[")
+        .and_then(|r| r.split("]]").next())
+        .map(str::trim)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -2073,6 +2170,25 @@ groups = ["ops"]
         assert_eq!(errs.len(), 1);
         assert!(errs[0].message.contains("bogus_key"), "{}", errs[0]);
         assert!(errs[0].line.is_some());
+        assert_eq!(errs[0].key, "identity[0].bogus_key");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_key() {
+        for (tail, key) in [
+            ("[limits]\nmax_sessions = \"100\"\n", "limits.max_sessions"),
+            (
+                "[[pipe]]\nname = \"a\"\nendpoint = \"unix:/a\"\nallow = [\"alice\"]\n\
+                 [[pipe]]\nname = \"b\"\nendpoint = \"unix:/b\"\nallow = [\n  \"alice\",\n  5,\n]\n",
+                "pipe[1].allow",
+            ),
+            ("[[pipe]\nname = \"c\"\n", "(syntax)"),
+        ] {
+            let text = format!("{BASE}{tail}");
+            let errs = parse(&text).unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{key}: {errs:?}");
+            assert_eq!(errs[0].key, key, "{}", errs[0]);
+        }
     }
 
     #[test]
