@@ -9,8 +9,14 @@
 //!   was read is written at once (blocking writes, so no buffering and no write
 //!   readiness): per hop, one `epoll_wait`, one `read` and one `write`.
 //! - A session is opened by its first bytes (the dialling side waits for the caller's
-//!   first bytes and sends them with the open; the exporting side connects to the target
-//!   and writes them), so a new session costs the same hand-offs as one echo.
+//!   first bytes and sends them with the open, as pipebridge's forwards do; the
+//!   exporting side connects to the target and writes them), so a new session costs the
+//!   same hand-offs as one echo.
+//!
+//! What it is for: latency and new sessions, the figures where hand-offs, not work,
+//! set the time. It is no throughput yardstick (one frame per read, no coalescing of
+//! sessions' frames, no write vectoring), it serves only targets that speak first, and
+//! a caller's EOF closes the session both ways (no half-close): all the bench needs.
 //!
 //! Blocking writes mean both directions at once could deadlock when both sockets fill;
 //! the bench never moves bulk data both ways at once. Ids are never reused; a session's
@@ -115,11 +121,13 @@ impl Drop for Epoll {
     }
 }
 
-/// Frames going out on the link, written whole with one `write_all`.
+/// Frames going out on the link, written whole with one `write_all`; frames coming in,
+/// `inb[..filled]`.
 struct Link {
     s: TcpStream,
     out: Vec<u8>,
     inb: Vec<u8>,
+    filled: usize,
 }
 
 impl Link {
@@ -128,7 +136,8 @@ impl Link {
         Ok(Link {
             s,
             out: Vec::with_capacity(HEADER + READ_MAX),
-            inb: Vec::with_capacity(2 * (HEADER + READ_MAX)),
+            inb: vec![0; 2 * (HEADER + READ_MAX)],
+            filled: 0,
         })
     }
     fn send(&mut self, id: u32, data: &[u8], flag: u8) -> R<()> {
@@ -142,29 +151,29 @@ impl Link {
     }
     /// Reads once (the link is readable) and hands each whole frame to `f`; false at EOF.
     fn recv(&mut self, mut f: impl FnMut(u32, &[u8], u8) -> R<()>) -> R<bool> {
-        let have = self.inb.len();
-        self.inb.resize(have + HEADER + READ_MAX, 0);
+        // Room for one whole frame after what a cut one left (at most one frame).
         let n = self
             .s
-            .read(&mut self.inb[have..])
+            .read(&mut self.inb[self.filled..])
             .map_err(io("link read"))?;
-        self.inb.truncate(have + n);
         if n == 0 {
             return Ok(false);
         }
+        self.filled += n;
         let mut at = 0;
-        while self.inb.len() - at >= HEADER {
+        while self.filled - at >= HEADER {
             let h = &self.inb[at..at + HEADER];
             let id = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
             let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize;
             let flag = h[8];
-            if self.inb.len() - at < HEADER + len {
+            if self.filled - at < HEADER + len {
                 break;
             }
             f(id, &self.inb[at + HEADER..at + HEADER + len], flag)?;
             at += HEADER + len;
         }
-        self.inb.drain(..at);
+        self.inb.copy_within(at..self.filled, 0);
+        self.filled -= at;
         Ok(true)
     }
 }
@@ -224,43 +233,46 @@ fn dial(sock: &Path, port: &str) -> R<()> {
         ep.wait(&mut evs, &mut ready)?;
         for &t in &ready {
             match t {
-                LISTENER => loop {
-                    match lis.accept() {
-                        Ok((c, _)) => {
-                            let id = next_id;
-                            next_id += 1;
-                            ep.add(c.as_raw_fd(), id as u64 + 2)?;
-                            // A caller's first bytes are often there already: sent at
-                            // once, not after another turn of the loop.
-                            match recv_now(&c, &mut buf) {
-                                Ok(n) if n > 0 => {
-                                    link.send(id, &buf[..n], OPEN)?;
-                                    conns.insert(id, (c, true));
-                                }
-                                Ok(_) => {}
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                    conns.insert(id, (c, false));
-                                }
-                                Err(_) => {}
+                // Until none is left (WouldBlock), or a caller is lost (ECONNABORTED,
+                // EMFILE): the relay goes on either way.
+                LISTENER => {
+                    while let Ok((c, _)) = lis.accept() {
+                        let id = next_id;
+                        next_id += 1;
+                        ep.add(c.as_raw_fd(), id as u64 + 2)?;
+                        // A caller's first bytes are often there already: sent at
+                        // once, not after another turn of the loop.
+                        match recv_now(&c, &mut buf) {
+                            Ok(n) if n > 0 => {
+                                link.send(id, &buf[..n], OPEN)?;
+                                conns.insert(id, (c, true));
                             }
+                            Ok(_) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                conns.insert(id, (c, false));
+                            }
+                            Err(_) => {}
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(format!("accept: {e}")),
                     }
-                },
+                }
                 LINK => {
+                    let mut failed = Vec::new();
                     let open = link.recv(|id, data, flag| {
                         if flag == CLOSE {
                             conns.remove(&id);
                         } else if let Some((c, _)) = conns.get_mut(&id) {
                             if c.write_all(data).is_err() {
                                 conns.remove(&id);
+                                failed.push(id);
                             }
                         }
                         Ok(())
                     })?;
                     if !open {
                         return Err("the exporting side closed the link".into());
+                    }
+                    for id in failed {
+                        link.send(id, &[], CLOSE)?;
                     }
                 }
                 t => {
