@@ -196,12 +196,24 @@ def pod(path):
     assert not any("subPath" in m for m in c["volumeMounts"]), "subPath mounts never see updates"
     cm = next(d for d in docs if d["kind"] == "ConfigMap")
     assert 'listen = "0.0.0.0:9443"' in cm["data"]["pipebridge.toml"], "admin must listen on the pod address"
+    # An init reaps what the gateway's process-group kills orphan; the kubelet waits out
+    # the drain (grace_period) plus the closing after it before SIGKILL.
+    assert spec.get("shareProcessNamespace") is True, "the pause container must be PID 1"
+    import re
+    grace = int(re.search(r'grace_period = "(\d+)s"', cm["data"]["pipebridge.toml"]).group(1))
+    assert spec["terminationGracePeriodSeconds"] >= grace + 15, (spec["terminationGracePeriodSeconds"], grace)
     return spec, c
+def socket_dir_owner(spec):
+    inits = [i for i in spec.get("initContainers", []) if i["name"] == "socket-dir"]
+    assert len(spec.get("initContainers", [])) == 1 and len(inits) == 1, spec.get("initContainers")
+    return inits[0]["command"]
 spec, c = pod(sys.argv[1])
+assert "10001:10001" in socket_dir_owner(spec), socket_dir_owner(spec)
 sc = c["securityContext"]
 assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
 assert sc["capabilities"] == {"drop": ["ALL"]} and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"], sc
 spec, c = pod(sys.argv[2])
+assert "0:0" in socket_dir_owner(spec), socket_dir_owner(spec)
 sc = c["securityContext"]
 assert sc["runAsUser"] == 0 and not sc.get("privileged"), sc
 assert sc["capabilities"]["drop"] == ["ALL"], sc

@@ -39,6 +39,7 @@ fn creds(a: &CredentialArgs) -> CredentialPaths {
         token_file: a.token_file.clone(),
         token: a.token.clone().filter(|t| !t.is_empty()).map(Secret::new),
         owner: None,
+        per_user: [false; 4],
     }
     .discover()
 }
@@ -540,9 +541,11 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         // runs is seen as a change at the next tick (a fingerprint taken now would hide
         // it until the next one). Files the new config names first are taken as they are.
         let mut new_paths = r.current().watched_files();
+        let in_force = new_paths.len();
         // A rejected config's files too (a CRL or token file it names before the file
-        // exists, say): when one appears or changes, it is tried again. An accepted
-        // config's are the same.
+        // exists, say): when one appears or changes, it is tried again. They count as
+        // missing until then, so one that appeared while the reload ran is a change at
+        // the next tick. An accepted config's are the same as its own.
         for p in Config::named_files(&r.config_path) {
             if !new_paths.contains(&p) {
                 new_paths.push(p);
@@ -552,7 +555,12 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
         last = new_paths
             .iter()
             .zip(fresh)
-            .map(|(p, f)| paths.iter().position(|q| q == p).map_or(f, |i| now[i]))
+            .enumerate()
+            .map(|(i, (p, f))| match paths.iter().position(|q| q == p) {
+                Some(j) => now[j],
+                None if i >= in_force => None,
+                None => f,
+            })
             .collect();
         paths = new_paths;
     }

@@ -71,12 +71,20 @@ pub struct CredentialPaths {
     pub token_file: Option<String>,
     /// A bearer token given directly (`PIPEBRIDGE_TOKEN`).
     pub token: Option<Secret>,
-    /// The uid every file must belong to, unless it belongs to root: the local caller,
-    /// for paths made with `{user}` (Unix).
+    /// The uid the files made from paths with `{user}` must belong to: the local
+    /// caller (Unix; [`tls::read_credential`]). The others may belong to anyone.
     pub owner: Option<u32>,
+    /// Which of `ca`, `cert`, `key`, `token_file` were made from a path with `{user}`.
+    pub per_user: [bool; 4],
 }
 
 impl CredentialPaths {
+    /// The owner the file of `field` (0 `ca`, 1 `cert`, 2 `key`, 3 `token_file`) must
+    /// have.
+    fn owner_of(&self, field: usize) -> Option<u32> {
+        self.owner.filter(|_| self.per_user[field])
+    }
+
     fn any_given(&self) -> bool {
         self.ca.is_some()
             || self.cert.is_some()
@@ -224,12 +232,18 @@ impl Dialer {
             (None, None) => None,
             _ => return Err(ClientError::Setup("--cert and --key go together".into())),
         };
-        let cfg = tls::client_config(creds.ca.as_deref().map(Path::new), cert_key, creds.owner)
-            .map_err(|e| ClientError::Setup(e.to_string()))?;
+        let cfg = tls::client_config(
+            creds
+                .ca
+                .as_deref()
+                .map(|p| (Path::new(p), creds.owner_of(0))),
+            cert_key.map(|(c, k)| ((c, creds.owner_of(1)), (k, creds.owner_of(2)))),
+        )
+        .map_err(|e| ClientError::Setup(e.to_string()))?;
         let token = match (&creds.token, &creds.token_file) {
             (Some(t), _) => Some(t.clone()),
             (None, Some(f)) => {
-                let t = tls::read_credential(Path::new(f), creds.owner).map_err(|e| {
+                let t = tls::read_credential(Path::new(f), creds.owner_of(3)).map_err(|e| {
                     ClientError::Setup(format!("cannot read the token file {f}: {e}"))
                 })?;
                 let t = String::from_utf8(t)
@@ -456,6 +470,8 @@ impl Dialer {
             // (a burst against a failing gateway fails at once, not one dial after another).
             break;
         }
+        // The connection waited for may have shown that HTTP/2 cannot carry sessions.
+        let http2 = http2 && self.wants_h2();
         let tls = match self.tls(http2).await {
             Ok(t) => t,
             Err(e) => {
@@ -854,11 +870,13 @@ impl Proxy {
             }
             None => url,
         };
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
+        // The host ends at the first `/` after the user information, which may hold
+        // one (a password with an unencoded `/`).
+        let (userinfo, after) = match rest.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
-            None => (None, authority),
+            None => (None, rest),
         };
+        let hostport = after.split('/').next().unwrap_or_default();
         if hostport.is_empty() {
             return Err("HTTPS_PROXY: the proxy URL names no host".into());
         }
@@ -873,8 +891,13 @@ impl Proxy {
         };
         let auth = match userinfo {
             Some(u) => {
-                let plain = percent_decode(u)
+                let mut plain = percent_decode(u)
                     .ok_or("HTTPS_PROXY: the proxy URL's user name or password is not valid percent-encoding")?;
+                // Basic credentials are `user:password` (RFC 7617), the password maybe
+                // empty.
+                if !u.contains(':') {
+                    plain.push(b':');
+                }
                 Some(format!(
                     "Basic {}",
                     data_encoding::BASE64.encode(plain.as_slice())
@@ -1526,11 +1549,14 @@ fn credential_digest(creds: &CredentialPaths) -> Option<[u8; 32]> {
             hash_field(&mut h, &c);
         }
     }
-    for path in [&creds.ca, &creds.cert, &creds.key, &creds.token_file] {
+    for (field, path) in [&creds.ca, &creds.cert, &creds.key, &creds.token_file]
+        .into_iter()
+        .enumerate()
+    {
         match path {
             Some(p) => hash_field(
                 &mut h,
-                &crate::tunnel::tls::read_credential(Path::new(p), creds.owner).ok()?,
+                &crate::tunnel::tls::read_credential(Path::new(p), creds.owner_of(field)).ok()?,
             ),
             None => h.update(u64::MAX.to_le_bytes()),
         }
@@ -1567,6 +1593,8 @@ fn substitute_user(c: &CredentialPaths, user: &str) -> CredentialPaths {
         token_file: sub(&c.token_file),
         token: c.token.clone(),
         owner: c.owner,
+        per_user: [&c.ca, &c.cert, &c.key, &c.token_file]
+            .map(|f| f.as_ref().is_some_and(|p| p.contains("{user}"))),
     }
 }
 
@@ -1593,6 +1621,15 @@ mod tests {
         // base64("pb user:p@ss")
         assert_eq!(with.auth.as_deref(), Some("Basic cGIgdXNlcjpwQHNz"));
         assert!(!format!("{:?}", with.addr).contains("ss"));
+        // base64("user:"): a user without a password.
+        assert_eq!(
+            p("http://user@proxy:3128").expect("parse").auth.as_deref(),
+            Some("Basic dXNlcjo=")
+        );
+        // A `/` in the password does not end the host part early.
+        let slash = p("http://u:pa/ss@proxy:3128/").expect("parse");
+        assert_eq!(slash.addr, "proxy:3128");
+        assert_eq!(slash.auth.as_deref(), Some("Basic dTpwYS9zcw=="));
         for bad in [
             "https://u:secret@proxy:443",
             "socks5://u:secret@p:1080",
@@ -1623,6 +1660,7 @@ mod tests {
             token_file: None,
             token: None,
             owner: None,
+            per_user: [false; 4],
         }
     }
 

@@ -1883,6 +1883,47 @@ fn a_burst_of_first_sessions_dials_one_http2_connection_per_shard() {
 /// never the connection's: the other sessions on the same pooled connection go on. (The
 /// connection window was 16 MiB, eight stalled streams' worth: a ninth session's data
 /// could no longer be sent, and its keepalive ended it.)
+/// Bytes the processes under `pid` (not `pid` itself) have written (`wchar` of
+/// /proc/PID/io).
+fn written_by_children(pid: u32) -> u64 {
+    let parent_of = |p: u32| -> Option<u32> {
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        st.rsplit_once(") ")?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let under = |mut p: u32| {
+        for _ in 0..8 {
+            match parent_of(p) {
+                Some(q) if q == pid => return true,
+                Some(q) if q > 1 => p = q,
+                _ => return false,
+            }
+        }
+        false
+    };
+    pids.into_iter()
+        .filter(|&p| p != pid && under(p))
+        .filter_map(|p| {
+            let io = std::fs::read_to_string(format!("/proc/{p}/io")).ok()?;
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: "))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 #[test]
 fn callers_that_stop_reading_do_not_stall_the_other_sessions_on_their_connection() {
     let fx = Fixture::new();
@@ -1910,7 +1951,21 @@ fn callers_that_stop_reading_do_not_stall_the_other_sessions_on_their_connection
             s
         })
         .collect();
-    thread::sleep(Duration::from_secs(2));
+    // Until the stalled sessions are stuck: their children have written more than the
+    // old connection window (16 MiB) and write no more for half a second (or 30 s
+    // passed). Whatever holds them back then holds them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut still) = (0, 0);
+    while still < 5 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+        let now = written_by_children(gw.proc.pid());
+        still = if now == last && now > 16 << 20 {
+            still + 1
+        } else {
+            0
+        };
+        last = now;
+    }
     let reply = unix_request(&fwd, b"still here\n", Duration::from_secs(20));
     assert_eq!(
         String::from_utf8_lossy(&reply),

@@ -707,7 +707,34 @@ fn run_as_gateway_and_run_as_fixed_user() {
         &["u2"],
         "run_as = \"user:daemon\"",
     );
+    // A root gateway's own child keeps root's rights for its working directory: one
+    // only its owner (u1) may enter.
+    let private = fx.path("u1-only");
+    std::fs::create_dir(&private).expect("mkdir");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    rustix::fs::chown(
+        &private,
+        Some(rustix::fs::Uid::from_raw(12001)),
+        Some(rustix::fs::Gid::from_raw(12001)),
+    )
+    .expect("chown");
+    let pipes = pipes
+        + &pipe(
+            "gwcwd",
+            "exec:pwd",
+            &["u1"],
+            &format!(
+                "run_as = \"gateway\"\ncwd = {}",
+                q(&private.display().to_string())
+            ),
+        );
     let gw = fx.serve("gw.toml", &config(&fx, "", &pipes));
+    let out = fx.connect(&gw.url("gwcwd"), "u1", b"");
+    assert_eq!(
+        stdout_of(&out, &gw, "u1").trim(),
+        private.display().to_string(),
+        "run_as = \"gateway\" (root) enters a cwd only its owner may"
+    );
     for who in ["u1", "noprin"] {
         let out = fx.connect(&gw.url("gwid"), who, b"");
         assert_eq!(
@@ -1920,10 +1947,7 @@ fn forward_picks_credentials_per_local_caller() {
             .expect("user db")
             .unwrap_or_else(|| panic!("the system has a {name} user"))
     };
-    let (nobody, daemon) = (user("nobody"), user("daemon"));
-    // Credentials in each user's own dir: nobody's are nobody's files; daemon's are
-    // symlinks to nobody's, which the gateway can read and daemon cannot.
-    let own = fx.path("users");
+    let (nobody, daemon, bin) = (user("nobody"), user("daemon"), user("bin"));
     let chown = |p: &Path, u: &nix::unistd::User| {
         let ids = (
             rustix::fs::Uid::from_raw(u.uid.as_raw()),
@@ -1931,16 +1955,37 @@ fn forward_picks_credentials_per_local_caller() {
         );
         rustix::fs::chown(p, Some(ids.0), Some(ids.1)).expect("chown");
     };
-    for (u, files) in [(&nobody, true), (&daemon, false)] {
+    // Each user's {user} files are the user's own.
+    for u in [&nobody, &daemon] {
+        for ext in ["pem", "key"] {
+            chown(&fx.path(&format!("pki/{}.{ext}", u.name)), u);
+        }
+    }
+    // Credentials in each user's own dir: nobody's are nobody's files; daemon's are
+    // symlinks to nobody's, bin's to root-owned copies of them: files the gateway can
+    // read and the caller cannot.
+    let own = fx.path("users");
+    for ext in ["pem", "key"] {
+        std::fs::copy(
+            fx.path(&format!("pki/nobody.{ext}")),
+            fx.path(&format!("root-nobody.{ext}")),
+        )
+        .expect("copy");
+    }
+    for (u, target) in [
+        (&nobody, ""),
+        (&daemon, "../nobody/client"),
+        (&bin, "../../root-nobody"),
+    ] {
         let dir = own.join(&u.name);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        for (ext, link) in [("pem", "client.pem"), ("key", "client.key")] {
-            if files {
-                std::fs::copy(fx.path(&format!("pki/nobody.{ext}")), dir.join(link)).expect("copy");
-                chown(&dir.join(link), u);
+        for ext in ["pem", "key"] {
+            let file = dir.join(format!("client.{ext}"));
+            if target.is_empty() {
+                std::fs::copy(fx.path(&format!("pki/nobody.{ext}")), &file).expect("copy");
+                chown(&file, u);
             } else {
-                std::os::unix::fs::symlink(format!("../nobody/{link}"), dir.join(link))
-                    .expect("symlink");
+                std::os::unix::fs::symlink(format!("{target}.{ext}"), &file).expect("symlink");
             }
         }
         chown(&dir, u);
@@ -1990,7 +2035,22 @@ fn forward_picks_credentials_per_local_caller() {
         Some(""),
         "daemon's links to nobody's files must not make it nobody: {v}"
     );
-    let refusal = format!("belongs to uid {}, neither the local caller", nobody.uid);
+    let refusal = format!(
+        "belongs to uid {}, not to the local caller (uid {})",
+        nobody.uid, daemon.uid
+    );
+    b.proc
+        .wait_until(Duration::from_secs(10), |log| log.contains(&refusal));
+    let v = call_as(&fx, bin.uid.as_raw(), bin.gid.as_raw(), &hosted_own, "");
+    assert_eq!(
+        v["data"].as_str(),
+        Some(""),
+        "bin's links to root-owned copies of nobody's files must not make it nobody: {v}"
+    );
+    let refusal = format!(
+        "belongs to uid 0, not to the local caller (uid {})",
+        bin.uid
+    );
     b.proc
         .wait_until(Duration::from_secs(10), |log| log.contains(&refusal));
     for name in ["nobody", "daemon"] {

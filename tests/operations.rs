@@ -1584,8 +1584,9 @@ fn a_drain_closes_idle_http2_connections_at_once() {
         .unwrap_or_else(|| panic!("the gateway did not exit:\n{}", gw.log()));
     let took = t0.elapsed();
     assert!(st.success(), "gateway exit status {st}");
+    // It waited at least 6 s before (its final wait's limit).
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(5),
         "the gateway took {took:?} to exit with only an idle HTTP/2 connection open"
     );
 }
@@ -2146,7 +2147,14 @@ fn connect_and_forwards_honour_https_proxy_and_no_proxy() {
     );
     out.expect_code(0);
     assert_eq!(out.out(), "auth\n");
-    let head = proxy.targets.lock().unwrap()[3].1.clone();
+    let head = proxy
+        .targets
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, head)| head.clone())
+        .find(|h| h.contains("Proxy-Authorization"))
+        .unwrap_or_default();
     assert!(
         head.contains("\r\nProxy-Authorization: Basic cGIgdXNlcjpwQHNz\r\n"),
         "base64 of \"pb user:p@ss\" in the CONNECT:\n{head}"

@@ -890,7 +890,9 @@ fn seqpacket_export_waits_out_a_full_listen_backlog() {
     // Accepts late: the queued connection, then the gateway's, each served by the
     // transformer (the queued one until it is closed below).
     let acceptor = thread::spawn(move || {
-        thread::sleep(Duration::from_millis(700));
+        // Long enough for connect to start and the gateway to try (and retry) its
+        // connect while the backlog is full.
+        thread::sleep(Duration::from_millis(1500));
         // An accept waits at most this long (SO_RCVTIMEO).
         recv_timeout(&lis, Duration::from_secs(15));
         let mut served = Vec::new();

@@ -604,8 +604,9 @@ fn find_named<'a, T>(
 }
 
 /// The key at `offset` of a config's text, as `table.key` (`table[i].key` in an array
-/// of tables, `i` from 0): the nearest `key =` line at or above it within its table.
-/// `None` at a table header or where no such line is (a syntax error).
+/// of tables, `i` from 0): that of its own `key =` line, or of the `key = [` whose array
+/// is still open there (a value on a later line). `None` anywhere else: a table header,
+/// or a line that is neither (a syntax error).
 fn key_at(text: &str, offset: usize) -> Option<String> {
     let offset = offset.min(text.len());
     let lines: Vec<&str> = text.split('\n').collect();
@@ -624,6 +625,12 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         }
         if let Some((k, _)) = l.split_once('=') {
             if bare(k.trim()) {
+                // On a line above the error's, only an array still open at the error.
+                let between = &text[lines_from(&lines, i).min(offset)..offset];
+                let open = between.matches('[').count() > between.matches(']').count();
+                if i != at && !open {
+                    return None;
+                }
                 key = Some(k.trim().to_string());
                 break;
             }
@@ -652,6 +659,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     } else {
         Some(format!("{}.{key}", table("[", "]")?))
     }
+}
+
+/// The byte offset of line `i` of `lines` (the text split at `\n`).
+fn lines_from(lines: &[&str], i: usize) -> usize {
+    lines[..i].iter().map(|l| l.len() + 1).sum()
 }
 
 /// The name of an array-of-tables header line (`[[name]]`).
@@ -1755,6 +1767,7 @@ impl Validator<'_> {
             token_file: r.token_file.map(|s| s.into_inner()),
             token: None,
             owner: None,
+            per_user: [false; 4],
         };
         let is_npipe = matches!(listen, Some(EndpointSpec::Npipe(_)));
         let query_mode = to
@@ -2183,6 +2196,7 @@ groups = ["ops"]
                 "pipe[1].allow",
             ),
             ("[[pipe]\nname = \"c\"\n", "(syntax)"),
+            ("[limits]\nmax_sessions = 5\nhandshake 10s\n", "(syntax)"),
         ] {
             let text = format!("{BASE}{tail}");
             let errs = parse(&text).unwrap_err().0;

@@ -68,22 +68,37 @@ pub async fn spawn(
     // script's other processes do not run on, as the principal, after the session.
     #[cfg(unix)]
     cmd.process_group(0);
-    match &ctx.principal {
-        Some(p) => crate::identity::exec_as(&mut cmd, p)?,
-        #[cfg(unix)]
-        None => crate::identity::unix::exec_without_capabilities(&mut cmd),
-        #[cfg(not(unix))]
-        None => {}
+    if let Some(p) = &ctx.principal {
+        crate::identity::exec_as(&mut cmd, p)?;
     }
-    // After the switch (closures run in the order they were added).
+    // After the switch (closures run in the order they were added), then the drop.
     #[cfg(unix)]
-    enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
+    {
+        enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
+        let uid = match &ctx.principal {
+            Some(p) => p.uid,
+            None => rustix::process::geteuid().as_raw(),
+        };
+        crate::identity::unix::exec_drops_capabilities(&mut cmd, uid);
+    }
     #[cfg(not(unix))]
-    cmd.current_dir(pipe.cwd.clone().unwrap_or(home));
+    cmd.current_dir(
+        pipe.cwd
+            .clone()
+            .or_else(|| Some(home).filter(|h| h.is_dir()))
+            .unwrap_or_else(|| PathBuf::from("/")),
+    );
+    // The fork returns once the child has entered its directory, which may hang (a
+    // network home): the open's own limit bounds it (a child started later is killed
+    // with its group when dropped).
     let started = tokio::task::spawn_blocking(move || cmd.spawn().map(ExecChild));
-    let mut child = match started.await {
-        Ok(r) => r,
-        Err(e) => Err(std::io::Error::other(e.to_string())),
+    let mut child = match tokio::time::timeout(ctx.timeout, started).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the child did not start in time",
+        )),
     }
     .map_err(|e| {
         OpenError::new(

@@ -708,32 +708,45 @@ pub async fn open_fifo(
 }
 
 /// Makes `cmd`'s child run fully as `p`: groups, then real/effective/saved gid, then
-/// uid, in the forked child before exec (single-threaded there); then it drops every
-/// capability the gateway held. Switching between two uids that are not root keeps the
-/// capability sets (a gateway run as a user with ambient `CAP_SETUID`, say), and exec
-/// would hand the ambient ones on: the child would hold what lets it become root.
+/// uid, in the forked child before exec (single-threaded there).
 pub fn exec_as(cmd: &mut tokio::process::Command, p: &Principal) {
     let groups: Vec<Gid> = p.groups.iter().map(|&g| Gid::from_raw(g)).collect();
     let uid = Uid::from_raw(p.uid);
     let gid = Gid::from_raw(p.gid);
     // SAFETY: the closure runs in the child between fork and exec. It only makes raw
-    // syscalls through rustix (setgroups, setresgid, setresuid, capset, prctl), which
-    // allocate nothing and take no locks; `groups` was allocated before the fork and is
-    // only read.
+    // syscalls through rustix (setgroups, setresgid, setresuid), which allocate nothing
+    // and take no locks; `groups` was allocated before the fork and is only read.
     unsafe {
         cmd.pre_exec(move || {
             rustix::thread::set_thread_groups(&groups)?;
             rustix::thread::set_thread_res_gid(gid, gid, gid)?;
             rustix::thread::set_thread_res_uid(uid, uid, uid)?;
-            drop_capabilities()?;
             Ok(())
         });
     }
 }
 
-/// Empties this thread's ambient, inheritable, permitted and effective capability sets
-/// (exec gives a root principal root's again). Between fork and exec: system calls only.
-pub fn drop_capabilities() -> io::Result<()> {
+/// Has `cmd`'s child, which runs as `uid`, drop every capability before exec (added
+/// last: after the switch and the working directory) unless `uid` is root, whose child
+/// is root anyway. Switching between two uids that are not root keeps the capability
+/// sets, and exec makes the ambient ones the child's: a child of a gateway run as a user
+/// with ambient `CAP_SETUID` (systemd's `AmbientCapabilities=`), as a principal or as
+/// the gateway's own account, would hold what lets it become root.
+pub fn exec_drops_capabilities(cmd: &mut tokio::process::Command, uid: u32) {
+    if uid == 0 {
+        return;
+    }
+    // SAFETY: the closure runs in the child between fork and exec and makes only the
+    // prctl and capset system calls through rustix; it allocates nothing and takes no
+    // locks.
+    unsafe {
+        cmd.pre_exec(drop_capabilities);
+    }
+}
+
+/// Empties this thread's ambient, inheritable, permitted and effective capability sets.
+/// Between fork and exec: system calls only.
+fn drop_capabilities() -> io::Result<()> {
     let none = CapabilitySet::empty();
     rustix::thread::clear_ambient_capability_set()?;
     rustix::thread::set_capabilities(
@@ -745,19 +758,6 @@ pub fn drop_capabilities() -> io::Result<()> {
         },
     )?;
     Ok(())
-}
-
-/// Has `cmd`'s child drop every capability before exec ([`drop_capabilities`]): a child
-/// of a `run_as = "gateway"` pipe runs with the gateway's account, not with the
-/// capabilities it was given to switch to others (a gateway run as root gets root's
-/// again at exec, as root).
-pub fn exec_without_capabilities(cmd: &mut tokio::process::Command) {
-    // SAFETY: the closure runs in the child between fork and exec and makes only the
-    // prctl and capset system calls through rustix; it allocates nothing and takes no
-    // locks.
-    unsafe {
-        cmd.pre_exec(drop_capabilities);
-    }
 }
 
 /// Capabilities the gateway holds in its permitted set.

@@ -48,10 +48,11 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
-/// Reads a credential file. With `owner` (Unix), only a file that belongs to that uid or
-/// to root: a local caller's `{user}` credentials, which must not be another user's
-/// (a symlink in the caller's own directory to someone else's key, say). The owner is
-/// checked on the opened file, so a path swapped after the check reads nothing else.
+/// Reads a credential file. With `owner` (Unix), only a file that belongs to that uid: a
+/// local caller's `{user}` credentials, which must be the caller's own, not a file the
+/// gateway can read and the caller cannot (a symlink in the caller's directory to
+/// another user's key, or to a root-owned one, say). The owner is checked on the opened
+/// file, so a path swapped after the check reads nothing else.
 pub fn read_credential(path: &Path, owner: Option<u32>) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
     let mut f = std::fs::File::open(path)?;
@@ -59,12 +60,10 @@ pub fn read_credential(path: &Path, owner: Option<u32>) -> std::io::Result<Vec<u
     if let Some(want) = owner {
         use std::os::unix::fs::MetadataExt;
         let uid = f.metadata()?.uid();
-        if uid != want && uid != 0 {
+        if uid != want {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "the file belongs to uid {uid}, neither the local caller (uid {want}) nor root"
-                ),
+                format!("the file belongs to uid {uid}, not to the local caller (uid {want})"),
             ));
         }
     }
@@ -224,15 +223,16 @@ fn client_verifier(
 /// Server-side TLS session cache size (resumption for repeat clients).
 const SESSION_CACHE_ENTRIES: usize = 4096;
 
+/// A credential file and the uid it must belong to, if any ([`read_credential`]).
+pub type OwnedFile<'a> = (&'a Path, Option<u32>);
+
 /// Client config: trust `ca` (or the system trust store) and present `cert`/`key` if given.
-/// With `owner`, every file must belong to that uid or to root ([`read_credential`]).
 pub fn client_config(
-    ca: Option<&Path>,
-    cert_key: Option<(&Path, &Path)>,
-    owner: Option<u32>,
+    ca: Option<OwnedFile<'_>>,
+    cert_key: Option<(OwnedFile<'_>, OwnedFile<'_>)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     let roots = match ca {
-        Some(p) => roots_owned_by(p, owner)?,
+        Some((p, owner)) => roots_owned_by(p, owner)?,
         None => {
             let mut roots = RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
@@ -247,8 +247,8 @@ pub fn client_config(
         .map_err(|e| TlsError::Rustls(e.to_string()))?
         .with_root_certificates(roots);
     let mut cfg = match cert_key {
-        Some((c, k)) => builder
-            .with_client_auth_cert(certs_owned_by(c, owner)?, key_owned_by(k, owner)?)
+        Some(((c, c_owner), (k, k_owner))) => builder
+            .with_client_auth_cert(certs_owned_by(c, c_owner)?, key_owned_by(k, k_owner)?)
             .map_err(|e| file_err(k, format!("key does not fit the certificate: {e}")))?,
         None => builder.with_no_client_auth(),
     };
@@ -311,9 +311,8 @@ mod tests {
         .unwrap()
         .config;
         let client = client_config(
-            Some(&p("ca.pem")),
-            Some((&p("dev.pem"), &p("dev.key"))),
-            None,
+            Some((&p("ca.pem"), None)),
+            Some(((&p("dev.pem"), None), (&p("dev.key"), None))),
         )
         .unwrap();
         assert_eq!(
