@@ -536,30 +536,36 @@ async fn watch_files(r: Arc<Reloader>, shutdown: CancellationToken) {
             continue; // still changing: look again next round
         }
         info!("a watched file changed; reloading");
+        // The files the config being loaded names, as they are before it is: if it is
+        // rejected, a change to one of them from now on is seen.
+        let named = Config::named_files(&r.config_path);
+        let named_before = fingerprint(&named);
         reload(&r, Trigger::FileChange).await;
         // The files as they were before the reload read them: one that changes while it
         // runs is seen as a change at the next tick (a fingerprint taken now would hide
         // it until the next one). Files the new config names first are taken as they are.
         let mut new_paths = r.current().watched_files();
-        let in_force = new_paths.len();
         // A rejected config's files too (a CRL or token file it names before the file
-        // exists, say): when one appears or changes, it is tried again. They count as
-        // missing until then, so one that appeared while the reload ran is a change at
+        // exists, say): when one appears or changes, it is tried again. Each as it was
+        // before the reload, so one that appeared while the reload ran is a change at
         // the next tick. An accepted config's are the same as its own.
-        for p in Config::named_files(&r.config_path) {
-            if !new_paths.contains(&p) {
-                new_paths.push(p);
+        for p in &named {
+            if !new_paths.contains(p) {
+                new_paths.push(p.clone());
             }
         }
         let fresh = fingerprint(&new_paths);
         last = new_paths
             .iter()
             .zip(fresh)
-            .enumerate()
-            .map(|(i, (p, f))| match paths.iter().position(|q| q == p) {
-                Some(j) => now[j],
-                None if i >= in_force => None,
-                None => f,
+            .map(|(p, f)| {
+                if let Some(j) = paths.iter().position(|q| q == p) {
+                    now[j]
+                } else if let Some(k) = named.iter().position(|q| q == p) {
+                    named_before[k]
+                } else {
+                    f
+                }
             })
             .collect();
         paths = new_paths;

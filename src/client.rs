@@ -470,8 +470,12 @@ impl Dialer {
             // (a burst against a failing gateway fails at once, not one dial after another).
             break;
         }
-        // The connection waited for may have shown that HTTP/2 cannot carry sessions.
+        // The connection waited for may have shown that HTTP/2 cannot carry sessions:
+        // then nothing this dial makes is for the pool, and the gate is not held.
         let http2 = http2 && self.wants_h2();
+        if !http2 {
+            gate = None;
+        }
         let tls = match self.tls(http2).await {
             Ok(t) => t,
             Err(e) => {
@@ -872,9 +876,12 @@ impl Proxy {
         };
         // The host ends at the first `/` after the user information, which may hold
         // one (a password with an unencoded `/`).
-        let (userinfo, after) = match rest.rsplit_once('@') {
+        // (Only before a query or fragment: an `@` there is none of the authority's.)
+        let head = rest.split(['?', '#']).next().unwrap_or_default();
+        let (userinfo, after) = match head.rsplit_once('@') {
+            Some(("", h)) => (None, h),
             Some((u, h)) => (Some(u), h),
-            None => (None, rest),
+            None => (None, head),
         };
         let hostport = after.split('/').next().unwrap_or_default();
         if hostport.is_empty() {
@@ -1475,7 +1482,7 @@ fn dialer_key(
         creds.key,
         creds.token_file,
         creds.token.is_some(),
-        creds.owner
+        (creds.owner, creds.per_user)
     )
 }
 
@@ -1627,6 +1634,8 @@ mod tests {
             Some("Basic dXNlcjo=")
         );
         // A `/` in the password does not end the host part early.
+        assert_eq!(p("http://proxy:3128/?a=x@y"), plain("proxy:3128"));
+        assert_eq!(p("http://@proxy:3128"), plain("proxy:3128"));
         let slash = p("http://u:pa/ss@proxy:3128/").expect("parse");
         assert_eq!(slash.addr, "proxy:3128");
         assert_eq!(slash.auth.as_deref(), Some("Basic dTpwYS9zcw=="));

@@ -1879,10 +1879,6 @@ fn a_burst_of_first_sessions_dials_one_http2_connection_per_shard() {
     );
 }
 
-/// Sessions whose local callers stop reading fill their own HTTP/2 stream windows but
-/// never the connection's: the other sessions on the same pooled connection go on. (The
-/// connection window was 16 MiB, eight stalled streams' worth: a ninth session's data
-/// could no longer be sent, and its keepalive ended it.)
 /// Bytes the processes under `pid` (not `pid` itself) have written (`wchar` of
 /// /proc/PID/io).
 fn written_by_children(pid: u32) -> u64 {
@@ -1924,6 +1920,10 @@ fn written_by_children(pid: u32) -> u64 {
         .sum()
 }
 
+/// Sessions whose local callers stop reading fill their own HTTP/2 stream windows but
+/// never the connection's: the other sessions on the same pooled connection go on. (The
+/// connection window was 16 MiB, eight stalled streams' worth: a ninth session's data
+/// could no longer be sent, and its keepalive ended it.)
 #[test]
 fn callers_that_stop_reading_do_not_stall_the_other_sessions_on_their_connection() {
     let fx = Fixture::new();

@@ -75,11 +75,10 @@ pub async fn spawn(
     #[cfg(unix)]
     {
         enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
-        let uid = match &ctx.principal {
-            Some(p) => p.uid,
-            None => rustix::process::geteuid().as_raw(),
-        };
-        crate::identity::unix::exec_drops_capabilities(&mut cmd, uid);
+        crate::identity::unix::exec_drops_capabilities(
+            &mut cmd,
+            ctx.principal.as_ref().map(|p| p.uid),
+        );
     }
     #[cfg(not(unix))]
     cmd.current_dir(
@@ -89,18 +88,31 @@ pub async fn spawn(
             .unwrap_or_else(|| PathBuf::from("/")),
     );
     // The fork returns once the child has entered its directory, which may hang (a
-    // network home): the open's own limit bounds it (a child started later is killed
-    // with its group when dropped).
-    let started = tokio::task::spawn_blocking(move || cmd.spawn().map(ExecChild));
-    let mut child = match tokio::time::timeout(ctx.timeout, started).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-        Err(_) => Err(std::io::Error::new(
+    // network home): the open's own limit bounds the wait (a child started later is
+    // killed with its group when dropped), and at most SPAWNS_AT_ONCE forks hold a
+    // blocking thread, so hung ones cannot take the whole blocking pool.
+    let deadline = tokio::time::Instant::now() + ctx.timeout;
+    let late = || {
+        std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "the child did not start in time",
-        )),
-    }
-    .map_err(|e| {
+        )
+    };
+    let started = match tokio::time::timeout_at(deadline, spawn_slots().acquire_owned()).await {
+        Ok(Ok(slot)) => {
+            let started = tokio::task::spawn_blocking(move || {
+                let _slot = slot;
+                cmd.spawn().map(ExecChild)
+            });
+            match tokio::time::timeout_at(deadline, started).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+                Err(_) => Err(late()),
+            }
+        }
+        _ => Err(late()),
+    };
+    let mut child = started.map_err(|e| {
         OpenError::new(
             "the local endpoint could not be started",
             format!("exec {program:?}: {e}"),
@@ -125,6 +137,17 @@ pub async fn spawn(
         child: Some(child),
         hangup: None,
     })
+}
+
+/// Forks of `exec:` children in flight at once ([`spawn`]).
+const SPAWNS_AT_ONCE: usize = 64;
+
+fn spawn_slots() -> std::sync::Arc<tokio::sync::Semaphore> {
+    static SLOTS: std::sync::OnceLock<std::sync::Arc<tokio::sync::Semaphore>> =
+        std::sync::OnceLock::new();
+    SLOTS
+        .get_or_init(|| std::sync::Arc::new(tokio::sync::Semaphore::new(SPAWNS_AT_ONCE)))
+        .clone()
 }
 
 /// Has `cmd`'s child enter its working directory once it runs as the principal: the

@@ -726,14 +726,16 @@ pub fn exec_as(cmd: &mut tokio::process::Command, p: &Principal) {
     }
 }
 
-/// Has `cmd`'s child, which runs as `uid`, drop every capability before exec (added
-/// last: after the switch and the working directory) unless `uid` is root, whose child
-/// is root anyway. Switching between two uids that are not root keeps the capability
-/// sets, and exec makes the ambient ones the child's: a child of a gateway run as a user
-/// with ambient `CAP_SETUID` (systemd's `AmbientCapabilities=`), as a principal or as
-/// the gateway's own account, would hold what lets it become root.
-pub fn exec_drops_capabilities(cmd: &mut tokio::process::Command, uid: u32) {
-    if uid == 0 {
+/// Has `cmd`'s child drop every capability before exec (added last: after the switch
+/// and the working directory), unless it runs as a principal that is root (`principal`
+/// is its uid; `None`: the gateway's own account). Switching between two uids that are
+/// not root keeps the capability sets, and exec makes the ambient ones the child's: a
+/// child of a gateway run as a user with ambient `CAP_SETUID` (systemd's
+/// `AmbientCapabilities=`) would hold what lets it become root. A root gateway's own
+/// child gets root's capabilities back at exec, unless `NoNewPrivileges` holds (the
+/// shipped units): then it keeps none, not the ones the gateway was given to switch.
+pub fn exec_drops_capabilities(cmd: &mut tokio::process::Command, principal: Option<u32>) {
+    if principal == Some(0) {
         return;
     }
     // SAFETY: the closure runs in the child between fork and exec and makes only the

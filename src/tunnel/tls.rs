@@ -52,34 +52,56 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// local caller's `{user}` credentials, which must be the caller's own, not a file the
 /// gateway can read and the caller cannot (a symlink in the caller's directory to
 /// another user's key, or to a root-owned one, say). The owner is checked on the opened
-/// file, so a path swapped after the check reads nothing else.
+/// file, so a path swapped after the check reads nothing else; and such a file must be
+/// a regular file of at most [`MAX_CALLER_FILE_BYTES`] (opened without waiting: a FIFO
+/// or a terminal of the caller's would hold a thread, a huge file the memory).
 pub fn read_credential(path: &Path, owner: Option<u32>) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
     #[cfg(unix)]
     if let Some(want) = owner {
-        use std::os::unix::fs::MetadataExt;
-        let uid = f.metadata()?.uid();
-        if uid != want {
-            return Err(std::io::Error::new(
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(path)?;
+        let m = f.metadata()?;
+        let refuse = |why: String| {
+            Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
-                format!("the file belongs to uid {uid}, not to the local caller (uid {want})"),
+                why,
+            ))
+        };
+        if m.uid() != want {
+            return refuse(format!(
+                "the file belongs to uid {}, not to the local caller (uid {want})",
+                m.uid()
             ));
         }
+        if !m.is_file() || m.len() > MAX_CALLER_FILE_BYTES {
+            return refuse(format!(
+                "not a regular file of at most {MAX_CALLER_FILE_BYTES} bytes"
+            ));
+        }
+        let mut bytes = Vec::new();
+        f.take(MAX_CALLER_FILE_BYTES).read_to_end(&mut bytes)?;
+        return Ok(bytes);
     }
     #[cfg(not(unix))]
     let _ = owner;
     let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)?;
+    std::fs::File::open(path)?.read_to_end(&mut bytes)?;
     Ok(bytes)
 }
+
+/// The largest credential file a local caller's `{user}` path may name.
+pub const MAX_CALLER_FILE_BYTES: u64 = 1 << 20;
 
 /// Reads a PEM certificate chain.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     certs_owned_by(path, None)
 }
 
-/// Reads a PEM certificate chain from a file of `owner` or root ([`read_credential`]).
+/// Reads a PEM certificate chain, from a file of `owner` if given ([`read_credential`]).
 fn certs_owned_by(
     path: &Path,
     owner: Option<u32>,
@@ -261,6 +283,43 @@ pub use crate::platform::set_keepalive;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(unix)]
+    fn a_callers_file_must_be_its_own_regular_file_and_small() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = rustix::process::geteuid().as_raw();
+        let own = dir.path().join("own.pem");
+        std::fs::write(&own, b"pem").expect("write");
+        assert_eq!(read_credential(&own, Some(me)).expect("own file"), b"pem");
+        let other = read_credential(&own, Some(me + 1)).expect_err("someone else's");
+        assert!(
+            other.to_string().contains("not to the local caller"),
+            "{other}"
+        );
+        // A FIFO (no writer: a plain open would wait for ever) and a huge file.
+        let fifo = dir.path().join("fifo.pem");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let e = read_credential(&fifo, Some(me)).expect_err("a FIFO");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let big = dir.path().join("big.pem");
+        std::fs::File::create(&big)
+            .and_then(|f| f.set_len(MAX_CALLER_FILE_BYTES + 1))
+            .expect("big file");
+        assert!(
+            read_credential(&big, Some(me)).is_err(),
+            "a file over the limit"
+        );
+        // Without an owner, nothing of this is asked.
+        assert!(read_credential(&big, None).is_ok());
+    }
 
     /// Moves what `from` has to send into `to`, and lets `to` process it.
     fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) {
