@@ -1349,15 +1349,19 @@ async fn forward_one(
         Err(e) => Err(e),
     };
     crate::metrics::get().forward_dialed(session.is_ok());
-    let (ws, sent) = match session {
-        Ok((s, sent)) => (s.ws, sent),
+    let (ws, sent, direction) = match session {
+        Ok((s, sent)) => (s.ws, sent, s.direction),
         Err(e) => {
             span.in_scope(|| warn!(error = %e, "forward could not open the remote session; closing the local connection"));
             return false;
         }
     };
     let counters = Counters::default();
-    let local = if sent {
+    let local = if direction.is_some_and(|d| !d.client_writes()) {
+        // Nothing of the caller's goes to an `out` session (its first bytes included,
+        // when they were not sent with the request).
+        local.discard_input()
+    } else if sent {
         counters
             .from_local
             .fetch_add(early.len() as u64, std::sync::atomic::Ordering::Relaxed);

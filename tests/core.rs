@@ -1976,6 +1976,34 @@ fn callers_that_stop_reading_do_not_stall_the_other_sessions_on_their_connection
     drop(stalled);
 }
 
+/// A forward's caller that types into a session of an `out` pipe (a reader such as
+/// `nc -U` on a terminal) keeps it: what it types is dropped and the pipe's output goes
+/// on to its end. (It was sent, and the exporting side ended the session with 1008.)
+#[test]
+fn a_forward_caller_that_types_into_an_out_session_keeps_it() {
+    let fx = Fixture::new();
+    let text = fx.server_config(&pipe(
+        "news",
+        "exec:sh -c 'echo first; sleep 1; echo second'",
+        &["alice"],
+        "direction = \"out\"",
+    ));
+    let gw = fx.serve("a.toml", &text);
+    let fwd = fx.path("fwd.sock");
+    let _b = fx.serve("b.toml", &forward(&fx, &fwd, &gw.url("news"), "alice", ""));
+    let mut s = unix_connect(&fwd);
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut r, &mut line).expect("the first line");
+    assert_eq!(line, "first\n");
+    s.write_all(b"typing at it\n").expect("type");
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).expect("the rest");
+    assert_eq!(rest, "second\n", "forward log:\n{}", _b.log());
+}
+
 #[test]
 fn forward_over_http2_refusals_leave_the_shared_connection_usable() {
     let fx = Fixture::new();

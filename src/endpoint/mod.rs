@@ -301,6 +301,18 @@ pub struct OpenContext {
 }
 
 impl Local {
+    /// For a session that carries nothing from the caller (direction `out`): the
+    /// caller's bytes are read and dropped, so that its end or reset is still seen but
+    /// nothing it types reaches the peer (which would end the session with 1008).
+    /// Message mode is left as it is.
+    pub fn discard_input(mut self) -> Local {
+        self.reader = match self.reader {
+            Some(Reader::Bytes(r)) => Some(Reader::Bytes(Box::new(Discard(r)))),
+            other => other,
+        };
+        self
+    }
+
     /// This side with `first` read ahead of its byte stream (or, for a side that reads
     /// messages, as one whole message): the session sends it first. Empty `first`, or a
     /// side that reads nothing, stays as it is.
@@ -320,6 +332,33 @@ impl Local {
             other => other,
         };
         self
+    }
+}
+
+/// A reader whose bytes are read and dropped: it ends when its source does
+/// ([`Local::discard_input`]).
+struct Discard(BoxRead);
+
+impl AsyncRead for Discard {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let mut scratch = [0u8; 4096];
+        // A bounded number of reads per poll: a caller that writes without end does not
+        // hold the thread.
+        for _ in 0..16 {
+            let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut self.0).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                other => return other,
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
