@@ -1119,6 +1119,8 @@ mod hosted;
 #[cfg(windows)]
 #[path = "client/hosted_windows.rs"]
 mod hosted;
+#[cfg(unix)]
+pub use hosted::{lookup_group, lookup_user};
 pub use hosted::{Forward, LocalCaller};
 
 /// Forgets the user database's answers kept about forwards' local callers (a reload;
@@ -1329,8 +1331,8 @@ async fn forward_one(
             }
         };
         let creds = CredentialPaths {
-            // The caller's files, or root's: never another user's, which the gateway
-            // could read and the caller could not.
+            // The caller's own files: never another user's or root's, which the
+            // gateway could read and the caller could not.
             owner: caller_uid(caller.as_ref()),
             ..substitute_user(&fwd.credentials, &user)
         };

@@ -470,7 +470,8 @@ async fn fifo_rounds(
     }
 }
 
-fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
+/// A user by number or name (the user database): whose a hosted file becomes.
+pub fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(nix::unistd::Uid::from_raw(n));
     }
@@ -480,7 +481,8 @@ fn lookup_user(name: &str) -> Result<nix::unistd::Uid, String> {
         .ok_or_else(|| format!("no such user {name:?}"))
 }
 
-fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
+/// A group by number or name (the user database): a hosted file's group.
+pub fn lookup_group(name: &str) -> Result<nix::unistd::Gid, String> {
     if let Ok(n) = name.parse::<u32>() {
         return Ok(nix::unistd::Gid::from_raw(n));
     }

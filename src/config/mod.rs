@@ -644,20 +644,15 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let Some(h) = header else {
         return Some(key);
     };
-    let head = lines[h].trim();
-    let table = |open: &str, close: &str| {
-        head.strip_prefix(open)
-            .and_then(|r| r.split(close).next())
-            .map(|n| n.trim().to_string())
-    };
-    if let Some(name) = table("[[", "]]") {
+    if let Some(name) = table_name(lines[h]) {
         let nth = lines[..=h]
             .iter()
-            .filter(|l| table_name(l) == Some(name.as_str()))
+            .filter(|l| table_name(l) == Some(name))
             .count();
         Some(format!("{name}[{}].{key}", nth - 1))
     } else {
-        Some(format!("{}.{key}", table("[", "]")?))
+        let name = lines[h].trim().strip_prefix('[')?.split(']').next()?.trim();
+        Some(format!("{name}.{key}"))
     }
 }
 
@@ -1885,34 +1880,24 @@ impl Validator<'_> {
             }
             _ => {}
         }
+        // The same lookups the bind makes (a number, else the user database).
         #[cfg(unix)]
-        for (field, v, user) in [
-            ("socket_owner", &r.socket_owner, true),
-            ("socket_group", &r.socket_group, false),
-        ] {
-            let Some(v) = v else { continue };
-            let name = v.get_ref();
-            if name.parse::<u32>().is_ok() {
-                continue;
-            }
-            let found = if user {
-                nix::unistd::User::from_name(name).map(|u| u.is_some())
-            } else {
-                nix::unistd::Group::from_name(name).map(|g| g.is_some())
-            };
-            let what = if user { "user" } else { "group" };
-            match found {
-                Ok(true) => {}
-                Ok(false) => self.err(
-                    v.span(),
-                    format!("{key}.{field}"),
-                    format!("no such {what} {name:?}"),
-                ),
-                Err(e) => self.err(
-                    v.span(),
-                    format!("{key}.{field}"),
-                    format!("cannot look up the {what} {name:?}: {e}"),
-                ),
+        {
+            type Lookup = fn(&str) -> Result<(), String>;
+            let checks: [(&str, &Option<S<String>>, Lookup); 2] = [
+                ("socket_owner", &r.socket_owner, |n| {
+                    crate::client::lookup_user(n).map(drop)
+                }),
+                ("socket_group", &r.socket_group, |n| {
+                    crate::client::lookup_group(n).map(drop)
+                }),
+            ];
+            for (field, v, lookup) in checks {
+                if let Some(v) = v {
+                    if let Err(e) = lookup(v.get_ref()) {
+                        self.err(v.span(), format!("{key}.{field}"), e);
+                    }
+                }
             }
         }
     }
