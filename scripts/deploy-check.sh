@@ -544,13 +544,17 @@ EOF
     # CHOWN, never privileged, the host's /etc/passwd and /etc/group read-only.
     c=pbimp$$
     defer "docker rm -f $c"
-    timeout 60 docker run -d --name "$c" --network none --user 0:0 --read-only \
+    timeout 60 docker run -d --name "$c" --init --network none --user 0:0 --read-only \
         --cap-drop ALL --cap-add SETUID --cap-add SETGID --cap-add KILL --cap-add CHOWN \
         --security-opt no-new-privileges:true \
         -v /etc/passwd:/etc/passwd:ro -v /etc/group:/etc/group:ro \
         -v "$t/pipebridge.toml:/etc/pipebridge/pipebridge.toml:ro" -v "$t/pki:/etc/pipebridge/pki:ro" \
         "$IMAGE" serve >/dev/null
     wait_for 20 "the impersonating gateway to listen" sh -c "docker logs $c 2>&1 | grep 'listening on' >/dev/null"
+    # PID 1 is an init (deploy/README.md's --init), which reaps what the process-group
+    # kills of exec children orphan.
+    docker exec "$c" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/[^ ]*init -- ' >/dev/null ||
+        die "PID 1 in the impersonating container is not an init (--init)"
     docker exec "$c" grep -E '^Cap(Eff|Bnd)' /proc/1/status >&2
     out=$(timeout 30 docker exec "$c" pipebridge connect wss://localhost:8443/pipes/id \
         --ca /etc/pipebridge/pki/ca.pem --cert /etc/pipebridge/pki/alice.pem --key /etc/pipebridge/pki/alice.key </dev/null)

@@ -60,6 +60,10 @@ fn load_config(path: Option<&Path>) -> Result<Config, i32> {
 pub fn check_config(path: Option<&Path>) -> i32 {
     match load_config(path) {
         Ok(c) => {
+            if let Err(e) = check_tls_files(&c) {
+                eprintln!("pipebridge: {e}");
+                return EXIT_USAGE;
+            }
             println!(
                 "{}: OK ({} identities, {} pipes, {} forwards)",
                 c.source.display(),
@@ -90,19 +94,64 @@ pub fn check_message_limits(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// Why the server's TLS could not be set up ([`server_tls`]).
+pub enum TlsSetupError {
+    /// The development PKI could not be generated: local I/O, a runtime failure.
+    DevPki(String),
+    /// A `[tls]` file did not load (missing, unreadable, not PEM, a key that does not fit
+    /// its certificate): a config error, named by file, line and key.
+    Files(config::ConfigError),
+}
+
+impl std::fmt::Display for TlsSetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsSetupError::DevPki(e) => write!(f, "dev PKI: {e}"),
+            TlsSetupError::Files(e) => write!(f, "config error: {e}"),
+        }
+    }
+}
+
 /// Builds the server TLS config of `cfg` (generating the dev PKI first if configured).
-pub fn server_tls(cfg: &Config) -> Result<tls::ServerTls, String> {
-    let t = cfg.tls.as_ref().ok_or("a [server] needs [tls]")?;
+pub fn server_tls(cfg: &Config) -> Result<tls::ServerTls, TlsSetupError> {
+    let Some(t) = cfg.tls.as_ref() else {
+        return Err(TlsSetupError::Files(config::ConfigError {
+            file: cfg.source.clone(),
+            line: None,
+            key: "tls".into(),
+            message: "a [server] needs [tls]".into(),
+        }));
+    };
     if let Some(dir) = &t.dev_pki {
         match crate::pki::ensure_dev_pki(dir) {
             Ok(true) => info!(dir = %dir.display(), "generated a development PKI"),
             Ok(false) => {}
-            Err(e) => return Err(format!("dev PKI: {e}")),
+            Err(e) => return Err(TlsSetupError::DevPki(e.to_string())),
         }
     }
+    load_server_tls(cfg, t)
+}
+
+/// Loads the `[tls]` files `t` of `cfg` (nothing generated).
+fn load_server_tls(cfg: &Config, t: &config::TlsSection) -> Result<tls::ServerTls, TlsSetupError> {
     let tokens = cfg.identities.iter().any(|i| i.token_sha256.is_some());
-    tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens)
-        .map_err(|e| e.to_string())
+    tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens).map_err(|e| {
+        TlsSetupError::Files(match e {
+            tls::TlsError::File { path, message } => cfg.tls_file_error(&path, message),
+            tls::TlsError::Rustls(m) => cfg.tls_file_error(&t.cert, m),
+        })
+    })
+}
+
+/// check-config's check of the `[tls]` files: they load as `serve` would load them
+/// (a development PKI not generated yet is not checked: `serve` makes it).
+fn check_tls_files(cfg: &Config) -> Result<(), TlsSetupError> {
+    match &cfg.tls {
+        Some(t) if cfg.server.is_some() && (t.dev_pki.is_none() || t.cert.exists()) => {
+            load_server_tls(cfg, t).map(|_| ())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Backlog of the gateway's TCP listener: bursts of new sessions must not wait for SYN
@@ -160,7 +209,10 @@ pub async fn serve(config_path: Option<&Path>) -> i32 {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("pipebridge: {e}");
-                return EXIT_RUNTIME;
+                return match e {
+                    TlsSetupError::DevPki(_) => EXIT_RUNTIME,
+                    TlsSetupError::Files(_) => EXIT_USAGE,
+                };
             }
         };
         let listener = match bind_tcp(&srv.listen).await {
@@ -642,7 +694,7 @@ async fn reload_inner(
     platform::check_capabilities(&new)?;
     check_message_limits(&new)?;
     let tls = match (&r.gateway, &new.server) {
-        (Some(_), Some(_)) => Some(server_tls(&new)?),
+        (Some(_), Some(_)) => Some(server_tls(&new).map_err(|e| e.to_string())?),
         (None, None) => None,
         (Some(_), None) => return Err("the [server] was removed: that takes a restart".into()),
         (None, Some(_)) => return Err("a [server] was added: that takes a restart".into()),
@@ -799,6 +851,7 @@ pub async fn connect(a: ConnectArgs) -> i32 {
                 config::DEFAULT_KEEPALIVE_INTERVAL,
                 config::DEFAULT_KEEPALIVE_TIMEOUT,
             )),
+            blind_first: false,
         },
         &tracing::Span::current(),
     )

@@ -57,6 +57,10 @@ pub struct Options {
     /// `(interval, timeout)`: ping a silent peer every `interval`; a peer silent for
     /// `timeout` while nothing of ours is pending is dead.
     pub keepalive: Option<(Duration, Duration)>,
+    /// The peer sent its first binary message before it knew the session's direction
+    /// (a forward's early data, [`crate::client::HEADER_EARLY`]): on a session that
+    /// writes nothing locally it is dropped, not a `forbidden_direction` error.
+    pub blind_first: bool,
 }
 
 /// Bound on sending one keepalive ping.
@@ -506,6 +510,7 @@ async fn run_in<S: Transport>(
             &mut peer_error,
             &activity,
             discard_on_epipe,
+            opts.blind_first,
             hangup.is_some().then_some((&local_gone, &up_finished)),
             span,
         );
@@ -975,6 +980,7 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
     peer_error: &mut Option<(String, String)>,
     activity: &Activity,
     discard_on_epipe: bool,
+    mut blind_first: bool,
     caller: Option<(&AtomicBool, &AtomicBool)>,
     span: &tracing::Span,
 ) -> Failure {
@@ -991,10 +997,14 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 if eof_seen.load(Ordering::Relaxed) {
                     return Failure::Protocol(ErrorKind::ProtocolError, "data after eof".into());
                 }
+                let blind = std::mem::take(&mut blind_first);
                 if discarding {
                     continue;
                 }
                 let Some(w) = writer.as_mut() else {
+                    if blind {
+                        continue;
+                    }
                     return Failure::Protocol(
                         ErrorKind::ForbiddenDirection,
                         "data sent in a direction this session does not allow".into(),

@@ -39,6 +39,11 @@ pub type Carrier = tokio_util::either::Either<TokioIo<hyper::upgrade::Upgraded>,
 pub const HEADER_DIRECTION: &str = "pipebridge-direction";
 /// Response header of a 101 naming the session's mode.
 pub const HEADER_MODE: &str = "pipebridge-mode";
+/// Request header of a session whose first binary message goes with the request, before
+/// the client knows the session's direction (a forward's early data): a gateway drops
+/// that message on a session that carries nothing from the client (`out`), where any
+/// other data is `forbidden_direction` (1008).
+pub const HEADER_EARLY: &str = "pipebridge-early";
 
 /// An open session and what the gateway said about it.
 pub struct Session {
@@ -54,6 +59,12 @@ pub struct Session {
 pub const DEV_PKI_DIR: &str = ".pipebridge/pki";
 /// Bound on TCP connect + TLS + upgrade when dialling.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a session's open waits for the gateway's answer on a pooled HTTP/2
+/// connection before the connection is pinged ([`pooled_keepalive`]).
+const PROBE_AFTER: Duration = Duration::from_secs(1);
+/// How long a pooled connection's ping may go unanswered before new sessions stop
+/// using it (it stays up for the sessions it carries until the keepalive timeout).
+const SUSPECT_AFTER: Duration = Duration::from_secs(3);
 /// Largest refusal body read.
 const MAX_REFUSAL_BODY_BYTES: usize = 64 * 1024;
 
@@ -623,6 +634,9 @@ impl Dialer {
         let keepalive = self.keepalive;
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
         let still = alive.clone();
+        let probe = Arc::new(tokio::sync::Notify::new());
+        let probed = probe.clone();
+        let gateway = format!("{}:{}", self.host, self.port);
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = in_flight.clone();
         tokio::spawn(tunnel::h2io::batched(
@@ -635,7 +649,7 @@ impl Dialer {
                             tokio::time::timeout(DIAL_TIMEOUT, p.ping(h2::Ping::opaque())).await;
                     }
                     let _ = ready_tx.send(());
-                    tunnel::h2io::keepalive(ping, keepalive.0, keepalive.1).await
+                    pooled_keepalive(ping, keepalive, &probed, &still, &gateway).await
                 };
                 tokio::select! {
                     r = &mut conn => if let Err(e) = r {
@@ -652,6 +666,7 @@ impl Dialer {
         let sender = H2Sender {
             send,
             alive,
+            probe,
             in_flight,
             shard: crate::shard::current(),
         };
@@ -722,6 +737,10 @@ impl Dialer {
             .map_err(|e| H2Error::Session(ClientError::Setup(format!("bad request: {e}"))))?;
         req.extensions_mut()
             .insert(h2::ext::Protocol::from_static("websocket"));
+        if !early.is_empty() {
+            req.headers_mut()
+                .insert(HEADER_EARLY, HeaderValue::from_static("1"));
+        }
         if let Some(t) = &self.token {
             let mut v = HeaderValue::from_str(&format!("Bearer {}", t.expose())).map_err(|_| {
                 H2Error::Session(ClientError::Setup(
@@ -739,7 +758,18 @@ impl Dialer {
                 .send_data(ws::binary_frame(Role::Client, early), false)
                 .map_err(conn_err)?;
         }
-        let resp = resp.await.map_err(|e| {
+        let mut resp = std::pin::pin!(resp);
+        let resp = match tokio::time::timeout(PROBE_AFTER, resp.as_mut()).await {
+            Ok(r) => r,
+            Err(_) => {
+                // No answer yet: a slow open (a FIFO waiting for its reader), or a
+                // connection that died without a word (a NAT or firewall that forgot
+                // it). A ping tells which ([`pooled_keepalive`]).
+                sender.probe.notify_one();
+                resp.await
+            }
+        };
+        let resp = resp.map_err(|e| {
             if e.is_reset() && !e.is_go_away() {
                 // The gateway refused this stream (e.g. too many at once), not the connection.
                 H2Error::Session(ClientError::Network(format!("HTTP/2 stream reset: {e}")))
@@ -777,6 +807,44 @@ impl Dialer {
     }
 }
 
+/// A pooled connection's keepalive: a ping every `interval`, and one at once when an
+/// open has waited [`PROBE_AFTER`] for its answer (`probe`). A ping unanswered for
+/// [`SUSPECT_AFTER`] takes the connection out of the pool (`alive`): new sessions go over
+/// a new one, while the sessions it carries go on; unanswered for `timeout`, the
+/// connection is dead and this completes. Without it, a connection that died silently
+/// took every new session for up to `interval` + `timeout` (two minutes by default),
+/// and each failed after [`DIAL_TIMEOUT`].
+async fn pooled_keepalive(
+    ping: Option<h2::PingPong>,
+    (interval, timeout): (Duration, Duration),
+    probe: &tokio::sync::Notify,
+    alive: &AtomicBool,
+    gateway: &str,
+) {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = probe.notified() => {}
+        }
+        let mut pong = std::pin::pin!(tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())));
+        let answer = match tokio::time::timeout(SUSPECT_AFTER.min(timeout), pong.as_mut()).await {
+            Ok(a) => a,
+            Err(_) => {
+                if alive.swap(false, Ordering::AcqRel) {
+                    warn!(%gateway, after = ?SUSPECT_AFTER, "a pooled HTTP/2 connection left a ping unanswered; new sessions go over a new connection");
+                }
+                pong.await
+            }
+        };
+        if !matches!(answer, Ok(Ok(_))) {
+            return;
+        }
+    }
+}
+
 /// A GOAWAY the gateway sent: h2 reports it only to the streams above its last stream
 /// id, which the gateway did not process (RFC 9113 6.8), whatever its error code. h2's
 /// own GOAWAYs (a protocol error it found) reach every stream, processed or not.
@@ -788,8 +856,11 @@ fn unprocessed(e: &h2::Error) -> bool {
 #[derive(Clone)]
 struct H2Sender {
     send: h2::client::SendRequest<Bytes>,
-    /// Cleared when the connection ended or failed a request.
+    /// Cleared when the connection ended, failed a request or left a ping unanswered:
+    /// new sessions stop using it.
     alive: Arc<AtomicBool>,
+    /// Asks the connection for a ping now (an open waits long for its answer).
+    probe: Arc<tokio::sync::Notify>,
     /// Sessions (and their requests) in flight on the connection.
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// The shard whose runtime drives the connection (`None`: the main runtime). Sessions
@@ -1381,6 +1452,7 @@ async fn forward_one(
         bridge::Options {
             idle_timeout: None,
             keepalive: Some(fwd.keepalive),
+            blind_first: false,
         },
         &span,
     )

@@ -1249,6 +1249,7 @@ async fn session<B>(
         opts: bridge::Options {
             idle_timeout: cfg.limits.idle_timeout,
             keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
+            blind_first: req.headers().contains_key(crate::client::HEADER_EARLY),
         },
         stop_signal,
         admission,

@@ -1327,6 +1327,51 @@ run_as = "sometimes"
     let good = good.to_string_lossy().into_owned();
     let out = fx.run(&["check-config", "--config", &good], b"");
     out.expect_code(0);
+
+    // A [tls] file that does not load is a config error (exit 2), named by file, line
+    // and key, at check-config and at serve alike (serve used to exit 1, and
+    // check-config to say OK).
+    let bad_key = fx.write("not-a-key.pem", "not PEM at all\n");
+    for (what, from, to, key) in [
+        (
+            "missing",
+            fx.p("pki/server.pem"),
+            fx.p("gone.pem"),
+            "tls.cert",
+        ),
+        (
+            "not PEM",
+            fx.p("pki/server.key"),
+            bad_key.to_string_lossy().into_owned(),
+            "tls.key",
+        ),
+    ] {
+        let text = fx
+            .server_config(&pipe("cat", "exec:cat", &["alice"], ""))
+            .replace(&from, &to);
+        let cfg = fx.write("badtls.toml", &text);
+        let cfg_s = cfg.to_string_lossy().into_owned();
+        let want = format!("{cfg_s}:{}: {key}: {to}", line_no(&text, &to));
+        let out = fx.run(&["check-config", "--config", &cfg_s], b"");
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(&want),
+            "{what}: want {want:?} in:\n{}",
+            out.stderr
+        );
+        let out = fx.run_env(
+            &["serve", "--config", &cfg_s],
+            &[],
+            b"",
+            Duration::from_secs(20),
+        );
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(&want),
+            "{what}: want {want:?} in:\n{}",
+            out.stderr
+        );
+    }
 }
 
 #[test]

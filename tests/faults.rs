@@ -1118,3 +1118,176 @@ fn link_cut_between_namespaces_ends_the_session_within_the_keepalive_bound() {
     drop((a, b));
     drop(ns);
 }
+
+// === 5. a pooled connection dies without a word ===
+
+/// A TCP relay on 127.0.0.1 to `to` whose relayed connections can be frozen: a frozen
+/// one moves no byte either way and stays open, as a connection a NAT or firewall
+/// forgot (no FIN, no RST). Its threads end when it drops.
+struct Relay {
+    port: u16,
+    conns: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(to: std::net::SocketAddr) -> Relay {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        l.set_nonblocking(true).expect("nonblocking");
+        let port = l.local_addr().expect("addr").port();
+        let conns: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, s2) = (conns.clone(), stop.clone());
+        let accept = thread::spawn(move || {
+            let mut pumps = Vec::new();
+            while !s2.load(Ordering::Relaxed) {
+                let Ok((a, _)) = l.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(b) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let frozen = Arc::new(AtomicBool::new(false));
+                c2.lock().expect("conns").push(frozen.clone());
+                for (from, into) in [
+                    (a.try_clone().expect("clone"), b.try_clone().expect("clone")),
+                    (b, a),
+                ] {
+                    let (frozen, stop) = (frozen.clone(), s2.clone());
+                    pumps.push(thread::spawn(move || {
+                        relay_pump(from, into, &frozen, &stop)
+                    }));
+                }
+            }
+            for p in pumps {
+                let _ = p.join();
+            }
+        });
+        Relay {
+            port,
+            conns,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// Relayed connections so far.
+    fn count(&self) -> usize {
+        self.conns.lock().expect("conns").len()
+    }
+
+    /// Freezes every connection relayed so far.
+    fn freeze_all(&self) {
+        for c in self.conns.lock().expect("conns").iter() {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Copies `from` into `into` until either ends or `stop`; once `frozen`, moves nothing
+/// and holds both open.
+fn relay_pump(
+    mut from: std::net::TcpStream,
+    mut into: std::net::TcpStream,
+    frozen: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let mut buf = vec![0u8; 64 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        if frozen.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            // What a read that was under way when the freeze came got is lost, as in
+            // a black hole.
+            Ok(_) if frozen.load(Ordering::Relaxed) => {}
+            Ok(n) => {
+                if into.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = into.shutdown(std::net::Shutdown::Write);
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A forward's pooled HTTP/2 connection that dies without a word (frozen in a relay,
+/// as a NAT forgets it) stops taking new sessions a few seconds after one of them
+/// waits on it: an open unanswered for 1 s pings the connection, and a ping unanswered
+/// for 3 s takes it out of the pool. It used to take every new session, each failing
+/// after 10 s, until the keepalive gave up on it (30 s + 90 s by default, as here).
+#[test]
+fn a_pooled_connection_that_dies_silently_stops_taking_new_sessions() {
+    let fx = Fixture::new();
+    let _echo = UnixServer::echo(&fx.path("echo.sock"));
+    let gw = fx.serve(
+        "gw.toml",
+        &fx.server_config(&pipe(
+            "echo",
+            &format!("unix:{}", fx.path("echo.sock").display()),
+            "",
+        )),
+    );
+    let relay = Relay::start(([127, 0, 0, 1], gw.port).into());
+    let fwd = fx.path("fwd.sock");
+    // One shard: every session shares its one pooled connection (with two, a session
+    // that arrives while another waits is given the idle shard, and its own connection).
+    let mut b = fx.serve_env(
+        "b.toml",
+        &forward(
+            &fx,
+            &fwd,
+            &format!("wss://localhost:{}/pipes/echo", relay.port),
+        ),
+        &[("PIPEBRIDGE_SHARDS", "1")],
+    );
+    echo_via(&fwd, b"first\n", Duration::from_secs(15)).expect("a session over the relay");
+    assert_eq!(relay.count(), 1, "one pooled connection");
+
+    relay.freeze_all();
+    // A session that lands on the dead connection waits for its answer; it may fail.
+    let waiting = {
+        let fwd = fwd.clone();
+        thread::spawn(move || echo_via(&fwd, b"lost\n", Duration::ZERO))
+    };
+    b.proc.wait_until(Duration::from_secs(10), |log| {
+        log.contains("left a ping unanswered")
+    });
+    let t = Instant::now();
+    echo_via(&fwd, b"after\n", Duration::ZERO).unwrap_or_else(|e| {
+        panic!(
+            "a new session after the pooled connection died: {e}\nB:\n{}",
+            tail(&b.log(), 20)
+        )
+    });
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the new session took {took:?}: it waited on the dead connection"
+    );
+    assert_eq!(relay.count(), 2, "the new session dialled a new connection");
+    let _ = waiting.join();
+    drop(b);
+    drop(relay);
+}

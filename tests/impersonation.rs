@@ -568,10 +568,20 @@ fn exec_children_of_a_gateway_with_ambient_capabilities_hold_none() {
     for p in files.chain([pki.clone()]) {
         rustix::fs::chown(&p, Some(rustix::fs::Uid::from_raw(12050)), None).expect("chown");
     }
+    // A working directory only root may enter: the principal cannot.
+    let closed = fx.path("closed-cwd");
+    std::fs::create_dir(&closed).expect("mkdir");
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).expect("chmod");
     let caps = "exec:grep ^Cap /proc/self/status";
     let pipes = pipe("caps", caps, &["u1"], "")
         + &pipe("gwcaps", caps, &["u1"], "run_as = \"gateway\"")
-        + &pipe("idu", "exec:id -u", &["u1"], "");
+        + &pipe("idu", "exec:id -u", &["u1"], "")
+        + &pipe(
+            "closedcwd",
+            "exec:pwd",
+            &["u1"],
+            &format!("cwd = {:?}", closed.display().to_string()),
+        );
     let bin = reachable_bin(&fx);
     let gw = fx.serve_via_bin(
         "gw.toml",
@@ -581,8 +591,8 @@ fn exec_children_of_a_gateway_with_ambient_capabilities_hold_none() {
             "--reuid=12050",
             "--regid=12050",
             "--clear-groups",
-            "--inh-caps=+setuid,+setgid,+kill",
-            "--ambient-caps=+setuid,+setgid,+kill",
+            "--inh-caps=+setuid,+setgid,+kill,+dac_override",
+            "--ambient-caps=+setuid,+setgid,+kill,+dac_override",
             "--",
         ],
         &bin,
@@ -593,6 +603,19 @@ fn exec_children_of_a_gateway_with_ambient_capabilities_hold_none() {
         stdout_of(&out, &gw, "u1").trim(),
         "12001",
         "the switch works"
+    );
+    // The working directory is entered without the gateway's capabilities: with its
+    // CAP_DAC_OVERRIDE, u1's child entered a directory u1 cannot (it used to print it).
+    let out = fx.connect(&gw.url("closedcwd"), "u1", b"");
+    assert_ne!(
+        out.code,
+        Some(0),
+        "u1 entered {}: {out:?}",
+        closed.display()
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("closed-cwd"),
+        "{out:?}"
     );
     let no_caps = |gw: &common::Gateway, pipe: &str, what: &str| {
         let out = fx.connect(&gw.url(pipe), "u1", b"");

@@ -985,6 +985,108 @@ fn wait_stopped(pid: u32) {
     );
 }
 
+/// Sends a record, then another a second later, then closes: a pipe that only talks.
+fn talker_conn(fd: OwnedFd) {
+    let _ = seq_send(&fd, b"first");
+    thread::sleep(Duration::from_secs(1));
+    let _ = seq_send(&fd, b"second");
+}
+
+/// A seqpacket forward's caller that sends records into a session of an `out` pipe
+/// keeps it: its records are read and dropped, and the pipe's records go on to its end.
+/// (They were sent, and the exporting side ended the session with 1008.)
+#[test]
+fn seqpacket_forward_caller_that_writes_into_an_out_session_keeps_it() {
+    let fx = Fx::new();
+    let sock = fx.path("talk.sock");
+    let _srv = SeqServer::start(&sock, talker_conn);
+    let text = fx.server_config(&pipe(
+        "sp",
+        &format!("seqpacket:{}", sock.display()),
+        "direction = \"out\"",
+    ));
+    let a = fx.serve("a.toml", &text, &[]);
+    let hosted = fx.path("fwd.sock");
+    let b = seqpacket_forward(&fx, "b.toml", &hosted, &a);
+    // Its first record is there when the forward accepts it (the forward is stopped
+    // meanwhile), so it goes with the request, before the direction is known: the
+    // exporting side drops it (it ended the session with 1008). Nothing here panics
+    // before SIGCONT but `wait_stopped`, and a stopped gateway is killed on drop.
+    let pid = rustix::process::Pid::from_raw(b.proc.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    wait_stopped(b.proc.child.id());
+    let caller = seq_connect(&hosted);
+    let early = caller.as_ref().ok().map(|c| seq_send(c, b"early"));
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    let caller = caller.expect("connect to the forward");
+    early.expect("connected").expect("send");
+    recv_timeout(&caller, Duration::from_secs(20));
+    let mut buf = vec![0u8; 4096];
+    let got = seq_recv(&caller, &mut buf).expect("the first record");
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"first"[..]),
+        "forward log:\n{}",
+        b.log()
+    );
+    seq_send(&caller, b"typing at it").expect("send");
+    seq_send(&caller, &[b'x'; 3000]).expect("send a bigger one");
+    let got = seq_recv(&caller, &mut buf).expect("the second record");
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"second"[..]),
+        "forward log:\n{}",
+        b.log()
+    );
+    assert_eq!(seq_recv(&caller, &mut buf).expect("the end"), None);
+}
+
+/// A forward's caller that writes into a session of an `out` pipe before it opens (what
+/// it wrote goes with the request over HTTP/2, before the direction is known) and after
+/// keeps it: the first is dropped by the exporting side, the rest by the forward, and the
+/// pipe's output goes on to its end. (The early bytes ended the session with 1008.)
+#[test]
+fn a_forward_callers_early_bytes_into_an_out_session_are_dropped() {
+    let fx = Fx::new();
+    let text = fx.server_config(&pipe(
+        "news",
+        "exec:sh -c 'echo first; sleep 1; echo second'",
+        "direction = \"out\"",
+    ));
+    let a = fx.serve("a.toml", &text, &[]);
+    let hosted = fx.path("fwd.sock");
+    let b = fx.serve(
+        "b.toml",
+        &fx.forward_config(&fx.forward(&format!("unix:{}", hosted.display()), &a.url("news"), "")),
+        &[],
+    );
+    // Nothing here panics before SIGCONT but `wait_stopped`, and a stopped gateway is
+    // killed on drop.
+    let pid = rustix::process::Pid::from_raw(b.proc.child.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).expect("SIGSTOP");
+    wait_stopped(b.proc.child.id());
+    let caller = UnixStream::connect(&hosted);
+    let early = caller
+        .as_ref()
+        .ok()
+        .map(|mut c| c.write_all(b"typed early\n"));
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).expect("SIGCONT");
+    let mut caller = caller.expect("connect to the forward");
+    early.expect("connected").expect("write");
+    caller
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut first = [0u8; 6];
+    caller
+        .read_exact(&mut first)
+        .unwrap_or_else(|e| panic!("the first line: {e}; forward log:\n{}", b.log()));
+    assert_eq!(&first, b"first\n");
+    caller.write_all(b"typed later\n").expect("write");
+    let mut rest = String::new();
+    caller.read_to_string(&mut rest).expect("the rest");
+    assert_eq!(rest, "second\n", "forward log:\n{}", b.log());
+}
+
 /// A seqpacket caller that reads its reply and closes its socket entirely ends its
 /// session at once and in order: both sides log 1000 and say which side closed (before,
 /// the exporting side shut its target down for writing and waited for its end: "done").

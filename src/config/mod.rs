@@ -576,6 +576,44 @@ impl Config {
         v
     }
 
+    /// The config error for `file`, a `[tls]` file that failed to load (at start, at
+    /// check-config, at a reload): named by the key that gave it (`tls.cert`, `tls.crl`,
+    /// or `tls.dev_pki` for a file the development PKI supplies) and that key's line.
+    pub fn tls_file_error(&self, file: &Path, message: impl Into<String>) -> ConfigError {
+        let mut key = "tls".to_string();
+        let mut line = None;
+        let text = std::fs::read_to_string(&self.source).unwrap_or_default();
+        if let Ok(RawConfig { tls: Some(t), .. }) = toml::from_str::<RawConfig>(&text) {
+            let at = |s: &S<String>| Some(line_of(&text, s.span().start));
+            line = Some(line_of(&text, t.span().start));
+            let t = t.get_ref();
+            let named = [
+                ("cert", &t.cert),
+                ("key", &t.key),
+                ("client_ca", &t.client_ca),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), v)))
+            .chain(t.crl.iter().map(|v| ("crl".to_string(), v)));
+            let mut found = false;
+            for (k, v) in named {
+                if Path::new(v.get_ref()) == file {
+                    (key, line, found) = (format!("tls.{k}"), at(v), true);
+                    break;
+                }
+            }
+            if let (false, Some(d)) = (found, &t.dev_pki) {
+                (key, line) = ("tls.dev_pki".to_string(), at(d));
+            }
+        }
+        ConfigError {
+            file: self.source.clone(),
+            line,
+            key,
+            message: format!("{}: {}", file.display(), message.into()),
+        }
+    }
+
     /// The pipe called `name`.
     pub fn pipe(&self, name: &str) -> Option<&PipeConfig> {
         find_named(&self.by_name.pipes, &self.pipes, name, |p| &p.name)
@@ -626,8 +664,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         if let Some((k, _)) = l.split_once('=') {
             if bare(k.trim()) {
                 // On a line above the error's, only an array still open at the error.
-                let between = &text[lines_from(&lines, i).min(offset)..offset];
-                let open = between.matches('[').count() > between.matches(']').count();
+                let open = array_open(&text[lines_from(&lines, i).min(offset)..offset]);
                 if i != at && !open {
                     return None;
                 }
@@ -654,6 +691,34 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
         let name = lines[h].trim().strip_prefix('[')?.split(']').next()?.trim();
         Some(format!("{name}.{key}"))
     }
+}
+
+/// Whether TOML `text` (from the start of a `key =` line) leaves an array open: more `[`
+/// than `]` outside strings and comments.
+fn array_open(text: &str) -> bool {
+    let mut depth = 0i64;
+    let mut quote = None;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') => {
+                // A comment runs to the end of its line.
+                if !chars.by_ref().any(|c| c == '\n') {
+                    break;
+                }
+            }
+            (None, '[') => depth += 1,
+            (None, ']') => depth -= 1,
+            (None, _) => {}
+        }
+    }
+    depth > 0
 }
 
 /// The byte offset of line `i` of `lines` (the text split at `\n`).
@@ -2182,6 +2247,13 @@ groups = ["ops"]
             ),
             ("[[pipe]\nname = \"c\"\n", "(syntax)"),
             ("[limits]\nmax_sessions = 5\nhandshake 10s\n", "(syntax)"),
+            // Brackets in a string or a comment open no array.
+            ("[[pipe]]\nname = \"a[b\"\nendpoint 5\n", "(syntax)"),
+            ("[[pipe]]\nname = \"a\" # [\nendpoint 5\n", "(syntax)"),
+            (
+                "[[pipe]]\nname = \"a\"\nendpoint = \"unix:/a\"\nallow = [ # ]\n  \"x]\",\n  5,\n]\n",
+                "pipe[0].allow",
+            ),
         ] {
             let text = format!("{BASE}{tail}");
             let errs = parse(&text).unwrap_err().0;

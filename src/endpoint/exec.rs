@@ -71,14 +71,20 @@ pub async fn spawn(
     if let Some(p) = &ctx.principal {
         crate::identity::exec_as(&mut cmd, p)?;
     }
-    // After the switch (closures run in the order they were added), then the drop.
+    // After the switch (closures run in the order they were added): the drop and the
+    // working directory. A principal's child enters it after the drop, with its own
+    // rights only (a gateway holding CAP_DAC_OVERRIDE would otherwise let it enter one
+    // it cannot); the gateway's own child, before, with the gateway's.
     #[cfg(unix)]
     {
-        enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
-        crate::identity::unix::exec_drops_capabilities(
-            &mut cmd,
-            ctx.principal.as_ref().map(|p| p.uid),
-        );
+        let principal = ctx.principal.as_ref().map(|p| p.uid);
+        if principal.is_none() {
+            enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
+        }
+        crate::identity::unix::exec_drops_capabilities(&mut cmd, principal);
+        if principal.is_some() {
+            enter_dir(&mut cmd, pipe.cwd.as_deref(), &home)?;
+        }
     }
     #[cfg(not(unix))]
     cmd.current_dir(

@@ -64,6 +64,9 @@ pub enum MsgReader {
         /// The endpoint.
         rest: Box<MsgReader>,
     },
+    /// Messages read and dropped, for a session that carries nothing from this side
+    /// ([`super::Local::discard_input`]): ends when its source does.
+    Discard(Box<MsgReader>),
 }
 
 impl MsgReader {
@@ -86,6 +89,7 @@ impl MsgReader {
         match self {
             // Unwrapped above.
             MsgReader::Prepended { .. } => Ok(None),
+            MsgReader::Discard(inner) => discard(inner).await,
             #[cfg(windows)]
             MsgReader::Npipe(p) => p.recv().await,
             #[cfg(unix)]
@@ -165,6 +169,26 @@ impl MsgReader {
                 input.read_exact(&mut buf).await?;
                 Ok(Some(buf.freeze()))
             }
+        }
+    }
+}
+
+/// Reads `inner`'s messages and drops them, until its end ([`MsgReader::Discard`]).
+async fn discard(inner: &mut MsgReader) -> Result<Option<Bytes>, MsgError> {
+    loop {
+        // A record is consumed whole whatever its size (the kernel drops what does not
+        // fit), so one over the limit is dropped too, not left in place.
+        #[cfg(unix)]
+        if let MsgReader::Seqpacket { sock, .. } = inner {
+            if sock.recv(&mut [0u8; 1]).await?.bytes_read() == 0 {
+                return Ok(None);
+            }
+            continue;
+        }
+        match Box::pin(inner.recv()).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(_)) | Err(MsgError::TooBig { .. }) => {}
+            Err(e) => return Err(e),
         }
     }
 }

@@ -303,12 +303,15 @@ pub struct OpenContext {
 impl Local {
     /// For a session that carries nothing from the caller (direction `out`): the
     /// caller's bytes are read and dropped, so that its end or reset is still seen but
-    /// nothing it types reaches the peer (which would end the session with 1008).
-    /// Message mode is left as it is.
+    /// nothing it types reaches the peer (which would end the session with 1008): bytes,
+    /// or whole messages (a seqpacket caller's records).
     pub fn discard_input(mut self) -> Local {
         self.reader = match self.reader {
             Some(Reader::Bytes(r)) => Some(Reader::Bytes(Box::new(Discard(r)))),
-            other => other,
+            Some(Reader::Messages(m)) => {
+                Some(Reader::Messages(message::MsgReader::Discard(Box::new(m))))
+            }
+            None => None,
         };
         self
     }
