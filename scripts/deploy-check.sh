@@ -254,10 +254,14 @@ PY
     else skipped=1; fi
     perl -c deploy/compose/unix-client.pl
     need_bin
+    # check-config loads a [server]'s [tls] files, which live in the containers: the
+    # compose configs are checked with a PKI of their own in the scratch tree.
     local toml
+    "$BIN" certs init --dir "$t/compose-pki" --server-name hosta --client hostb >/dev/null 2>&1
     for toml in deploy/compose/hosta.toml deploy/compose/hostb.toml; do
         log "check-config $toml"
-        "$BIN" check-config --config "$toml"
+        sed "s#/etc/pipebridge/pki/#$t/compose-pki/#g" "$toml" >"$t/$(basename "$toml")"
+        "$BIN" check-config --config "$t/$(basename "$toml")"
     done
 
     if need_tool systemd-analyze "apt-get install systemd"; then
@@ -553,8 +557,9 @@ EOF
     wait_for 20 "the impersonating gateway to listen" sh -c "docker logs $c 2>&1 | grep 'listening on' >/dev/null"
     # PID 1 is an init (deploy/README.md's --init), which reaps what the process-group
     # kills of exec children orphan.
-    docker exec "$c" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/[^ ]*init -- ' >/dev/null ||
-        die "PID 1 in the impersonating container is not an init (--init)"
+    docker exec "$c" cat /proc/1/cmdline | tr '\0' ' ' | grep '^/[^ ]*init -- /usr/local/bin/pipebridge serve' >/dev/null ||
+        die "PID 1 in the impersonating container is not an init running the gateway (--init)"
+    # The init's sets: those the container was given, which the gateway holds too.
     docker exec "$c" grep -E '^Cap(Eff|Bnd)' /proc/1/status >&2
     out=$(timeout 30 docker exec "$c" pipebridge connect wss://localhost:8443/pipes/id \
         --ca /etc/pipebridge/pki/ca.pem --cert /etc/pipebridge/pki/alice.pem --key /etc/pipebridge/pki/alice.key </dev/null)

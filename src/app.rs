@@ -137,21 +137,24 @@ fn load_server_tls(cfg: &Config, t: &config::TlsSection) -> Result<tls::ServerTl
     let tokens = cfg.identities.iter().any(|i| i.token_sha256.is_some());
     tls::server_config(&t.cert, &t.key, t.client_ca.as_deref(), &t.crl, tokens).map_err(|e| {
         TlsSetupError::Files(match e {
-            tls::TlsError::File { path, message } => cfg.tls_file_error(&path, message),
-            tls::TlsError::Rustls(m) => cfg.tls_file_error(&t.cert, m),
+            tls::TlsError::File { path, message } => cfg.tls_file_error(Some(&path), message),
+            tls::TlsError::Rustls(m) => cfg.tls_file_error(None, m),
         })
     })
 }
 
-/// check-config's check of the `[tls]` files: they load as `serve` would load them
-/// (a development PKI not generated yet is not checked: `serve` makes it).
+/// check-config's check of a `[server]`'s `[tls]` files: they load as `serve` would load
+/// them (a development PKI that is not whole is not checked: `serve` makes it anew).
 fn check_tls_files(cfg: &Config) -> Result<(), TlsSetupError> {
-    match &cfg.tls {
-        Some(t) if cfg.server.is_some() && (t.dev_pki.is_none() || t.cert.exists()) => {
-            load_server_tls(cfg, t).map(|_| ())
+    let (Some(t), Some(_)) = (&cfg.tls, &cfg.server) else {
+        return Ok(());
+    };
+    if let Some(dir) = &t.dev_pki {
+        if !crate::pki::dev_pki_complete(dir).unwrap_or(false) {
+            return Ok(());
         }
-        _ => Ok(()),
     }
+    load_server_tls(cfg, t).map(|_| ())
 }
 
 /// Backlog of the gateway's TCP listener: bursts of new sessions must not wait for SYN

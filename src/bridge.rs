@@ -997,12 +997,14 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 if eof_seen.load(Ordering::Relaxed) {
                     return Failure::Protocol(ErrorKind::ProtocolError, "data after eof".into());
                 }
-                let blind = std::mem::take(&mut blind_first);
                 if discarding {
                     continue;
                 }
                 let Some(w) = writer.as_mut() else {
-                    if blind {
+                    // A session that writes nothing locally had none from its start
+                    // (its writer goes only after eof, or while discarding, both seen
+                    // above): the first message here is the peer's first.
+                    if std::mem::take(&mut blind_first) {
                         continue;
                     }
                     return Failure::Protocol(

@@ -644,11 +644,23 @@ impl Dialer {
                 let pings = async {
                     // The gateway's SETTINGS (with RFC 8441's ENABLE_CONNECT_PROTOCOL) come
                     // before its answer to our first ping: sessions wait for that answer.
+                    // An answer later than DIAL_TIMEOUT: the sessions go ahead, the
+                    // connection takes no new ones, and the ping is still waited for
+                    // (h2 sends no other while it is pending), up to the keepalive's.
                     if let Some(p) = ping.as_mut() {
-                        let _ =
-                            tokio::time::timeout(DIAL_TIMEOUT, p.ping(h2::Ping::opaque())).await;
+                        let mut first = std::pin::pin!(p.ping(h2::Ping::opaque()));
+                        let answered = tokio::time::timeout(DIAL_TIMEOUT, first.as_mut()).await;
+                        let _ = ready_tx.send(());
+                        if answered.is_err() {
+                            still.store(false, Ordering::Release);
+                            let rest = keepalive.1.saturating_sub(DIAL_TIMEOUT);
+                            if !matches!(tokio::time::timeout(rest, first).await, Ok(Ok(_))) {
+                                return;
+                            }
+                        }
+                    } else {
+                        let _ = ready_tx.send(());
                     }
-                    let _ = ready_tx.send(());
                     pooled_keepalive(ping, keepalive, &probed, &still, &gateway).await
                 };
                 tokio::select! {
@@ -809,7 +821,8 @@ impl Dialer {
 
 /// A pooled connection's keepalive: a ping every `interval`, and one at once when an
 /// open has waited [`PROBE_AFTER`] for its answer (`probe`). A ping unanswered for
-/// [`SUSPECT_AFTER`] takes the connection out of the pool (`alive`): new sessions go over
+/// [`SUSPECT_AFTER`] (or four times the slowest answer so far, if more) takes the
+/// connection out of the pool (`alive`): new sessions go over
 /// a new one, while the sessions it carries go on; unanswered for `timeout`, the
 /// connection is dead and this completes. Without it, a connection that died silently
 /// took every new session for up to `interval` + `timeout` (two minutes by default),
@@ -824,17 +837,22 @@ async fn pooled_keepalive(
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
+    // The slowest answer seen: a link that is slow but alive (a deep queue behind a
+    // bulk transfer) is given four times it before it counts as suspect.
+    let mut slowest = Duration::ZERO;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = probe.notified() => {}
         }
+        let sent = tokio::time::Instant::now();
+        let suspect = SUSPECT_AFTER.max(slowest.saturating_mul(4)).min(timeout);
         let mut pong = std::pin::pin!(tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())));
-        let answer = match tokio::time::timeout(SUSPECT_AFTER.min(timeout), pong.as_mut()).await {
+        let answer = match tokio::time::timeout(suspect, pong.as_mut()).await {
             Ok(a) => a,
             Err(_) => {
                 if alive.swap(false, Ordering::AcqRel) {
-                    warn!(%gateway, after = ?SUSPECT_AFTER, "a pooled HTTP/2 connection left a ping unanswered; new sessions go over a new connection");
+                    warn!(%gateway, after = ?suspect, "a pooled HTTP/2 connection left a ping unanswered; new sessions go over a new connection");
                 }
                 pong.await
             }
@@ -842,6 +860,7 @@ async fn pooled_keepalive(
         if !matches!(answer, Ok(Ok(_))) {
             return;
         }
+        slowest = slowest.max(sent.elapsed());
     }
 }
 

@@ -193,25 +193,26 @@ pub fn init(opts: &CertsInit) -> Result<Vec<PathBuf>, PkiError> {
     Ok(written)
 }
 
+/// Whether the development PKI in `dir` is whole: [`ensure_dev_pki`] leaves it as it is
+/// (otherwise it generates all of it again).
+pub fn dev_pki_complete(dir: &Path) -> Result<bool, PkiError> {
+    for name in ["ca.pem", "server.pem", "server.key", "dev.pem", "dev.key"] {
+        let path = dir.join(name);
+        match path.try_exists() {
+            Ok(true) => {}
+            Ok(false) => return Ok(false),
+            Err(source) => return Err(PkiError::Inspect { path, source }),
+        }
+    }
+    Ok(true)
+}
+
 /// Dev PKI for `tls.dev_pki`: if `dir`/ca.pem, server.pem, server.key, dev.pem and
 /// dev.key all exist, does nothing and returns `Ok(false)`; otherwise generates them
 /// (server name `localhost`, client `dev`) exactly like [`init`] with `force = true`
 /// and returns `Ok(true)`.
 pub fn ensure_dev_pki(dir: &Path) -> Result<bool, PkiError> {
-    let required = ["ca.pem", "server.pem", "server.key", "dev.pem", "dev.key"];
-    let mut complete = true;
-    for name in required {
-        let path = dir.join(name);
-        match path.try_exists() {
-            Ok(true) => {}
-            Ok(false) => {
-                complete = false;
-                break;
-            }
-            Err(source) => return Err(PkiError::Inspect { path, source }),
-        }
-    }
-    if complete {
+    if dev_pki_complete(dir)? {
         return Ok(false);
     }
     init(&CertsInit {

@@ -1249,7 +1249,10 @@ async fn session<B>(
         opts: bridge::Options {
             idle_timeout: cfg.limits.idle_timeout,
             keepalive: Some((cfg.keepalive.interval, cfg.keepalive.timeout)),
-            blind_first: req.headers().contains_key(crate::client::HEADER_EARLY),
+            blind_first: req
+                .headers()
+                .get(crate::client::HEADER_EARLY)
+                .is_some_and(|v| v.as_bytes() == b"1"),
         },
         stop_signal,
         admission,

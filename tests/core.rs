@@ -1372,6 +1372,19 @@ run_as = "sometimes"
             out.stderr
         );
     }
+    // A development PKI that serve has not made yet is not checked, and check-config
+    // makes nothing.
+    let dev = fx.path("devpki");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[tls]\ndev_pki = {}\n\n\
+         [[identity]]\nname = \"dev\"\ncert_cn = \"dev\"\n\n{}",
+        q(&dev.display().to_string()),
+        pipe("cat", "exec:cat", &["dev"], "")
+    );
+    let cfg = fx.write("dev.toml", &text);
+    let out = fx.run(&["check-config", "--config", &cfg.to_string_lossy()], b"");
+    out.expect_code(0);
+    assert!(!dev.exists(), "check-config made the development PKI");
 }
 
 #[test]

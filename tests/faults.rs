@@ -1146,6 +1146,8 @@ impl Relay {
                     thread::sleep(Duration::from_millis(10));
                     continue;
                 };
+                // (Accepted sockets inherit no O_NONBLOCK on Linux; elsewhere they may.)
+                a.set_nonblocking(false).expect("blocking");
                 let Ok(b) = std::net::TcpStream::connect(to) else {
                     continue;
                 };

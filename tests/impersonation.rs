@@ -614,6 +614,10 @@ fn exec_children_of_a_gateway_with_ambient_capabilities_hold_none() {
         closed.display()
     );
     assert!(
+        out.stderr.contains("502 endpoint_unavailable"),
+        "not refused for its directory: {out:?}"
+    );
+    assert!(
         !String::from_utf8_lossy(&out.stdout).contains("closed-cwd"),
         "{out:?}"
     );

@@ -1050,7 +1050,7 @@ fn a_forward_callers_early_bytes_into_an_out_session_are_dropped() {
     let fx = Fx::new();
     let text = fx.server_config(&pipe(
         "news",
-        "exec:sh -c 'echo first; sleep 1; echo second'",
+        "exec:sh -c 'echo first; sleep 2; echo second'",
         "direction = \"out\"",
     ));
     let a = fx.serve("a.toml", &text, &[]);
@@ -1081,7 +1081,8 @@ fn a_forward_callers_early_bytes_into_an_out_session_are_dropped() {
         .read_exact(&mut first)
         .unwrap_or_else(|e| panic!("the first line: {e}; forward log:\n{}", b.log()));
     assert_eq!(&first, b"first\n");
-    caller.write_all(b"typed later\n").expect("write");
+    // (Not checked: a test thread held up past the child's end would find it closed.)
+    let _ = caller.write_all(b"typed later\n");
     let mut rest = String::new();
     caller.read_to_string(&mut rest).expect("the rest");
     assert_eq!(rest, "second\n", "forward log:\n{}", b.log());

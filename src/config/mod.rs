@@ -579,7 +579,22 @@ impl Config {
     /// The config error for `file`, a `[tls]` file that failed to load (at start, at
     /// check-config, at a reload): named by the key that gave it (`tls.cert`, `tls.crl`,
     /// or `tls.dev_pki` for a file the development PKI supplies) and that key's line.
-    pub fn tls_file_error(&self, file: &Path, message: impl Into<String>) -> ConfigError {
+    /// Without a file (the material did not fit together), the `[tls]` table's.
+    pub fn tls_file_error(&self, file: Option<&Path>, message: impl Into<String>) -> ConfigError {
+        let message = message.into();
+        let Some(file) = file else {
+            let text = std::fs::read_to_string(&self.source).unwrap_or_default();
+            let line = match toml::from_str::<RawConfig>(&text) {
+                Ok(RawConfig { tls: Some(t), .. }) => Some(line_of(&text, t.span().start)),
+                _ => None,
+            };
+            return ConfigError {
+                file: self.source.clone(),
+                line,
+                key: "tls".into(),
+                message,
+            };
+        };
         let mut key = "tls".to_string();
         let mut line = None;
         let text = std::fs::read_to_string(&self.source).unwrap_or_default();
@@ -610,7 +625,7 @@ impl Config {
             file: self.source.clone(),
             line,
             key,
-            message: format!("{}: {}", file.display(), message.into()),
+            message: format!("{}: {message}", file.display()),
         }
     }
 

@@ -4,10 +4,11 @@
 //! on Unix; kill-on-drop otherwise; tokio reaps it). A child that exits on its own has
 //! what is left of its process group killed before it is reaped ([`wait`], Linux).
 //!
-//! On Unix the switch to the principal, the working directory and dropping capabilities
+//! On Unix the switch to the principal, dropping capabilities and the working directory
 //! happen in the forked child, in that order, so the directory is entered with the
-//! principal's rights (a home only its owner may enter works; one the principal cannot
-//! enter falls back to `/`), and the child is started on a blocking thread, since the
+//! principal's rights only (a home only its owner may enter works; one the principal
+//! cannot enter falls back to `/`; the gateway's own child enters its directory before
+//! the drop, with the gateway's rights), and the child is started on a blocking thread, since the
 //! fork returns only once the child has entered its directory (an automounted or hung
 //! network home must not stall the shard's other sessions).
 

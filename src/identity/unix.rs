@@ -727,8 +727,9 @@ pub fn exec_as(cmd: &mut tokio::process::Command, p: &Principal) {
 }
 
 /// Has `cmd`'s child drop every capability before exec (added after the switch, and
-/// before a principal's working directory, which it enters without them), unless it runs as a principal that is root (`principal`
-/// is its uid; `None`: the gateway's own account). Switching between two uids that are
+/// before a principal's working directory, which it enters without them), unless it
+/// runs as a principal that is root (`principal` is its uid; `None`: the gateway's own
+/// account). Switching between two uids that are
 /// not root keeps the capability sets, and exec makes the ambient ones the child's: a
 /// child of a gateway run as a user with ambient `CAP_SETUID` (systemd's
 /// `AmbientCapabilities=`) would hold what lets it become root. A root gateway's own
