@@ -789,7 +789,11 @@ async fn finish<W: OwnedWrite, R: ChunkRead>(
             match &frame {
                 Some(f) => {
                     out.code = u16::from(f.code);
-                    out.reason = format!("peer closed early: {} {}", out.code, f.reason);
+                    out.reason = format!(
+                        "peer closed early: {} {}",
+                        out.code,
+                        protocol::clean(&f.reason)
+                    );
                 }
                 None => {
                     out.code = 1005;
@@ -1092,12 +1096,21 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 }
                 Ok(c @ (Control::ExitCode(_) | Control::ExitSignal(_))) => *exit = Some(c),
                 Ok(Control::Error { kind, message }) => {
+                    // The peer's text, kept only as it can be logged and printed.
+                    let (kind, message) = (
+                        protocol::clean(&kind).into_owned(),
+                        protocol::clean(&message).into_owned(),
+                    );
                     span.in_scope(|| tracing::debug!(%kind, %message, "peer reported an error"));
                     *peer_error = Some((kind, message));
                 }
-                Ok(Control::Unknown(t)) => span
-                    .in_scope(|| tracing::debug!(control = %t, "ignoring unknown control message")),
-                Err(e) => return Failure::Protocol(ErrorKind::ProtocolError, e.to_string()),
+                Ok(Control::Unknown(t)) => span.in_scope(|| {
+                    tracing::debug!(control = %protocol::clean(&t), "ignoring unknown control message")
+                }),
+                Err(e) => {
+                    let e = protocol::clean(&e.to_string()).into_owned();
+                    return Failure::Protocol(ErrorKind::ProtocolError, e);
+                }
             },
             Message::Close(frame) => return Failure::PeerClosed(frame),
             Message::Ping(p) => {

@@ -624,6 +624,7 @@ impl Dialer {
         b.initial_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
             .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
+            .data_frame_budget(tunnel::H2_DATA_FRAME_BUDGET)
             .enable_push(false);
         let (send, mut conn) = b
             .handshake::<_, Bytes>(tls)
@@ -1129,15 +1130,15 @@ async fn send(
 
 fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let kind = v
-        .get("error")
-        .and_then(|k| k.as_str())
-        .unwrap_or("unknown")
-        .to_string();
+    // The gateway's text, printed and logged: made safe first.
+    let kind = v.get("error").and_then(|k| k.as_str()).map_or_else(
+        || "unknown".to_string(),
+        |k| protocol::clean(k).into_owned(),
+    );
     let message = v
         .get("message")
         .and_then(|k| k.as_str())
-        .map(str::to_string)
+        .map(|m| protocol::clean(m).into_owned())
         .unwrap_or_else(|| status.canonical_reason().unwrap_or("").to_string());
     ClientError::Refused {
         status: status.as_u16(),

@@ -574,6 +574,7 @@ async fn connection(tcp: tokio::net::TcpStream, peer: SocketAddr, gw: Arc<Gatewa
         trust_checked: Mutex::new(None),
         retire: tokio::sync::Notify::new(),
         refused_untrusted: std::sync::atomic::AtomicBool::new(false),
+        authenticated: std::sync::atomic::AtomicBool::new(false),
         accepted: started,
         upgrade_by: started + timeout,
         busy: busy.clone(),
@@ -632,7 +633,8 @@ async fn serve_h2(
         .initial_window_size(tunnel::H2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(tunnel::H2_CONN_WINDOW_BYTES)
         .max_frame_size(tunnel::H2_MAX_FRAME_BYTES)
-        .max_concurrent_streams(tunnel::H2_MAX_STREAMS);
+        .max_concurrent_streams(tunnel::H2_MAX_STREAMS)
+        .data_frame_budget(tunnel::H2_DATA_FRAME_BUDGET);
     let mut h2c = match tokio::time::timeout(remaining, b.handshake::<_, Bytes>(tls)).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -652,9 +654,19 @@ async fn serve_h2(
     let idle_limit = cfg.keepalive.timeout.max(cfg.limits.handshake_timeout);
     let idle = idle_for(&conn.busy, idle_limit);
     let drain = gw.drain_started.clone().cancelled_owned();
-    tokio::pin!(ka, idle, drain);
+    // A connection must authenticate a request within the handshake timeout (else it
+    // lived for the idle limit, 90 s by default, on pings alone, credentials or not).
+    let handshake = cfg.limits.handshake_timeout;
+    let auth_by = tokio::time::sleep(handshake);
+    // Once closing (GOAWAY sent), h2 ends the connection when the peer answers the PING
+    // that follows it; one that never does is dropped a handshake timeout later, once
+    // nothing is in flight on it.
+    let close_by = tokio::time::sleep(Duration::from_secs(365 * 24 * 3600));
+    tokio::pin!(ka, idle, drain, auth_by, close_by);
     let mut closing = false;
+    let mut close_armed = false;
     loop {
+        let mut rearm = false;
         tokio::select! {
             r = h2c.accept() => match r {
                 Some(Ok((req, respond))) => {
@@ -692,6 +704,24 @@ async fn serve_h2(
                 h2c.graceful_shutdown();
                 closing = true;
             }
+            _ = &mut auth_by, if !closing && !conn.authenticated.load(Ordering::Relaxed) => {
+                debug!("closing an HTTP/2 connection that authenticated no request within {handshake:?}");
+                h2c.graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut close_by, if close_armed => {
+                if conn.busy.load(Ordering::Relaxed) == 0 {
+                    debug!("dropping an HTTP/2 connection that did not close after its GOAWAY");
+                    break;
+                }
+                rearm = true;
+            }
+        }
+        if (closing && !close_armed) || rearm {
+            close_armed = true;
+            close_by
+                .as_mut()
+                .reset(tokio::time::Instant::now() + handshake);
         }
     }
 }
@@ -762,6 +792,9 @@ struct ConnInfo {
     retire: tokio::sync::Notify,
     /// A request of it was refused for that ([`untrusted`]).
     refused_untrusted: std::sync::atomic::AtomicBool,
+    /// A request of it authenticated ([`authenticate`]): an HTTP/2 connection with none
+    /// within the handshake timeout is closed.
+    authenticated: std::sync::atomic::AtomicBool,
     accepted: Instant,
     /// When its HTTP/1.1 phase must have ended (accepted + the handshake timeout in force
     /// then), which an open on it must leave time before.
@@ -867,8 +900,9 @@ fn authenticate<B>(
         return Err(untrusted(conn, gw, cfg));
     }
     let r = authenticate_inner(req, conn, cfg);
-    if r.is_err() {
-        gw.auth_failed(ip, cfg);
+    match &r {
+        Ok(_) => conn.authenticated.store(true, Ordering::Relaxed),
+        Err(_) => gw.auth_failed(ip, cfg),
     }
     r
 }

@@ -2018,3 +2018,173 @@ async fn a_client_that_never_reads_keeps_gateway_memory_bounded() {
     drop(held);
     t.assert_healthy("clients that never read").await;
 }
+
+// === HTTP/2 ===
+
+/// [`client_config`] offering HTTP/2 only.
+fn h2_config(fx: &Fixture, who: Who<'_>) -> Arc<rustls::ClientConfig> {
+    let mut cfg = (*client_config(fx, who)).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(cfg)
+}
+
+/// A peer that fills a stalled session's stream with 1-byte DATA frames is cut off
+/// (GOAWAY `ENHANCE_YOUR_CALM`) once what the frames' bookkeeping costs passes 16 MiB,
+/// and the gateway goes on serving within its memory bound. h2's own limit is half the
+/// connection window, which the gateway sets to 2^31 - 1: about 1 GiB, so the gateway
+/// held every frame (hundreds of MiB for one session's 2 MiB window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_http2_data_frames_on_a_stalled_session_cost_the_peer_its_connection() {
+    let t = Target::standard();
+    let s = tls_with(h2_config(&t.fx, Who::Cert("alice")), t.port(), None)
+        .await
+        .expect("TLS");
+    let (client, conn) = h2::client::handshake(s).await.expect("HTTP/2 handshake");
+    let mut conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    // The gateway's SETTINGS (extended CONNECT) come with its side of the handshake.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.is_extended_connect_protocol_enabled() {
+        assert!(
+            Instant::now() < deadline,
+            "no extended CONNECT from the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .version(hyper::Version::HTTP_2)
+        .uri(format!("https://localhost:{}/pipes/sink", t.port()))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "pipebridge.v1")
+        .body(())
+        .expect("request");
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (resp, mut stream) = client.send_request(req, false).expect("send request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer")
+        .expect("response");
+    assert_eq!(resp.status(), 200, "the session opens");
+    // A message bigger than the child's stdin pipe (it never reads): the gateway's write
+    // blocks and it reads the stream no further. Then the next message's header, and
+    // its bytes one per DATA frame.
+    let len = 512 * 1024;
+    let mut first = frame_header(true, 0, OP_BINARY, Some([0; 4]), len);
+    first.resize(first.len() + len as usize, 0);
+    stream
+        .send_data(bytes::Bytes::from(first), false)
+        .expect("first message");
+    stream
+        .send_data(
+            bytes::Bytes::from(frame_header(true, 0, OP_BINARY, Some([0; 4]), len)),
+            false,
+        )
+        .expect("second header");
+    let mut sent = 0;
+    for _ in 0..150_000 {
+        if stream
+            .send_data(bytes::Bytes::from_static(&[0]), false)
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), &mut conn).await;
+    let rss = t.rss_kb();
+    let Ok(ended) = ended else {
+        conn.abort();
+        panic!(
+            "the gateway kept a connection that sent {sent} 1-byte DATA frames to a stalled session (VmRSS {rss} KiB)"
+        );
+    };
+    let reason = match ended.expect("connection task") {
+        Ok(()) => None,
+        Err(e) => e.reason(),
+    };
+    assert!(
+        matches!(reason, None | Some(h2::Reason::ENHANCE_YOUR_CALM)),
+        "the connection ended with {reason:?}"
+    );
+    eprintln!(
+        "tiny DATA frames: connection ended ({reason:?}) after {sent} queued; VmRSS {rss} KiB"
+    );
+    t.assert_healthy("1-byte HTTP/2 DATA frames on a stalled session")
+        .await;
+}
+
+/// An HTTP/2 connection that sends no request, and answers neither pings nor the PING
+/// that follows a GOAWAY, is dropped about two handshake timeouts after it opened: one
+/// to authenticate a request, one to close once told to. It lived for the idle limit
+/// (90 s by default) on HTTP/2 alone, and after a GOAWAY until its peer answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_never_authenticates_is_dropped() {
+    let t = Target::standard();
+    let mut s = tls_with(h2_config(&t.fx, Who::Nobody), t.port(), None)
+        .await
+        .expect("TLS");
+    assert_eq!(
+        s.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "h2 offered"
+    );
+    // The connection preface and an empty SETTINGS frame; nothing more, ever.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    s.write_all(&hello).await.expect("preface");
+    s.flush().await.expect("flush");
+    let opened = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return opened.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the connection was still open after 30 s"));
+    eprintln!("an HTTP/2 connection that never authenticated was dropped after {end:?}");
+    assert!(
+        end < HANDSHAKE * 2 + Duration::from_secs(4),
+        "dropped after {end:?}, past twice the handshake timeout ({HANDSHAKE:?})"
+    );
+    t.assert_healthy("an HTTP/2 connection that never authenticated")
+        .await;
+}
+
+/// A Close frame's reason is the peer's text: a newline or a terminal escape in it is
+/// logged as an escape, so it cannot start a forged line in the text log (the audit
+/// line's `close_reason` was written raw).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_close_reason_cannot_forge_log_lines() {
+    let mut t = Target::standard();
+    let mut raw = Raw::open(&t, "/pipes/echo").await;
+    let mut payload = 1000u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"bye\nFORGED INFO pipebridge::audit: identity=admin\x1b[2J");
+    raw.send(&frame(true, 0, OP_CLOSE, KEY, &payload)).await;
+    let _ = raw.until_close(Duration::from_secs(10)).await;
+    t.gw.proc.wait_until(Duration::from_secs(10), |log| {
+        log.lines()
+            .any(|l| l.contains("session end") && l.contains("bye"))
+    });
+    let log = t.gw.log();
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a forged line:\n{}",
+        tail(&log, 10)
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "a raw escape in the log:\n{}",
+        tail(&log, 10)
+    );
+    assert!(
+        log.contains("bye\\nFORGED"),
+        "the reason, escaped:\n{}",
+        tail(&log, 10)
+    );
+}

@@ -16,6 +16,13 @@ pub const H2_STREAM_WINDOW_BYTES: u32 = 2 << 20;
 /// the connection. What one connection buffers is bounded by its sessions' stream
 /// windows.
 pub const H2_CONN_WINDOW_BYTES: u32 = (1 << 31) - 1;
+/// HTTP/2: how much bookkeeping the small DATA frames a connection holds unread may
+/// cost (h2 counts 256 bytes less the payload for each frame under 256 bytes), past
+/// which the peer is cut off (GOAWAY `ENHANCE_YOUR_CALM`). h2's default is half the
+/// connection window: with [`H2_CONN_WINDOW_BYTES`] about 1 GiB, so a peer that filled
+/// a stalled session's window with 1-byte frames made the gateway hold hundreds of MiB
+/// per session. 16 MiB is about 65,000 tiny frames unread on one connection.
+pub const H2_DATA_FRAME_BUDGET: usize = 16 << 20;
 /// HTTP/2: largest DATA frame.
 pub const H2_MAX_FRAME_BYTES: u32 = 256 << 10;
 /// HTTP/2: sessions at once on one connection.

@@ -199,9 +199,40 @@ impl SessionQuery {
     }
 }
 
+/// Text a peer chose (a Close frame's reason, an `error` message, a refusal's JSON),
+/// made safe to log or print: control characters (a newline that would start a forged
+/// log line, a terminal escape) are written as escapes (`\n`, `\u{1b}`); the rest is
+/// kept as it is.
+pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_cleaned_of_control_characters() {
+        assert!(matches!(
+            clean("plain ünïcode"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            clean("a\nb\r\x1b[2J\u{9b}c\td"),
+            "a\\nb\\r\\u{1b}[2J\\u{9b}c\\td"
+        );
+    }
     use crate::config::{Direction, Mode};
 
     #[test]
