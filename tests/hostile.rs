@@ -2029,7 +2029,7 @@ fn h2_config(fx: &Fixture, who: Who<'_>) -> Arc<rustls::ClientConfig> {
 }
 
 /// A peer that fills a stalled session's stream with 1-byte DATA frames is cut off
-/// (GOAWAY `ENHANCE_YOUR_CALM`) once what the frames' bookkeeping costs passes 16 MiB,
+/// (GOAWAY `ENHANCE_YOUR_CALM`) once what the frames' bookkeeping costs passes 32 MiB,
 /// and the gateway goes on serving within its memory bound. h2's own limit is half the
 /// connection window, which the gateway sets to 2^31 - 1: about 1 GiB, so the gateway
 /// held every frame (hundreds of MiB for one session's 2 MiB window).
@@ -2083,7 +2083,7 @@ async fn tiny_http2_data_frames_on_a_stalled_session_cost_the_peer_its_connectio
         )
         .expect("second header");
     let mut sent = 0;
-    for _ in 0..150_000 {
+    for _ in 0..250_000 {
         if stream
             .send_data(bytes::Bytes::from_static(&[0]), false)
             .is_err()

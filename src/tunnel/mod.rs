@@ -21,8 +21,10 @@ pub const H2_CONN_WINDOW_BYTES: u32 = (1 << 31) - 1;
 /// which the peer is cut off (GOAWAY `ENHANCE_YOUR_CALM`). h2's default is half the
 /// connection window: with [`H2_CONN_WINDOW_BYTES`] about 1 GiB, so a peer that filled
 /// a stalled session's window with 1-byte frames made the gateway hold hundreds of MiB
-/// per session. 16 MiB is about 65,000 tiny frames unread on one connection.
-pub const H2_DATA_FRAME_BUDGET: usize = 16 << 20;
+/// per session. 32 MiB is about 130,000 tiny frames unread on one connection: several
+/// sessions stalled with their windows full of 100-byte messages, or one full of
+/// messages under about 30 bytes (which costs as much memory as it is allowed).
+pub const H2_DATA_FRAME_BUDGET: usize = 32 << 20;
 /// HTTP/2: largest DATA frame.
 pub const H2_MAX_FRAME_BYTES: u32 = 256 << 10;
 /// HTTP/2: sessions at once on one connection.
