@@ -1041,19 +1041,7 @@ pub async fn ls(a: LsArgs) -> i32 {
     };
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     if !status.is_success() {
-        let e = ClientError::Refused {
-            status: status.as_u16(),
-            kind: v
-                .get("error")
-                .and_then(|x| x.as_str())
-                .unwrap_or("unknown")
-                .to_string(),
-            message: v
-                .get("message")
-                .and_then(|x| x.as_str())
-                .unwrap_or("")
-                .to_string(),
-        };
+        let e = client::refusal(status, &body);
         print_client_error(&e);
         return e.exit_code();
     }
@@ -1064,7 +1052,11 @@ pub async fn ls(a: LsArgs) -> i32 {
         .into_iter()
         .flatten()
     {
-        let f = |k: &str| p.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+        // The gateway's text, printed: made safe first.
+        let f = |k: &str| {
+            let v = p.get(k).and_then(|x| x.as_str()).unwrap_or("?");
+            crate::tunnel::protocol::clean(v).into_owned()
+        };
         println!(
             "{:<32} {:<10} {:<8} {}",
             f("name"),

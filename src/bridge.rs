@@ -1018,18 +1018,31 @@ async fn downstream<W: OwnedWrite, R: ChunkRead>(
                 };
                 let r = {
                     let _blocked = activity.blocking();
-                    match w {
-                        // Flush each message: a buffered writer (stdout) must not
-                        // hold back a reply a request/response protocol waits for.
-                        Writer::Bytes(w) => match w.write_all(&data).await {
-                            Ok(()) => w.flush().await,
-                            Err(e) => Err(e),
-                        },
-                        Writer::Messages(m) => match m.send(&data).await {
-                            Ok(()) => m.flush().await,
-                            Err(e) => Err(e),
-                        },
-                    }
+                    let write = async {
+                        match w {
+                            // Flush each message: a buffered writer (stdout) must not
+                            // hold back a reply a request/response protocol waits for.
+                            Writer::Bytes(w) => match w.write_all(&data).await {
+                                Ok(()) => w.flush().await,
+                                Err(e) => Err(e),
+                            },
+                            Writer::Messages(m) => match m.send(&data).await {
+                                Ok(()) => m.flush().await,
+                                Err(e) => Err(e),
+                            },
+                        }
+                    };
+                    let mut write = std::pin::pin!(write);
+                    // While the write waits, what the peer sends meanwhile is taken out
+                    // of HTTP/2's per-frame buffers (within the stream's window).
+                    std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = write.as_mut().poll(cx) {
+                            return Poll::Ready(r);
+                        }
+                        stream.poll_absorb(cx);
+                        Poll::Pending
+                    })
+                    .await
                 };
                 if let Err(e) = r {
                     // A forward's caller that can read no more (on a Unix socket, EPIPE

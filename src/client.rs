@@ -1086,7 +1086,7 @@ async fn connect_via_proxy(proxy: &Proxy, host: &str, port: u16) -> Result<TcpSt
     let line = String::from_utf8_lossy(&head);
     let status = line.split_whitespace().nth(1).unwrap_or("");
     if status != "200" {
-        let first = line.lines().next().unwrap_or("").to_string();
+        let first = protocol::clean(line.lines().next().unwrap_or("")).into_owned();
         return Err(ClientError::Network(format!(
             "proxy {proxy} refused CONNECT: {first}"
         )));
@@ -1128,7 +1128,7 @@ async fn send(
     }
 }
 
-fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
+pub(crate) fn refusal(status: StatusCode, body: &[u8]) -> ClientError {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     // The gateway's text, printed and logged: made safe first.
     let kind = v.get("error").and_then(|k| k.as_str()).map_or_else(

@@ -670,12 +670,15 @@ async fn serve_h2(
         tokio::select! {
             r = h2c.accept() => match r {
                 Some(Ok((req, respond))) => {
+                    // Counted from here, not from the task's first poll: the close
+                    // below must not take an accepted request for none.
+                    let busy = InFlight::new(&conn.busy);
                     let (conn, gw2) = (conn.clone(), gw.clone());
                     // Boxed here, once: the session's future is kilobytes, and
                     // moved by value it would be copied whole at each step of the
                     // spawn (the tracker's wrapper, the task's cell).
                     gw.tracker.spawn(Box::pin(
-                        async move { handle_h2(req, respond, conn, gw2).await }
+                        async move { handle_h2(req, respond, conn, gw2, busy).await }
                             .in_current_span(),
                     ));
                 }
@@ -711,6 +714,10 @@ async fn serve_h2(
             }
             _ = &mut close_by, if close_armed => {
                 if conn.busy.load(Ordering::Relaxed) == 0 {
+                    // What the last requests queued (a refusal's body, a session's
+                    // last frames) goes out first, for at most a second.
+                    let flush = std::future::poll_fn(|cx| h2c.poll_closed(cx));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
                     debug!("dropping an HTTP/2 connection that did not close after its GOAWAY");
                     break;
                 }
@@ -733,8 +740,8 @@ async fn handle_h2(
     mut respond: h2::server::SendResponse<Bytes>,
     conn: Arc<ConnInfo>,
     gw: Arc<Gateway>,
+    _busy: InFlight,
 ) {
-    let _busy = InFlight::new(&conn.busy);
     let (parts, body) = req.into_parts();
     let req = Request::from_parts(parts, ());
     let (resp, start) = match route(&req, &conn, &gw).await {
@@ -831,7 +838,7 @@ fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 fn refuse(r: &Refusal, conn: &ConnInfo, path: &str) -> Response<Full<Bytes>> {
     crate::metrics::get().refused(r.kind);
-    info!(peer = %conn.peer, status = r.kind.status().as_u16(), kind = %r.kind, path = %path.chars().take(200).collect::<String>(), "refused");
+    info!(peer = %conn.peer, status = r.kind.status().as_u16(), kind = %r.kind, path = %crate::tunnel::protocol::clean(&path.chars().take(200).collect::<String>()), "refused");
     json_response(r.kind.status(), r.body())
 }
 

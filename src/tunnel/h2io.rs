@@ -48,6 +48,9 @@ impl Transport for H2Stream {
             H2Recv {
                 recv: self.recv,
                 buf: Bytes::new(),
+                spill: std::collections::VecDeque::new(),
+                small: bytes::BytesMut::new(),
+                ended: None,
             },
             H2Send {
                 send: self.send,
@@ -63,7 +66,24 @@ pub struct H2Recv {
     recv: RecvStream,
     /// The part of the last DATA frame not read yet.
     buf: Bytes,
+    /// DATA frames taken out of h2 while the session could not read them (its local
+    /// writer blocked, [`ChunkRead::poll_absorb`]), in order after `buf`, then `small`.
+    /// Their window is given back only as they are read, so these hold at most the
+    /// stream window. Frames under [`SMALL_FRAME`] bytes are copied together into
+    /// `small` (h2 keeps about 256 bytes of bookkeeping per frame, one of 1 byte too,
+    /// counted against the connection's [`super::H2_DATA_FRAME_BUDGET`]: a session
+    /// stalled with its window full of tiny messages held up to 2 million of them
+    /// there); bigger ones are kept as they are (no copy of bulk data).
+    spill: std::collections::VecDeque<Bytes>,
+    /// Small frames taken out of h2, merged: after `spill`.
+    small: bytes::BytesMut,
+    /// How the stream ended, met while taking frames into `spill`: after it.
+    ended: Option<io::Result<()>>,
 }
+
+/// DATA frames under this size are merged when taken out of h2 ([`H2Recv`]): h2 counts
+/// 256 bytes less the payload against its budget for each.
+const SMALL_FRAME: usize = 256;
 
 /// The writing half of an [`H2Stream`].
 pub struct H2Send {
@@ -125,25 +145,40 @@ fn to_io(e: h2::Error) -> io::Error {
 }
 
 impl H2Recv {
-    /// Fills `buf` with the next DATA frame if it is empty; `false` at the end of the
-    /// stream.
+    /// Fills `buf` with the bytes taken aside, else the next DATA frame, if it is
+    /// empty; `false` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.buf.is_empty() {
-            match ready!(self.recv.poll_data(cx)) {
+            if let Some(b) = self.spill.pop_front() {
+                self.buf = b;
+                continue;
+            }
+            if !self.small.is_empty() {
+                self.buf = self.small.split().freeze();
+                break;
+            }
+            if let Some(end) = self.ended.take() {
+                return Poll::Ready(end.map(|()| false));
+            }
+            match ready!(self.poll_frame(cx))? {
+                Some(b) => self.buf = b,
                 None => return Poll::Ready(Ok(false)),
-                Some(Ok(b)) => self.buf = b,
-                Some(Err(e)) => {
-                    return Poll::Ready(match e.reason() {
-                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(false),
-                        Some(Reason::STREAM_CLOSED) => {
-                            Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
-                        }
-                        _ => Err(to_io(e)),
-                    })
-                }
             }
         }
         Poll::Ready(Ok(true))
+    }
+
+    /// The next DATA frame from h2; `None` at the end of the stream.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        Poll::Ready(match ready!(self.recv.poll_data(cx)) {
+            None => Ok(None),
+            Some(Ok(b)) => Ok(Some(b)),
+            Some(Err(e)) => match e.reason() {
+                Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(None),
+                Some(Reason::STREAM_CLOSED) => Err(io::Error::new(io::ErrorKind::BrokenPipe, e)),
+                _ => Err(to_io(e)),
+            },
+        })
     }
 
     /// Gives the window back as data is consumed (h2 sends WINDOW_UPDATE in bulk).
@@ -184,6 +219,27 @@ impl ChunkRead for H2Recv {
         let b = std::mem::take(&mut this.buf);
         this.consumed(b.len());
         Poll::Ready(Ok(Some(b)))
+    }
+
+    fn poll_absorb(self: Pin<&mut Self>, cx: &mut Context<'_>) {
+        let this = self.get_mut();
+        while this.ended.is_none() {
+            match this.poll_frame(cx) {
+                Poll::Pending => return,
+                Poll::Ready(Ok(Some(b))) if b.len() < SMALL_FRAME => {
+                    this.small.extend_from_slice(&b)
+                }
+                Poll::Ready(Ok(Some(b))) => {
+                    if !this.small.is_empty() {
+                        let merged = this.small.split().freeze();
+                        this.spill.push_back(merged);
+                    }
+                    this.spill.push_back(b);
+                }
+                Poll::Ready(Ok(None)) => this.ended = Some(Ok(())),
+                Poll::Ready(Err(e)) => this.ended = Some(Err(e)),
+            }
+        }
     }
 }
 

@@ -21,9 +21,10 @@ pub const H2_CONN_WINDOW_BYTES: u32 = (1 << 31) - 1;
 /// which the peer is cut off (GOAWAY `ENHANCE_YOUR_CALM`). h2's default is half the
 /// connection window: with [`H2_CONN_WINDOW_BYTES`] about 1 GiB, so a peer that filled
 /// a stalled session's window with 1-byte frames made the gateway hold hundreds of MiB
-/// per session. 32 MiB is about 130,000 tiny frames unread on one connection: several
-/// sessions stalled with their windows full of 100-byte messages, or one full of
-/// messages under about 30 bytes (which costs as much memory as it is allowed).
+/// per session. 32 MiB is about 130,000 tiny frames held in h2 on one connection;
+/// sessions take their frames out of h2 even while their local writes wait
+/// ([`h2io::H2Recv`]), so only frames that arrive faster than the sessions' tasks run
+/// count.
 pub const H2_DATA_FRAME_BUDGET: usize = 32 << 20;
 /// HTTP/2: largest DATA frame.
 pub const H2_MAX_FRAME_BYTES: u32 = 256 << 10;

@@ -86,6 +86,11 @@ pub trait ChunkRead: AsyncRead + Unpin {
     fn poll_chunk(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
     }
+
+    /// While the session cannot read (its local writer is blocked): takes what has
+    /// arrived out of the transport's own per-frame buffers into a buffer of bytes, to
+    /// be read later in order, without giving any window back (the default: nothing).
+    fn poll_absorb(self: Pin<&mut Self>, _cx: &mut Context<'_>) {}
 }
 
 impl<T: AsyncRead> ChunkRead for ReadHalf<T> {}
@@ -423,6 +428,11 @@ impl<W: OwnedWrite> WsSink<W> {
 }
 
 impl<R: ChunkRead> WsSource<R> {
+    /// [`ChunkRead::poll_absorb`] on the transport.
+    pub fn poll_absorb(&mut self, cx: &mut Context<'_>) {
+        Pin::new(&mut self.io).poll_absorb(cx);
+    }
+
     /// The next message; `None` once the peer's Close was received, or when the transport
     /// ended after it.
     pub async fn next(&mut self) -> Option<Result<Message>> {
