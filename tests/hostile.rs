@@ -2103,25 +2103,36 @@ async fn small_http2_frames_into_stalled_sessions_cost_only_their_bytes() {
                     false,
                 )
                 .expect("header");
-            for _ in 0..n {
-                stream
-                    .send_data(bytes::Bytes::from_static(&[7]), false)
-                    .expect("1-byte frame");
+            // In batches a little apart: h2 counts what it holds between the session's
+            // turns against its budget (32 MiB, about 130,000 such frames), and a
+            // loaded machine may give the gateway's connection task many batches at once.
+            for _ in 0..n / 10_000 {
+                for _ in 0..10_000 {
+                    stream
+                        .send_data(bytes::Bytes::from_static(&[7]), false)
+                        .expect("1-byte frame");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         } else {
             // 30-byte messages, one per DATA frame.
             let msg = bytes::Bytes::from(frame(true, 0, OP_BINARY, Some([0; 4]), &[7; 30]));
-            for _ in 0..40_000 {
-                stream.send_data(msg.clone(), false).expect("small message");
+            for _ in 0..4 {
+                for _ in 0..10_000 {
+                    stream.send_data(msg.clone(), false).expect("small message");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         streams.push((stream, body));
     }
-    // Answered after every frame sent before it has been taken in.
-    tokio::time::timeout(Duration::from_secs(60), pings.ping(h2::Ping::opaque()))
+    // h2 sends a PING ahead of data still queued: its answer, then 2 s, for the frames
+    // to have reached the gateway (2.6 MB over loopback).
+    tokio::time::timeout(Duration::from_secs(20), pings.ping(h2::Ping::opaque()))
         .await
         .expect("no answer to a ping after the frames")
         .expect("ping");
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let rss = t.rss_kb();
     assert!(
         !conn.is_finished(),

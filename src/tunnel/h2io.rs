@@ -81,9 +81,12 @@ pub struct H2Recv {
     ended: Option<io::Result<()>>,
 }
 
-/// DATA frames under this size are merged when taken out of h2 ([`H2Recv`]): h2 counts
-/// 256 bytes less the payload against its budget for each.
-const SMALL_FRAME: usize = 256;
+/// DATA frames under this size are copied together when taken out of h2 ([`H2Recv`]):
+/// h2 counts 256 bytes less the payload against its budget for each frame under 256
+/// bytes, and a frame kept as h2 read it pins h2's read buffer (8 KiB or more), so
+/// frames of a few hundred bytes, each read into a buffer of its own, could pin far
+/// more than their bytes. Bigger ones (bulk data) are kept as they are, not copied.
+const SMALL_FRAME: usize = 16 * 1024;
 
 /// The writing half of an [`H2Stream`].
 pub struct H2Send {
@@ -150,11 +153,17 @@ impl H2Recv {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
         while self.buf.is_empty() {
             if let Some(b) = self.spill.pop_front() {
+                if self.spill.is_empty() {
+                    // Its capacity goes too (a stall's thousands of entries).
+                    self.spill = std::collections::VecDeque::new();
+                }
                 self.buf = b;
                 continue;
             }
             if !self.small.is_empty() {
-                self.buf = self.small.split().freeze();
+                // The allocation goes with the bytes (a split would keep it here for
+                // the session's life).
+                self.buf = std::mem::take(&mut self.small).freeze();
                 break;
             }
             if let Some(end) = self.ended.take() {
@@ -216,7 +225,10 @@ impl ChunkRead for H2Recv {
         if !ready!(this.poll_fill(cx))? {
             return Poll::Ready(Ok(None));
         }
-        let b = std::mem::take(&mut this.buf);
+        // At most a frame's worth at once: bytes taken aside while the writer waited
+        // are handed on (and their window given back) as they are read, not all at once.
+        let n = this.buf.len().min(super::H2_MAX_FRAME_BYTES as usize);
+        let b = this.buf.split_to(n);
         this.consumed(b.len());
         Poll::Ready(Ok(Some(b)))
     }

@@ -144,6 +144,13 @@ impl<A: ChunkRead, B: ChunkRead> ChunkRead for Either<A, B> {
             Either::Right(b) => Pin::new(b).poll_chunk(cx),
         }
     }
+
+    fn poll_absorb(self: Pin<&mut Self>, cx: &mut Context<'_>) {
+        match self.get_mut() {
+            Either::Left(a) => Pin::new(a).poll_absorb(cx),
+            Either::Right(b) => Pin::new(b).poll_absorb(cx),
+        }
+    }
 }
 
 impl<A: OwnedWrite, B: OwnedWrite> OwnedWrite for Either<A, B> {
@@ -664,6 +671,39 @@ fn whole(text: bool, data: Bytes) -> Result<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader that counts [`ChunkRead::poll_absorb`] calls.
+    struct Absorbing(usize);
+
+    impl tokio::io::AsyncRead for Absorbing {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl ChunkRead for Absorbing {
+        fn poll_absorb(self: Pin<&mut Self>, _cx: &mut Context<'_>) {
+            self.get_mut().0 += 1;
+        }
+    }
+
+    /// A forward's transport is an `Either` (HTTP/1.1 or HTTP/2): it passes the absorb
+    /// on (it ran the empty default, so a forward's sessions never took their frames
+    /// out of h2).
+    #[test]
+    fn either_passes_absorb_on() {
+        let waker = futures_util::task::noop_waker();
+        let cx = &mut Context::from_waker(&waker);
+        for mut e in [Either::Left(Absorbing(0)), Either::Right(Absorbing(0))] {
+            Pin::new(&mut e).poll_absorb(cx);
+            let (Either::Left(Absorbing(n)) | Either::Right(Absorbing(n))) = e;
+            assert_eq!(n, 1);
+        }
+    }
 
     async fn pair(
         max: usize,
