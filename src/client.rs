@@ -822,7 +822,7 @@ impl Dialer {
 
 /// A pooled connection's keepalive: a ping every `interval`, and one at once when an
 /// open has waited [`PROBE_AFTER`] for its answer (`probe`). A ping unanswered for
-/// [`SUSPECT_AFTER`] (or four times the slowest answer so far, if more) takes the
+/// [`SUSPECT_AFTER`] (or four times the slowest recent answer, if more) takes the
 /// connection out of the pool (`alive`): new sessions go over
 /// a new one, while the sessions it carries go on; unanswered for `timeout`, the
 /// connection is dead and this completes. Without it, a connection that died silently
@@ -838,7 +838,7 @@ async fn pooled_keepalive(
     let Some(mut ping) = ping else {
         return std::future::pending().await;
     };
-    // The slowest answer seen: a link that is slow but alive (a deep queue behind a
+    // The slowest recent answer: a link that is slow but alive (a deep queue behind a
     // bulk transfer) is given four times it before it counts as suspect.
     let mut slowest = Duration::ZERO;
     loop {
@@ -861,7 +861,9 @@ async fn pooled_keepalive(
         if !matches!(answer, Ok(Ok(_))) {
             return;
         }
-        slowest = slowest.max(sent.elapsed());
+        // Halved at each answer: one slow answer (behind a bulk transfer) does not keep
+        // a dead connection in the pool for the connection's whole life.
+        slowest = (slowest / 2).max(sent.elapsed());
     }
 }
 

@@ -707,10 +707,15 @@ async fn serve_h2(
                 h2c.graceful_shutdown();
                 closing = true;
             }
-            _ = &mut auth_by, if !closing && !conn.authenticated.load(Ordering::Relaxed) => {
-                debug!("closing an HTTP/2 connection that authenticated no request within {handshake:?}");
-                h2c.graceful_shutdown();
-                closing = true;
+            _ = &mut auth_by, if !closing && !conn.authenticated.load(Ordering::Acquire) => {
+                // Read again: the condition was read when this wait began, and a request
+                // accepted just before may have authenticated since (its task runs on
+                // this thread, after this loop yields).
+                if !conn.authenticated.load(Ordering::Acquire) {
+                    debug!("closing an HTTP/2 connection that authenticated no request within {handshake:?}");
+                    h2c.graceful_shutdown();
+                    closing = true;
+                }
             }
             _ = &mut close_by, if close_armed => {
                 if conn.busy.load(Ordering::Relaxed) == 0 {
@@ -908,7 +913,7 @@ fn authenticate<B>(
     }
     let r = authenticate_inner(req, conn, cfg);
     match &r {
-        Ok(_) => conn.authenticated.store(true, Ordering::Relaxed),
+        Ok(_) => conn.authenticated.store(true, Ordering::Release),
         Err(_) => gw.auth_failed(ip, cfg),
     }
     r

@@ -2246,3 +2246,32 @@ async fn a_peers_close_reason_cannot_forge_log_lines() {
         tail(&log, 10)
     );
 }
+
+/// An HTTP/2 connection whose one request authenticated is not taken for one that
+/// never did: past the handshake timeout it still carries new sessions. (The check
+/// read whether a request had authenticated when it began to wait, before the
+/// request's task ran, and sent GOAWAY at the handshake timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authenticated_http2_connection_outlives_the_handshake_timeout() {
+    let t = Target::standard();
+    let s = tls_with(h2_config(&t.fx, Who::Cert("alice")), t.port(), None)
+        .await
+        .expect("TLS");
+    let (client, conn) = h2::client::handshake(s).await.expect("HTTP/2 handshake");
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.is_extended_connect_protocol_enabled() {
+        assert!(
+            Instant::now() < deadline,
+            "no extended CONNECT from the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = h2_session(&mut client, t.port(), "echo").await;
+    tokio::time::sleep(HANDSHAKE + Duration::from_secs(2)).await;
+    assert!(!conn.is_finished(), "the connection ended");
+    let second = h2_session(&mut client, t.port(), "echo").await;
+    drop((first, second));
+    conn.abort();
+}

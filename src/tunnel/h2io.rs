@@ -87,6 +87,8 @@ pub struct H2Recv {
 /// frames of a few hundred bytes, each read into a buffer of its own, could pin far
 /// more than their bytes. Bigger ones (bulk data) are kept as they are, not copied.
 const SMALL_FRAME: usize = 16 * 1024;
+/// Small frames are merged into pieces of about this size ([`H2Recv`]).
+const SMALL_MERGED: usize = 64 * 1024;
 
 /// The writing half of an [`H2Stream`].
 pub struct H2Send {
@@ -239,7 +241,14 @@ impl ChunkRead for H2Recv {
             match this.poll_frame(cx) {
                 Poll::Pending => return,
                 Poll::Ready(Ok(Some(b))) if b.len() < SMALL_FRAME => {
-                    this.small.extend_from_slice(&b)
+                    this.small.extend_from_slice(&b);
+                    if this.small.len() >= SMALL_MERGED {
+                        // In pieces of about this size: a buffer grown by doubling to a
+                        // whole window would waste up to half of it, and one piece held
+                        // by a stalled write keeps only itself.
+                        let merged = std::mem::take(&mut this.small).freeze();
+                        this.spill.push_back(merged);
+                    }
                 }
                 Poll::Ready(Ok(Some(b))) => {
                     if !this.small.is_empty() {

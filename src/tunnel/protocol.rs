@@ -201,15 +201,20 @@ impl SessionQuery {
 
 /// Text a peer chose (a Close frame's reason, an `error` message, a refusal's JSON),
 /// made safe to log or print: control characters (a newline that would start a forged
-/// log line, a terminal escape) are written as escapes (`\n`, `\u{1b}`); the rest is
-/// kept as it is.
+/// log line, a terminal escape), line and paragraph separators and bidirectional
+/// overrides (which reorder what a terminal shows) are written as escapes (`\n`,
+/// `\u{1b}`, `\u{202e}`); the rest is kept as it is.
 pub fn clean(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
         return std::borrow::Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if unsafe_char(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -232,6 +237,7 @@ mod tests {
             clean("a\nb\r\x1b[2J\u{9b}c\td"),
             "a\\nb\\r\\u{1b}[2J\\u{9b}c\\td"
         );
+        assert_eq!(clean("x\u{202e}y\u{2028}z"), "x\\u{202e}y\\u{2028}z");
     }
     use crate::config::{Direction, Mode};
 
