@@ -2028,6 +2028,33 @@ fn h2_config(fx: &Fixture, who: Who<'_>) -> Arc<rustls::ClientConfig> {
     Arc::new(cfg)
 }
 
+/// An HTTP/2 connection to the gateway as alice, once the gateway's SETTINGS (extended
+/// CONNECT) are in: its request handle, its ping handle and the task driving it.
+async fn h2_client(
+    t: &Target,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::PingPong,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let s = tls_with(h2_config(&t.fx, Who::Cert("alice")), t.port(), None)
+        .await
+        .expect("TLS");
+    let (client, mut conn) = h2::client::handshake(s).await.expect("HTTP/2 handshake");
+    let pings = conn.ping_pong().expect("ping handle");
+    let conn = tokio::spawn(conn);
+    let client = client.ready().await.expect("ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client.is_extended_connect_protocol_enabled() {
+        assert!(
+            Instant::now() < deadline,
+            "no extended CONNECT from the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (client, pings, conn)
+}
+
 /// Opens a session on `pipe` over the HTTP/2 connection `client`.
 async fn h2_session(
     client: &mut h2::client::SendRequest<bytes::Bytes>,
@@ -2066,22 +2093,7 @@ async fn h2_session(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_http2_frames_into_stalled_sessions_cost_only_their_bytes() {
     let t = Target::standard();
-    let s = tls_with(h2_config(&t.fx, Who::Cert("alice")), t.port(), None)
-        .await
-        .expect("TLS");
-    let (client, mut conn) = h2::client::handshake(s).await.expect("HTTP/2 handshake");
-    let mut pings = conn.ping_pong().expect("ping handle");
-    let mut conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    // The gateway's SETTINGS (extended CONNECT) come with its side of the handshake.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.is_extended_connect_protocol_enabled() {
-        assert!(
-            Instant::now() < deadline,
-            "no extended CONNECT from the gateway"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (mut client, mut pings, mut conn) = h2_client(&t).await;
     let rss0 = t.rss_kb();
     let mut streams = Vec::new();
     for i in 0..4 {
@@ -2254,20 +2266,7 @@ async fn a_peers_close_reason_cannot_forge_log_lines() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authenticated_http2_connection_outlives_the_handshake_timeout() {
     let t = Target::standard();
-    let s = tls_with(h2_config(&t.fx, Who::Cert("alice")), t.port(), None)
-        .await
-        .expect("TLS");
-    let (client, conn) = h2::client::handshake(s).await.expect("HTTP/2 handshake");
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.expect("ready");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client.is_extended_connect_protocol_enabled() {
-        assert!(
-            Instant::now() < deadline,
-            "no extended CONNECT from the gateway"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (mut client, _pings, conn) = h2_client(&t).await;
     let first = h2_session(&mut client, t.port(), "echo").await;
     tokio::time::sleep(HANDSHAKE + Duration::from_secs(2)).await;
     assert!(!conn.is_finished(), "the connection ended");
